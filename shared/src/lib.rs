@@ -1,0 +1,13 @@
+//! What the supervisor and its workers both need to agree on.
+//!
+//! - [`frame`]: the length-prefixed bincode framing used on the worker's fd 3 (the only place the
+//!   codec and the size cap are named).
+//! - [`protocol`]: the messages that travel in those frames, and the handshake version.
+//! - [`events`]: the client-visible agent events (Tarko event stream), as JSON.
+//! - [`ids`]: session ids, event ids and the millisecond clock.
+#![forbid(unsafe_code)]
+
+pub mod events;
+pub mod frame;
+pub mod ids;
+pub mod protocol;
