@@ -1,0 +1,265 @@
+//! The HTTP surface: every route in one table, plus the layers every response passes through.
+
+mod body;
+mod runs;
+mod sessions;
+mod sse;
+mod system;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub use body::BODY_LIMIT;
+
+/// The application: routes, body limit, CORS and the JSON 404/405 answers.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(system::health))
+        .route("/api/v1/system/health", get(system::system_health))
+        .route("/api/v1/version", get(system::version))
+        .route("/api/v1/agent/options", get(system::agent_options))
+        .route("/api/v1/models", get(system::models))
+        .route("/api/v1/workers", get(system::workers))
+        .route("/api/v1/sessions", get(sessions::list))
+        .route("/api/v1/sessions/create", post(sessions::create))
+        .route("/api/v1/sessions/details", get(sessions::details))
+        .route("/api/v1/sessions/events", get(sessions::events))
+        .route(
+            "/api/v1/sessions/events/latest",
+            get(sessions::latest_events),
+        )
+        .route("/api/v1/sessions/status", get(sessions::status))
+        .route("/api/v1/sessions/update", post(sessions::update))
+        .route("/api/v1/sessions/delete", post(sessions::delete))
+        .route("/api/v1/sessions/restore", post(sessions::restore))
+        .route("/api/v1/sessions/query", post(runs::query))
+        .route("/api/v1/sessions/query/stream", post(runs::query_stream))
+        .route("/api/v1/sessions/abort", post(runs::abort))
+        .route("/api/v1/oneshot/query", post(runs::oneshot))
+        .route("/api/v1/oneshot/query/stream", post(runs::oneshot_stream))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(cors))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+/// CORS exactly as upstream (api.md §1.2): any origin, preflight answered with 204.
+async fn cors(request: Request, next: Next) -> Response {
+    let mut response = if request.method() == Method::OPTIONS {
+        let mut preflight = StatusCode::NO_CONTENT.into_response();
+        let headers = preflight.headers_mut();
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET,POST,PUT,DELETE,OPTIONS"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("Content-Type,Authorization"),
+        );
+        preflight
+    } else {
+        next.run(request).await
+    };
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
+}
+
+/// A JSON body built from already-serialised parts, so stored events are sent as they were
+/// stored, without parsing and re-serialising them.
+fn raw_json(body: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn test_state() -> Arc<AppState> {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let config = crate::config::load_with_env(None, &Default::default(), |_| None).unwrap();
+        let spawner =
+            crate::workers::Spawner::start("/bin/false".into(), tokio::runtime::Handle::current())
+                .unwrap();
+        Arc::new(AppState {
+            gateway: Arc::new(crate::gateway::Gateway::new(&config)),
+            config,
+            workspace_root: dir,
+            storage: Arc::new(crate::storage::MemoryStorage::new()),
+            sessions: Default::default(),
+            spawner,
+            exclusive: Default::default(),
+            started: std::time::Instant::now(),
+            shutdown: Default::default(),
+        })
+    }
+
+    async fn call(
+        app: Router,
+        method: Method,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn structured_errors_for_bad_requests() {
+        let app = router(test_state());
+        let (status, body) = call(
+            app.clone(),
+            Method::POST,
+            "/api/v1/sessions/query",
+            "{\"x\":",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "INVALID_JSON");
+        assert!(
+            body["message"].is_string() && body["details"].is_object() && body["error"].is_string()
+        );
+
+        let (status, body) = call(app.clone(), Method::GET, "/api/v1/sessions/create", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(body["code"], "METHOD_NOT_ALLOWED");
+
+        let (status, body) = call(app.clone(), Method::GET, "/api/v1/nope", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["code"], "NOT_FOUND");
+
+        let (status, body) = call(app.clone(), Method::GET, "/api/v1/sessions/status", "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "SESSION_ID_REQUIRED");
+
+        let (status, body) = call(
+            app.clone(),
+            Method::GET,
+            "/api/v1/sessions/status?sessionId=../../etc",
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["code"], "SESSION_NOT_FOUND");
+
+        let big = format!("{{\"query\":\"{}\"}}", "x".repeat(BODY_LIMIT + 1));
+        let (status, body) = call(app, Method::POST, "/api/v1/sessions/query", &big).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["code"], "PAYLOAD_TOO_LARGE");
+    }
+
+    #[tokio::test]
+    async fn session_records_without_a_worker() {
+        let state = test_state();
+        let app = router(state.clone());
+        let (status, created) =
+            call(app.clone(), Method::POST, "/api/v1/sessions/create", "").await;
+        assert_eq!(status, StatusCode::CREATED);
+        let id = created["sessionId"].as_str().unwrap().to_owned();
+        assert!(std::path::Path::new(created["session"]["workspace"].as_str().unwrap()).is_dir());
+
+        let update = format!(
+            "{{\"sessionId\":\"{id}\",\"name\":\"n\",\"tags\":[\"t\"],\"metadata\":{{\"x\":1}}}}"
+        );
+        let (_, updated) = call(
+            app.clone(),
+            Method::POST,
+            "/api/v1/sessions/update",
+            &update,
+        )
+        .await;
+        assert_eq!(updated["session"]["metadata"]["name"], "n");
+        assert_eq!(updated["session"]["metadata"]["tags"][0], "t");
+        assert_eq!(updated["session"]["metadata"]["x"], 1);
+
+        let (_, details) = call(
+            app.clone(),
+            Method::GET,
+            &format!("/api/v1/sessions/details?sessionId={id}"),
+            "",
+        )
+        .await;
+        assert_eq!(details["session"]["active"], true);
+        let (_, status) = call(
+            app.clone(),
+            Method::GET,
+            &format!("/api/v1/sessions/status?sessionId={id}"),
+            "",
+        )
+        .await;
+        assert_eq!(status["status"]["state"], "idle");
+
+        let delete = format!("{{\"sessionId\":\"{id}\"}}");
+        let (status, body) = call(
+            app.clone(),
+            Method::POST,
+            "/api/v1/sessions/delete",
+            &delete,
+        )
+        .await;
+        assert_eq!(
+            (status, body["success"].clone()),
+            (StatusCode::OK, true.into())
+        );
+        let (status, _) = call(app, Method::POST, "/api/v1/sessions/delete", &delete).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(!std::path::Path::new(created["session"]["workspace"].as_str().unwrap()).exists());
+    }
+
+    #[tokio::test]
+    async fn preflight_and_cors() {
+        let app = router(test_state());
+        let request = Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/api/v1/sessions")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    }
+}

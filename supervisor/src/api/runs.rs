@@ -1,0 +1,166 @@
+//! Queries: non-streaming, streaming (SSE), abort, and the one-shot variants (api.md §4, §6).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{Map, Value, json};
+use shared::ids::now_ms;
+
+use super::body::{JsonObject, Params, query_input, session_id};
+use super::sessions::check_exclusive;
+use super::{raw_json, sse};
+use crate::error::{ApiError, QueryError};
+use crate::sessions::{RunOutcome, Session};
+use crate::state::AppState;
+
+pub(super) async fn query(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+    JsonObject(body): JsonObject,
+) -> Result<Response, Response> {
+    let id = session_id(&params, Some(&body)).map_err(IntoResponse::into_response)?;
+    let input = query_input(&body).map_err(IntoResponse::into_response)?;
+    let session = state
+        .session(&id)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let result = run_to_end(&state, &session, &input)
+        .await
+        .map_err(|e| QueryError(e).into_response())?;
+    Ok(raw_json(format!("{{\"result\":{result}}}")))
+}
+
+/// Runs a query and waits for its result (the final `assistant_message`, events.md §3.2).
+async fn run_to_end(
+    state: &Arc<AppState>,
+    session: &Arc<Session>,
+    input: &Value,
+) -> Result<String, ApiError> {
+    let outcome = session.start_run(state, input, false).await?;
+    match outcome.await {
+        Ok(RunOutcome {
+            result: Some(result),
+            ..
+        }) => Ok(result),
+        Ok(RunOutcome {
+            worker_lost: Some(reason),
+            ..
+        }) => Err(ApiError::WorkerCrashed {
+            session: session.id.clone(),
+            reason,
+        }),
+        Ok(RunOutcome { .. }) | Err(_) => Err(ApiError::WorkerCrashed {
+            session: session.id.clone(),
+            reason: "the run ended without a result".into(),
+        }),
+    }
+}
+
+pub(super) async fn query_stream(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let id = session_id(&params, Some(&body))?;
+    let input = query_input(&body)?;
+    let session = state.session(&id).await?;
+    let frames = stream_run(&state, &session, &input).await?;
+    Ok(sse::response(frames))
+}
+
+/// Starts a streaming run and returns its frames: every event from `user_message` to
+/// `agent_run_end`. A client that goes away does not stop the run.
+async fn stream_run(
+    state: &Arc<AppState>,
+    session: &Arc<Session>,
+    input: &Value,
+) -> Result<impl futures::Stream<Item = bytes::Bytes> + Send + 'static, ApiError> {
+    // Follow from the current position before starting, so the run's first event is seen.
+    let cursor = session.bus.follow_after(session.bus.latest());
+    session.start_run(state, input, true).await?;
+    let events = session.follow(state.storage.clone(), state.shutdown.clone(), cursor, true);
+    Ok(events.map(|event| sse::event_frame(&event)))
+}
+
+pub(super) async fn abort(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let success = session.abort().await;
+    Ok(axum::Json(json!({"success": success})).into_response())
+}
+
+/// `sessionName`/`sessionTags` of a one-shot body as session metadata.
+fn oneshot_metadata(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    let mut metadata = Map::new();
+    if let Some(name) = body.get("sessionName").filter(|v| !v.is_null()) {
+        if !name.is_string() {
+            return Err(ApiError::InvalidRequest(
+                "sessionName must be a string".into(),
+            ));
+        }
+        metadata.insert("name".into(), name.clone());
+    }
+    if let Some(tags) = body.get("sessionTags").filter(|v| !v.is_null()) {
+        if !tags
+            .as_array()
+            .is_some_and(|t| t.iter().all(Value::is_string))
+        {
+            return Err(ApiError::InvalidRequest(
+                "sessionTags must be an array of strings".into(),
+            ));
+        }
+        metadata.insert("tags".into(), tags.clone());
+    }
+    if !metadata.is_empty() {
+        metadata.insert("version".into(), json!(1));
+    }
+    Ok(metadata)
+}
+
+/// Creates a session and runs one query in it. The record is created before the agent runs
+/// (fixing upstream's ordering bug, api.md §4.4).
+pub(super) async fn oneshot(
+    State(state): State<Arc<AppState>>,
+    JsonObject(body): JsonObject,
+) -> Result<Response, Response> {
+    check_exclusive(&state).map_err(|e| QueryError(e).into_response())?;
+    let input = query_input(&body).map_err(IntoResponse::into_response)?;
+    let metadata = oneshot_metadata(&body).map_err(IntoResponse::into_response)?;
+    let (session, _) = state
+        .create_session(metadata)
+        .await
+        .map_err(|e| QueryError(e).into_response())?;
+    match run_to_end(&state, &session, &input).await {
+        Ok(result) => {
+            let id = serde_json::to_string(&session.id).unwrap_or_default();
+            Ok(raw_json(format!(
+                "{{\"sessionId\":{id},\"result\":{result}}}"
+            )))
+        }
+        Err(e) => {
+            let mut body = e.query_body();
+            body["sessionId"] = json!(session.id);
+            Err((e.status(), axum::Json(body)).into_response())
+        }
+    }
+}
+
+pub(super) async fn oneshot_stream(
+    State(state): State<Arc<AppState>>,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    check_exclusive(&state)?;
+    let input = query_input(&body)?;
+    let metadata = oneshot_metadata(&body)?;
+    let (session, _) = state.create_session(metadata).await?;
+    let created =
+        json!({"type": "session_created", "sessionId": session.id, "timestamp": now_ms()});
+    let first = futures::stream::once(async move { sse::data_frame(&created.to_string()) });
+    let frames = stream_run(&state, &session, &input).await?;
+    Ok(sse::response(first.chain(frames)))
+}

@@ -1,0 +1,194 @@
+//! Session records: list, create, details, events, status, update, delete, restore (api.md §3).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use shared::ids::now_ms;
+
+use super::body::{JsonObject, Params, session_id};
+use super::raw_json;
+use crate::error::ApiError;
+use crate::sessions::Session;
+use crate::state::AppState;
+use crate::storage::SessionInfo;
+
+pub(super) async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let sessions = state.storage.sessions().await?;
+    Ok(Json(json!({"sessions": sessions})))
+}
+
+/// Refuses new sessions while another one runs in exclusive mode (api.md §2.2).
+pub(super) fn check_exclusive(state: &AppState) -> Result<(), ApiError> {
+    if !state.config.server.exclusive {
+        return Ok(());
+    }
+    match state.exclusive.holder() {
+        Some(running) => Err(ApiError::ExclusiveModeBusy { running }),
+        None => Ok(()),
+    }
+}
+
+pub(super) async fn create(
+    State(state): State<Arc<AppState>>,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    check_exclusive(&state)?;
+    let mut extra = Map::new();
+    for key in ["runtimeSettings", "agentOptions"] {
+        match body.get(key) {
+            None | Some(Value::Null) => {}
+            Some(value @ Value::Object(_)) => {
+                extra.insert(key.to_owned(), value.clone());
+            }
+            Some(_) => return Err(ApiError::InvalidRequest(format!("{key} must be an object"))),
+        }
+    }
+    let (session, info) = state.create_session(extra).await?;
+    let body = json!({"sessionId": session.id, "session": info, "events": []});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn stored_info(state: &AppState, session: &Session) -> Result<SessionInfo, ApiError> {
+    state
+        .storage
+        .session(&session.id)
+        .await?
+        .ok_or_else(|| ApiError::SessionNotFound(session.id.clone()))
+}
+
+pub(super) async fn details(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    let session = state.session(&session_id(&params, None)?).await?;
+    let info = stored_info(&state, &session).await?;
+    let mut value = serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?;
+    value["active"] = json!(state.sessions.get(&session.id).is_some());
+    Ok(Json(json!({"session": value})))
+}
+
+/// Stored events, written out as stored (no re-serialisation).
+async fn events_json(state: &AppState, id: &str) -> Result<String, ApiError> {
+    let events = state.storage.events_after(id, 0, usize::MAX).await?;
+    let mut out = String::with_capacity(events.iter().map(|e| e.json.len() + 1).sum::<usize>() + 2);
+    out.push('[');
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&event.json);
+    }
+    out.push(']');
+    Ok(out)
+}
+
+pub(super) async fn events(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let session = state.session(&session_id(&params, None)?).await?;
+    let events = events_json(&state, &session.id).await?;
+    Ok(raw_json(format!("{{\"events\":{events}}}")))
+}
+
+/// Events of the most recently updated session; a `sessionId` is accepted and ignored
+/// (upstream requires one only by accident, api.md §2.3).
+pub(super) async fn latest_events(
+    State(state): State<Arc<AppState>>,
+) -> Result<Response, ApiError> {
+    let latest = state.storage.sessions().await?.into_iter().next();
+    let Some(info) = latest else {
+        return Err(ApiError::NoSessions);
+    };
+    let events = events_json(&state, &info.id).await?;
+    let info_json = serde_json::to_string(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let id = serde_json::to_string(&info.id).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(raw_json(format!(
+        "{{\"sessionId\":{id},\"sessionInfo\":{info_json},\"events\":{events}}}"
+    )))
+}
+
+async fn status_json(session: &Session) -> Value {
+    let state = session.status().await;
+    json!({"isProcessing": state == shared::events::RunStatus::Executing, "state": state.as_str()})
+}
+
+pub(super) async fn status(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    let session = state.session(&session_id(&params, None)?).await?;
+    Ok(Json(
+        json!({"sessionId": session.id, "status": status_json(&session).await}),
+    ))
+}
+
+/// Shallow metadata merge; seed-style top-level `name` and `tags` fold into the metadata.
+pub(super) async fn update(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let mut patch = match body.get("metadata") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "metadata must be an object".into(),
+            ));
+        }
+    };
+    if let Some(name) = body.get("name").filter(|_| !patch.contains_key("name")) {
+        if !name.is_string() {
+            return Err(ApiError::InvalidRequest("name must be a string".into()));
+        }
+        patch.insert("name".into(), name.clone());
+    }
+    if let Some(tags) = body.get("tags").filter(|_| !patch.contains_key("tags")) {
+        if !tags
+            .as_array()
+            .is_some_and(|t| t.iter().all(Value::is_string))
+        {
+            return Err(ApiError::InvalidRequest(
+                "tags must be an array of strings".into(),
+            ));
+        }
+        patch.insert("tags".into(), tags.clone());
+    }
+    let info = state
+        .storage
+        .merge_metadata(&session.id, patch, now_ms())
+        .await?;
+    Ok(Json(json!({"session": info})))
+}
+
+pub(super) async fn delete(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    state.delete_session(&session).await?;
+    Ok(Json(json!({"success": true})))
+}
+
+/// The seed's explicit restore: make a stored session live again (api.md §17 row 2).
+pub(super) async fn restore(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let info = stored_info(&state, &session).await?;
+    Ok(Json(json!({
+        "success": true,
+        "sessionId": session.id,
+        "session": info,
+        "status": status_json(&session).await,
+    })))
+}

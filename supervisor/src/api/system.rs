@@ -1,0 +1,92 @@
+//! Server-level endpoints: health (upstream's and the seed's), version, agent options, models,
+//! and the live workers.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub(super) async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The seed's health report (api.md §17 row 3), plus workers, model and isolation level.
+pub(super) async fn system_health(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    let total = state.storage.count_sessions().await?;
+    let mut live_workers = 0;
+    for session in state.sessions.all() {
+        if session.worker().await.is_some() {
+            live_workers += 1;
+        }
+    }
+    let model = state.config.default_model();
+    Ok(Json(json!({
+        "status": "healthy",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime": state.started.elapsed().as_secs(),
+        "sessions": {"active": state.sessions.len(), "total": total},
+        "workers": {"live": live_workers},
+        "storage": state.storage.descriptor(),
+        "model": {"provider": model.provider, "id": model.id, "offline": model.provider == "echo"},
+        "isolation": "none",
+    })))
+}
+
+pub(super) async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+/// Sanitised agent options (api.md §7.3): never a key, a URL or headers.
+pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let config = &state.config;
+    let workspace = state.workspace_root.to_string_lossy().into_owned();
+    let workspace_name = state
+        .workspace_root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let mut options = json!({
+        "name": config.agent_name(),
+        "model": state.model_json(),
+        "maxIterations": config.max_iterations,
+        "temperature": config.temperature,
+        "toolCallEngine": "native",
+        "workspace": workspace,
+        "workspaceName": workspace_name.unwrap_or_else(|| "Unknown".into()),
+    });
+    if let Some(instructions) = &config.instructions {
+        let short: String = instructions.chars().take(100).collect();
+        options["instructions"] = json!(if short.len() < instructions.len() {
+            format!("{short}...")
+        } else {
+            short
+        });
+    }
+    Json(json!({"options": options}))
+}
+
+pub(super) async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"models": [state.model_json()]}))
+}
+
+/// The live worker processes, one per session that has one.
+pub(super) async fn workers(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let mut workers = Vec::new();
+    for session in state.sessions.all() {
+        if let Some(worker) = session.worker().await {
+            let running = session.is_running().await;
+            workers.push(json!({
+                "sessionId": session.id,
+                "pid": worker.pid,
+                "state": if running { "running" } else { "idle" },
+                "startedAt": worker.started_at,
+            }));
+        }
+    }
+    Json(json!({"workers": workers}))
+}

@@ -1,0 +1,181 @@
+//! Per-session fan-out of numbered events to any number of followers.
+//!
+//! A broadcast channel would drop events for a follower that falls behind. Instead the bus keeps
+//! the most recent events (deltas included) in a ring, and each follower keeps its own cursor and
+//! reads from the ring at its own pace; a `watch` wakes followers when something new arrives. The
+//! publisher never waits for a follower. A follower that falls out of the ring is told so
+//! ([`Lagged`]) and catches up from storage (see `Session::follow`).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+/// How many recent events a session keeps for followers, live deltas included.
+const RING_CAPACITY: usize = 4096;
+
+/// One numbered event as followers receive it.
+#[derive(Debug, Clone)]
+pub struct BusEvent {
+    pub seq: u64,
+    pub json: Arc<str>,
+    /// This is an `agent_run_end`: a query's stream ends after it.
+    pub ends_run: bool,
+}
+
+pub struct Bus {
+    ring: Mutex<VecDeque<BusEvent>>,
+    latest: watch::Sender<u64>,
+}
+
+/// The follower asked for events that are no longer in the ring: everything with
+/// `seq > after` and `seq < oldest` must come from storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lagged {
+    pub after: u64,
+    pub oldest: u64,
+}
+
+impl Bus {
+    /// A bus whose next event will follow `last_seq`.
+    pub fn new(last_seq: u64) -> Self {
+        Self {
+            ring: Mutex::new(VecDeque::new()),
+            latest: watch::channel(last_seq).0,
+        }
+    }
+
+    /// The highest published `seq`.
+    pub fn latest(&self) -> u64 {
+        *self.latest.borrow()
+    }
+
+    /// Adds an event (its `seq` is assigned by the session's single publisher) and wakes
+    /// followers.
+    pub fn publish(&self, event: BusEvent) {
+        let seq = event.seq;
+        {
+            let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+            if ring.len() == RING_CAPACITY {
+                ring.pop_front();
+            }
+            ring.push_back(event);
+        }
+        self.latest.send_replace(seq);
+    }
+
+    /// A cursor positioned after `after`.
+    pub fn follow_after(&self, after: u64) -> Cursor {
+        Cursor {
+            after,
+            rx: self.latest.subscribe(),
+        }
+    }
+
+    /// Events with `seq > after` that are still in the ring.
+    fn read_after(&self, after: u64) -> Result<Vec<BusEvent>, Lagged> {
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(oldest) = ring.front().map(|e| e.seq) else {
+            return Ok(Vec::new());
+        };
+        if oldest > after + 1 {
+            return Err(Lagged { after, oldest });
+        }
+        let start = ring.partition_point(|e| e.seq <= after);
+        Ok(ring.range(start..).cloned().collect())
+    }
+}
+
+/// One follower's position in a session's event sequence.
+pub struct Cursor {
+    after: u64,
+    rx: watch::Receiver<u64>,
+}
+
+impl Cursor {
+    /// Moves the cursor (after a catch-up from storage).
+    pub fn skip_to(&mut self, after: u64) {
+        self.after = self.after.max(after);
+    }
+
+    /// Waits for events after the cursor and returns them (at least one), advancing the cursor.
+    /// `None` when the bus is gone (the session was deleted).
+    pub async fn next_batch(&mut self, bus: &Bus) -> Option<Result<Vec<BusEvent>, Lagged>> {
+        loop {
+            if *self.rx.borrow_and_update() > self.after {
+                let batch = bus.read_after(self.after);
+                if let Ok(events) = &batch {
+                    match events.last() {
+                        Some(last) => self.after = last.seq,
+                        None => continue,
+                    }
+                }
+                return Some(batch);
+            }
+            if self.rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64) -> BusEvent {
+        BusEvent {
+            seq,
+            json: format!("{{\"n\":{seq}}}").into(),
+            ends_run: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn followers_read_at_their_own_pace() {
+        let bus = Bus::new(0);
+        let mut early = bus.follow_after(0);
+        bus.publish(ev(1));
+        bus.publish(ev(2));
+        let mut late = bus.follow_after(1);
+        let batch = early.next_batch(&bus).await.unwrap().unwrap();
+        assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        let batch = late.next_batch(&bus).await.unwrap().unwrap();
+        assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), [2]);
+    }
+
+    #[tokio::test]
+    async fn a_follower_waits_for_the_next_event() {
+        let bus = Arc::new(Bus::new(5));
+        let mut cursor = bus.follow_after(5);
+        let publisher = bus.clone();
+        let task = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            publisher.publish(ev(6));
+        });
+        let batch = cursor.next_batch(&bus).await.unwrap().unwrap();
+        assert_eq!(batch[0].seq, 6);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn falling_out_of_the_ring_is_reported() {
+        let bus = Bus::new(0);
+        let mut cursor = bus.follow_after(0);
+        for seq in 1..=(RING_CAPACITY as u64 + 10) {
+            bus.publish(ev(seq));
+        }
+        let lagged = cursor.next_batch(&bus).await.unwrap().unwrap_err();
+        assert_eq!(
+            lagged,
+            Lagged {
+                after: 0,
+                oldest: 11
+            }
+        );
+        cursor.skip_to(10);
+        let batch = cursor.next_batch(&bus).await.unwrap().unwrap();
+        assert_eq!(batch.first().map(|e| e.seq), Some(11));
+        assert_eq!(batch.len(), RING_CAPACITY);
+    }
+}

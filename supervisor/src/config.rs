@@ -1,0 +1,483 @@
+//! Server configuration: the seed's `appConfig` shape (camelCase keys), read from a TOML, YAML or
+//! JSON file, then the seed's environment variables, then command-line flags, later sources
+//! overriding earlier ones (ARCHITECTURE decision 10). All defaults live here.
+//!
+//! A bad file, value or variable stops the server before it binds, with a message that names
+//! the key and the problem.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Json, Serialized, Toml, Yaml};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shared::protocol::ModelRef;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Root directory under which each session gets its own workspace directory.
+    #[serde(default = "default_workspace")]
+    pub workspace: PathBuf,
+    /// Agent name shown in session metadata and `agent_run_start`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// System prompt instructions for the agent.
+    #[serde(default)]
+    pub instructions: Option<String>,
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u32,
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The default model; absent means the built-in offline `echo` model.
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
+    #[serde(default)]
+    pub log_level: Option<LogLevel>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Refuse new sessions while any session runs a query (api.md §2.2).
+    #[serde(default)]
+    pub exclusive: bool,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_port(),
+            exclusive: false,
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StorageConfig {
+    #[serde(rename = "type", default)]
+    pub kind: StorageKind,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    #[default]
+    Memory,
+    File,
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Never shown by any endpoint and never given to a worker.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default, rename = "baseURL", alias = "baseUrl")]
+    pub base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_filter(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+fn default_workspace() -> PathBuf {
+    PathBuf::from("./workspace")
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    3000
+}
+fn default_max_iterations() -> u32 {
+    1000
+}
+fn default_temperature() -> f64 {
+    0.7
+}
+
+/// The model used when none is configured (agent.md §4.12).
+pub fn echo_model() -> ModelRef {
+    ModelRef {
+        provider: "echo".into(),
+        id: "echo".into(),
+        display_name: Some("Echo (offline test model, no LLM configured)".into()),
+    }
+}
+
+impl Config {
+    /// The default model as the worker may name it.
+    pub fn default_model(&self) -> ModelRef {
+        match &self.model {
+            None => echo_model(),
+            Some(m) => ModelRef {
+                provider: m.provider.clone().unwrap_or_else(|| "openai".into()),
+                id: m.id.clone().unwrap_or_else(|| "gpt-4o".into()),
+                display_name: m.display_name.clone(),
+            },
+        }
+    }
+
+    /// The agent's name, as upstream resolves it when no implementation label exists.
+    pub fn agent_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| "Anonymous".into())
+    }
+}
+
+/// Values given on the command line; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub workspace: Option<PathBuf>,
+    pub storage_type: Option<String>,
+    pub storage_path: Option<PathBuf>,
+    pub exclusive: bool,
+    pub model_provider: Option<String>,
+    pub model_id: Option<String>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    #[error("config file {path} has an unknown extension; use .toml, .yaml, .yml or .json")]
+    UnknownFormat { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid environment variable {name}={value:?}: {problem}")]
+    Env {
+        name: &'static str,
+        value: String,
+        problem: String,
+    },
+}
+
+/// Reads the configuration from `file` (if any), the process environment and `flags`.
+///
+/// # Errors
+/// A missing or unparsable file, or any value of the wrong type or out of range, naming the key.
+pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
+    load_with_env(file, flags, |name| std::env::var(name).ok())
+}
+
+/// [`load`] with the environment injected, so tests need not touch the process environment.
+pub fn load_with_env(
+    file: Option<&Path>,
+    flags: &Overrides,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigError::MissingFile {
+                path: path.to_owned(),
+            });
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        figment = match ext.as_deref() {
+            Some("toml") => figment.merge(Toml::file_exact(path)),
+            Some("yaml" | "yml") => figment.merge(Yaml::file_exact(path)),
+            Some("json") => figment.merge(Json::file_exact(path)),
+            _ => {
+                return Err(ConfigError::UnknownFormat {
+                    path: path.to_owned(),
+                });
+            }
+        };
+    }
+    figment = figment.merge(Serialized::defaults(env_layer(&env)?));
+    figment = figment.merge(Serialized::defaults(flag_layer(flags)));
+    let config: Config = figment
+        .extract()
+        .map_err(|e| ConfigError::Invalid(describe(&e)))?;
+    validate(&config)?;
+    Ok(config)
+}
+
+/// figment names the failing key as `default.server.port`; the profile prefix means nothing to
+/// our users, so it is dropped.
+fn describe(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|e| e.to_string().replace("key \"default.", "key \""))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn validate(config: &Config) -> Result<(), ConfigError> {
+    if config.server.host.trim().is_empty() {
+        return Err(ConfigError::Invalid("server.host must not be empty".into()));
+    }
+    if config.max_iterations == 0 {
+        return Err(ConfigError::Invalid(
+            "maxIterations must be at least 1".into(),
+        ));
+    }
+    if config.server.storage.kind != StorageKind::Memory {
+        return Err(ConfigError::Invalid(format!(
+            "server.storage.type {:?} is not available in this build; use \"memory\"",
+            config.server.storage.kind
+        )));
+    }
+    if let Some(model) = &config.model
+        && model.provider.as_deref() == Some("echo")
+        && model.id.as_deref().is_some_and(|id| id != "echo")
+    {
+        return Err(ConfigError::Invalid(
+            "model.id must be \"echo\" for the echo provider".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The seed's environment variables, as a partial config tree.
+fn env_layer(env: &impl Fn(&str) -> Option<String>) -> Result<Value, ConfigError> {
+    let mut layer = json!({});
+    if let Some(port) = env("PORT") {
+        let parsed = port.trim().parse::<u16>().map_err(|e| ConfigError::Env {
+            name: "PORT",
+            value: port.clone(),
+            problem: format!("not a port number ({e})"),
+        })?;
+        layer["server"]["port"] = json!(parsed);
+    }
+    if let Some(host) = env("HOST") {
+        layer["server"]["host"] = json!(host);
+    }
+    if let Some(workspace) = env("WORKSPACE_PATH") {
+        layer["workspace"] = json!(workspace);
+    }
+    if let Some(kind) = env("STORAGE_TYPE") {
+        let kind = kind.trim().to_ascii_lowercase();
+        if !matches!(kind.as_str(), "memory" | "file" | "sqlite") {
+            return Err(ConfigError::Env {
+                name: "STORAGE_TYPE",
+                value: kind,
+                problem: "server.storage.type must be memory, file or sqlite".into(),
+            });
+        }
+        layer["server"]["storage"]["type"] = json!(kind);
+    }
+    if let Some(path) = env("STORAGE_PATH") {
+        layer["server"]["storage"]["path"] = json!(path);
+    }
+    if let Some(provider) = env("MODEL_PROVIDER") {
+        layer["model"]["provider"] = json!(provider);
+    }
+    if let Some(id) = env("MODEL_ID") {
+        layer["model"]["id"] = json!(id);
+    }
+    Ok(layer)
+}
+
+fn flag_layer(flags: &Overrides) -> Value {
+    let mut layer = json!({});
+    if let Some(host) = &flags.host {
+        layer["server"]["host"] = json!(host);
+    }
+    if let Some(port) = flags.port {
+        layer["server"]["port"] = json!(port);
+    }
+    if let Some(workspace) = &flags.workspace {
+        layer["workspace"] = json!(workspace);
+    }
+    if let Some(kind) = &flags.storage_type {
+        layer["server"]["storage"]["type"] = json!(kind);
+    }
+    if let Some(path) = &flags.storage_path {
+        layer["server"]["storage"]["path"] = json!(path);
+    }
+    if flags.exclusive {
+        layer["server"]["exclusive"] = json!(true);
+    }
+    if let Some(provider) = &flags.model_provider {
+        layer["model"]["provider"] = json!(provider);
+    }
+    if let Some(id) = &flags.model_id {
+        layer["model"]["id"] = json!(id);
+    }
+    if let Some(level) = &flags.log_level {
+        layer["logLevel"] = json!(level);
+    }
+    layer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load_str(
+        ext: &str,
+        text: &str,
+        env: &[(&str, &str)],
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("c.{ext}"));
+        std::fs::write(&path, text).unwrap();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        load_with_env(Some(&path), flags, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_without_any_source() {
+        let c = load_with_env(None, &Overrides::default(), |_| None).unwrap();
+        assert_eq!(c.server.port, 3000);
+        assert_eq!(c.server.host, "127.0.0.1");
+        assert_eq!(c.workspace, PathBuf::from("./workspace"));
+        assert_eq!(c.server.storage.kind, StorageKind::Memory);
+        assert_eq!(c.default_model().provider, "echo");
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let toml = "workspace = \"/f\"\n[server]\nport = 4000\nexclusive = true\n[model]\nprovider = \"openai\"\nid = \"gpt-4o\"\n";
+        let c = load_str(
+            "toml",
+            toml,
+            &[("PORT", "5000"), ("WORKSPACE_PATH", "/e")],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 5000);
+        assert_eq!(c.workspace, PathBuf::from("/e"));
+        assert!(c.server.exclusive);
+        assert_eq!(c.default_model().id, "gpt-4o");
+
+        let flags = Overrides {
+            port: Some(6000),
+            ..Overrides::default()
+        };
+        let c = load_str("toml", toml, &[("PORT", "5000")], &flags).unwrap();
+        assert_eq!(c.server.port, 6000);
+    }
+
+    #[test]
+    fn yaml_and_json_are_read() {
+        let c = load_str(
+            "yaml",
+            "server:\n  port: 4100\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 4100);
+        let c = load_str(
+            "json",
+            r#"{"server":{"port":4200},"logLevel":"debug"}"#,
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 4200);
+        assert_eq!(c.log_level, Some(LogLevel::Debug));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load_str(
+            "toml",
+            "[server]\nport = \"abc\"\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.port"), "{err}");
+        let err = load_str(
+            "toml",
+            "[server]\nport = 99999\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.port"), "{err}");
+        let err = load_str(
+            "json",
+            r#"{"server":{"storage":{"type":"mongo"}}}"#,
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.storage.type"), "{err}");
+        let err = load_str("toml", "", &[("PORT", "x")], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PORT"), "{err}");
+        let err = load_str(
+            "toml",
+            "",
+            &[("STORAGE_TYPE", "bogus")],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("storage"), "{err}");
+        let err = load_str("yaml", "server: [1, 2\n", &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid configuration"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = load_with_env(
+            Some(Path::new("/nope/c.toml")),
+            &Overrides::default(),
+            |_| None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nope/c.toml"));
+    }
+}

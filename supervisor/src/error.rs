@@ -1,0 +1,194 @@
+//! Every error a client can see, and the one place that maps it to a status and a JSON body
+//! (ARCHITECTURE decision 6): `{"error", "code", "message", "details"}`. `error` is the short
+//! string upstream clients already print; the query family keeps upstream's object form there.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use shared::ids::now_ms;
+
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Invalid JSON body: {0}")]
+    InvalidJson(String),
+    #[error("Request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("Session ID is required")]
+    SessionIdRequired,
+    #[error("Query is required")]
+    QueryRequired,
+    #[error("Session {0} does not exist")]
+    SessionNotFound(String),
+    #[error("Session {0} does not exist in storage")]
+    SessionNotFoundInStorage(String),
+    #[error("No session has been stored yet")]
+    NoSessions,
+    #[error("No route for {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("Server is in exclusive mode and session {running} is currently running")]
+    ExclusiveModeBusy { running: String },
+    #[error(
+        "Session {0} is already executing a task. Complete or abort the current task before starting a new one."
+    )]
+    SessionBusy(String),
+    #[error("The worker of session {session} is unavailable: {reason}")]
+    WorkerUnavailable { session: String, reason: String },
+    #[error("The worker of session {session} exited during the run: {reason}")]
+    WorkerCrashed { session: String, reason: String },
+    #[error("Storage failed: {0}")]
+    Storage(#[from] StorageError),
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidJson(_)
+            | Self::InvalidRequest(_)
+            | Self::SessionIdRequired
+            | Self::QueryRequired => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::SessionNotFound(_)
+            | Self::SessionNotFoundInStorage(_)
+            | Self::NotFound { .. }
+            | Self::NoSessions => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
+            Self::WorkerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Self::WorkerCrashed { .. } | Self::Storage(_) | Self::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "INVALID_JSON",
+            Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Self::InvalidRequest(_) => "INVALID_REQUEST",
+            Self::SessionIdRequired => "SESSION_ID_REQUIRED",
+            Self::QueryRequired => "QUERY_REQUIRED",
+            Self::SessionNotFound(_)
+            | Self::SessionNotFoundInStorage(_)
+            | Self::Storage(StorageError::NotFound(_)) => "SESSION_NOT_FOUND",
+            Self::NotFound { .. } => "NOT_FOUND",
+            Self::NoSessions => "NO_SESSIONS",
+            Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
+            Self::ExclusiveModeBusy { .. } => "EXCLUSIVE_MODE_BUSY",
+            Self::SessionBusy(_) => "SESSION_BUSY",
+            Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
+            Self::WorkerCrashed { .. } => "WORKER_CRASHED",
+            Self::Storage(_) => "STORAGE_ERROR",
+            Self::Internal(_) => "INTERNAL_ERROR",
+        }
+    }
+
+    /// The short `error` string upstream clients print (api.md §1.5).
+    fn short(&self) -> String {
+        match self {
+            Self::InvalidJson(_) => "Invalid JSON".into(),
+            Self::PayloadTooLarge { .. } => "Payload too large".into(),
+            Self::InvalidRequest(m) => m.clone(),
+            Self::SessionIdRequired => "Session ID is required".into(),
+            Self::QueryRequired => "Query is required".into(),
+            Self::SessionNotFound(_) | Self::Storage(StorageError::NotFound(_)) => {
+                "Session not found".into()
+            }
+            Self::SessionNotFoundInStorage(_) => "Session not found in storage".into(),
+            Self::NotFound { .. } => "Not found".into(),
+            Self::NoSessions => "No sessions found".into(),
+            Self::MethodNotAllowed { .. } => "Method not allowed".into(),
+            Self::ExclusiveModeBusy { .. } => {
+                "Server is in exclusive mode and another session is currently running".into()
+            }
+            Self::SessionBusy(_) => "Agent is already executing a task".into(),
+            Self::WorkerUnavailable { .. } => "Worker unavailable".into(),
+            Self::WorkerCrashed { .. } => "Worker crashed".into(),
+            Self::Storage(_) => "Storage error".into(),
+            Self::Internal(_) => "Internal server error".into(),
+        }
+    }
+
+    fn details(&self) -> Value {
+        let mut details = json!({"timestamp": now_ms()});
+        match self {
+            Self::SessionNotFound(id)
+            | Self::SessionNotFoundInStorage(id)
+            | Self::SessionBusy(id)
+            | Self::WorkerUnavailable { session: id, .. }
+            | Self::WorkerCrashed { session: id, .. } => details["sessionId"] = json!(id),
+            Self::ExclusiveModeBusy { running } => details["runningSessionId"] = json!(running),
+            Self::NotFound { method, path } | Self::MethodNotAllowed { method, path } => {
+                details["method"] = json!(method);
+                details["path"] = json!(path);
+            }
+            _ => {}
+        }
+        details
+    }
+
+    /// Client mistakes are not worth a log line; server-side failures are.
+    fn log(&self) {
+        if self.status().is_server_error() {
+            tracing::error!(code = self.code(), error = %self, "request failed");
+        }
+    }
+
+    /// The body of the query family (`/sessions/query`, `/oneshot/query`), where upstream's
+    /// `error` is an object: `{"success": false, "error": {code, message, details}, ...}`.
+    pub fn query_body(&self) -> Value {
+        let inner =
+            json!({"code": self.code(), "message": self.to_string(), "details": self.details()});
+        json!({"success": false, "error": inner, "code": self.code(), "message": self.to_string()})
+    }
+
+    fn body(&self) -> Value {
+        let mut body = json!({
+            "error": self.short(),
+            "code": self.code(),
+            "message": self.to_string(),
+            "details": self.details(),
+        });
+        if let Self::ExclusiveModeBusy { running } = self {
+            body["runningSessionId"] = json!(running);
+        }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
+        (self.status(), Json(self.body())).into_response()
+    }
+}
+
+/// An [`ApiError`] rendered in the query family's shape.
+#[derive(Debug)]
+pub struct QueryError(pub ApiError);
+
+impl From<ApiError> for QueryError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        self.0.log();
+        let mut body = self.0.query_body();
+        if let ApiError::ExclusiveModeBusy { running } = &self.0 {
+            body["runningSessionId"] = json!(running);
+        }
+        (self.0.status(), Json(body)).into_response()
+    }
+}

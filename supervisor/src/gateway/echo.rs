@@ -1,0 +1,369 @@
+//! The built-in offline `echo` model (agent.md §4.12): used when no model is configured, so the
+//! server works out of the box, and scriptable with the same directives as the test fake LLM.
+//!
+//! Directives (the trimmed text of the last message): `FAIL500`, `TOOL <name> <json>`,
+//! `SLOW <n>`, `FLOOD <n>`, `THINK <text>`, and our `RECALL`, which answers with the earlier user
+//! messages of the conversation, so that memory across turns and worker restarts can be seen
+//! without a real model. Anything else is echoed back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use shared::protocol::{Delta, ModelErrorKind, ModelReply, ModelRequest, Usage};
+use tokio_util::sync::CancellationToken;
+
+use super::Replies;
+
+const SLOW_TOKEN_DELAY: Duration = Duration::from_millis(50);
+const TOOL_ARGUMENT_FRAGMENT: usize = 7;
+
+/// Tool-call ids unique across the process, so a worker never sees two calls with one id.
+static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
+
+/// What the echo model will answer.
+#[derive(Debug, PartialEq)]
+enum Plan {
+    Fail500,
+    Text {
+        reasoning: Vec<String>,
+        tokens: Vec<String>,
+        delay: Duration,
+    },
+    ToolCall {
+        name: String,
+        arguments: String,
+    },
+}
+
+pub(super) async fn respond(request: &ModelRequest, replies: &Replies, cancel: &CancellationToken) {
+    let params: Value = serde_json::from_str(&request.params).unwrap_or(Value::Null);
+    let Some(messages) = params["messages"].as_array() else {
+        replies
+            .fail(
+                ModelErrorKind::BadRequest,
+                Some(400),
+                "messages must be an array",
+            )
+            .await;
+        return;
+    };
+    let tools: Vec<String> = params["tools"]
+        .as_array()
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| t["function"]["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let plan = plan(messages, &tools);
+    if plan == Plan::Fail500 {
+        replies
+            .fail(ModelErrorKind::Server, Some(500), "scripted failure")
+            .await;
+        return;
+    }
+    if !replies
+        .send(ModelReply::Started {
+            id: replies.id(),
+            attempt: 1,
+        })
+        .await
+    {
+        return;
+    }
+    let (deltas, delay, finish_reason) = match plan {
+        Plan::Fail500 => return,
+        Plan::Text {
+            reasoning,
+            tokens,
+            delay,
+        } => {
+            let deltas = reasoning
+                .into_iter()
+                .map(Delta::Reasoning)
+                .chain(tokens.into_iter().map(Delta::Text));
+            (deltas.collect::<Vec<_>>(), delay, "stop")
+        }
+        Plan::ToolCall { name, arguments } => {
+            let id = format!("call_{}", NEXT_CALL.fetch_add(1, Ordering::Relaxed));
+            let mut deltas = vec![Delta::ToolCall {
+                index: 0,
+                id: Some(id),
+                name: Some(name),
+                arguments: String::new(),
+            }];
+            deltas.extend(
+                fragments(&arguments, TOOL_ARGUMENT_FRAGMENT)
+                    .into_iter()
+                    .map(|arguments| Delta::ToolCall {
+                        index: 0,
+                        id: None,
+                        name: None,
+                        arguments,
+                    }),
+            );
+            (deltas, Duration::ZERO, "tool_calls")
+        }
+    };
+    let completion_tokens = deltas.len() as u64;
+    for (index, delta) in deltas.into_iter().enumerate() {
+        if index > 0 && !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => {}
+            }
+        }
+        if cancel.is_cancelled() {
+            replies
+                .fail(ModelErrorKind::Cancelled, None, "cancelled")
+                .await;
+            return;
+        }
+        if !replies
+            .send(ModelReply::Delta {
+                id: replies.id(),
+                delta,
+            })
+            .await
+        {
+            return;
+        }
+    }
+    let prompt_tokens = request.params.len() as u64 / 4;
+    let usage = Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        estimated: true,
+    };
+    replies
+        .send(ModelReply::Done {
+            id: replies.id(),
+            finish_reason: finish_reason.into(),
+            usage,
+        })
+        .await;
+}
+
+/// The text of a message: a string as is, or the `text` of its parts joined with a space.
+fn text_of(message: &Value) -> String {
+    match &message["content"] {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// `text` split into words: the first bare, the others with their leading space.
+fn words(text: &str) -> Vec<String> {
+    text.split(' ')
+        .enumerate()
+        .map(|(i, w)| {
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+fn numbered(prefix: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            if i == 0 {
+                format!("{prefix}{i}")
+            } else {
+                format!(" {prefix}{i}")
+            }
+        })
+        .collect()
+}
+
+fn fragments(text: &str, size: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars.chunks(size).map(|c| c.iter().collect()).collect()
+}
+
+fn plan(messages: &[Value], tools: &[String]) -> Plan {
+    let instant = |tokens| Plan::Text {
+        reasoning: Vec::new(),
+        tokens,
+        delay: Duration::ZERO,
+    };
+    let Some(last) = messages.last() else {
+        return instant(words("echo: "));
+    };
+    if last["role"] == "tool" {
+        return instant(words(&format!("tool said: {}", text_of(last))));
+    }
+    let query = text_of(last);
+    let query = query.trim();
+    let (directive, rest) = query.split_once(char::is_whitespace).unwrap_or((query, ""));
+    let rest = rest.trim();
+    let count = |default: usize| {
+        rest.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
+    };
+    match directive {
+        "FAIL500" => Plan::Fail500,
+        "SLOW" => Plan::Text {
+            reasoning: Vec::new(),
+            tokens: numbered("t", count(100)),
+            delay: SLOW_TOKEN_DELAY,
+        },
+        "FLOOD" => instant(numbered("w", count(1000))),
+        "THINK" => Plan::Text {
+            reasoning: words(rest),
+            tokens: words(&format!("echo: {rest}")),
+            delay: Duration::ZERO,
+        },
+        "TOOL" if !rest.is_empty() => {
+            let (name, arguments) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            let name = tools
+                .iter()
+                .find(|t| t.contains(name))
+                .cloned()
+                .unwrap_or_else(|| name.to_owned());
+            let arguments = if arguments.trim().is_empty() {
+                "{}".to_owned()
+            } else {
+                arguments.trim().to_owned()
+            };
+            Plan::ToolCall { name, arguments }
+        }
+        "RECALL" if rest.is_empty() => {
+            let users: Vec<Value> = messages
+                .iter()
+                .filter(|m| m["role"] == "user")
+                .cloned()
+                .collect();
+            let earlier: Vec<String> = users[..users.len().saturating_sub(1)]
+                .iter()
+                .map(text_of)
+                .collect();
+            let answer = if earlier.is_empty() {
+                "(nothing)".to_owned()
+            } else {
+                earlier.join(" | ")
+            };
+            instant(words(&format!("recall: {answer}")))
+        }
+        _ => instant(words(&format!("echo: {query}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn user(text: &str) -> Value {
+        json!({"role": "user", "content": text})
+    }
+
+    fn text_plan(tokens: &[&str]) -> Plan {
+        Plan::Text {
+            reasoning: Vec::new(),
+            tokens: tokens.iter().map(|t| (*t).to_owned()).collect(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn echoes_word_by_word() {
+        assert_eq!(
+            plan(&[user("  hello  world ")], &[]),
+            text_plan(&["echo:", " hello", " ", " world"])
+        );
+        assert_eq!(plan(&[user("hi")], &[]), text_plan(&["echo:", " hi"]));
+    }
+
+    #[test]
+    fn directives() {
+        assert_eq!(plan(&[user("FAIL500")], &[]), Plan::Fail500);
+        assert_eq!(
+            plan(&[user("FLOOD 3")], &[]),
+            text_plan(&["w0", " w1", " w2"])
+        );
+        match plan(&[user("SLOW 2")], &[]) {
+            Plan::Text { tokens, delay, .. } => {
+                assert_eq!(tokens, ["t0", " t1"]);
+                assert_eq!(delay, SLOW_TOKEN_DELAY);
+            }
+            other => panic!("{other:?}"),
+        }
+        let tool = plan(
+            &[user("TOOL read {\"path\":\"a.txt\"}")],
+            &["list_directory".into(), "read_file".into()],
+        );
+        assert_eq!(
+            tool,
+            Plan::ToolCall {
+                name: "read_file".into(),
+                arguments: "{\"path\":\"a.txt\"}".into()
+            }
+        );
+        let tool = plan(&[user("TOOL nothing")], &[]);
+        assert_eq!(
+            tool,
+            Plan::ToolCall {
+                name: "nothing".into(),
+                arguments: "{}".into()
+            }
+        );
+        match plan(&[user("THINK a b")], &[]) {
+            Plan::Text {
+                reasoning, tokens, ..
+            } => {
+                assert_eq!(reasoning, ["a", " b"]);
+                assert_eq!(tokens.concat(), "echo: a b");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tool_message_is_answered() {
+        let messages = [
+            user("TOOL x"),
+            json!({"role": "tool", "tool_call_id": "c", "content": "Error: nope"}),
+        ];
+        assert_eq!(
+            plan(&messages, &[]),
+            text_plan(&["tool", " said:", " Error:", " nope"])
+        );
+    }
+
+    #[test]
+    fn recall_lists_earlier_user_messages() {
+        let messages = [
+            json!({"role": "system", "content": "s"}),
+            user("alpha"),
+            user("beta"),
+            user("RECALL"),
+        ];
+        match plan(&messages, &[]) {
+            Plan::Text { tokens, .. } => assert_eq!(tokens.concat(), "recall: alpha | beta"),
+            other => panic!("{other:?}"),
+        }
+        match plan(&[user("RECALL")], &[]) {
+            Plan::Text { tokens, .. } => assert_eq!(tokens.concat(), "recall: (nothing)"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn fragments_respect_characters() {
+        assert_eq!(fragments("ééééééééé", 7), ["ééééééé", "éé"]);
+    }
+}

@@ -1,0 +1,21 @@
+//! The agent server's supervisor: the trusted process.
+//!
+//! - [`config`]: settings from file, environment and flags, with their defaults.
+//! - [`server`]: runtime, listener and orderly shutdown.
+//! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing.
+//! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
+//! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends.
+//! - `workers`: spawning, handshaking with and supervising one worker process per session.
+//! - `gateway`: model calls on behalf of workers (they hold no keys and no network).
+//! - [`error`]: every client-visible error and its status.
+
+mod api;
+mod bus;
+pub mod config;
+pub mod error;
+mod gateway;
+pub mod server;
+mod sessions;
+mod state;
+mod storage;
+mod workers;

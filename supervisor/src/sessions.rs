@@ -1,0 +1,511 @@
+//! Live sessions: each one's worker, its current run, and the event bridge that numbers, stores
+//! and fans out what the worker emits (ARCHITECTURE decision 4: stored before fanned out).
+//!
+//! Lock order: `publisher` before `inner`; nothing awaits a worker while holding `inner` except
+//! starting one, which no other task of that session can be waiting on.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::Value;
+use shared::events::{Event, EventBody, RunStatus, SystemLevel, is_streaming_type};
+use shared::ids::now_ms;
+use shared::protocol::{Query, ToWorker};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusEvent, Cursor, Lagged};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::storage::{SharedStorage, StorageError};
+use crate::workers::{self, WorkerHandle};
+
+/// How long a worker gets to wind a run down after an abort before it is killed.
+const ABORT_GRACE: Duration = Duration::from_secs(3);
+/// How long stopping a worker may take before we stop waiting for it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The table of sessions this process has live.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+}
+
+impl Sessions {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn insert(&self, session: Arc<Session>) {
+        self.map().insert(session.id.clone(), session);
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.map().get(id).cloned()
+    }
+
+    pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
+        self.map().remove(id)
+    }
+
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.map().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// The live session, or one rebuilt from storage (the restore of api.md §2.1). A restored
+    /// session has no worker yet: its first query starts one that reads the stored history.
+    pub async fn get_or_restore(
+        &self,
+        storage: &SharedStorage,
+        id: &str,
+    ) -> Result<Option<Arc<Session>>, StorageError> {
+        if let Some(live) = self.get(id) {
+            return Ok(Some(live));
+        }
+        let Some(info) = storage.session(id).await? else {
+            return Ok(None);
+        };
+        let last_seq = storage.last_seq(id).await?;
+        let session = Arc::new(Session::new(
+            info.id,
+            PathBuf::from(info.workspace),
+            last_seq,
+        ));
+        // Two concurrent restores of one id must end with one live session.
+        Ok(Some(
+            self.map().entry(id.to_owned()).or_insert(session).clone(),
+        ))
+    }
+}
+
+/// What a non-streaming caller gets when its run ends.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// The run result (JSON) the worker reported, if it got that far.
+    pub result: Option<String>,
+    /// Set when the run ended because its worker died.
+    pub worker_lost: Option<String>,
+}
+
+struct ActiveRun {
+    run_id: String,
+    started: Instant,
+    model_requests: u32,
+    result: Option<String>,
+    worker_lost: Option<String>,
+    waiter: Option<oneshot::Sender<RunOutcome>>,
+}
+
+struct Inner {
+    worker: Option<WorkerHandle>,
+    run: Option<ActiveRun>,
+    status: RunStatus,
+}
+
+/// One live session.
+pub struct Session {
+    pub id: String,
+    pub workspace: PathBuf,
+    pub bus: Bus,
+    /// The last assigned `seq`; held while an event is stored, so numbering, storage order and
+    /// fan-out order are the same.
+    publisher: tokio::sync::Mutex<u64>,
+    inner: tokio::sync::Mutex<Inner>,
+    generations: AtomicU64,
+    /// Cancelled when the session is deleted.
+    closed: CancellationToken,
+}
+
+/// Why an event from a worker was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("not an event object: {0}")]
+    Invalid(String),
+    #[error("event outside of a run")]
+    NoRun,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+#[derive(Deserialize)]
+struct EventHead<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct RunEndStatus {
+    status: RunStatus,
+}
+
+impl Session {
+    pub fn new(id: String, workspace: PathBuf, last_seq: u64) -> Self {
+        Self {
+            id,
+            workspace,
+            bus: Bus::new(last_seq),
+            publisher: tokio::sync::Mutex::new(last_seq),
+            inner: tokio::sync::Mutex::new(Inner {
+                worker: None,
+                run: None,
+                status: RunStatus::Idle,
+            }),
+            generations: AtomicU64::new(0),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// The agent status of events.md §10.1.
+    pub async fn status(&self) -> RunStatus {
+        self.inner.lock().await.status
+    }
+
+    /// The live worker, if any.
+    pub async fn worker(&self) -> Option<WorkerHandle> {
+        self.inner
+            .lock()
+            .await
+            .worker
+            .clone()
+            .filter(WorkerHandle::is_alive)
+    }
+
+    pub async fn is_running(&self) -> bool {
+        self.inner.lock().await.run.is_some()
+    }
+
+    /// Starts a run, starting the worker first if the session has none. Returns the receiver of
+    /// the run's outcome.
+    ///
+    /// # Errors
+    /// `SessionBusy` while a run executes; `WorkerUnavailable` when no worker could be started.
+    pub async fn start_run(
+        self: &Arc<Self>,
+        state: &Arc<AppState>,
+        input: &Value,
+        stream: bool,
+    ) -> Result<oneshot::Receiver<RunOutcome>, ApiError> {
+        let mut inner = self.inner.lock().await;
+        if self.closed.is_cancelled() {
+            return Err(ApiError::SessionNotFound(self.id.clone()));
+        }
+        if inner.run.is_some() {
+            return Err(ApiError::SessionBusy(self.id.clone()));
+        }
+        let worker = match inner.worker.clone().filter(WorkerHandle::is_alive) {
+            Some(worker) => worker,
+            None => {
+                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+                let worker = workers::start(state, self, generation).await.map_err(|e| {
+                    ApiError::WorkerUnavailable {
+                        session: self.id.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                inner.worker = Some(worker.clone());
+                worker
+            }
+        };
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let (waiter, outcome) = oneshot::channel();
+        let query = ToWorker::Query(Query {
+            run_id: run_id.clone(),
+            input: input.to_string(),
+            stream,
+        });
+        if let Err(e) = worker.send(query).await {
+            return Err(ApiError::WorkerUnavailable {
+                session: self.id.clone(),
+                reason: e.to_string(),
+            });
+        }
+        tracing::info!(session_id = %self.id, run_id = %run_id, stream, pid = worker.pid, "run started");
+        inner.run = Some(ActiveRun {
+            run_id,
+            started: Instant::now(),
+            model_requests: 0,
+            result: None,
+            worker_lost: None,
+            waiter: Some(waiter),
+        });
+        inner.status = RunStatus::Executing;
+        if state.config.server.exclusive {
+            state.exclusive.claim(&self.id);
+        }
+        Ok(outcome)
+    }
+
+    /// Asks the worker to abort the current run. `false` when nothing is running. If the worker
+    /// does not end the run within [`ABORT_GRACE`], it is killed and the run ends as an error.
+    pub async fn abort(self: &Arc<Self>) -> bool {
+        let (run_id, worker) = {
+            let inner = self.inner.lock().await;
+            match (&inner.run, &inner.worker) {
+                (Some(run), Some(worker)) => (run.run_id.clone(), worker.clone()),
+                _ => return false,
+            }
+        };
+        if worker
+            .send(ToWorker::Abort {
+                run_id: run_id.clone(),
+            })
+            .await
+            .is_err()
+        {
+            worker.kill();
+        }
+        let session = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ABORT_GRACE).await;
+            if session.current_run_id().await.as_deref() == Some(run_id.as_str()) {
+                tracing::warn!(session_id = %session.id, run_id, "worker ignored the abort; killing it");
+                worker.kill();
+            }
+        });
+        true
+    }
+
+    async fn current_run_id(&self) -> Option<String> {
+        self.inner
+            .lock()
+            .await
+            .run
+            .as_ref()
+            .map(|r| r.run_id.clone())
+    }
+
+    /// Numbers, stores and fans out one event from the worker.
+    ///
+    /// # Errors
+    /// An invalid event, an event outside any run, or a storage failure; the event is then
+    /// neither stored nor delivered.
+    pub async fn publish(&self, state: &AppState, json: String) -> Result<(), PublishError> {
+        if !json.starts_with('{') {
+            return Err(PublishError::Invalid("not a JSON object".into()));
+        }
+        let kind = serde_json::from_str::<EventHead<'_>>(&json)
+            .map_err(|e| PublishError::Invalid(e.to_string()))?
+            .kind
+            .into_owned();
+        let mut last_seq = self.publisher.lock().await;
+        if self.inner.lock().await.run.is_none() {
+            return Err(PublishError::NoRun);
+        }
+        let seq = *last_seq + 1;
+        let json: Arc<str> = json.into();
+        if !is_streaming_type(&kind) {
+            state
+                .storage
+                .append_event(&self.id, seq, json.clone(), now_ms())
+                .await?;
+        }
+        *last_seq = seq;
+        let ends_run = kind == "agent_run_end";
+        if ends_run {
+            let status =
+                serde_json::from_str::<RunEndStatus>(&json).map_or(RunStatus::Error, |e| e.status);
+            self.finish_run(state, status).await;
+        }
+        self.bus.publish(BusEvent {
+            seq,
+            json,
+            ends_run,
+        });
+        Ok(())
+    }
+
+    /// Run bookkeeping at its `agent_run_end`: status, waiter, exclusive slot.
+    async fn finish_run(&self, state: &AppState, status: RunStatus) {
+        let mut inner = self.inner.lock().await;
+        inner.status = status;
+        if let Some(mut run) = inner.run.take() {
+            tracing::info!(session_id = %self.id, run_id = %run.run_id, status = status.as_str(), "run ended");
+            if let Some(waiter) = run.waiter.take() {
+                let _ = waiter.send(RunOutcome {
+                    result: run.result,
+                    worker_lost: run.worker_lost,
+                });
+            }
+        }
+        state.exclusive.release(&self.id);
+    }
+
+    /// Remembers the run result the worker reported.
+    pub async fn set_result(&self, run_id: &str, json: String) {
+        let mut inner = self.inner.lock().await;
+        if let Some(run) = inner.run.as_mut().filter(|r| r.run_id == run_id) {
+            run.result = Some(json);
+        }
+    }
+
+    pub async fn note_model_request(&self) {
+        if let Some(run) = self.inner.lock().await.run.as_mut() {
+            run.model_requests += 1;
+        }
+    }
+
+    /// Called once when a worker's process is gone. If it died during a run, the run is closed
+    /// in the log the way every run is: an error `system` event, then `agent_run_end` (error).
+    pub async fn worker_exited(&self, state: &AppState, generation: u64, reason: String) {
+        let ended_run = {
+            let mut inner = self.inner.lock().await;
+            if inner
+                .worker
+                .as_ref()
+                .is_some_and(|w| w.generation == generation)
+            {
+                inner.worker = None;
+            }
+            match inner.run.as_mut() {
+                Some(run) => {
+                    run.worker_lost = Some(reason.clone());
+                    Some((run.model_requests, run.started.elapsed()))
+                }
+                None => None,
+            }
+        };
+        let Some((iterations, elapsed)) = ended_run else {
+            return;
+        };
+        tracing::warn!(session_id = %self.id, %reason, "worker exited during a run");
+        let error = Event::new(EventBody::System {
+            level: SystemLevel::Error,
+            message: format!("Worker process exited unexpectedly: {reason}"),
+            details: Some(serde_json::json!({"kind": "worker_crashed", "reason": reason})),
+        });
+        let end = Event::new(EventBody::AgentRunEnd {
+            session_id: self.id.clone(),
+            iterations,
+            elapsed_ms: elapsed.as_millis() as u64,
+            status: RunStatus::Error,
+        });
+        for event in [error, end] {
+            if let Err(e) = self.publish(state, event.to_json()).await {
+                tracing::warn!(session_id = %self.id, error = %e, "could not record the end of the lost run");
+                // Without the events the run must still end, or the session stays busy forever.
+                self.finish_run(state, RunStatus::Error).await;
+            }
+        }
+    }
+
+    /// Stops the worker (if any) and waits for its process to be gone.
+    pub async fn stop_worker(&self) {
+        let worker = self.inner.lock().await.worker.clone();
+        if let Some(worker) = worker {
+            worker.kill();
+            if tokio::time::timeout(STOP_TIMEOUT, worker.exited())
+                .await
+                .is_err()
+            {
+                tracing::warn!(session_id = %self.id, pid = worker.pid, "worker did not exit in time");
+            }
+        }
+    }
+
+    /// Marks the session deleted (no new runs) and stops its worker.
+    pub async fn close(&self) {
+        self.closed.cancel();
+        self.stop_worker().await;
+    }
+
+    /// The session's events after `cursor`, live, in order, without gaps: events that fell out
+    /// of the bus's ring are read back from storage. With `until_run_end`, the stream ends after
+    /// the first `agent_run_end`; it also ends when the session is deleted or the server stops.
+    pub fn follow(
+        self: &Arc<Self>,
+        storage: SharedStorage,
+        shutdown: CancellationToken,
+        cursor: Cursor,
+        until_run_end: bool,
+    ) -> impl Stream<Item = BusEvent> + Send + 'static {
+        struct Follow {
+            session: Arc<Session>,
+            storage: SharedStorage,
+            shutdown: CancellationToken,
+            cursor: Cursor,
+            pending: VecDeque<BusEvent>,
+            done: bool,
+        }
+        let start = Follow {
+            session: self.clone(),
+            storage,
+            shutdown,
+            cursor,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        futures::stream::unfold(start, move |mut f| async move {
+            loop {
+                if f.done {
+                    return None;
+                }
+                if let Some(event) = f.pending.pop_front() {
+                    f.done = until_run_end && event.ends_run;
+                    return Some((event, f));
+                }
+                let batch = tokio::select! {
+                    batch = f.cursor.next_batch(&f.session.bus) => batch?,
+                    () = f.session.closed.cancelled() => return None,
+                    () = f.shutdown.cancelled() => return None,
+                };
+                match batch {
+                    Ok(events) => f.pending.extend(events),
+                    Err(Lagged { after, oldest }) => {
+                        let stored = f
+                            .storage
+                            .events_after(&f.session.id, after, usize::MAX)
+                            .await
+                            .ok()?;
+                        f.pending
+                            .extend(stored.into_iter().filter(|e| e.seq < oldest).map(|e| {
+                                BusEvent {
+                                    ends_run: is_run_end(&e.json),
+                                    seq: e.seq,
+                                    json: e.json,
+                                }
+                            }));
+                        f.cursor.skip_to(oldest - 1);
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn is_run_end(json: &str) -> bool {
+    serde_json::from_str::<EventHead<'_>>(json).is_ok_and(|h| h.kind == "agent_run_end")
+}
+
+/// The exclusive-mode slot of api.md §2.2: the session currently running a query, if any.
+#[derive(Default)]
+pub struct ExclusiveSlot(Mutex<Option<String>>);
+
+impl ExclusiveSlot {
+    pub fn holder(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn claim(&self, session_id: &str) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(session_id.to_owned());
+    }
+
+    /// Clears the slot if (and only if) `session_id` holds it.
+    pub fn release(&self, session_id: &str) {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.as_deref() == Some(session_id) {
+            *slot = None;
+        }
+    }
+}

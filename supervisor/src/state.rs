@@ -1,0 +1,135 @@
+//! What every request handler and background task shares.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Map, Value, json};
+use shared::ids::{new_session_id, now_ms};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::sessions::{ExclusiveSlot, Session, Sessions};
+use crate::storage::{SessionInfo, SharedStorage};
+use crate::workers::Spawner;
+
+pub struct AppState {
+    pub config: Config,
+    /// Absolute root under which each session's workspace directory lives.
+    pub workspace_root: PathBuf,
+    pub storage: SharedStorage,
+    pub sessions: Sessions,
+    pub spawner: Spawner,
+    pub gateway: Arc<Gateway>,
+    pub exclusive: ExclusiveSlot,
+    pub started: Instant,
+    /// Cancelled when the server begins to shut down; long-lived streams end on it.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// The live session `id`, restoring it from storage if needed (api.md §2.1).
+    ///
+    /// # Errors
+    /// `SessionIdRequired` for an empty id, `SessionNotFound` when it exists nowhere.
+    pub async fn session(&self, id: &str) -> Result<Arc<Session>, ApiError> {
+        if id.is_empty() {
+            return Err(ApiError::SessionIdRequired);
+        }
+        if !shared::ids::is_valid_session_id(id) {
+            return Err(ApiError::SessionNotFound(id.to_owned()));
+        }
+        self.sessions
+            .get_or_restore(&self.storage, id)
+            .await?
+            .ok_or_else(|| ApiError::SessionNotFound(id.to_owned()))
+    }
+
+    /// Creates a session: its own workspace directory, its stored record, its live entry.
+    /// Nothing is left behind if a step fails.
+    ///
+    /// # Errors
+    /// The directory or the record could not be created.
+    pub async fn create_session(
+        &self,
+        extra_metadata: Map<String, Value>,
+    ) -> Result<(Arc<Session>, SessionInfo), ApiError> {
+        let id = new_session_id();
+        let workspace = self.workspace_root.join(&id);
+        create_private_dir(&workspace).map_err(|e| {
+            ApiError::Internal(format!("could not create the session workspace: {e}"))
+        })?;
+        let now = now_ms();
+        let model = self.config.default_model();
+        let mut metadata = Map::new();
+        metadata.insert(
+            "agentInfo".into(),
+            json!({"name": self.config.agent_name(), "configuredAt": now}),
+        );
+        let mut model_config = json!({"provider": model.provider, "id": model.id});
+        if let Some(name) = model.display_name {
+            model_config["displayName"] = json!(name);
+        }
+        metadata.insert("modelConfig".into(), model_config);
+        metadata.extend(extra_metadata);
+        let info = SessionInfo {
+            id: id.clone(),
+            created_at: now,
+            updated_at: now,
+            workspace: workspace.to_string_lossy().into_owned(),
+            metadata: Some(metadata),
+        };
+        let info = match self.storage.create_session(info).await {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&workspace);
+                return Err(e.into());
+            }
+        };
+        let session = Arc::new(Session::new(id, workspace, 0));
+        self.sessions.insert(session.clone());
+        tracing::info!(session_id = %session.id, "session created");
+        Ok((session, info))
+    }
+
+    /// Deletes a session: stops its worker, removes its record and events, then its workspace.
+    ///
+    /// # Errors
+    /// `SessionNotFoundInStorage` when the record was already gone.
+    pub async fn delete_session(&self, session: &Arc<Session>) -> Result<(), ApiError> {
+        self.sessions.remove(&session.id);
+        session.close().await;
+        self.exclusive.release(&session.id);
+        let existed = self.storage.delete_session(&session.id).await?;
+        // std's remove_dir_all does not follow symlinks planted inside (CVE-2022-21658 fixed).
+        if let Err(e) = std::fs::remove_dir_all(&session.workspace)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(session_id = %session.id, error = %e, "could not remove the workspace");
+        }
+        tracing::info!(session_id = %session.id, "session deleted");
+        if existed {
+            Ok(())
+        } else {
+            Err(ApiError::SessionNotFoundInStorage(session.id.clone()))
+        }
+    }
+
+    /// The model as the API shows it: never a key or a URL.
+    pub fn model_json(&self) -> Value {
+        let model = self.config.default_model();
+        let mut value = json!({"provider": model.provider, "id": model.id});
+        if let Some(name) = model.display_name {
+            value["displayName"] = json!(name);
+        }
+        value
+    }
+}
+
+/// `mkdir` with mode 0700: a session's files are nobody else's business.
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(path)
+}

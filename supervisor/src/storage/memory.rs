@@ -1,0 +1,194 @@
+//! The default backend: everything in process memory, gone when the process ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::{Map, Value};
+
+use super::{SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+
+#[derive(Default)]
+pub struct MemoryStorage {
+    // A std mutex is right here: every critical section is a short map operation with no await.
+    sessions: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    info: SessionInfo,
+    events: Vec<StoredEvent>,
+}
+
+impl MemoryStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for MemoryStorage {
+    fn descriptor(&self) -> StorageDescriptor {
+        StorageDescriptor {
+            kind: "memory",
+            path: None,
+        }
+    }
+
+    async fn create_session(&self, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+        let mut map = self.map();
+        if map.contains_key(&info.id) {
+            return Err(StorageError::AlreadyExists(info.id));
+        }
+        map.insert(
+            info.id.clone(),
+            Entry {
+                info: info.clone(),
+                events: Vec::new(),
+            },
+        );
+        Ok(info)
+    }
+
+    async fn session(&self, id: &str) -> Result<Option<SessionInfo>, StorageError> {
+        Ok(self.map().get(id).map(|e| e.info.clone()))
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError> {
+        let mut all: Vec<SessionInfo> = self.map().values().map(|e| e.info.clone()).collect();
+        all.sort_by(|a, b| {
+            b.updated_at
+                .cmp(&a.updated_at)
+                .then_with(|| b.created_at.cmp(&a.created_at))
+        });
+        Ok(all)
+    }
+
+    async fn count_sessions(&self) -> Result<usize, StorageError> {
+        Ok(self.map().len())
+    }
+
+    async fn merge_metadata(
+        &self,
+        id: &str,
+        patch: Map<String, Value>,
+        now: u64,
+    ) -> Result<SessionInfo, StorageError> {
+        let mut map = self.map();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+        let metadata = entry.info.metadata.get_or_insert_with(Map::new);
+        metadata.extend(patch);
+        entry.info.updated_at = now;
+        Ok(entry.info.clone())
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<bool, StorageError> {
+        Ok(self.map().remove(id).is_some())
+    }
+
+    async fn append_event(
+        &self,
+        id: &str,
+        seq: u64,
+        json: Arc<str>,
+        now: u64,
+    ) -> Result<(), StorageError> {
+        let mut map = self.map();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+        if entry.events.last().is_some_and(|last| last.seq >= seq) {
+            return Err(StorageError::OutOfOrder {
+                session: id.to_owned(),
+                seq,
+            });
+        }
+        entry.events.push(StoredEvent { seq, json });
+        entry.info.updated_at = now;
+        Ok(())
+    }
+
+    async fn events_after(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StorageError> {
+        let map = self.map();
+        let Some(entry) = map.get(id) else {
+            return Ok(Vec::new());
+        };
+        let start = entry.events.partition_point(|e| e.seq <= after);
+        Ok(entry.events[start..].iter().take(limit).cloned().collect())
+    }
+
+    async fn last_seq(&self, id: &str) -> Result<u64, StorageError> {
+        Ok(self
+            .map()
+            .get(id)
+            .and_then(|e| e.events.last())
+            .map_or(0, |e| e.seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, t: u64) -> SessionInfo {
+        SessionInfo {
+            id: id.into(),
+            created_at: t,
+            updated_at: t,
+            workspace: "/w".into(),
+            metadata: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_and_ordering() {
+        let s = MemoryStorage::new();
+        s.create_session(info("a", 1)).await.unwrap();
+        s.create_session(info("b", 2)).await.unwrap();
+        assert!(matches!(
+            s.create_session(info("a", 3)).await,
+            Err(StorageError::AlreadyExists(_))
+        ));
+
+        s.append_event("a", 1, "{}".into(), 10).await.unwrap();
+        s.append_event("a", 3, "{}".into(), 11).await.unwrap();
+        assert!(s.append_event("a", 3, "{}".into(), 12).await.is_err());
+        assert_eq!(s.last_seq("a").await.unwrap(), 3);
+        let after1: Vec<u64> = s
+            .events_after("a", 1, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(after1, [3]);
+
+        let order: Vec<String> = s
+            .sessions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(order, ["a", "b"], "a was updated last by its events");
+
+        let mut patch = Map::new();
+        patch.insert("name".into(), "x".into());
+        let merged = s.merge_metadata("b", patch, 20).await.unwrap();
+        assert_eq!(merged.metadata.unwrap()["name"], "x");
+        assert_eq!(merged.updated_at, 20);
+
+        assert!(s.delete_session("a").await.unwrap());
+        assert!(!s.delete_session("a").await.unwrap());
+        assert!(s.events_after("a", 0, 10).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,150 @@
+//! The session's agent: handshake, then one run at a time, each in its own task so that aborts
+//! and model replies keep flowing while it works.
+
+mod memory;
+mod run;
+mod tools;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use shared::events::Event;
+use shared::frame::read_frame;
+use shared::protocol::{AgentSettings, FromWorker, ModelReply, PROTOCOL_VERSION, ToWorker};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::WorkerError;
+use crate::channel::{Outbox, spawn_writer};
+
+/// Stored events of the session, oldest first: the agent's whole memory (agent.md §2.1).
+pub(crate) type History = Arc<Mutex<Vec<Event>>>;
+
+/// Where gateway replies go: one queue per in-flight model request.
+#[derive(Clone, Default)]
+pub(crate) struct ModelRoutes(Arc<Mutex<HashMap<String, mpsc::UnboundedSender<ModelReply>>>>);
+
+impl ModelRoutes {
+    pub(crate) fn register(&self, id: &str) -> mpsc::UnboundedReceiver<ModelReply> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned(), tx);
+        rx
+    }
+
+    pub(crate) fn unregister(&self, id: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// Hands a reply to its request. Late replies for a cancelled request are dropped.
+    fn deliver(&self, reply: ModelReply) {
+        let routes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = routes.get(reply.request_id()) {
+            let _ = tx.send(reply);
+        }
+    }
+}
+
+/// What every run of this session shares.
+#[derive(Clone)]
+pub(crate) struct Agent {
+    pub(crate) session_id: String,
+    pub(crate) settings: Arc<AgentSettings>,
+    pub(crate) history: History,
+    pub(crate) outbox: Outbox,
+    pub(crate) models: ModelRoutes,
+}
+
+struct CurrentRun {
+    run_id: String,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Speaks the worker protocol on `stream` until the supervisor closes it.
+pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), WorkerError> {
+    let (mut read, write) = stream.into_split();
+    let outbox = spawn_writer(write);
+
+    let init = match read_frame::<_, ToWorker>(&mut read).await? {
+        Some(ToWorker::Init(init)) => init,
+        Some(other) => {
+            return Err(WorkerError::Handshake(format!(
+                "expected Init, got {other:?}"
+            )));
+        }
+        None => {
+            return Err(WorkerError::Handshake(
+                "supervisor closed the channel".into(),
+            ));
+        }
+    };
+    if init.protocol_version != PROTOCOL_VERSION {
+        return Err(WorkerError::Handshake(format!(
+            "supervisor speaks protocol {}, this worker {PROTOCOL_VERSION}",
+            init.protocol_version
+        )));
+    }
+    if init.session_id != session_id {
+        return Err(WorkerError::Handshake(
+            "Init names a different session".into(),
+        ));
+    }
+    let history = memory::parse_history(&init.history);
+    let agent = Agent {
+        session_id: init.session_id,
+        settings: Arc::new(init.agent),
+        history: Arc::new(Mutex::new(history)),
+        outbox,
+        models: ModelRoutes::default(),
+    };
+    agent
+        .outbox
+        .send(FromWorker::Ready {
+            protocol_version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+        })
+        .await
+        .map_err(|_| WorkerError::Handshake("channel closed before Ready".into()))?;
+
+    let mut current: Option<CurrentRun> = None;
+    while let Some(msg) = read_frame::<_, ToWorker>(&mut read).await? {
+        match msg {
+            ToWorker::Query(query) => {
+                if current.as_ref().is_some_and(|run| !run.task.is_finished()) {
+                    // The supervisor allows one run per session; a second one is a protocol
+                    // slip on its side, answered without touching the running one.
+                    tracing::warn!(run_id = %query.run_id, "query while a run is executing; ignored");
+                    continue;
+                }
+                let cancel = CancellationToken::new();
+                let run_id = query.run_id.clone();
+                let task = tokio::spawn(run::execute(agent.clone(), query, cancel.clone()));
+                current = Some(CurrentRun {
+                    run_id,
+                    cancel,
+                    task,
+                });
+            }
+            ToWorker::Abort { run_id } => {
+                if let Some(run) = current.as_ref().filter(|run| run.run_id == run_id) {
+                    run.cancel.cancel();
+                }
+            }
+            ToWorker::Model(reply) => agent.models.deliver(reply),
+            ToWorker::Init(_) => return Err(WorkerError::Handshake("second Init".into())),
+        }
+    }
+    // The supervisor is gone: nobody can receive what a run would still produce.
+    if let Some(run) = current {
+        run.cancel.cancel();
+        run.task.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,598 @@
+//! One run: the iteration loop of agent.md §1.2, with abort (§1.6) and model errors (§1.7).
+//!
+//! Every run ends with exactly one `agent_run_end`, whatever happened (ARCHITECTURE decision 5),
+//! preceded by a `RunResult` message carrying what a non-streaming caller gets back.
+
+use std::sync::PoisonError;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use shared::events::{Event, EventBody, FunctionCall, RunStatus, SystemLevel, ToolCall};
+use shared::ids::{now_ms, prefixed_id};
+use shared::protocol::{
+    Delta, FromWorker, ModelErrorKind, ModelFailure, ModelReply, ModelRequest, Query,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{Agent, memory, tools};
+
+/// Calls beyond this many in one model response are answered with an error (agent.md §1.4).
+const MAX_TOOL_CALLS_PER_RESPONSE: usize = 32;
+
+/// Runs `query` to its end. Never fails: every outcome becomes events.
+pub(crate) async fn execute(agent: Agent, query: Query, cancel: CancellationToken) {
+    let input = serde_json::from_str::<Value>(&query.input).unwrap_or(Value::String(query.input));
+    let mut run = Run {
+        agent,
+        run_id: query.run_id,
+        stream: query.stream,
+        cancel,
+        started: Instant::now(),
+        iterations: 0,
+    };
+    let span = tracing::info_span!("run", session_id = %run.agent.session_id, run_id = %run.run_id);
+    let _guard = span.enter();
+    let end = run.drive(input).await;
+    let _ = run
+        .agent
+        .outbox
+        .send(FromWorker::RunResult {
+            run_id: run.run_id.clone(),
+            json: end.result.to_json(),
+        })
+        .await;
+    run.emit(EventBody::AgentRunEnd {
+        session_id: run.agent.session_id.clone(),
+        iterations: run.iterations,
+        elapsed_ms: run.started.elapsed().as_millis() as u64,
+        status: end.status,
+    })
+    .await;
+}
+
+struct Run {
+    agent: Agent,
+    run_id: String,
+    stream: bool,
+    cancel: CancellationToken,
+    started: Instant,
+    iterations: u32,
+}
+
+/// How a run ended: the result handed to a non-streaming caller, and the final status.
+struct RunEnd {
+    result: Event,
+    status: RunStatus,
+}
+
+/// What one model response has delivered so far.
+struct Response {
+    message_id: String,
+    text: String,
+    reasoning: String,
+    reasoning_started: Option<Instant>,
+    thinking_emitted: bool,
+    calls: Vec<ToolCall>,
+    finish_reason: Option<String>,
+    sent_at: Instant,
+    ttft_ms: Option<u64>,
+}
+
+enum ModelOutcome {
+    Completed(Response),
+    Aborted(Response),
+    Failed(Response, ModelFailure),
+}
+
+impl Run {
+    async fn drive(&mut self, input: Value) -> RunEnd {
+        let settings = self.agent.settings.clone();
+        let sanitized_input = if input.is_array() {
+            json!("[Complex multimodal input]")
+        } else {
+            input.clone()
+        };
+        let mut run_options = json!({"input": sanitized_input, "sessionId": self.agent.session_id});
+        if self.stream {
+            run_options["stream"] = json!(true);
+        }
+        self.emit(EventBody::UserMessage { content: input }).await;
+        self.emit(EventBody::AgentRunStart {
+            session_id: self.agent.session_id.clone(),
+            run_options,
+            provider: Some(settings.model.provider.clone()),
+            model: Some(settings.model.id.clone()),
+            model_display_name: settings.model.display_name.clone(),
+            agent_name: Some(settings.agent_name.clone()),
+        })
+        .await;
+
+        for iteration in 1..settings.max_iterations {
+            if self.cancel.is_cancelled() {
+                return self.close_aborted(None, &[]).await;
+            }
+            self.iterations = iteration;
+            let messages = {
+                let history = self
+                    .agent
+                    .history
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                memory::build_messages(&history, &settings)
+            };
+            let mut response = match self.call_model(messages).await {
+                ModelOutcome::Completed(response) => response,
+                ModelOutcome::Aborted(partial) => {
+                    return self.close_aborted(Some(partial), &[]).await;
+                }
+                ModelOutcome::Failed(partial, failure) => {
+                    return self.close_failed(partial, failure).await;
+                }
+            };
+            let message = self.emit_response(&mut response).await;
+            if response.calls.is_empty() {
+                return RunEnd {
+                    result: message,
+                    status: RunStatus::Idle,
+                };
+            }
+            for (index, call) in response.calls.iter().enumerate() {
+                if self.cancel.is_cancelled() {
+                    return self.close_aborted(None, &response.calls[index..]).await;
+                }
+                if index >= MAX_TOOL_CALLS_PER_RESPONSE {
+                    let text = format!(
+                        "too many tool calls in one response (limit {MAX_TOOL_CALLS_PER_RESPONSE})"
+                    );
+                    self.emit_tool_result(call, Err(text), 0).await;
+                    continue;
+                }
+                if !self.run_tool(call).await {
+                    return self.close_aborted(None, &response.calls[index + 1..]).await;
+                }
+            }
+        }
+
+        let limit = settings.max_iterations;
+        self.emit(EventBody::System {
+            level: SystemLevel::Warning,
+            message: format!("Maximum iterations reached ({limit}), forcing termination"),
+            details: None,
+        })
+        .await;
+        let result = self
+            .emit(assistant(
+                "Sorry, I could not complete this task. Maximum iterations reached.",
+                "max_iterations",
+                prefixed_id("msg_maxiter_", 8),
+            ))
+            .await;
+        RunEnd {
+            result,
+            status: RunStatus::Idle,
+        }
+    }
+
+    /// One model request through the supervisor's gateway, forwarding deltas as streaming events.
+    async fn call_model(&mut self, messages: Vec<Value>) -> ModelOutcome {
+        let settings = self.agent.settings.clone();
+        let id = prefixed_id("mr_", 8);
+        let mut replies = self.agent.models.register(&id);
+        let mut params = json!({"messages": messages, "temperature": settings.temperature});
+        let tools = tools::definitions();
+        if !tools.is_empty() {
+            params["tools"] = json!(tools);
+            params["tool_choice"] = json!("auto");
+        }
+        let request = ModelRequest {
+            id: id.clone(),
+            run_id: self.run_id.clone(),
+            model: settings.model.clone(),
+            stream: self.stream,
+            params: params.to_string(),
+        };
+        let mut response = Response {
+            message_id: prefixed_id("msg_", 8),
+            text: String::new(),
+            reasoning: String::new(),
+            reasoning_started: None,
+            thinking_emitted: false,
+            calls: Vec::new(),
+            finish_reason: None,
+            sent_at: Instant::now(),
+            ttft_ms: None,
+        };
+        if self
+            .agent
+            .outbox
+            .send(FromWorker::ModelRequest(request))
+            .await
+            .is_err()
+        {
+            self.agent.models.unregister(&id);
+            return ModelOutcome::Failed(
+                response,
+                internal_failure("channel to the supervisor closed"),
+            );
+        }
+        loop {
+            let reply = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    // Abort must not wait for the gateway: tell it and stop listening at once.
+                    let _ = self.agent.outbox.try_send(FromWorker::ModelCancel { id: id.clone() });
+                    self.agent.models.unregister(&id);
+                    return ModelOutcome::Aborted(response);
+                }
+                reply = replies.recv() => reply,
+            };
+            let Some(reply) = reply else {
+                self.agent.models.unregister(&id);
+                return ModelOutcome::Failed(response, internal_failure("model gateway went away"));
+            };
+            match reply {
+                ModelReply::Started { .. } => {}
+                ModelReply::Retry {
+                    attempt,
+                    max_attempts,
+                    delay_ms,
+                    status,
+                    message,
+                    ..
+                } => {
+                    let what = status.map_or_else(|| message.clone(), |s| format!("HTTP {s}"));
+                    self.emit(EventBody::System {
+                        level: SystemLevel::Warning,
+                        message: format!(
+                            "Model request failed ({what}); retrying in {:.1}s (attempt {attempt} of {max_attempts})",
+                            delay_ms as f64 / 1000.0
+                        ),
+                        details: Some(json!({"status": status, "attempt": attempt, "delayMs": delay_ms})),
+                    })
+                    .await;
+                }
+                ModelReply::Delta { delta, .. } => {
+                    if response.ttft_ms.is_none() {
+                        response.ttft_ms = Some(response.sent_at.elapsed().as_millis() as u64);
+                    }
+                    self.apply_delta(&mut response, delta).await;
+                }
+                ModelReply::Done { finish_reason, .. } => {
+                    self.agent.models.unregister(&id);
+                    response.finish_reason = Some(finish_reason);
+                    return ModelOutcome::Completed(response);
+                }
+                ModelReply::Error { error, .. } => {
+                    self.agent.models.unregister(&id);
+                    return ModelOutcome::Failed(response, error);
+                }
+            }
+        }
+    }
+
+    async fn apply_delta(&mut self, response: &mut Response, delta: Delta) {
+        let message_id = response.message_id.clone();
+        match delta {
+            Delta::Reasoning(chunk) => {
+                response.reasoning_started.get_or_insert_with(Instant::now);
+                response.reasoning.push_str(&chunk);
+                if self.stream {
+                    self.emit(EventBody::AssistantStreamingThinkingMessage {
+                        content: chunk,
+                        is_complete: false,
+                        message_id,
+                    })
+                    .await;
+                }
+            }
+            Delta::Text(chunk) => {
+                self.finish_streamed_thinking(response).await;
+                response.text.push_str(&chunk);
+                if self.stream {
+                    self.emit(EventBody::AssistantStreamingMessage {
+                        content: chunk,
+                        is_complete: false,
+                        message_id,
+                    })
+                    .await;
+                }
+            }
+            Delta::ToolCall {
+                index,
+                id,
+                name,
+                arguments,
+            } => {
+                self.finish_streamed_thinking(response).await;
+                let index = index as usize;
+                while response.calls.len() <= index {
+                    response.calls.push(ToolCall {
+                        id: String::new(),
+                        kind: "function".into(),
+                        function: FunctionCall {
+                            name: String::new(),
+                            arguments: String::new(),
+                        },
+                    });
+                }
+                let call = &mut response.calls[index];
+                if let Some(id) = id.filter(|id| !id.is_empty()) {
+                    call.id = id;
+                }
+                if call.id.is_empty() {
+                    call.id = prefixed_id("call_", 9);
+                }
+                if let Some(name) = name {
+                    call.function.name.push_str(&name);
+                }
+                call.function.arguments.push_str(&arguments);
+                if self.stream && self.agent.settings.streaming_tool_call_events {
+                    let (tool_call_id, tool_name) = (call.id.clone(), call.function.name.clone());
+                    self.emit(EventBody::AssistantStreamingToolCall {
+                        tool_call_id,
+                        tool_name,
+                        arguments,
+                        is_complete: false,
+                        message_id,
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// Streaming mode: the thinking event goes out as soon as the model switches from reasoning
+    /// to answering (events.md §3.3).
+    async fn finish_streamed_thinking(&mut self, response: &mut Response) {
+        if !self.stream || response.thinking_emitted || response.reasoning.is_empty() {
+            return;
+        }
+        response.thinking_emitted = true;
+        let duration = response
+            .reasoning_started
+            .map(|t| t.elapsed().as_millis() as u64);
+        self.emit(EventBody::AssistantThinkingMessage {
+            content: response.reasoning.clone(),
+            is_complete: true,
+            thinking_duration_ms: duration,
+            message_id: response.message_id.clone(),
+        })
+        .await;
+    }
+
+    /// The complete response: thinking (before it when streaming, after it otherwise), the
+    /// closing streaming tool-call events, and the `assistant_message`.
+    async fn emit_response(&mut self, response: &mut Response) -> Event {
+        self.finish_streamed_thinking(response).await;
+        if self.stream && self.agent.settings.streaming_tool_call_events {
+            for call in &response.calls {
+                self.emit(EventBody::AssistantStreamingToolCall {
+                    tool_call_id: call.id.clone(),
+                    tool_name: call.function.name.clone(),
+                    arguments: String::new(),
+                    is_complete: true,
+                    message_id: response.message_id.clone(),
+                })
+                .await;
+            }
+        }
+        let message = self
+            .emit(EventBody::AssistantMessage {
+                content: response.text.clone(),
+                raw_content: Some(String::new()),
+                tool_calls: (!response.calls.is_empty()).then(|| response.calls.clone()),
+                finish_reason: Some(
+                    response
+                        .finish_reason
+                        .clone()
+                        .unwrap_or_else(|| "stop".into()),
+                ),
+                message_id: Some(response.message_id.clone()),
+                ttft_ms: response.ttft_ms,
+                ttlt_ms: Some(response.sent_at.elapsed().as_millis() as u64),
+            })
+            .await;
+        if !self.stream && !response.reasoning.is_empty() {
+            self.emit(EventBody::AssistantThinkingMessage {
+                content: response.reasoning.clone(),
+                is_complete: true,
+                thinking_duration_ms: None,
+                message_id: response.message_id.clone(),
+            })
+            .await;
+        }
+        message
+    }
+
+    /// Runs one tool call. Returns false when the run was aborted while it ran (its
+    /// `tool_result` has then been emitted as aborted).
+    async fn run_tool(&mut self, call: &ToolCall) -> bool {
+        let name = call.function.name.clone();
+        let text = call.function.arguments.trim();
+        let (arguments, invalid) = if text.is_empty() {
+            (json!({}), None)
+        } else {
+            match serde_json::from_str::<Value>(text) {
+                Ok(value @ Value::Object(_)) => (value, None),
+                Ok(_) => (
+                    json!({}),
+                    Some("arguments must be a JSON object".to_owned()),
+                ),
+                Err(e) => (
+                    json!({}),
+                    Some(format!(
+                        "Invalid JSON in arguments for tool \"{name}\": {e}"
+                    )),
+                ),
+            }
+        };
+        self.emit(EventBody::ToolCall {
+            tool_call_id: call.id.clone(),
+            name: name.clone(),
+            arguments: arguments.clone(),
+            start_time: now_ms(),
+            tool: tools::describe(&name),
+        })
+        .await;
+        let started = Instant::now();
+        let outcome = match invalid {
+            Some(message) => Err(message),
+            None => {
+                tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => {
+                        self.emit_aborted_result(call, started.elapsed().as_millis() as u64).await;
+                        return false;
+                    }
+                    outcome = tools::execute(&name, &arguments) => outcome,
+                }
+            }
+        };
+        self.emit_tool_result(call, outcome, started.elapsed().as_millis() as u64)
+            .await;
+        true
+    }
+
+    async fn emit_tool_result(
+        &mut self,
+        call: &ToolCall,
+        outcome: Result<Value, String>,
+        elapsed_ms: u64,
+    ) {
+        let (content, error) = match outcome {
+            Ok(content) => (content, None),
+            Err(message) => (json!(format!("Error: {message}")), Some(message)),
+        };
+        self.emit(EventBody::ToolResult {
+            tool_call_id: call.id.clone(),
+            name: call.function.name.clone(),
+            content,
+            elapsed_ms,
+            error,
+        })
+        .await;
+    }
+
+    async fn emit_aborted_result(&mut self, call: &ToolCall, elapsed_ms: u64) {
+        self.emit(EventBody::ToolResult {
+            tool_call_id: call.id.clone(),
+            name: call.function.name.clone(),
+            content: json!("Tool execution aborted"),
+            elapsed_ms,
+            error: Some("aborted".into()),
+        })
+        .await;
+    }
+
+    /// The closing sequence of an abort (agent.md §1.6 step 4).
+    async fn close_aborted(
+        &mut self,
+        partial: Option<Response>,
+        unanswered: &[ToolCall],
+    ) -> RunEnd {
+        if let Some(mut partial) = partial {
+            self.finish_streamed_thinking(&mut partial).await;
+            if !partial.text.is_empty() {
+                self.emit(assistant(
+                    &partial.text,
+                    "abort",
+                    partial.message_id.clone(),
+                ))
+                .await;
+            }
+        }
+        for call in unanswered {
+            self.emit_aborted_result(call, 0).await;
+        }
+        let result = self
+            .emit(assistant(
+                "Request was aborted",
+                "abort",
+                prefixed_id("msg_abort_", 8),
+            ))
+            .await;
+        RunEnd {
+            result,
+            status: RunStatus::Aborted,
+        }
+    }
+
+    /// A failed model call (agent.md §1.7): partial text kept, one error event, and a result
+    /// message that is returned to a non-streaming caller but never enters the history.
+    async fn close_failed(&mut self, partial: Response, failure: ModelFailure) -> RunEnd {
+        if !partial.text.is_empty() {
+            self.emit(assistant(
+                &partial.text,
+                "error",
+                partial.message_id.clone(),
+            ))
+            .await;
+        }
+        let model = &self.agent.settings.model;
+        let mut details = json!({
+            "provider": model.provider,
+            "model": model.id,
+            "kind": failure.kind.as_str(),
+            "attempts": failure.attempts,
+        });
+        if let Some(status) = failure.status {
+            details["status"] = json!(status);
+        }
+        self.emit(EventBody::System {
+            level: SystemLevel::Error,
+            message: format!("LLM API error: {}", failure.message),
+            details: Some(details),
+        })
+        .await;
+        let result = Event::new(assistant(
+            &format!(
+                "Sorry, an error occurred while processing your request: {}",
+                failure.message
+            ),
+            "error",
+            prefixed_id("msg_", 8),
+        ));
+        RunEnd {
+            result,
+            status: RunStatus::Error,
+        }
+    }
+
+    /// Sends one event to the supervisor, keeping it in memory when it is a stored type.
+    async fn emit(&mut self, body: EventBody) -> Event {
+        let event = Event::new(body);
+        let json = event.to_json();
+        if event.body.is_stored() {
+            self.agent
+                .history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(event.clone());
+        }
+        // A closed outbox means the supervisor is gone; the serve loop notices and exits.
+        let _ = self.agent.outbox.send(FromWorker::Event { json }).await;
+        event
+    }
+}
+
+fn assistant(content: &str, finish_reason: &str, message_id: String) -> EventBody {
+    EventBody::AssistantMessage {
+        content: content.to_owned(),
+        raw_content: None,
+        tool_calls: None,
+        finish_reason: Some(finish_reason.to_owned()),
+        message_id: Some(message_id),
+        ttft_ms: None,
+        ttlt_ms: None,
+    }
+}
+
+fn internal_failure(message: &str) -> ModelFailure {
+    ModelFailure {
+        kind: ModelErrorKind::Internal,
+        status: None,
+        message: message.to_owned(),
+        attempts: 0,
+        partial: false,
+    }
+}
