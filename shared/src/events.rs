@@ -19,7 +19,11 @@ pub struct Event {
 impl Event {
     /// A new event with a fresh id, stamped now.
     pub fn new(body: EventBody) -> Self {
-        Self { id: new_event_id(), body, timestamp: now_ms() }
+        Self {
+            id: new_event_id(),
+            body,
+            timestamp: now_ms(),
+        }
     }
 
     /// Compact single-line JSON, as SSE frames and storage want it.
@@ -56,7 +60,11 @@ pub struct FunctionCall {
 
 /// The event types this server emits or reads back (events.md §3).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
 pub enum EventBody {
     UserMessage {
         content: Value,
@@ -153,6 +161,18 @@ pub enum EventBody {
     },
 }
 
+impl EventBody {
+    /// Whether the event is persisted and becomes memory; streaming deltas are not (events.md §6).
+    pub fn is_stored(&self) -> bool {
+        !matches!(
+            self,
+            Self::AssistantStreamingMessage { .. }
+                | Self::AssistantStreamingThinkingMessage { .. }
+                | Self::AssistantStreamingToolCall { .. }
+        )
+    }
+}
+
 /// A step of a planner's plan (events.md §3.14); read back for context only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlanStep {
@@ -223,7 +243,9 @@ mod tests {
         assert!(v.get("rawContent").is_none());
         assert!(v["timestamp"].as_u64().is_some());
         let back: Event = serde_json::from_value(v).unwrap();
-        assert!(matches!(back.body, EventBody::AssistantMessage { content, .. } if content == "hi"));
+        assert!(
+            matches!(back.body, EventBody::AssistantMessage { content, .. } if content == "hi")
+        );
     }
 
     #[test]

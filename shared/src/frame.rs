@@ -93,7 +93,11 @@ where
     while filled < prefix.len() {
         let n = reader.read(&mut prefix[filled..]).await?;
         if n == 0 {
-            return if filled == 0 { Ok(None) } else { Err(FrameError::Truncated) };
+            return if filled == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated)
+            };
         }
         filled += n;
     }
@@ -120,7 +124,9 @@ mod tests {
     #[tokio::test]
     async fn round_trip_and_clean_eof() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let msg = FromWorker::Event { json: r#"{"type":"x"}"#.into() };
+        let msg = FromWorker::Event {
+            json: r#"{"type":"x"}"#.into(),
+        };
         write_frame(&mut a, &msg).await.unwrap();
         drop(a);
         let got: Option<FromWorker> = read_frame(&mut b).await.unwrap();

@@ -28,7 +28,9 @@ pub enum ToWorker {
     Init(Init),
     Query(Query),
     /// Abort the run with this id, if it is still the current one.
-    Abort { run_id: String },
+    Abort {
+        run_id: String,
+    },
     /// A reply from the model gateway to one of the worker's [`ModelRequest`]s.
     Model(ModelReply),
 }
@@ -67,14 +69,24 @@ pub struct Query {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromWorker {
     /// Handshake answer; `pid` is the worker's own pid as it sees it.
-    Ready { protocol_version: u32, pid: u32 },
+    Ready {
+        protocol_version: u32,
+        pid: u32,
+    },
     /// One agent event (a JSON object with `id`, `type`, `timestamp`).
-    Event { json: String },
+    Event {
+        json: String,
+    },
     /// The result of a run (JSON), sent just before its `agent_run_end` event.
-    RunResult { run_id: String, json: String },
+    RunResult {
+        run_id: String,
+        json: String,
+    },
     ModelRequest(ModelRequest),
     /// Stop the model call with this id; no acknowledgement is awaited.
-    ModelCancel { id: String },
+    ModelCancel {
+        id: String,
+    },
 }
 
 /// One model call, in the provider-neutral format of agent.md §4.2.
@@ -91,11 +103,31 @@ pub struct ModelRequest {
 /// Gateway → worker, for one request id. Exactly one `Done` or `Error` ends a request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ModelReply {
-    Started { id: String, attempt: u32 },
-    Retry { id: String, attempt: u32, max_attempts: u32, delay_ms: u64, status: Option<u16>, message: String },
-    Delta { id: String, delta: Delta },
-    Done { id: String, finish_reason: String, usage: Usage },
-    Error { id: String, error: ModelFailure },
+    Started {
+        id: String,
+        attempt: u32,
+    },
+    Retry {
+        id: String,
+        attempt: u32,
+        max_attempts: u32,
+        delay_ms: u64,
+        status: Option<u16>,
+        message: String,
+    },
+    Delta {
+        id: String,
+        delta: Delta,
+    },
+    Done {
+        id: String,
+        finish_reason: String,
+        usage: Usage,
+    },
+    Error {
+        id: String,
+        error: ModelFailure,
+    },
 }
 
 impl ModelReply {
@@ -117,7 +149,12 @@ pub enum Delta {
     Reasoning(String),
     Text(String),
     /// The first delta of a call has `id` and `name`; later ones only argument fragments.
-    ToolCall { index: u32, id: Option<String>, name: Option<String>, arguments: String },
+    ToolCall {
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: String,
+    },
 }
 
 /// Token usage of one request.
@@ -201,7 +238,11 @@ mod tests {
             session_id: "s".into(),
             agent: AgentSettings {
                 agent_name: "a".into(),
-                model: ModelRef { provider: "echo".into(), id: "echo".into(), display_name: None },
+                model: ModelRef {
+                    provider: "echo".into(),
+                    id: "echo".into(),
+                    display_name: None,
+                },
                 instructions: Some("be brief".into()),
                 max_iterations: 10,
                 temperature: 0.7,
@@ -211,11 +252,18 @@ mod tests {
         });
         let bytes = encode(&init).unwrap();
         let back: ToWorker = decode(&bytes[4..]).unwrap();
-        assert!(matches!(back, ToWorker::Init(i) if i.agent.max_iterations == 10 && i.history.len() == 1));
+        assert!(
+            matches!(back, ToWorker::Init(i) if i.agent.max_iterations == 10 && i.history.len() == 1)
+        );
 
         let reply = ToWorker::Model(ModelReply::Delta {
             id: "m".into(),
-            delta: Delta::ToolCall { index: 0, id: Some("c".into()), name: None, arguments: "{".into() },
+            delta: Delta::ToolCall {
+                index: 0,
+                id: Some("c".into()),
+                name: None,
+                arguments: "{".into(),
+            },
         });
         let bytes = encode(&reply).unwrap();
         let back: ToWorker = decode(&bytes[4..]).unwrap();

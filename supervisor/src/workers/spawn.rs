@@ -87,8 +87,8 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
     let mut command = Command::new(exe);
     command
         .arg("worker")
-        .arg("--session")
-        .arg(session_id)
+        // `=` form: ids may start with `-`, which would otherwise read as a flag.
+        .arg(format!("--session={session_id}"))
         // No secret and no configuration reaches a worker through its environment.
         .env_clear()
         .stdin(Stdio::null())
