@@ -99,6 +99,12 @@ pub enum EventBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         thinking_duration_ms: Option<u64>,
         message_id: String,
+        /// Provider continuation data (agent.md §2.5): Anthropic's signature of this thinking.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
+        /// Anthropic `redacted_thinking` blocks, opaque.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        redacted_data: Option<Vec<String>>,
     },
     AssistantStreamingMessage {
         content: String,

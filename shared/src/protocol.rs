@@ -147,6 +147,10 @@ impl ModelReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Delta {
     Reasoning(String),
+    /// Anthropic only: the signature that must accompany the thinking text when it is sent back.
+    ReasoningSignature(String),
+    /// Anthropic only: an opaque `redacted_thinking` block.
+    RedactedReasoning(String),
     Text(String),
     /// The first delta of a call has `id` and `name`; later ones only argument fragments.
     ToolCall {

@@ -285,6 +285,8 @@ impl Run {
                     .await;
                 }
             }
+            // Continuation data is not needed by the echo model; kept for providers that want it.
+            Delta::ReasoningSignature(_) | Delta::RedactedReasoning(_) => {}
             Delta::Text(chunk) => {
                 self.finish_streamed_thinking(response).await;
                 response.text.push_str(&chunk);
@@ -356,6 +358,8 @@ impl Run {
             is_complete: true,
             thinking_duration_ms: duration,
             message_id: response.message_id.clone(),
+            signature: None,
+            redacted_data: None,
         })
         .await;
     }
@@ -398,6 +402,8 @@ impl Run {
                 is_complete: true,
                 thinking_duration_ms: None,
                 message_id: response.message_id.clone(),
+                signature: None,
+                redacted_data: None,
             })
             .await;
         }
