@@ -72,6 +72,18 @@ pub struct StorageConfig {
     pub path: Option<PathBuf>,
 }
 
+impl StorageConfig {
+    /// Where the backend keeps its data: the configured path, or `./data/sessions` (a
+    /// directory, for `file`) or `./data/sessions.db` (for `sqlite`).
+    pub fn resolved_path(&self) -> PathBuf {
+        match (&self.path, self.kind) {
+            (Some(path), _) => path.clone(),
+            (None, StorageKind::Sqlite) => PathBuf::from("./data/sessions.db"),
+            (None, _) => PathBuf::from("./data/sessions"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
@@ -258,11 +270,18 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             "maxIterations must be at least 1".into(),
         ));
     }
-    if config.server.storage.kind != StorageKind::Memory {
-        return Err(ConfigError::Invalid(format!(
-            "server.storage.type {:?} is not available in this build; use \"memory\"",
-            config.server.storage.kind
-        )));
+    let storage = &config.server.storage;
+    if storage.kind == StorageKind::File
+        && storage
+            .path
+            .as_ref()
+            .is_some_and(|p| p.extension().is_some_and(|e| e == "json"))
+    {
+        return Err(ConfigError::Invalid(
+            "server.storage.path of the file backend is a directory; to bring over an upstream \
+             tarko.json, run `supervisor import --from <file>`"
+                .into(),
+        ));
     }
     if let Some(model) = &config.model
         && model.provider.as_deref() == Some("echo")

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::state::AppState;
-use crate::storage::MemoryStorage;
 use crate::workers::Spawner;
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -31,6 +30,8 @@ pub enum ServeError {
     Executable(std::io::Error),
     #[error("could not start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("could not open the storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
     #[error("could not listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -62,6 +63,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     if model.provider == "echo" {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
+    let storage = crate::storage::open(&config.server.storage)?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -72,7 +74,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let local: SocketAddr = listener.local_addr()?;
     let state = Arc::new(AppState {
         gateway: Arc::new(Gateway::new(&config)),
-        storage: Arc::new(MemoryStorage::new()),
+        storage,
         config,
         workspace_root,
         sessions: Default::default(),

@@ -1,19 +1,25 @@
 //! Where sessions and their events live: one trait, one backend per `server.storage.type`
-//! (ARCHITECTURE decision 8). Only `memory` exists so far; `file` and `sqlite` implement the same
-//! trait and pass the same conformance tests.
+//! (ARCHITECTURE decision 8): `memory` (the default), `file` and `sqlite`. All three pass the
+//! same conformance suite at the bottom of this file.
 //!
 //! Events are kept as the exact JSON text the worker produced, each with the session's `seq`, so
 //! nothing is re-serialised on the way from worker to storage to client.
 
+mod file;
 mod memory;
+mod sqlite;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use sqlite::SqliteStorage;
+
+use crate::config::{StorageConfig, StorageKind};
 
 /// A session record, exactly as the API shows it (events.md §9.1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +57,51 @@ pub enum StorageError {
     AlreadyExists(String),
     #[error("event {seq} of session {session} is not after the last stored one")]
     OutOfOrder { session: String, seq: u64 },
+    #[error("storage I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sqlite: {0}")]
+    Sqlite(String),
+    #[error("stored data is unusable: {0}")]
+    Corrupt(String),
+    #[error("the storage has been closed")]
+    Closed,
+}
+
+impl StorageError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    pub(crate) fn sqlite(error: rusqlite::Error) -> Self {
+        Self::Sqlite(error.to_string())
+    }
+}
+
+/// Most recently updated first; ties by creation, newest first.
+pub(crate) fn sort_by_recency(sessions: &mut [SessionInfo]) {
+    sessions.sort_by(|a, b| {
+        b.updated_at
+            .cmp(&a.updated_at)
+            .then_with(|| b.created_at.cmp(&a.created_at))
+    });
+}
+
+/// Opens the backend the configuration names.
+///
+/// # Errors
+/// The backend's file or directory cannot be opened.
+pub fn open(config: &StorageConfig) -> Result<SharedStorage, StorageError> {
+    Ok(match config.kind {
+        StorageKind::Memory => Arc::new(MemoryStorage::new()),
+        StorageKind::File => Arc::new(FileStorage::open(&config.resolved_path())?),
+        StorageKind::Sqlite => Arc::new(SqliteStorage::open(&config.resolved_path())?),
+    })
 }
 
 /// The storage contract every backend honours.
@@ -102,3 +153,250 @@ pub trait Storage: Send + Sync {
 
 /// Storage as the rest of the supervisor holds it.
 pub type SharedStorage = Arc<dyn Storage>;
+
+/// The contract every backend must honour, run against each of them.
+#[cfg(test)]
+mod conformance {
+    use super::*;
+    use serde_json::json;
+
+    fn info(id: &str, t: u64) -> SessionInfo {
+        SessionInfo {
+            id: id.into(),
+            created_at: t,
+            updated_at: t,
+            workspace: format!("/w/{id}"),
+            metadata: None,
+        }
+    }
+
+    fn event(n: u64) -> Arc<str> {
+        format!(
+            "{{\"id\":\"e{n}\",\"type\":\"user_message\",\"content\":\"m{n}\",\"timestamp\":{n}}}"
+        )
+        .into()
+    }
+
+    async fn seqs(store: &dyn Storage, id: &str, after: u64, limit: usize) -> Vec<u64> {
+        store
+            .events_after(id, after, limit)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    }
+
+    async fn lifecycle(store: &dyn Storage) {
+        assert!(store.sessions().await.unwrap().is_empty());
+        store.create_session(info("a", 10)).await.unwrap();
+        store.create_session(info("b", 20)).await.unwrap();
+        assert!(matches!(
+            store.create_session(info("a", 30)).await,
+            Err(StorageError::AlreadyExists(_))
+        ));
+        assert_eq!(store.count_sessions().await.unwrap(), 2);
+        assert_eq!(store.session("a").await.unwrap().unwrap().workspace, "/w/a");
+        assert!(store.session("zz").await.unwrap().is_none());
+        let order: Vec<String> = store
+            .sessions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(order, ["b", "a"]);
+
+        let mut patch = Map::new();
+        patch.insert("name".into(), json!("first"));
+        patch.insert("tags".into(), json!(["x"]));
+        store.merge_metadata("a", patch, 40).await.unwrap();
+        let mut patch = Map::new();
+        patch.insert("name".into(), json!("second"));
+        let merged = store.merge_metadata("a", patch, 50).await.unwrap();
+        let metadata = merged.metadata.unwrap();
+        assert_eq!(
+            (metadata["name"].clone(), metadata["tags"].clone()),
+            (json!("second"), json!(["x"]))
+        );
+        assert_eq!(merged.updated_at, 50);
+        assert_eq!(
+            store.session("a").await.unwrap().unwrap().metadata.unwrap()["name"],
+            "second"
+        );
+        assert!(matches!(
+            store.merge_metadata("zz", Map::new(), 1).await,
+            Err(StorageError::NotFound(_))
+        ));
+        let order: Vec<String> = store
+            .sessions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(
+            order,
+            ["a", "b"],
+            "a metadata update makes a session the most recent"
+        );
+
+        assert!(store.delete_session("b").await.unwrap());
+        assert!(!store.delete_session("b").await.unwrap());
+        assert!(store.session("b").await.unwrap().is_none());
+        assert_eq!(store.count_sessions().await.unwrap(), 1);
+    }
+
+    async fn events(store: &dyn Storage) {
+        store.create_session(info("s", 1)).await.unwrap();
+        assert_eq!(store.last_seq("s").await.unwrap(), 0);
+        for seq in [1, 2, 5, 6, 9] {
+            store
+                .append_event("s", seq, event(seq), 100 + seq)
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            store.append_event("s", 9, event(9), 200).await,
+            Err(StorageError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            store.append_event("s", 3, event(3), 200).await,
+            Err(StorageError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            store.append_event("nope", 1, event(1), 200).await,
+            Err(StorageError::NotFound(_))
+        ));
+        assert_eq!(store.last_seq("s").await.unwrap(), 9);
+        assert_eq!(seqs(store, "s", 0, usize::MAX).await, [1, 2, 5, 6, 9]);
+        assert_eq!(seqs(store, "s", 2, 2).await, [5, 6]);
+        assert_eq!(seqs(store, "s", 9, 10).await, Vec::<u64>::new());
+        let stored = store.events_after("s", 4, 1).await.unwrap();
+        assert_eq!(
+            &*stored[0].json,
+            &*event(5),
+            "events come back byte for byte"
+        );
+        assert_eq!(
+            store.session("s").await.unwrap().unwrap().updated_at,
+            109,
+            "an event bumps updatedAt"
+        );
+        assert!(store.events_after("nope", 0, 10).await.unwrap().is_empty());
+
+        assert!(store.delete_session("s").await.unwrap());
+        assert!(store.events_after("s", 0, 10).await.unwrap().is_empty());
+        store.create_session(info("s", 2)).await.unwrap();
+        assert!(
+            store.events_after("s", 0, 10).await.unwrap().is_empty(),
+            "a new session with an old id starts empty"
+        );
+    }
+
+    async fn concurrent_writers(store: Arc<dyn Storage>) {
+        let sessions = 8u64;
+        let per_session = 50u64;
+        for s in 0..sessions {
+            store
+                .create_session(info(&format!("c{s}"), s))
+                .await
+                .unwrap();
+        }
+        let tasks: Vec<_> = (0..sessions)
+            .map(|s| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for seq in 1..=per_session {
+                        store
+                            .append_event(&format!("c{s}"), seq, event(seq), seq)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for s in 0..sessions {
+            let got = seqs(&*store, &format!("c{s}"), 0, usize::MAX).await;
+            assert_eq!(got, (1..=per_session).collect::<Vec<_>>());
+        }
+    }
+
+    /// Tests that only make sense for a backend that outlives the process.
+    macro_rules! durable_tests {
+        (durable, $open:expr) => {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reopen_after_close() {
+                let dir = tempfile::tempdir().unwrap();
+                {
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    store.create_session(info("r", 5)).await.unwrap();
+                    let mut patch = Map::new();
+                    patch.insert("name".into(), json!("kept"));
+                    store.merge_metadata("r", patch, 6).await.unwrap();
+                    for seq in 1..=3 {
+                        store
+                            .append_event("r", seq, event(seq), 10 + seq)
+                            .await
+                            .unwrap();
+                    }
+                }
+                let store: Arc<dyn Storage> = ($open)(dir.path());
+                let record = store.session("r").await.unwrap().unwrap();
+                assert_eq!(record.metadata.unwrap()["name"], "kept");
+                assert!(record.updated_at >= 13);
+                assert_eq!(store.last_seq("r").await.unwrap(), 3);
+                assert_eq!(seqs(&*store, "r", 0, 10).await, [1, 2, 3]);
+                store.append_event("r", 4, event(4), 20).await.unwrap();
+                assert_eq!(seqs(&*store, "r", 3, 10).await, [4]);
+            }
+        };
+    }
+
+    macro_rules! suite {
+        ($name:ident, $open:expr $(, $durable:ident)?) => {
+            mod $name {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn lifecycle() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::lifecycle(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn events() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::events(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn concurrent_writers() {
+                    let dir = tempfile::tempdir().unwrap();
+                    super::concurrent_writers(($open)(dir.path())).await;
+                }
+
+                $(durable_tests!($durable, $open);)?
+            }
+        };
+    }
+
+    suite!(memory, |_: &Path| Arc::new(MemoryStorage::new())
+        as Arc<dyn Storage>);
+    suite!(
+        file,
+        |dir: &Path| Arc::new(FileStorage::open(&dir.join("store")).unwrap()) as Arc<dyn Storage>,
+        durable
+    );
+    suite!(
+        sqlite,
+        |dir: &Path| Arc::new(SqliteStorage::open(&dir.join("sessions.db")).unwrap())
+            as Arc<dyn Storage>,
+        durable
+    );
+}

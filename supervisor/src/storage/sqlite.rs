@@ -1,0 +1,454 @@
+//! The `sqlite` backend: one database file in WAL mode.
+//!
+//! All writes go through one writer thread, which takes every write waiting in its queue and
+//! commits them in one transaction; each write has its own savepoint, so one failing write
+//! (an unknown session, say) does not undo the others. A write is acknowledged only after its
+//! transaction committed. Reads use a second connection, which WAL lets run beside the writer.
+//!
+//! `synchronous = NORMAL`: a committed transaction survives a crash of the process; the last
+//! ones may be lost on power failure (WAL is still consistent then).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+use super::{SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+
+/// Version of our schema, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    createdAt INTEGER NOT NULL,
+    updatedAt INTEGER NOT NULL,
+    workspace TEXT NOT NULL,
+    metadata TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_sessions_updatedAt ON sessions(updatedAt DESC, createdAt DESC);
+CREATE TABLE IF NOT EXISTS events (
+    sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    timestamp INTEGER NOT NULL,
+    eventData TEXT NOT NULL,
+    PRIMARY KEY (sessionId, seq)
+) WITHOUT ROWID;
+";
+
+type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+
+enum Write {
+    Create(SessionInfo, Reply<SessionInfo>),
+    Merge {
+        id: String,
+        patch: Map<String, Value>,
+        now: u64,
+        reply: Reply<SessionInfo>,
+    },
+    Delete(String, Reply<bool>),
+    Append {
+        id: String,
+        seq: u64,
+        json: Arc<str>,
+        now: u64,
+        reply: Reply<()>,
+    },
+}
+
+pub struct SqliteStorage {
+    path: PathBuf,
+    writes: mpsc::Sender<Write>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StorageError> {
+    let conn = Connection::open(path).map_err(StorageError::sqlite)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(StorageError::sqlite)?;
+    Ok(conn)
+}
+
+impl SqliteStorage {
+    /// Opens (creating if needed) the database at `path`, migrating it to our schema.
+    ///
+    /// # Errors
+    /// The file cannot be opened, is not a database, is an upstream Tarko database (import it
+    /// instead), or comes from a newer version of this server.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
+        }
+        let writer = open_connection(path)?;
+        migrate(&writer)?;
+        let reader = open_connection(path)?;
+        let (writes, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(writer, queue))
+            .map_err(|e| StorageError::io(path, e))?;
+        tracing::info!(path = %path.display(), "sqlite storage opened");
+        Ok(Self {
+            path: path.to_owned(),
+            writes,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(make(reply))
+            .map_err(|_| StorageError::Closed)?;
+        answer.await.map_err(|_| StorageError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            query(&reader.lock().unwrap_or_else(PoisonError::into_inner))
+        })
+        .await
+        .map_err(|e| StorageError::Corrupt(format!("read task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StorageError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(StorageError::sqlite)?;
+    if version > SCHEMA_VERSION {
+        return Err(StorageError::Corrupt(format!(
+            "database schema version {version} is newer than this server's ({SCHEMA_VERSION})"
+        )));
+    }
+    if version == 0 {
+        let upstream: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('events') WHERE name = 'id'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(StorageError::sqlite)?;
+        if upstream {
+            return Err(StorageError::Corrupt(
+                "this is an upstream Tarko database; bring its sessions over with `supervisor import --from <file>`".into(),
+            ));
+        }
+        conn.execute_batch(SCHEMA).map_err(StorageError::sqlite)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(StorageError::sqlite)?;
+    }
+    Ok(())
+}
+
+fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let committed = (|| -> Result<(), rusqlite::Error> {
+            let mut tx = conn.transaction()?;
+            for write in batch {
+                let mut savepoint = tx.savepoint()?;
+                let outcome = apply(&savepoint, write);
+                if outcome.failed() {
+                    savepoint.rollback()?;
+                } else {
+                    savepoint.commit()?;
+                }
+                outcomes.push(outcome);
+            }
+            tx.commit()
+        })()
+        .map_err(|e| e.to_string());
+        for outcome in outcomes {
+            outcome.answer(
+                committed
+                    .as_ref()
+                    .map_err(|e| StorageError::Sqlite(e.clone())),
+            );
+        }
+    }
+}
+
+/// The result of one write, answered only once its transaction committed.
+enum Outcome {
+    Info(Reply<SessionInfo>, Result<SessionInfo, StorageError>),
+    Bool(Reply<bool>, Result<bool, StorageError>),
+    Unit(Reply<()>, Result<(), StorageError>),
+}
+
+impl Outcome {
+    fn failed(&self) -> bool {
+        match self {
+            Self::Info(_, r) => r.is_err(),
+            Self::Bool(_, r) => r.is_err(),
+            Self::Unit(_, r) => r.is_err(),
+        }
+    }
+
+    fn answer(self, committed: Result<&(), StorageError>) {
+        fn send<T>(
+            reply: Reply<T>,
+            result: Result<T, StorageError>,
+            committed: Result<&(), StorageError>,
+        ) {
+            let _ = reply.send(match committed {
+                Ok(()) => result,
+                Err(e) => Err(e),
+            });
+        }
+        match self {
+            Self::Info(reply, r) => send(reply, r, committed),
+            Self::Bool(reply, r) => send(reply, r, committed),
+            Self::Unit(reply, r) => send(reply, r, committed),
+        }
+    }
+}
+
+fn apply(conn: &Connection, write: Write) -> Outcome {
+    match write {
+        Write::Create(info, reply) => Outcome::Info(reply, create(conn, info)),
+        Write::Merge {
+            id,
+            patch,
+            now,
+            reply,
+        } => Outcome::Info(reply, merge(conn, &id, patch, now)),
+        Write::Delete(id, reply) => Outcome::Bool(
+            reply,
+            conn.execute("DELETE FROM sessions WHERE id = ?1", [&id])
+                .map(|n| n > 0)
+                .map_err(StorageError::sqlite),
+        ),
+        Write::Append {
+            id,
+            seq,
+            json,
+            now,
+            reply,
+        } => Outcome::Unit(reply, append(conn, &id, seq, &json, now)),
+    }
+}
+
+fn create(conn: &Connection, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+    let metadata = info
+        .metadata
+        .as_ref()
+        .map(|m| Value::Object(m.clone()).to_string());
+    let inserted = conn
+        .execute(
+            "INSERT OR IGNORE INTO sessions (id, createdAt, updatedAt, workspace, metadata) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![info.id, info.created_at as i64, info.updated_at as i64, info.workspace, metadata],
+        )
+        .map_err(StorageError::sqlite)?;
+    if inserted == 0 {
+        return Err(StorageError::AlreadyExists(info.id));
+    }
+    Ok(info)
+}
+
+fn merge(
+    conn: &Connection,
+    id: &str,
+    patch: Map<String, Value>,
+    now: u64,
+) -> Result<SessionInfo, StorageError> {
+    let mut info = load(conn, id)?.ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+    info.metadata.get_or_insert_with(Map::new).extend(patch);
+    info.updated_at = now;
+    let metadata = info
+        .metadata
+        .as_ref()
+        .map(|m| Value::Object(m.clone()).to_string());
+    conn.execute(
+        "UPDATE sessions SET metadata = ?2, updatedAt = ?3 WHERE id = ?1",
+        params![id, metadata, now as i64],
+    )
+    .map_err(StorageError::sqlite)?;
+    Ok(info)
+}
+
+fn append(conn: &Connection, id: &str, seq: u64, json: &str, now: u64) -> Result<(), StorageError> {
+    let last: Option<i64> = conn
+        .query_row(
+            "SELECT MAX(seq) FROM events WHERE sessionId = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .map_err(StorageError::sqlite)?;
+    if last.is_some_and(|last| last as u64 >= seq) {
+        return Err(StorageError::OutOfOrder {
+            session: id.to_owned(),
+            seq,
+        });
+    }
+    let updated = conn
+        .execute(
+            "UPDATE sessions SET updatedAt = ?2 WHERE id = ?1",
+            params![id, now as i64],
+        )
+        .map_err(StorageError::sqlite)?;
+    if updated == 0 {
+        return Err(StorageError::NotFound(id.to_owned()));
+    }
+    conn.execute(
+        "INSERT INTO events (sessionId, seq, timestamp, eventData) VALUES (?1, ?2, ?3, ?4)",
+        params![id, seq as i64, now as i64, json],
+    )
+    .map_err(StorageError::sqlite)?;
+    Ok(())
+}
+
+fn row_to_info(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionInfo> {
+    let metadata: Option<String> = row.get(4)?;
+    Ok(SessionInfo {
+        id: row.get(0)?,
+        created_at: row.get::<_, i64>(1)? as u64,
+        updated_at: row.get::<_, i64>(2)? as u64,
+        workspace: row.get(3)?,
+        metadata: metadata.and_then(|m| serde_json::from_str::<Map<String, Value>>(&m).ok()),
+    })
+}
+
+fn load(conn: &Connection, id: &str) -> Result<Option<SessionInfo>, StorageError> {
+    conn.query_row(
+        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions WHERE id = ?1",
+        [id],
+        row_to_info,
+    )
+    .optional()
+    .map_err(StorageError::sqlite)
+}
+
+#[async_trait::async_trait]
+impl Storage for SqliteStorage {
+    fn descriptor(&self) -> StorageDescriptor {
+        StorageDescriptor {
+            kind: "sqlite",
+            path: Some(self.path.clone()),
+        }
+    }
+
+    async fn create_session(&self, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+        self.write(|reply| Write::Create(info, reply)).await
+    }
+
+    async fn session(&self, id: &str) -> Result<Option<SessionInfo>, StorageError> {
+        let id = id.to_owned();
+        self.read(move |conn| load(conn, &id)).await
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions ORDER BY updatedAt DESC, createdAt DESC",
+                )
+                .map_err(StorageError::sqlite)?;
+            let rows = statement.query_map([], row_to_info).map_err(StorageError::sqlite)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn count_sessions(&self) -> Result<usize, StorageError> {
+        self.read(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get::<_, i64>(0))
+                .map(|n| n as usize)
+                .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn merge_metadata(
+        &self,
+        id: &str,
+        patch: Map<String, Value>,
+        now: u64,
+    ) -> Result<SessionInfo, StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::Merge {
+            id,
+            patch,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<bool, StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::Delete(id, reply)).await
+    }
+
+    async fn append_event(
+        &self,
+        id: &str,
+        seq: u64,
+        json: Arc<str>,
+        now: u64,
+    ) -> Result<(), StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::Append {
+            id,
+            seq,
+            json,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StorageError> {
+        let id = id.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT seq, eventData FROM events WHERE sessionId = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+                .map_err(StorageError::sqlite)?;
+            let rows = statement
+                .query_map(params![id, after as i64, limit], |row| {
+                    Ok(StoredEvent { seq: row.get::<_, i64>(0)? as u64, json: row.get::<_, String>(1)?.into() })
+                })
+                .map_err(StorageError::sqlite)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn last_seq(&self, id: &str) -> Result<u64, StorageError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT MAX(seq) FROM events WHERE sessionId = ?1",
+                [id],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|seq| seq.unwrap_or(0) as u64)
+            .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+}
