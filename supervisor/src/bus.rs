@@ -72,12 +72,21 @@ impl Bus {
         }
     }
 
+    /// Drops all but the newest `keep` events. Called when a run ends: its deltas are then
+    /// superseded by its stored `assistant_message`, and idle sessions should hold little.
+    pub fn trim(&self, keep: usize) {
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let excess = ring.len().saturating_sub(keep);
+        ring.drain(..excess);
+        ring.shrink_to(keep.max(16));
+    }
+
     /// Events with `seq > after` that are still in the ring.
     fn read_after(&self, after: u64) -> Result<Vec<BusEvent>, Lagged> {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(oldest) = ring.front().map(|e| e.seq) else {
-            return Ok(Vec::new());
-        };
+        // An empty ring (a restored session, a trimmed one) holds nothing after `after`: all of
+        // it is in storage.
+        let oldest = ring.front().map_or_else(|| self.latest() + 1, |e| e.seq);
         if oldest > after + 1 {
             return Err(Lagged { after, oldest });
         }
@@ -177,5 +186,31 @@ mod tests {
         let batch = cursor.next_batch(&bus).await.unwrap().unwrap();
         assert_eq!(batch.first().map(|e| e.seq), Some(11));
         assert_eq!(batch.len(), RING_CAPACITY);
+    }
+    #[tokio::test]
+    async fn an_empty_ring_behind_the_latest_seq_sends_followers_to_storage() {
+        let bus = Bus::new(7);
+        let mut cursor = bus.follow_after(3);
+        assert_eq!(
+            cursor.next_batch(&bus).await.unwrap().unwrap_err(),
+            Lagged {
+                after: 3,
+                oldest: 8
+            }
+        );
+
+        let bus = Bus::new(0);
+        for seq in 1..=10 {
+            bus.publish(ev(seq));
+        }
+        bus.trim(2);
+        let mut cursor = bus.follow_after(5);
+        assert_eq!(
+            cursor.next_batch(&bus).await.unwrap().unwrap_err(),
+            Lagged {
+                after: 5,
+                oldest: 9
+            }
+        );
     }
 }

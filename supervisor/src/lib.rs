@@ -8,12 +8,14 @@
 //! - `workers`: spawning, handshaking with and supervising one worker process per session.
 //! - `gateway`: model calls on behalf of workers (they hold no keys and no network).
 //! - [`error`]: every client-visible error and its status.
+//! - [`import`]: bringing sessions over from an upstream Tarko store.
 
 mod api;
 mod bus;
 pub mod config;
 pub mod error;
 mod gateway;
+pub mod import;
 pub mod server;
 mod sessions;
 mod state;

@@ -22,6 +22,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Copy sessions and events from an upstream Tarko store (its SQLite database, its
+    /// tarko.json, or a directory holding one) into the store configured here.
+    Import {
+        /// The upstream store.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        target: ServeArgs,
+    },
     /// Run one session's worker (started by the supervisor, never by hand).
     #[command(hide = true)]
     Worker {
@@ -69,7 +78,37 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Worker { session }) => run_worker(session),
+        Some(Command::Import { from, target }) => run_import(&from, target),
         None => run_server(cli.serve),
+    }
+}
+
+fn run_import(from: &std::path::Path, target: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(target);
+    let report = supervisor::import::run(&config, from)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// The configuration, or exit 78 (EX_CONFIG) with a message naming what is wrong.
+fn load_config(args: ServeArgs) -> supervisor::config::Config {
+    let flags = supervisor::config::Overrides {
+        host: args.host,
+        port: args.port,
+        workspace: args.workspace,
+        storage_type: args.storage_type,
+        storage_path: args.storage_path,
+        exclusive: args.exclusive,
+        model_provider: args.model_provider,
+        model_id: args.model_id,
+        log_level: args.log_level,
+    };
+    match supervisor::config::load(args.config.as_deref(), &flags) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("supervisor: {e}");
+            std::process::exit(78);
+        }
     }
 }
 
@@ -87,25 +126,7 @@ fn run_worker(session_id: String) -> anyhow::Result<()> {
 }
 
 fn run_server(args: ServeArgs) -> anyhow::Result<()> {
-    let flags = supervisor::config::Overrides {
-        host: args.host,
-        port: args.port,
-        workspace: args.workspace,
-        storage_type: args.storage_type,
-        storage_path: args.storage_path,
-        exclusive: args.exclusive,
-        model_provider: args.model_provider,
-        model_id: args.model_id,
-        log_level: args.log_level,
-    };
-    let config = match supervisor::config::load(args.config.as_deref(), &flags) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("supervisor: {e}");
-            // EX_CONFIG: the configuration is what is wrong.
-            std::process::exit(78);
-        }
-    };
+    let config = load_config(args);
     let level = config.log_level.map_or("info", |l| l.as_filter());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt()

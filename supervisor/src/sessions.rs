@@ -27,6 +27,10 @@ use crate::workers::{self, WorkerHandle};
 
 /// How long a worker gets to wind a run down after an abort before it is killed.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
+/// Sequence numbers reserved in storage at a time (see `Storage::reserve_seq`).
+const SEQ_RESERVATION: u64 = 4096;
+/// Events a session's bus keeps after a run ends, for followers that are a little behind.
+const RING_KEEP_AFTER_RUN: usize = 64;
 /// How long stopping a worker may take before we stop waiting for it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -75,15 +79,26 @@ impl Sessions {
             return Ok(None);
         };
         let last_seq = storage.last_seq(id).await?;
-        let session = Arc::new(Session::new(
+        let restored = Arc::new(Session::new(
             info.id,
             PathBuf::from(info.workspace),
             last_seq,
         ));
         // Two concurrent restores of one id must end with one live session.
-        Ok(Some(
-            self.map().entry(id.to_owned()).or_insert(session).clone(),
-        ))
+        let (session, inserted) = {
+            let mut map = self.map();
+            match map.get(id) {
+                Some(live) => (live.clone(), false),
+                None => {
+                    map.insert(id.to_owned(), restored.clone());
+                    (restored, true)
+                }
+            }
+        };
+        if inserted {
+            session.close_interrupted_run(storage).await?;
+        }
+        Ok(Some(session))
     }
 }
 
@@ -116,13 +131,20 @@ pub struct Session {
     pub id: String,
     pub workspace: PathBuf,
     pub bus: Bus,
-    /// The last assigned `seq`; held while an event is stored, so numbering, storage order and
+    /// Sequence numbering; held while an event is stored, so numbering, storage order and
     /// fan-out order are the same.
-    publisher: tokio::sync::Mutex<u64>,
+    publisher: tokio::sync::Mutex<Numbering>,
     inner: tokio::sync::Mutex<Inner>,
     generations: AtomicU64,
     /// Cancelled when the session is deleted.
     closed: CancellationToken,
+}
+
+/// A session's sequence numbers: the last one handed out, and how far storage has promised
+/// that none will be reused.
+struct Numbering {
+    last: u64,
+    reserved: u64,
 }
 
 /// Why an event from a worker was not published.
@@ -153,7 +175,11 @@ impl Session {
             id,
             workspace,
             bus: Bus::new(last_seq),
-            publisher: tokio::sync::Mutex::new(last_seq),
+            // Nothing is reserved yet in this process: the first event reserves a block.
+            publisher: tokio::sync::Mutex::new(Numbering {
+                last: last_seq,
+                reserved: last_seq,
+            }),
             inner: tokio::sync::Mutex::new(Inner {
                 worker: None,
                 run: None,
@@ -300,26 +326,92 @@ impl Session {
         if self.inner.lock().await.run.is_none() {
             return Err(PublishError::NoRun);
         }
-        let seq = *last_seq + 1;
-        let json: Arc<str> = json.into();
-        if !is_streaming_type(&kind) {
-            state
-                .storage
+        let event = self
+            .record(&mut last_seq, &state.storage, json.into(), &kind)
+            .await?;
+        let ends_run = event.ends_run;
+        if ends_run {
+            let status = serde_json::from_str::<RunEndStatus>(&event.json)
+                .map_or(RunStatus::Error, |e| e.status);
+            self.finish_run(state, status).await;
+        }
+        self.bus.publish(event);
+        if ends_run {
+            self.bus.trim(RING_KEEP_AFTER_RUN);
+        }
+        Ok(())
+    }
+
+    /// Gives `json` the next `seq` and stores it unless it is a streaming delta. The caller holds
+    /// the publisher lock (`last_seq`) and hands the returned event to the bus.
+    async fn record(
+        &self,
+        numbering: &mut Numbering,
+        storage: &SharedStorage,
+        json: Arc<str>,
+        kind: &str,
+    ) -> Result<BusEvent, StorageError> {
+        let seq = numbering.last + 1;
+        if seq > numbering.reserved {
+            let upto = numbering.reserved.max(numbering.last) + SEQ_RESERVATION;
+            storage.reserve_seq(&self.id, upto).await?;
+            numbering.reserved = upto;
+        }
+        if !is_streaming_type(kind) {
+            storage
                 .append_event(&self.id, seq, json.clone(), now_ms())
                 .await?;
         }
-        *last_seq = seq;
-        let ends_run = kind == "agent_run_end";
-        if ends_run {
-            let status =
-                serde_json::from_str::<RunEndStatus>(&json).map_or(RunStatus::Error, |e| e.status);
-            self.finish_run(state, status).await;
-        }
-        self.bus.publish(BusEvent {
+        numbering.last = seq;
+        Ok(BusEvent {
             seq,
             json,
-            ends_run,
-        });
+            ends_run: kind == "agent_run_end",
+        })
+    }
+
+    /// A run whose `agent_run_start` has no `agent_run_end` in the log was cut short by a crash
+    /// of the server. It is closed the way a crashed worker's run is, so the log stays
+    /// well-bracketed and the model context stays valid.
+    async fn close_interrupted_run(&self, storage: &SharedStorage) -> Result<(), StorageError> {
+        let mut last_seq = self.publisher.lock().await;
+        let mut open: Option<(u64, u32)> = None;
+        for event in storage.events_after(&self.id, 0, usize::MAX).await? {
+            let Ok(head) = serde_json::from_str::<EventHeadTimed<'_>>(&event.json) else {
+                continue;
+            };
+            match head.kind.as_ref() {
+                "agent_run_start" => open = Some((head.timestamp, 0)),
+                "agent_run_end" => open = None,
+                "assistant_message" => {
+                    if let Some((_, iterations)) = open.as_mut() {
+                        *iterations += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some((started, iterations)) = open else {
+            return Ok(());
+        };
+        tracing::warn!(session_id = %self.id, "closing a run the server stopped in the middle of");
+        let elapsed = Duration::from_millis(now_ms().saturating_sub(started));
+        for event in closing_events(
+            &self.id,
+            "the server stopped during the run",
+            iterations,
+            elapsed,
+        ) {
+            let kind = if matches!(event.body, EventBody::AgentRunEnd { .. }) {
+                "agent_run_end"
+            } else {
+                "system"
+            };
+            let recorded = self
+                .record(&mut last_seq, storage, event.to_json().into(), kind)
+                .await?;
+            self.bus.publish(recorded);
+        }
         Ok(())
     }
 
@@ -377,18 +469,8 @@ impl Session {
             return;
         };
         tracing::warn!(session_id = %self.id, %reason, "worker exited during a run");
-        let error = Event::new(EventBody::System {
-            level: SystemLevel::Error,
-            message: format!("Worker process exited unexpectedly: {reason}"),
-            details: Some(serde_json::json!({"kind": "worker_crashed", "reason": reason})),
-        });
-        let end = Event::new(EventBody::AgentRunEnd {
-            session_id: self.id.clone(),
-            iterations,
-            elapsed_ms: elapsed.as_millis() as u64,
-            status: RunStatus::Error,
-        });
-        for event in [error, end] {
+        let reason = format!("worker process exited unexpectedly: {reason}");
+        for event in closing_events(&self.id, &reason, iterations, elapsed) {
             if let Err(e) = self.publish(state, event.to_json()).await {
                 tracing::warn!(session_id = %self.id, error = %e, "could not record the end of the lost run");
                 // Without the events the run must still end, or the session stays busy forever.
@@ -479,6 +561,41 @@ impl Session {
             }
         })
     }
+}
+
+/// How a run that its agent could not finish is closed: an error `system` event, then
+/// `agent_run_end` with status `error` (ARCHITECTURE decision 5).
+fn closing_events(
+    session_id: &str,
+    reason: &str,
+    iterations: u32,
+    elapsed: Duration,
+) -> [Event; 2] {
+    let mut message = reason.to_owned();
+    if let Some(first) = message.get(..1) {
+        message.replace_range(..1, &first.to_uppercase());
+    }
+    [
+        Event::new(EventBody::System {
+            level: SystemLevel::Error,
+            message,
+            details: Some(serde_json::json!({"kind": "run_interrupted", "reason": reason})),
+        }),
+        Event::new(EventBody::AgentRunEnd {
+            session_id: session_id.to_owned(),
+            iterations,
+            elapsed_ms: elapsed.as_millis() as u64,
+            status: RunStatus::Error,
+        }),
+    ]
+}
+
+#[derive(Deserialize)]
+struct EventHeadTimed<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    timestamp: u64,
 }
 
 fn is_run_end(json: &str) -> bool {

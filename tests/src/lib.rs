@@ -541,6 +541,30 @@ impl Server {
     // --------------------------------------------------------------------------------------------
 
     /// POST a JSON body and return the (possibly SSE) response for frame-by-frame reading.
+    /// Opens a GET event stream (`/api/v1/sessions/events/stream`), with extra headers such as
+    /// `Last-Event-ID`.
+    pub async fn get_sse(&self, path: &str, headers: &[(&str, &str)]) -> Result<SseStream> {
+        let mut request = self
+            .http
+            .get(self.url(path))
+            .header("accept", "text/event-stream");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let resp = request
+            .send()
+            .await
+            .with_context(|| format!("GET {path}\n--- server logs ---\n{}", self.logs()))?;
+        Ok(SseStream {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            resp: Some(resp),
+            buf: Vec::new(),
+            pending: VecDeque::new(),
+            held: None,
+        })
+    }
+
     pub async fn post_sse(&self, path: &str, body: &Value) -> Result<SseStream> {
         let resp = self
             .http
@@ -1101,8 +1125,14 @@ impl SseStream {
                     });
                 }
                 Block::Data(frame) => {
-                    if let Some(previous) = self.held.replace(frame) {
+                    if let Some(previous) = self.held.take() {
                         self.pending.push_back(previous);
+                    }
+                    // A frame that carries its id is complete; one without may get it next.
+                    if frame.id.is_some() {
+                        self.pending.push_back(frame);
+                    } else {
+                        self.held = Some(frame);
                     }
                 }
             }
@@ -1181,8 +1211,10 @@ enum Block {
     Data(Frame),
 }
 
-/// Parses one block. A data block must be exactly one `data: <json>` line, because that is
-/// all the official web UI understands (it `JSON.parse`s everything after `data: `).
+/// Parses one block. Query streams write a data block as exactly one `data: <json>` line,
+/// because that is all the official web UI understands (it `JSON.parse`s everything after
+/// `data: `), followed by an `id:` block; the follow stream (`/sessions/events/stream`) uses the
+/// standard `id: <seq>` + `data: <json>` block.
 fn parse_block(text: &str) -> Result<Block> {
     let lines: Vec<&str> = text.split('\n').filter(|l| !l.starts_with(':')).collect();
     if lines.iter().all(|l| l.is_empty()) {
@@ -1202,7 +1234,23 @@ fn parse_block(text: &str) -> Result<Block> {
             return Ok(Block::Data(Frame { id: None, data }));
         }
     }
-    bail!("SSE block is neither one `data: <json>` line nor one `id: <seq>` line: {text:?}")
+    if let [id_line, data_line] = lines.as_slice()
+        && let (Some(id), Some(data)) = (
+            id_line.strip_prefix("id: "),
+            data_line.strip_prefix("data: "),
+        )
+    {
+        let id = id
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("SSE id is not a u64: {id:?}"))?;
+        let data: Value = serde_json::from_str(data)
+            .with_context(|| format!("SSE data is not JSON: {data:?}"))?;
+        return Ok(Block::Data(Frame { id: Some(id), data }));
+    }
+    bail!(
+        "SSE block is neither `data: <json>`, `id: <seq>`, nor `id: <seq>` + `data: <json>`: {text:?}"
+    )
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/sessions/events/latest",
             get(sessions::latest_events),
         )
+        .route("/api/v1/sessions/events/stream", get(sessions::follow))
         .route("/api/v1/sessions/status", get(sessions::status))
         .route("/api/v1/sessions/update", post(sessions::update))
         .route("/api/v1/sessions/delete", post(sessions::delete))

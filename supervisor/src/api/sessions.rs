@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use shared::ids::now_ms;
 
@@ -14,7 +16,7 @@ use super::raw_json;
 use crate::error::ApiError;
 use crate::sessions::Session;
 use crate::state::AppState;
-use crate::storage::SessionInfo;
+use crate::storage::{SessionInfo, StoredEvent};
 
 pub(super) async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let sessions = state.storage.sessions().await?;
@@ -71,28 +73,95 @@ pub(super) async fn details(
     Ok(Json(json!({"session": value})))
 }
 
-/// Stored events, written out as stored (no re-serialisation).
-async fn events_json(state: &AppState, id: &str) -> Result<String, ApiError> {
-    let events = state.storage.events_after(id, 0, usize::MAX).await?;
-    let mut out = String::with_capacity(events.iter().map(|e| e.json.len() + 1).sum::<usize>() + 2);
+/// A JSON array of stored events, each as stored with its `seq` added as the first field, so a
+/// client can page (`after=<seq>`) and resume streams from what it has.
+fn events_json(events: &[StoredEvent]) -> String {
+    let mut out =
+        String::with_capacity(events.iter().map(|e| e.json.len() + 16).sum::<usize>() + 2);
     out.push('[');
     for (i, event) in events.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&event.json);
+        // Stored events are JSON objects (checked when they were published).
+        let rest = event.json.strip_prefix('{').unwrap_or(&event.json);
+        let sep = if rest.trim_start().starts_with('}') {
+            ""
+        } else {
+            ","
+        };
+        out.push_str(&format!("{{\"seq\":{}{sep}{rest}", event.seq));
     }
     out.push(']');
-    Ok(out)
+    out
 }
 
+/// A non-negative integer query parameter, if present.
+fn number_param(params: &Params, key: &str) -> Result<Option<u64>, ApiError> {
+    params
+        .get(key)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::InvalidRequest(format!("{key} must be a non-negative integer"))
+            })
+        })
+        .transpose()
+}
+
+/// The stored history, all of it or a page: `after=<seq>` (exclusive) and `limit=<n>`.
 pub(super) async fn events(
     State(state): State<Arc<AppState>>,
     params: Params,
 ) -> Result<Response, ApiError> {
     let session = state.session(&session_id(&params, None)?).await?;
-    let events = events_json(&state, &session.id).await?;
-    Ok(raw_json(format!("{{\"events\":{events}}}")))
+    let after = number_param(&params, "after")?.unwrap_or(0);
+    let limit = number_param(&params, "limit")?;
+    let wanted = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+    // One more than asked tells whether another page exists.
+    let mut events = state
+        .storage
+        .events_after(&session.id, after, wanted.saturating_add(1))
+        .await?;
+    let has_more = events.len() > wanted;
+    events.truncate(wanted);
+    let body = match limit {
+        Some(_) => format!(
+            "{{\"events\":{},\"hasMore\":{has_more}}}",
+            events_json(&events)
+        ),
+        None => format!("{{\"events\":{}}}", events_json(&events)),
+    };
+    Ok(raw_json(body))
+}
+
+/// Every event after `after` (query) or `Last-Event-ID` (header, set by a reconnecting
+/// EventSource; it wins), then the live stream, for as long as the client stays.
+pub(super) async fn follow(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let session = state.session(&session_id(&params, None)?).await?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                ApiError::InvalidRequest("Last-Event-ID must be a sequence number".into())
+            })
+        })
+        .transpose()?;
+    let after = match last_event_id {
+        Some(id) => id,
+        None => number_param(&params, "after")?.unwrap_or(0),
+    };
+    let cursor = session.bus.follow_after(after);
+    let events = session.follow(state.storage.clone(), state.shutdown.clone(), cursor, false);
+    Ok(super::sse::response(
+        events.map(|event| super::sse::follow_frame(&event)),
+    ))
 }
 
 /// Events of the most recently updated session; a `sessionId` is accepted and ignored
@@ -104,7 +173,7 @@ pub(super) async fn latest_events(
     let Some(info) = latest else {
         return Err(ApiError::NoSessions);
     };
-    let events = events_json(&state, &info.id).await?;
+    let events = events_json(&state.storage.events_after(&info.id, 0, usize::MAX).await?);
     let info_json = serde_json::to_string(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
     let id = serde_json::to_string(&info.id).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(raw_json(format!(

@@ -32,6 +32,13 @@ pub fn event_frame(event: &BusEvent) -> Bytes {
     Bytes::from(format!("data: {}\n\nid: {}\n\n", event.json, event.seq))
 }
 
+/// An agent event in the standard one-block form, for the follow stream
+/// (`/sessions/events/stream`): its clients are EventSources and our own, not the official UI,
+/// so `id` and `data` can share a block and every message carries its exact last event id.
+pub(super) fn follow_frame(event: &BusEvent) -> Bytes {
+    Bytes::from(format!("id: {}\ndata: {}\n\n", event.seq, event.json))
+}
+
 /// A server-made pseudo-event (no sequence number).
 pub fn data_frame(json: &str) -> Bytes {
     Bytes::from(format!("data: {json}\n\n"))

@@ -3,6 +3,7 @@
 //! ```text
 //! <dir>/sessions/<id>.json   one record per session, replaced atomically (write, then rename)
 //! <dir>/events/<id>.log      append-only, one event per line: "<seq> <event json>\n"
+//! <dir>/events/<id>.seq      the highest sequence number reserved (see Storage::reserve_seq)
 //! ```
 //!
 //! Why this layout: an event append is one `write` to one file, with no rewrite of anything
@@ -94,6 +95,17 @@ impl FileStorage {
 
     fn log_path(&self, id: &str) -> PathBuf {
         self.dir.join("events").join(format!("{id}.log"))
+    }
+
+    fn reservation_path(&self, id: &str) -> PathBuf {
+        self.dir.join("events").join(format!("{id}.seq"))
+    }
+
+    fn reserved(&self, id: &str) -> u64 {
+        std::fs::read_to_string(self.reservation_path(id))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Writes a record to a temporary file and renames it over the old one.
@@ -212,9 +224,10 @@ impl Storage for FileStorage {
             return Err(StorageError::AlreadyExists(info.id));
         }
         // A stale log of an id that is being created anew must not become its history.
-        let log = self.log_path(&info.id);
-        if log.exists() {
-            std::fs::remove_file(&log).map_err(|e| StorageError::io(&log, e))?;
+        for stale in [self.log_path(&info.id), self.reservation_path(&info.id)] {
+            if stale.exists() {
+                std::fs::remove_file(&stale).map_err(|e| StorageError::io(&stale, e))?;
+            }
         }
         self.write_record(&info)?;
         state.sessions.insert(info.id.clone(), info.clone());
@@ -263,11 +276,15 @@ impl Storage for FileStorage {
         // The record goes first: without it the session does not exist, whatever is left.
         let record = self.record_path(id);
         std::fs::remove_file(&record).map_err(|e| StorageError::io(&record, e))?;
-        let log = self.log_path(id);
-        match std::fs::remove_file(&log) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StorageError::io(&log, e)),
-            _ => Ok(true),
+        for file in [self.log_path(id), self.reservation_path(id)] {
+            match std::fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StorageError::io(&file, e));
+                }
+                _ => {}
+            }
         }
+        Ok(true)
     }
 
     async fn append_event(
@@ -318,12 +335,29 @@ impl Storage for FileStorage {
         Ok(events.into_iter().skip(start).take(limit).collect())
     }
 
+    async fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StorageError> {
+        let state = self.state();
+        if !state.sessions.contains_key(id) {
+            return Err(StorageError::NotFound(id.to_owned()));
+        }
+        if upto <= self.reserved(id) {
+            return Ok(());
+        }
+        let path = self.reservation_path(id);
+        let tmp = path.with_extension("seq.tmp");
+        std::fs::write(&tmp, upto.to_string()).map_err(|e| StorageError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
+    }
+
     async fn last_seq(&self, id: &str) -> Result<u64, StorageError> {
         let mut state = self.state();
         if !state.sessions.contains_key(id) {
             return Ok(0);
         }
-        Ok(self.log(&mut state.logs, id)?.last_seq)
+        Ok(self
+            .log(&mut state.logs, id)?
+            .last_seq
+            .max(self.reserved(id)))
     }
 }
 

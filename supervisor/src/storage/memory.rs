@@ -16,6 +16,7 @@ pub struct MemoryStorage {
 struct Entry {
     info: SessionInfo,
     events: Vec<StoredEvent>,
+    reserved: u64,
 }
 
 impl MemoryStorage {
@@ -47,6 +48,7 @@ impl Storage for MemoryStorage {
             Entry {
                 info: info.clone(),
                 events: Vec::new(),
+                reserved: 0,
             },
         );
         Ok(info)
@@ -126,11 +128,18 @@ impl Storage for MemoryStorage {
         Ok(entry.events[start..].iter().take(limit).cloned().collect())
     }
 
+    async fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StorageError> {
+        let mut map = self.map();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+        entry.reserved = entry.reserved.max(upto);
+        Ok(())
+    }
+
     async fn last_seq(&self, id: &str) -> Result<u64, StorageError> {
-        Ok(self
-            .map()
-            .get(id)
-            .and_then(|e| e.events.last())
-            .map_or(0, |e| e.seq))
+        Ok(self.map().get(id).map_or(0, |e| {
+            e.events.last().map_or(0, |last| last.seq).max(e.reserved)
+        }))
     }
 }

@@ -147,7 +147,14 @@ pub trait Storage: Send + Sync {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StorageError>;
 
-    /// The highest stored `seq` of the session (0 when it has none), so numbering continues.
+    /// Promises that no `seq` up to `upto` will be handed out again for this session:
+    /// [`Storage::last_seq`] reports at least `upto` from now on, even after a restart.
+    /// Streaming deltas consume sequence numbers without being stored; reserving them in
+    /// blocks keeps a resumed stream from ever seeing a number reused after a crash.
+    async fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StorageError>;
+
+    /// The highest `seq` the session has stored or reserved (0 when none), so numbering
+    /// continues after a restart.
     async fn last_seq(&self, id: &str) -> Result<u64, StorageError>;
 }
 
@@ -269,9 +276,18 @@ mod conformance {
             Err(StorageError::NotFound(_))
         ));
         assert_eq!(store.last_seq("s").await.unwrap(), 9);
-        assert_eq!(seqs(store, "s", 0, usize::MAX).await, [1, 2, 5, 6, 9]);
+        store.reserve_seq("s", 100).await.unwrap();
+        assert_eq!(
+            store.last_seq("s").await.unwrap(),
+            100,
+            "a reservation counts as used"
+        );
+        store.append_event("s", 10, event(10), 110).await.unwrap();
+        assert_eq!(store.last_seq("s").await.unwrap(), 100);
+        assert_eq!(seqs(store, "s", 0, usize::MAX).await, [1, 2, 5, 6, 9, 10]);
         assert_eq!(seqs(store, "s", 2, 2).await, [5, 6]);
-        assert_eq!(seqs(store, "s", 9, 10).await, Vec::<u64>::new());
+        assert_eq!(seqs(store, "s", 9, 10).await, [10]);
+        assert_eq!(seqs(store, "s", 10, 10).await, Vec::<u64>::new());
         let stored = store.events_after("s", 4, 1).await.unwrap();
         assert_eq!(
             &*stored[0].json,
@@ -280,7 +296,7 @@ mod conformance {
         );
         assert_eq!(
             store.session("s").await.unwrap().unwrap().updated_at,
-            109,
+            110,
             "an event bumps updatedAt"
         );
         assert!(store.events_after("nope", 0, 10).await.unwrap().is_empty());
@@ -291,6 +307,11 @@ mod conformance {
         assert!(
             store.events_after("s", 0, 10).await.unwrap().is_empty(),
             "a new session with an old id starts empty"
+        );
+        assert_eq!(
+            store.last_seq("s").await.unwrap(),
+            0,
+            "and with no reservation"
         );
     }
 
@@ -343,15 +364,20 @@ mod conformance {
                             .await
                             .unwrap();
                     }
+                    store.reserve_seq("r", 50).await.unwrap();
                 }
                 let store: Arc<dyn Storage> = ($open)(dir.path());
                 let record = store.session("r").await.unwrap().unwrap();
                 assert_eq!(record.metadata.unwrap()["name"], "kept");
                 assert!(record.updated_at >= 13);
-                assert_eq!(store.last_seq("r").await.unwrap(), 3);
+                assert_eq!(
+                    store.last_seq("r").await.unwrap(),
+                    50,
+                    "the reservation survives"
+                );
                 assert_eq!(seqs(&*store, "r", 0, 10).await, [1, 2, 3]);
-                store.append_event("r", 4, event(4), 20).await.unwrap();
-                assert_eq!(seqs(&*store, "r", 3, 10).await, [4]);
+                store.append_event("r", 51, event(51), 20).await.unwrap();
+                assert_eq!(seqs(&*store, "r", 3, 10).await, [51]);
             }
         };
     }

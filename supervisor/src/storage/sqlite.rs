@@ -27,8 +27,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     createdAt INTEGER NOT NULL,
     updatedAt INTEGER NOT NULL,
-    workspace TEXT NOT NULL,
-    metadata TEXT
+        workspace TEXT NOT NULL,
+    metadata TEXT,
+    seqReserved INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS idx_sessions_updatedAt ON sessions(updatedAt DESC, createdAt DESC);
 CREATE TABLE IF NOT EXISTS events (
@@ -56,6 +57,11 @@ enum Write {
         seq: u64,
         json: Arc<str>,
         now: u64,
+        reply: Reply<()>,
+    },
+    Reserve {
+        id: String,
+        upto: u64,
         reply: Reply<()>,
     },
 }
@@ -244,6 +250,21 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
             now,
             reply,
         } => Outcome::Unit(reply, append(conn, &id, seq, &json, now)),
+        Write::Reserve { id, upto, reply } => Outcome::Unit(
+            reply,
+            conn.execute(
+                "UPDATE sessions SET seqReserved = MAX(seqReserved, ?2) WHERE id = ?1",
+                params![id, upto as i64],
+            )
+            .map_err(StorageError::sqlite)
+            .and_then(|n| {
+                if n == 0 {
+                    Err(StorageError::NotFound(id))
+                } else {
+                    Ok(())
+                }
+            }),
+        ),
     }
 }
 
@@ -438,15 +459,21 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::Reserve { id, upto, reply }).await
+    }
+
     async fn last_seq(&self, id: &str) -> Result<u64, StorageError> {
         let id = id.to_owned();
         self.read(move |conn| {
             conn.query_row(
-                "SELECT MAX(seq) FROM events WHERE sessionId = ?1",
+                "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events WHERE sessionId = ?1), 0),
+                            COALESCE((SELECT seqReserved FROM sessions WHERE id = ?1), 0))",
                 [id],
-                |r| r.get::<_, Option<i64>>(0),
+                |r| r.get::<_, i64>(0),
             )
-            .map(|seq| seq.unwrap_or(0) as u64)
+            .map(|seq| seq as u64)
             .map_err(StorageError::sqlite)
         })
         .await
