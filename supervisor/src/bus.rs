@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 
 /// How many recent events a session keeps for followers, live deltas included.
-const RING_CAPACITY: usize = 4096;
+const RING_CAPACITY: usize = 8192;
 
 /// One numbered event as followers receive it.
 #[derive(Debug, Clone)]

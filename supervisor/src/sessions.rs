@@ -542,6 +542,7 @@ impl Session {
                 match batch {
                     Ok(events) => f.pending.extend(events),
                     Err(Lagged { after, oldest }) => {
+                        tracing::info!(session_id = %f.session.id, after, oldest, "follower fell behind the live ring; replaying from storage");
                         let stored = f
                             .storage
                             .events_after(&f.session.id, after, usize::MAX)

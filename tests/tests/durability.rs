@@ -1,0 +1,606 @@
+//! Durable storage and lossless, resumable streams, through the real binary: crashes of the
+//! supervisor, restarts, resuming a live run from the middle, slow followers, and importing an
+//! upstream Tarko store.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use e2e::{Frame, LONG, Server, ServerOpts, supervisor_bin};
+use serde_json::{Value, json};
+
+const STREAMING: [&str; 3] = [
+    "assistant_streaming_message",
+    "assistant_streaming_thinking_message",
+    "assistant_streaming_tool_call",
+];
+
+/// A server whose workspace and store live in `dir`, so a second server can take over.
+fn durable(dir: &Path, kind: &str) -> ServerOpts {
+    let store = if kind == "sqlite" {
+        dir.join("sessions.db")
+    } else {
+        dir.join("store")
+    };
+    ServerOpts::new()
+        .without_workspace_flag()
+        .arg("--workspace")
+        .arg(dir.join("ws").display().to_string())
+        .arg("--storage-type")
+        .arg(kind)
+        .arg("--storage-path")
+        .arg(store.display().to_string())
+}
+
+fn ty(v: &Value) -> &str {
+    v["type"].as_str().unwrap_or_default()
+}
+
+/// Stored events by seq (the history endpoint adds `seq` to each).
+async fn stored(server: &Server, sid: &str) -> Result<BTreeMap<u64, Value>> {
+    let mut by_seq = BTreeMap::new();
+    for event in server.events(sid).await? {
+        let seq = event["seq"]
+            .as_u64()
+            .with_context(|| format!("stored event without seq: {event}"))?;
+        ensure!(
+            by_seq.insert(seq, event).is_none(),
+            "seq {seq} stored twice"
+        );
+    }
+    Ok(by_seq)
+}
+
+async fn kill9_mid_stream_keeps_what_the_client_saw(kind: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(durable(dir.path(), kind)).await?;
+    let sid = server.create_session().await?;
+    server.query(&sid, "first turn").await?;
+    let mut stream = server.stream(&sid, "SLOW 200").await?;
+    let seen = stream.read_deltas(10, LONG).await?;
+    server.kill9()?;
+    server
+        .wait_exit(LONG)
+        .await
+        .context("supervisor did not die")?;
+    drop(server);
+
+    let server = Server::start(durable(dir.path(), kind)).await?;
+    let history = stored(&server, &sid).await?;
+    let mut highest_seen = 0;
+    for frame in &seen {
+        let seq = frame.id.context("frame without id")?;
+        highest_seen = highest_seen.max(seq);
+        if STREAMING.contains(&frame.ty()) {
+            continue;
+        }
+        let kept = history
+            .get(&seq)
+            .with_context(|| format!("event {seq} ({}) was lost", frame.ty()))?;
+        ensure!(
+            kept["id"] == frame.data["id"],
+            "seq {seq} now holds a different event: {kept} vs {}",
+            frame.data
+        );
+    }
+    // The interrupted run is closed in the log, after everything the client saw.
+    let tail: Vec<(&u64, &Value)> = history.iter().rev().take(2).collect();
+    let (end_seq, end) = tail[0];
+    let (error_seq, error) = tail[1];
+    ensure!(
+        ty(end) == "agent_run_end" && end["status"] == "error",
+        "last stored event: {end}"
+    );
+    ensure!(
+        ty(error) == "system" && error["level"] == "error",
+        "event before it: {error}"
+    );
+    ensure!(
+        *error_seq > highest_seen,
+        "closing events reuse seq {error_seq} (client saw up to {highest_seen})"
+    );
+    ensure!(end_seq > error_seq);
+    // Nothing runs: the session is restored without a worker, and works on the next query.
+    ensure!(
+        server.workers().await?.is_empty(),
+        "restoring a session must not start a worker"
+    );
+    let status = server.status(&sid).await?;
+    ensure!(status["isProcessing"] == false, "{status}");
+    let recall = server.query(&sid, "RECALL").await?;
+    ensure!(
+        recall["content"] == "recall: first turn | SLOW 200",
+        "{recall}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_kill9_mid_stream_keeps_what_the_client_saw() -> Result<()> {
+    kill9_mid_stream_keeps_what_the_client_saw("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_kill9_mid_stream_keeps_what_the_client_saw() -> Result<()> {
+    kill9_mid_stream_keeps_what_the_client_saw("file").await
+}
+
+async fn restart_and_continue(kind: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(durable(dir.path(), kind)).await?;
+    let sid = server.create_session().await?;
+    server
+        .post_ok(
+            "/api/v1/sessions/update",
+            &json!({"sessionId": sid, "name": "kept"}),
+        )
+        .await?;
+    server.query(&sid, "alpha").await?;
+    let frames = server.stream_all(&sid, "beta").await?;
+    let last_seq = frames.iter().filter_map(|f| f.id).max().context("no ids")?;
+    server.sigterm()?;
+    ensure!(
+        server.wait_exit(LONG).await.is_some_and(|s| s.success()),
+        "clean stop"
+    );
+    drop(server);
+
+    let server = Server::start(durable(dir.path(), kind)).await?;
+    let sessions = server.get_ok("/api/v1/sessions").await?;
+    let listed = sessions["sessions"].as_array().context("sessions")?;
+    ensure!(
+        listed
+            .iter()
+            .any(|s| s["id"] == sid && s["metadata"]["name"] == "kept"),
+        "{sessions}"
+    );
+    let details = server.details(&sid).await?;
+    ensure!(details["metadata"]["name"] == "kept", "{details}");
+    ensure!(server.workers().await?.is_empty());
+    ensure!(Path::new(details["workspace"].as_str().unwrap_or_default()).is_dir());
+
+    let frames = server.stream_all(&sid, "RECALL").await?;
+    let first = frames.first().and_then(|f| f.id).context("no ids")?;
+    ensure!(
+        first > last_seq,
+        "numbering restarted: {first} after {last_seq}"
+    );
+    let answer = frames
+        .iter()
+        .find(|f| f.ty() == "assistant_message")
+        .context("no answer")?;
+    ensure!(
+        answer.data["content"] == "recall: alpha | beta",
+        "{}",
+        answer.data
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_restart_and_continue_the_conversation() -> Result<()> {
+    restart_and_continue("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_restart_and_continue_the_conversation() -> Result<()> {
+    restart_and_continue("file").await
+}
+
+/// Every seq from `first` on, once, in order.
+fn contiguous(frames: &[Frame], first: u64) -> Result<()> {
+    for (i, frame) in frames.iter().enumerate() {
+        let want = first + i as u64;
+        ensure!(
+            frame.id == Some(want),
+            "frame {i}: id {:?}, expected {want} ({:?})",
+            frame.id,
+            frame.ty()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_a_live_run_from_the_middle() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    let mut original = server.stream(&sid, "SLOW 60").await?;
+    let before = original.read_deltas(8, LONG).await?;
+    let last = before.last().and_then(|f| f.id).context("no id")?;
+    drop(original); // the client goes away; the run goes on
+
+    let path = format!("/api/v1/sessions/events/stream?sessionId={sid}&after={last}");
+    let mut resumed = server.get_sse(&path, &[]).await?;
+    resumed.expect_event_stream()?;
+    let after = resumed.read_until_type("agent_run_end", LONG).await?;
+    contiguous(&after, last + 1)?;
+
+    let text: String = before
+        .iter()
+        .chain(&after)
+        .filter(|f| f.ty() == "assistant_streaming_message")
+        .map(|f| f.data["content"].as_str().unwrap_or_default())
+        .collect();
+    let answer = after
+        .iter()
+        .find(|f| f.ty() == "assistant_message")
+        .context("no answer")?;
+    ensure!(
+        answer.data["content"] == text,
+        "deltas {text:?} vs {}",
+        answer.data
+    );
+
+    // An EventSource reconnecting with Last-Event-ID gets the same, from its own position.
+    let mid = after[after.len() / 2].id.context("no id")?;
+    let path = format!("/api/v1/sessions/events/stream?sessionId={sid}");
+    let mut again = server
+        .get_sse(&path, &[("Last-Event-ID", &mid.to_string())])
+        .await?;
+    let replayed = again.read_until_type("agent_run_end", LONG).await?;
+    contiguous(&replayed, mid + 1)?;
+    ensure!(replayed.len() as u64 == after.last().and_then(|f| f.id).unwrap_or(0) - mid);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_the_start_after_restart_comes_from_storage() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(durable(dir.path(), "sqlite")).await?;
+    let sid = server.create_session().await?;
+    server.query(&sid, "one").await?;
+    server.query(&sid, "two").await?;
+    server.sigterm()?;
+    server.wait_exit(LONG).await.context("stop")?;
+    drop(server);
+
+    let server = Server::start(durable(dir.path(), "sqlite")).await?;
+    let history = stored(&server, &sid).await?;
+    let path = format!("/api/v1/sessions/events/stream?sessionId={sid}&after=0");
+    let mut follow = server.get_sse(&path, &[]).await?;
+    let mut got = Vec::new();
+    while got.len() < history.len() {
+        got.push(follow.next_frame(LONG).await?.context("stream ended")?);
+    }
+    let seqs: Vec<u64> = got.iter().filter_map(|f| f.id).collect();
+    ensure!(
+        seqs == history.keys().copied().collect::<Vec<_>>(),
+        "{seqs:?} vs {:?}",
+        history.keys()
+    );
+    // Then it follows live.
+    server.query(&sid, "three").await?;
+    let live = follow.read_until_type("agent_run_end", LONG).await?;
+    ensure!(
+        live.first().and_then(|f| f.id) > seqs.last().copied(),
+        "live events continue the numbering"
+    );
+    Ok(())
+}
+
+/// A follower that really is slow: a raw connection with a tiny receive buffer that reads
+/// nothing until told to. (A normal HTTP client drains the socket into memory, and loopback
+/// buffers here grow to tens of MiB, so it would never fall behind.)
+struct StalledFollower {
+    stream: tokio::net::TcpStream,
+}
+
+impl StalledFollower {
+    async fn open(server: &Server, path: &str) -> Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let mut stream = socket
+            .connect(format!("127.0.0.1:{}", server.port()).parse()?)
+            .await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await?;
+        Ok(Self { stream })
+    }
+
+    /// Reads the chunked SSE body until an `agent_run_end` event; returns every (seq, event).
+    async fn read_until_run_end(mut self) -> Result<Vec<(u64, Value)>> {
+        use tokio::io::AsyncReadExt;
+        let mut raw = Vec::new();
+        let mut body = Vec::new();
+        let mut events = Vec::new();
+        let mut headers_done = false;
+        loop {
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout(LONG, self.stream.read(&mut chunk))
+                .await
+                .context("follower read timed out")??;
+            ensure!(n > 0, "stream closed before agent_run_end");
+            raw.extend_from_slice(&chunk[..n]);
+            if !headers_done {
+                let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                ensure!(
+                    raw.starts_with(b"HTTP/1.1 200"),
+                    "{}",
+                    String::from_utf8_lossy(&raw[..end])
+                );
+                raw.drain(..end + 4);
+                headers_done = true;
+            }
+            // De-chunk what is complete.
+            while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&raw[..line_end])?.trim(), 16)?;
+                if raw.len() < line_end + 2 + size + 2 {
+                    break;
+                }
+                body.extend_from_slice(&raw[line_end + 2..line_end + 2 + size]);
+                raw.drain(..line_end + 2 + size + 2);
+            }
+            while let Some(end) = body.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = body.drain(..end + 2).collect();
+                let text = std::str::from_utf8(&block[..end])?;
+                let (Some(id), Some(data)) = (
+                    text.lines().find_map(|l| l.strip_prefix("id: ")),
+                    text.lines().find_map(|l| l.strip_prefix("data: ")),
+                ) else {
+                    continue;
+                };
+                let event: Value = serde_json::from_str(data)?;
+                let done = ty(&event) == "agent_run_end";
+                events.push((id.parse()?, event));
+                if done {
+                    return Ok(events);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_follower_loses_nothing_and_slows_nobody() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    let path = format!("/api/v1/sessions/events/stream?sessionId={sid}&after=0");
+    let mut fast = server.get_sse(&path, &[]).await?;
+    let fast = tokio::spawn(async move { fast.read_until_type("agent_run_end", LONG).await });
+    let slow = StalledFollower::open(&server, &path).await?;
+
+    // Far more events than a session's ring holds (a streaming run: deltas are events too),
+    // while `slow` reads nothing.
+    let run = server.stream_all(&sid, "FLOOD 20000").await?;
+    let end = run.last().context("empty run")?;
+    ensure!(
+        end.ty() == "agent_run_end" && end.data["status"] == "idle",
+        "the run finished while a follower stalled"
+    );
+    contiguous(&run, 1)?;
+    let fast_frames = fast.await??;
+    contiguous(&fast_frames, 1)?;
+
+    let slow_events = slow.read_until_run_end().await?;
+    ensure!(
+        server.logs().contains("follower fell behind the live ring"),
+        "the slow follower never fell behind, so this test proved nothing"
+    );
+    let seqs: Vec<u64> = slow_events.iter().map(|(seq, _)| *seq).collect();
+    ensure!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "slow follower got seqs out of order or twice"
+    );
+    let slow_seqs: HashSet<u64> = seqs.into_iter().collect();
+    for (seq, event) in stored(&server, &sid).await? {
+        ensure!(
+            slow_seqs.contains(&seq),
+            "slow follower missed stored event {seq} ({})",
+            ty(&event)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_with_after_and_limit() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    for text in ["a", "b", "c"] {
+        server.query(&sid, text).await?;
+    }
+    let all: Vec<u64> = stored(&server, &sid).await?.into_keys().collect();
+    ensure!(all.len() == 12, "{all:?}");
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = server
+            .get_ok(&format!(
+                "/api/v1/sessions/events?sessionId={sid}&after={after}&limit=5"
+            ))
+            .await?;
+        let events = page["events"].as_array().context("events")?;
+        paged.extend(events.iter().filter_map(|e| e["seq"].as_u64()));
+        after = *paged.last().context("empty page")?;
+        if page["hasMore"] == false {
+            break;
+        }
+    }
+    ensure!(paged == all, "{paged:?} vs {all:?}");
+    let bad = server
+        .get(&format!("/api/v1/sessions/events?sessionId={sid}&after=x"))
+        .await?;
+    bad.expect_error(400, "INVALID_REQUEST", "non-numeric after")?;
+    Ok(())
+}
+
+/// An upstream Tarko SQLite store (api.md §13.5), built by the rules of its schema.
+fn upstream_sqlite(path: &Path) -> Result<()> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE sessions (id TEXT PRIMARY KEY, createdAt INTEGER NOT NULL, updatedAt INTEGER NOT NULL,
+                                workspace TEXT NOT NULL, metadata TEXT);
+         CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                              sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+                              timestamp INTEGER NOT NULL, eventData TEXT NOT NULL);
+         CREATE INDEX idx_events_sessionId ON events(sessionId);",
+    )?;
+    for (id, name, text, t) in [
+        (
+            "UpstreamSessionAAAAAA",
+            "Imported A",
+            "hello from upstream",
+            1_000,
+        ),
+        ("UpstreamSessionBBBBBB", "Imported B", "second one", 2_000),
+    ] {
+        let metadata = json!({"name": name, "tags": ["old"], "agentInfo": {"name": "tars", "configuredAt": t}});
+        conn.execute(
+            "INSERT INTO sessions VALUES (?1, ?2, ?3, '/home/user/project', ?4)",
+            rusqlite::params![id, t, t + 10, metadata.to_string()],
+        )?;
+        for (i, event) in upstream_run(id, text, t).iter().enumerate() {
+            conn.execute(
+                "INSERT INTO events (sessionId, timestamp, eventData) VALUES (?1, ?2, ?3)",
+                rusqlite::params![id, t + i as i64, event.to_string()],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn upstream_run(session: &str, text: &str, t: i64) -> Vec<Value> {
+    vec![
+        json!({"id": format!("{session}-1"), "type": "user_message", "timestamp": t, "content": text}),
+        json!({"id": format!("{session}-2"), "type": "agent_run_start", "timestamp": t, "sessionId": session, "runOptions": {"input": text}}),
+        json!({"id": format!("{session}-3"), "type": "assistant_message", "timestamp": t, "content": format!("reply to {text}"), "finishReason": "stop", "messageId": "msg_1"}),
+        json!({"id": format!("{session}-4"), "type": "agent_run_end", "timestamp": t, "sessionId": session, "iterations": 1, "elapsedMs": 5, "status": "idle"}),
+    ]
+}
+
+/// An upstream Tarko JSON document store (api.md §13.4).
+fn upstream_json(path: &Path) -> Result<()> {
+    let id = "UpstreamSessionCCCCCC";
+    let document = json!({
+        "sessions": {id: {"id": id, "createdAt": 3_000, "updatedAt": 3_010, "workspace": "/srv/ws", "metadata": {"name": "Imported C"}}},
+        "events": {id: upstream_run(id, "from the json store", 3_000)},
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&document)?)?;
+    Ok(())
+}
+
+fn import(from: &Path, dir: &Path, kind: &str) -> Result<String> {
+    let store: PathBuf = if kind == "sqlite" {
+        dir.join("sessions.db")
+    } else {
+        dir.join("store")
+    };
+    let output = std::process::Command::new(supervisor_bin()?)
+        .env_clear()
+        .arg("import")
+        .arg("--from")
+        .arg(from)
+        .arg("--workspace")
+        .arg(dir.join("ws"))
+        .arg("--storage-type")
+        .arg(kind)
+        .arg("--storage-path")
+        .arg(store)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "import failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
+async fn import_upstream(kind: &str) -> Result<()> {
+    let fixtures = tempfile::tempdir()?;
+    let dir = tempfile::tempdir()?;
+    upstream_sqlite(&fixtures.path().join("tarko.db"))?;
+    upstream_json(&fixtures.path().join("tarko.json"))?;
+
+    let report = import(&fixtures.path().join("tarko.db"), dir.path(), kind)?;
+    ensure!(
+        report.contains("imported 2 sessions with 8 events"),
+        "{report}"
+    );
+    let report = import(&fixtures.path().join("tarko.json"), dir.path(), kind)?;
+    ensure!(
+        report.contains("imported 1 sessions with 4 events"),
+        "{report}"
+    );
+    let again = import(&fixtures.path().join("tarko.db"), dir.path(), kind)?;
+    ensure!(
+        again.contains("imported 0 sessions") && again.contains("2 already present"),
+        "{again}"
+    );
+
+    let server = Server::start(durable(dir.path(), kind)).await?;
+    let sessions = server.get_ok("/api/v1/sessions").await?;
+    let names: Vec<&str> = sessions["sessions"]
+        .as_array()
+        .context("sessions")?
+        .iter()
+        .filter_map(|s| s["metadata"]["name"].as_str())
+        .collect();
+    ensure!(
+        names == ["Imported C", "Imported B", "Imported A"],
+        "{names:?}"
+    );
+    let sid = "UpstreamSessionAAAAAA";
+    let history = stored(&server, sid).await?;
+    ensure!(history.keys().copied().collect::<Vec<_>>() == [1, 2, 3, 4]);
+    ensure!(history[&3]["content"] == "reply to hello from upstream");
+    let details = server.details(sid).await?;
+    ensure!(
+        details["metadata"]["importedFrom"]["workspace"] == "/home/user/project",
+        "{details}"
+    );
+    ensure!(Path::new(details["workspace"].as_str().unwrap_or_default()).is_dir());
+    // The imported conversation is this server's memory now.
+    let recall = server.query(sid, "RECALL").await?;
+    ensure!(
+        recall["content"] == "recall: hello from upstream",
+        "{recall}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_upstream_stores_into_sqlite() -> Result<()> {
+    import_upstream("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_upstream_stores_into_file() -> Result<()> {
+    import_upstream("file").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_into_memory_is_refused() -> Result<()> {
+    let fixtures = tempfile::tempdir()?;
+    upstream_json(&fixtures.path().join("tarko.json"))?;
+    let output = std::process::Command::new(supervisor_bin()?)
+        .env_clear()
+        .args(["import", "--from"])
+        .arg(fixtures.path().join("tarko.json"))
+        .output()?;
+    ensure!(!output.status.success());
+    ensure!(String::from_utf8_lossy(&output.stderr).contains("memory"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_database_is_not_opened_as_our_own() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    upstream_sqlite(&dir.path().join("sessions.db"))?;
+    let exited =
+        Server::expect_exit(durable(dir.path(), "sqlite"), Duration::from_secs(20)).await?;
+    ensure!(!exited.status.success());
+    ensure!(
+        exited.stderr.contains("supervisor import"),
+        "{}",
+        exited.stderr
+    );
+    Ok(())
+}
