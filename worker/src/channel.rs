@@ -59,7 +59,10 @@ pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> Outbox {
     let (tx, mut rx) = mpsc::channel::<FromWorker>(1024);
     tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            if shared::frame::write_frame(&mut write, &msg).await.is_err() {
+            if shared::frame::write_batch(&mut write, msg, &mut rx)
+                .await
+                .is_err()
+            {
                 break;
             }
         }

@@ -81,7 +81,7 @@ async fn stream_run(
     let cursor = session.bus.follow_after(session.bus.latest());
     session.start_run(state, input, true).await?;
     let events = session.follow(state.storage.clone(), state.shutdown.clone(), cursor, true);
-    Ok(events.map(|event| sse::event_frame(&event)))
+    Ok(sse::batched(events, sse::event_frame))
 }
 
 pub(super) async fn abort(

@@ -7,7 +7,6 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use shared::ids::now_ms;
 
@@ -159,9 +158,10 @@ pub(super) async fn follow(
     };
     let cursor = session.bus.follow_after(after);
     let events = session.follow(state.storage.clone(), state.shutdown.clone(), cursor, false);
-    Ok(super::sse::response(
-        events.map(|event| super::sse::follow_frame(&event)),
-    ))
+    Ok(super::sse::response(super::sse::batched(
+        events,
+        super::sse::follow_frame,
+    )))
 }
 
 /// Events of the most recently updated session; a `sessionId` is accepted and ignored

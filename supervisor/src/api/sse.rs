@@ -44,6 +44,21 @@ pub fn data_frame(json: &str) -> Bytes {
     Bytes::from(format!("data: {json}\n\n"))
 }
 
+/// Frames for `events`, as many per chunk as are ready at once: a fast run produces thousands
+/// of deltas per wake-up, and one HTTP chunk each would dominate the cost of streaming them.
+pub(super) fn batched(
+    events: impl Stream<Item = BusEvent> + Send + 'static,
+    frame: fn(&BusEvent) -> Bytes,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    events.ready_chunks(512).map(move |batch| {
+        let mut out = Vec::with_capacity(batch.iter().map(|e| e.json.len() + 24).sum());
+        for event in &batch {
+            out.extend_from_slice(&frame(event));
+        }
+        Bytes::from(out)
+    })
+}
+
 /// An SSE response that writes `frames` and ends when they end, with keep-alive comments.
 pub fn response(frames: impl Stream<Item = Bytes> + Send + 'static) -> Response {
     let frames = Box::pin(frames);

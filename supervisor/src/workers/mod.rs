@@ -178,7 +178,7 @@ async fn write_frames(
     mut queued: mpsc::Receiver<ToWorker>,
 ) {
     while let Some(msg) = queued.recv().await {
-        if let Err(e) = write_frame(&mut write, &msg).await {
+        if let Err(e) = shared::frame::write_batch(&mut write, msg, &mut queued).await {
             tracing::debug!(error = %e, "stopped writing to a worker");
             break;
         }
@@ -334,10 +334,9 @@ impl Connection {
     }
 }
 
-async fn read_frames(
-    mut read: OwnedReadHalf,
-    frames: mpsc::Sender<Result<FromWorker, FrameError>>,
-) {
+async fn read_frames(read: OwnedReadHalf, frames: mpsc::Sender<Result<FromWorker, FrameError>>) {
+    // Buffered: frames arrive in bursts, and each would otherwise cost two reads.
+    let mut read = BufReader::with_capacity(64 * 1024, read);
     loop {
         let frame = read_frame::<_, FromWorker>(&mut read).await;
         let stop = !matches!(frame, Ok(Some(_)));

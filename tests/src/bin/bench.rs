@@ -3,7 +3,7 @@
 //!
 //! Usage: bench <path to supervisor> [--json <file>]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,45 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SAMPLES: usize = 100;
+
+/// A running server under measurement.
+struct Running {
+    child: tokio::process::Child,
+    pid: u32,
+    base: String,
+    /// From spawn to the listening line.
+    started_in: Duration,
+}
+
+async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
+    let t = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .args(["--host", "127.0.0.1", "--port", "0", "--workspace"])
+        .arg(dir.join("ws"))
+        .args(storage)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("no pid")?;
+    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    let base = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await??
+            .context("server exited")?;
+        if let Some(url) = line.strip_prefix("supervisor listening on ") {
+            break url.trim().to_owned();
+        }
+    };
+    Ok(Running {
+        child,
+        pid,
+        base,
+        started_in: t.elapsed(),
+    })
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -26,25 +65,12 @@ async fn main() -> Result<()> {
         _ => None,
     };
     let dir = tempfile::tempdir()?;
-    let mut child = tokio::process::Command::new(&binary)
-        .args(["--host", "127.0.0.1", "--port", "0", "--workspace"])
-        .arg(dir.path().join("ws"))
-        .env_clear()
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().context("no pid")?;
-    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
-    let base = loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await??
-            .context("server exited")?;
-        if let Some(url) = line.strip_prefix("supervisor listening on ") {
-            break url.trim().to_owned();
-        }
-    };
+    let Running {
+        mut child,
+        pid,
+        base,
+        ..
+    } = start(&binary, dir.path(), &[]).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
         .build()?;
@@ -101,6 +127,10 @@ async fn main() -> Result<()> {
     let loaded_rss = rss_kib(pid)?;
 
     let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
+    let _ = child.start_kill();
+
+    let durable = durable_figures(&binary, &client).await?;
+    let restart = restart_with_stored_sessions(&binary, &client, 10_000).await?;
 
     let report = json!({
         "samples": SAMPLES,
@@ -112,15 +142,184 @@ async fn main() -> Result<()> {
         "supervisor_idle_rss_kib": idle_rss,
         "supervisor_rss_with_live_workers_kib": loaded_rss,
         "live_workers": worker_rss.len(),
-        "worker_rss_kib_median": median_u64(&worker_rss),
+                "worker_rss_kib_median": median_u64(&worker_rss),
+        "sqlite_query_warm_session_ms": durable["sqlite_query_ms"],
+        "sqlite_durable_cost_per_query_ms_p50": durable["durable_cost_ms_p50"],
+        "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
+        "restart_10000_sessions": restart,
     });
     print_table(&report);
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
         println!("\nwrote {}", path.display());
     }
-    let _ = child.start_kill();
     Ok(())
+}
+
+/// The same warm-session query against memory and SQLite storage, interleaved so both see the
+/// same machine, and stored events per second with 8 sessions querying at once on SQLite.
+async fn durable_figures(binary: &Path, client: &reqwest::Client) -> Result<Value> {
+    let memory_dir = tempfile::tempdir()?;
+    let sqlite_dir = tempfile::tempdir()?;
+    let db = sqlite_dir.path().join("sessions.db");
+    let db = db.to_str().context("path")?;
+    let memory = start(binary, memory_dir.path(), &[]).await?;
+    let sqlite = start(
+        binary,
+        sqlite_dir.path(),
+        &["--storage-type", "sqlite", "--storage-path", db],
+    )
+    .await?;
+    let memory_session = create(client, &memory.base).await?;
+    let sqlite_session = create(client, &sqlite.base).await?;
+    query(client, &memory.base, &memory_session, "warm up").await?;
+    query(client, &sqlite.base, &sqlite_session, "warm up").await?;
+    let mut memory_ms = Vec::new();
+    let mut sqlite_ms = Vec::new();
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        query(client, &memory.base, &memory_session, "hi").await?;
+        memory_ms.push(t.elapsed());
+        let t = Instant::now();
+        query(client, &sqlite.base, &sqlite_session, "hi").await?;
+        sqlite_ms.push(t.elapsed());
+    }
+    let p50 = |d: &[Duration]| summary(d)["p50"].as_f64().unwrap_or(0.0);
+    let cost = ((p50(&sqlite_ms) - p50(&memory_ms)) * 1000.0).round() / 1000.0;
+
+    // Throughput: 8 sessions, each running queries back to back; every query stores 4 events.
+    let sessions = 8;
+    let per_session = 50;
+    let mut ids = Vec::new();
+    for _ in 0..sessions {
+        let id = create(client, &sqlite.base).await?;
+        query(client, &sqlite.base, &id, "warm up").await?;
+        ids.push(id);
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let client = client.clone();
+            let base = sqlite.base.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_session {
+                    query(&client, &base, &id, "hi").await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let stored_per_second = (sessions * per_session * 4) as f64 / t.elapsed().as_secs_f64();
+    Ok(json!({
+        "sqlite_query_ms": summary(&sqlite_ms),
+        "durable_cost_ms_p50": cost,
+        "stored_events_per_second": stored_per_second.round(),
+    }))
+}
+
+async fn create(client: &reqwest::Client, base: &str) -> Result<String> {
+    let created: Value = client
+        .post(format!("{base}/api/v1/sessions/create"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(created["sessionId"]
+        .as_str()
+        .context("no sessionId")?
+        .to_owned())
+}
+
+/// Builds an upstream-format store of `count` sessions (4 events each), imports it into SQLite
+/// with `supervisor import`, then measures start to serving: to the listening line, and to the
+/// first complete session list.
+async fn restart_with_stored_sessions(
+    binary: &Path,
+    client: &reqwest::Client,
+    count: usize,
+) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let upstream = dir.path().join("tarko.db");
+    {
+        let mut conn = rusqlite::Connection::open(&upstream)?;
+        conn.execute_batch(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, createdAt INTEGER NOT NULL, updatedAt INTEGER NOT NULL,
+                                    workspace TEXT NOT NULL, metadata TEXT);
+             CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, sessionId TEXT NOT NULL,
+                                  timestamp INTEGER NOT NULL, eventData TEXT NOT NULL);",
+        )?;
+        let tx = conn.transaction()?;
+        for n in 0..count {
+            let id = format!("BenchSession{n:09}");
+            tx.execute(
+                "INSERT INTO sessions VALUES (?1, ?2, ?2, '/w', ?3)",
+                rusqlite::params![
+                    id,
+                    n as i64,
+                    json!({"name": format!("session {n}")}).to_string()
+                ],
+            )?;
+            for kind in [
+                "user_message",
+                "agent_run_start",
+                "assistant_message",
+                "agent_run_end",
+            ] {
+                let event = json!({"id": format!("{id}-{kind}"), "type": kind, "timestamp": n, "content": "x"});
+                tx.execute(
+                    "INSERT INTO events (sessionId, timestamp, eventData) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![id, n as i64, event.to_string()],
+                )?;
+            }
+        }
+        tx.commit()?;
+    }
+    let db = dir.path().join("sessions.db");
+    let db = db.to_str().context("path")?;
+    let t = Instant::now();
+    let output = tokio::process::Command::new(binary)
+        .arg("import")
+        .arg("--from")
+        .arg(&upstream)
+        .arg("--workspace")
+        .arg(dir.path().join("ws"))
+        .args(["--storage-type", "sqlite", "--storage-path", db])
+        .env_clear()
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!("import failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let import_s = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let server = start(
+        binary,
+        dir.path(),
+        &["--storage-type", "sqlite", "--storage-path", db],
+    )
+    .await?;
+    let listed: Value = client
+        .get(format!("{}/api/v1/sessions", server.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let serving = t.elapsed();
+    let listed = listed["sessions"].as_array().map_or(0, Vec::len);
+    if listed != count {
+        bail!("expected {count} sessions after restart, listed {listed}");
+    }
+    Ok(json!({
+        "sessions": count,
+        "to_listening_ms": (server.started_in.as_secs_f64() * 1000.0).round(),
+        "to_first_full_listing_ms": (serving.as_secs_f64() * 1000.0).round(),
+        "import_seconds": (import_s * 10.0).round() / 10.0,
+    }))
 }
 
 async fn query(client: &reqwest::Client, base: &str, id: &str, text: &str) -> Result<()> {
@@ -189,22 +388,42 @@ fn median_u64(values: &[u64]) -> Option<u64> {
 }
 
 fn print_table(report: &Value) {
-    println!("{:<44} {:>12} {:>12}", "measurement", "p50", "p99");
+    println!("{:<48} {:>12} {:>12}", "measurement", "p50", "p99");
     for key in [
         "create_session_ms",
         "first_query_new_session_ms",
         "query_warm_session_ms",
+        "sqlite_query_warm_session_ms",
     ] {
         let s = &report[key];
-        println!("{:<44} {:>12} {:>12}", key, s["p50"], s["p99"]);
+        println!(
+            "{:<48} {:>12} {:>12}",
+            key,
+            s["p50"].to_string(),
+            s["p99"].to_string()
+        );
     }
     for key in [
+        "sqlite_durable_cost_per_query_ms_p50",
+        "sqlite_stored_events_per_second_8_sessions",
         "sse_events_per_second_one_session",
         "supervisor_idle_rss_kib",
         "supervisor_rss_with_live_workers_kib",
         "live_workers",
         "worker_rss_kib_median",
     ] {
-        println!("{:<44} {:>12}", key, report[key]);
+        println!("{:<48} {:>12}", key, report[key].to_string());
+    }
+    let restart = &report["restart_10000_sessions"];
+    for key in [
+        "to_listening_ms",
+        "to_first_full_listing_ms",
+        "import_seconds",
+    ] {
+        println!(
+            "{:<48} {:>12}",
+            format!("restart_10000_sessions.{key}"),
+            restart[key].to_string()
+        );
     }
 }

@@ -69,7 +69,9 @@ struct CurrentRun {
 
 /// Speaks the worker protocol on `stream` until the supervisor closes it.
 pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), WorkerError> {
-    let (mut read, write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    // Buffered: frames arrive in bursts, and each would otherwise cost two reads.
+    let mut read = tokio::io::BufReader::with_capacity(64 * 1024, read);
     let outbox = spawn_writer(write);
 
     let init = match read_frame::<_, ToWorker>(&mut read).await? {
