@@ -14,6 +14,9 @@
 //! block holding only `id:` is ignored by that UI, and for any SSE client it sets the last event
 //! id *after* the data it names has arrived, so resuming from the last id seen never skips an
 //! event. Comment blocks (`: ping`) keep idle connections alive.
+//!
+//! The follow stream (`/sessions/events/stream`) is read by EventSources and our own clients,
+//! not by the official UI, so it uses the standard form with `id:` and `data:` in one block.
 
 use std::time::Duration;
 
