@@ -19,5 +19,5 @@ pub mod import;
 pub mod server;
 mod sessions;
 mod state;
-mod storage;
+pub mod storage;
 mod workers;

@@ -145,7 +145,8 @@ async fn main() -> Result<()> {
                 "worker_rss_kib_median": median_u64(&worker_rss),
         "sqlite_query_warm_session_ms": durable["sqlite_query_ms"],
         "sqlite_durable_cost_per_query_ms_p50": durable["durable_cost_ms_p50"],
-        "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
+                "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
+        "sqlite_appends_per_second_8_writers": durable["appends_per_second"],
         "restart_10000_sessions": restart,
     });
     print_table(&report);
@@ -218,7 +219,52 @@ async fn durable_figures(binary: &Path, client: &reqwest::Client) -> Result<Valu
         "sqlite_query_ms": summary(&sqlite_ms),
         "durable_cost_ms_p50": cost,
         "stored_events_per_second": stored_per_second.round(),
+        "appends_per_second": sqlite_appends_per_second().await?,
     }))
+}
+
+/// Event appends per second through the SQLite backend itself (its writer thread, WAL,
+/// batched transactions), with 8 sessions appending at once, each waiting for every append as
+/// the server does.
+async fn sqlite_appends_per_second() -> Result<f64> {
+    use supervisor::storage::{SessionInfo, SqliteStorage, Storage};
+    let dir = tempfile::tempdir()?;
+    let store = std::sync::Arc::new(SqliteStorage::open(&dir.path().join("appends.db"))?);
+    let sessions = 8u64;
+    let per_session = 2_000u64;
+    for s in 0..sessions {
+        let info = SessionInfo {
+            id: format!("s{s}"),
+            created_at: 0,
+            updated_at: 0,
+            workspace: "/w".into(),
+            metadata: None,
+        };
+        store.create_session(info).await?;
+    }
+    let event: std::sync::Arc<str> =
+        json!({"id": "e", "type": "tool_result", "content": "x".repeat(200), "timestamp": 1})
+            .to_string()
+            .into();
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..sessions)
+        .map(|s| {
+            let store = store.clone();
+            let event = event.clone();
+            tokio::spawn(async move {
+                for seq in 1..=per_session {
+                    store
+                        .append_event(&format!("s{s}"), seq, event.clone(), seq)
+                        .await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(((sessions * per_session) as f64 / t.elapsed().as_secs_f64()).round())
 }
 
 async fn create(client: &reqwest::Client, base: &str) -> Result<String> {
@@ -406,6 +452,7 @@ fn print_table(report: &Value) {
     for key in [
         "sqlite_durable_cost_per_query_ms_p50",
         "sqlite_stored_events_per_second_8_sessions",
+        "sqlite_appends_per_second_8_writers",
         "sse_events_per_second_one_session",
         "supervisor_idle_rss_kib",
         "supervisor_rss_with_live_workers_kib",
