@@ -124,6 +124,16 @@ async fn main() -> Result<()> {
         .iter()
         .filter_map(|p| rss_kib(*p).ok())
         .collect();
+    // RSS counts the executable's pages, which every worker shares through the page cache;
+    // private (anonymous) memory and PSS say what each additional session really costs.
+    let worker_private: Vec<u64> = worker_pids
+        .iter()
+        .filter_map(|p| status_kib(*p, "RssAnon:").ok())
+        .collect();
+    let worker_pss: Vec<u64> = worker_pids
+        .iter()
+        .filter_map(|p| pss_kib(*p).ok())
+        .collect();
     let loaded_rss = rss_kib(pid)?;
 
     let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
@@ -142,7 +152,9 @@ async fn main() -> Result<()> {
         "supervisor_idle_rss_kib": idle_rss,
         "supervisor_rss_with_live_workers_kib": loaded_rss,
         "live_workers": worker_rss.len(),
-                "worker_rss_kib_median": median_u64(&worker_rss),
+                        "worker_rss_kib_median": median_u64(&worker_rss),
+        "worker_private_kib_median": median_u64(&worker_private),
+        "worker_pss_kib_median": median_u64(&worker_pss),
         "sqlite_query_warm_session_ms": durable["sqlite_query_ms"],
         "sqlite_durable_cost_per_query_ms_p50": durable["durable_cost_ms_p50"],
                 "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
@@ -410,13 +422,29 @@ async fn flood(
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    kib_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status"))?,
+        field,
+    )
+}
+
+fn pss_kib(pid: u32) -> Result<u64> {
+    kib_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?,
+        "Pss:",
+    )
+}
+
+fn kib_field(text: &str, field: &str) -> Result<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {field}"))
 }
 
 fn summary(samples: &[Duration]) -> Value {
@@ -458,6 +486,8 @@ fn print_table(report: &Value) {
         "supervisor_rss_with_live_workers_kib",
         "live_workers",
         "worker_rss_kib_median",
+        "worker_private_kib_median",
+        "worker_pss_kib_median",
     ] {
         println!("{:<48} {:>12}", key, report[key].to_string());
     }
