@@ -7,7 +7,8 @@
 //! ([`Lagged`]) and catches up from storage (see `Session::follow`).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::watch;
 
@@ -26,6 +27,8 @@ pub struct BusEvent {
 pub struct Bus {
     ring: Mutex<VecDeque<BusEvent>>,
     latest: watch::Sender<u64>,
+    /// Where each live follower is, so trimming never drops what one has yet to read.
+    followers: Mutex<Vec<Weak<AtomicU64>>>,
 }
 
 /// The follower asked for events that are no longer in the ring: everything with
@@ -42,6 +45,7 @@ impl Bus {
         Self {
             ring: Mutex::new(VecDeque::new()),
             latest: watch::channel(last_seq).0,
+            followers: Mutex::new(Vec::new()),
         }
     }
 
@@ -66,19 +70,45 @@ impl Bus {
 
     /// A cursor positioned after `after`.
     pub fn follow_after(&self, after: u64) -> Cursor {
+        let position = Arc::new(AtomicU64::new(after));
+        let mut followers = self
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        followers.retain(|f| f.strong_count() > 0);
+        followers.push(Arc::downgrade(&position));
         Cursor {
-            after,
+            position,
             rx: self.latest.subscribe(),
         }
     }
 
-    /// Drops all but the newest `keep` events. Called when a run ends: its deltas are then
-    /// superseded by its stored `assistant_message`, and idle sessions should hold little.
+    /// Drops all but the newest `keep` events, except those a live follower has yet to read.
+    /// Called when a run ends: its deltas are then superseded by its stored
+    /// `assistant_message`, and idle sessions should hold little; but a follower that was
+    /// scheduled late (a query stream on a busy machine) must still get its run's deltas.
     pub fn trim(&self, keep: usize) {
+        let slowest = {
+            let mut followers = self
+                .followers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            followers.retain(|f| f.strong_count() > 0);
+            followers
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|p| p.load(Ordering::Acquire))
+                .min()
+        };
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        let excess = ring.len().saturating_sub(keep);
-        ring.drain(..excess);
-        ring.shrink_to(keep.max(16));
+        let Some(newest_cut) = ring.len().checked_sub(keep + 1).map(|i| ring[i].seq) else {
+            return;
+        };
+        let cutoff = slowest.map_or(newest_cut, |slowest| slowest.min(newest_cut));
+        let drop = ring.partition_point(|e| e.seq <= cutoff);
+        ring.drain(..drop);
+        let left = ring.len();
+        ring.shrink_to(left.max(keep).max(16));
     }
 
     /// Events with `seq > after` that are still in the ring.
@@ -95,27 +125,37 @@ impl Bus {
     }
 }
 
-/// One follower's position in a session's event sequence.
+/// One follower's position in a session's event sequence (shared with the bus, which reads
+/// it when trimming).
 pub struct Cursor {
-    after: u64,
+    position: Arc<AtomicU64>,
     rx: watch::Receiver<u64>,
 }
 
 impl Cursor {
+    fn after(&self) -> u64 {
+        self.position.load(Ordering::Acquire)
+    }
+
+    fn set_after(&self, after: u64) {
+        self.position.store(after, Ordering::Release);
+    }
+
     /// Moves the cursor (after a catch-up from storage).
     pub fn skip_to(&mut self, after: u64) {
-        self.after = self.after.max(after);
+        self.set_after(self.after().max(after));
     }
 
     /// Waits for events after the cursor and returns them (at least one), advancing the cursor.
     /// `None` when the bus is gone (the session was deleted).
     pub async fn next_batch(&mut self, bus: &Bus) -> Option<Result<Vec<BusEvent>, Lagged>> {
         loop {
-            if *self.rx.borrow_and_update() > self.after {
-                let batch = bus.read_after(self.after);
+            let latest = *self.rx.borrow_and_update();
+            if latest > self.after() {
+                let batch = bus.read_after(self.after());
                 if let Ok(events) = &batch {
                     match events.last() {
-                        Some(last) => self.after = last.seq,
+                        Some(last) => self.set_after(last.seq),
                         None => continue,
                     }
                 }
@@ -187,6 +227,34 @@ mod tests {
         assert_eq!(batch.first().map(|e| e.seq), Some(11));
         assert_eq!(batch.len(), RING_CAPACITY);
     }
+    #[tokio::test]
+    async fn trimming_spares_what_a_live_follower_has_not_read() {
+        let bus = Bus::new(0);
+        let mut late = bus.follow_after(0);
+        let gone = bus.follow_after(0);
+        for seq in 1..=10 {
+            bus.publish(ev(seq));
+        }
+        drop(gone);
+        late.skip_to(5);
+        bus.trim(2);
+        let batch = late.next_batch(&bus).await.unwrap().unwrap();
+        assert_eq!(
+            batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [6, 7, 8, 9, 10]
+        );
+        // Once it has read them, they go at the next trim.
+        bus.trim(2);
+        let mut fresh = bus.follow_after(0);
+        assert_eq!(
+            fresh.next_batch(&bus).await.unwrap().unwrap_err(),
+            Lagged {
+                after: 0,
+                oldest: 9
+            }
+        );
+    }
+
     #[tokio::test]
     async fn an_empty_ring_behind_the_latest_seq_sends_followers_to_storage() {
         let bus = Bus::new(7);
