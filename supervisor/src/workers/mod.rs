@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use shared::frame::{FrameError, read_frame, write_frame};
 use shared::ids::now_ms;
-use shared::protocol::{AgentSettings, FromWorker, Init, PROTOCOL_VERSION, ToWorker};
+use shared::protocol::{
+    AgentSettings, ContextSettings, FromWorker, Init, PROTOCOL_VERSION, ToWorker,
+};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::process::Child;
@@ -96,6 +98,8 @@ fn agent_settings(state: &AppState) -> AgentSettings {
         max_iterations: config.max_iterations,
         temperature: config.temperature,
         streaming_tool_call_events: true,
+        // No config key for the context budget yet: the worker applies agent.md §2.4 defaults.
+        context: ContextSettings::default(),
     }
 }
 
@@ -122,6 +126,7 @@ pub async fn start(
     let init = ToWorker::Init(Init {
         protocol_version: PROTOCOL_VERSION,
         session_id: session.id.clone(),
+        workspace: session.workspace.to_string_lossy().into_owned(),
         agent: agent_settings(state),
         history,
     });

@@ -191,6 +191,7 @@ mod tests {
             max_iterations: 10,
             temperature: 0.7,
             streaming_tool_call_events: false,
+            context: Default::default(),
         }
     }
 
