@@ -4,7 +4,7 @@
 //! preceded by a `RunResult` message carrying what a non-streaming caller gets back.
 
 use std::sync::PoisonError;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use shared::events::{Event, EventBody, FunctionCall, RunStatus, SystemLevel, ToolCall};
@@ -14,10 +14,13 @@ use shared::protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Agent, memory, tools};
+use super::{Agent, memory, references, tools};
 
 /// Calls beyond this many in one model response are answered with an error (agent.md §1.4).
 const MAX_TOOL_CALLS_PER_RESPONSE: usize = 32;
+/// After an abort, how long a running file tool gets to notice the token (it looks between
+/// files and chunks) before its call is answered as aborted anyway.
+const TOOL_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs `query` to its end. Never fails: every outcome becomes events.
 pub(crate) async fn execute(agent: Agent, query: Query, cancel: CancellationToken) {
@@ -70,12 +73,33 @@ struct Response {
     message_id: String,
     text: String,
     reasoning: String,
+    /// Anthropic continuation data, stored on the thinking event (agent.md §2.5).
+    signature: Option<String>,
+    redacted: Vec<String>,
     reasoning_started: Option<Instant>,
     thinking_emitted: bool,
     calls: Vec<ToolCall>,
     finish_reason: Option<String>,
     sent_at: Instant,
     ttft_ms: Option<u64>,
+}
+
+impl Response {
+    fn has_reasoning(&self) -> bool {
+        !self.reasoning.is_empty() || !self.redacted.is_empty()
+    }
+
+    /// The `assistant_thinking_message` of this response, continuation data included.
+    fn thinking_event(&self, duration_ms: Option<u64>) -> EventBody {
+        EventBody::AssistantThinkingMessage {
+            content: self.reasoning.clone(),
+            is_complete: true,
+            thinking_duration_ms: duration_ms,
+            message_id: self.message_id.clone(),
+            signature: self.signature.clone(),
+            redacted_data: (!self.redacted.is_empty()).then(|| self.redacted.clone()),
+        }
+    }
 }
 
 enum ModelOutcome {
@@ -96,7 +120,23 @@ impl Run {
         if self.stream {
             run_options["stream"] = json!(true);
         }
+        let references = input.as_str().map(references::find).unwrap_or_default();
         self.emit(EventBody::UserMessage { content: input }).await;
+        if !references.is_empty() {
+            let content = self.expand_references(references).await;
+            let metadata = json!({"type": "codebase"});
+            run_options["environmentInput"] = json!({
+                "content": content,
+                "description": references::DESCRIPTION,
+                "metadata": metadata,
+            });
+            self.emit(EventBody::EnvironmentInput {
+                content: json!(content),
+                description: Some(references::DESCRIPTION.to_owned()),
+                metadata: Some(metadata),
+            })
+            .await;
+        }
         self.emit(EventBody::AgentRunStart {
             session_id: self.agent.session_id.clone(),
             run_options,
@@ -112,21 +152,41 @@ impl Run {
                 return self.close_aborted(None, &[]).await;
             }
             self.iterations = iteration;
-            let messages = {
-                let history = self
-                    .agent
-                    .history
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                memory::build_messages(&history, &settings)
-            };
-            let mut response = match self.call_model(messages).await {
-                ModelOutcome::Completed(response) => response,
-                ModelOutcome::Aborted(partial) => {
-                    return self.close_aborted(Some(partial), &[]).await;
-                }
-                ModelOutcome::Failed(partial, failure) => {
-                    return self.close_failed(partial, failure).await;
+            let mut budget = memory::budget(&settings.context);
+            let mut retried = false;
+            let mut response = loop {
+                let messages = {
+                    let history = self
+                        .agent
+                        .history
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    memory::build_messages(&history, &settings, budget)
+                };
+                match self.call_model(messages).await {
+                    ModelOutcome::Completed(response) => break response,
+                    ModelOutcome::Aborted(partial) => {
+                        return self.close_aborted(Some(partial), &[]).await;
+                    }
+                    // agent.md §2.4 step 5: our estimate was too generous for this model; one
+                    // more try with half the budget, unless output was already shown.
+                    ModelOutcome::Failed(partial, failure)
+                        if failure.kind == ModelErrorKind::ContextLength
+                            && !retried
+                            && partial.text.is_empty()
+                            && partial.reasoning.is_empty()
+                            && partial.calls.is_empty() =>
+                    {
+                        retried = true;
+                        budget /= 2;
+                        tracing::info!(
+                            budget,
+                            "context too long for the model; retrying with half the budget"
+                        );
+                    }
+                    ModelOutcome::Failed(partial, failure) => {
+                        return self.close_failed(partial, failure).await;
+                    }
                 }
             };
             let message = self.emit_response(&mut response).await;
@@ -179,6 +239,9 @@ impl Run {
         let id = prefixed_id("mr_", 8);
         let mut replies = self.agent.models.register(&id);
         let mut params = json!({"messages": messages, "temperature": settings.temperature});
+        if let Some(max_tokens) = settings.context.max_output_tokens {
+            params["max_tokens"] = json!(max_tokens);
+        }
         let tools = tools::definitions();
         if !tools.is_empty() {
             params["tools"] = json!(tools);
@@ -195,6 +258,8 @@ impl Run {
             message_id: prefixed_id("msg_", 8),
             text: String::new(),
             reasoning: String::new(),
+            signature: None,
+            redacted: Vec::new(),
             reasoning_started: None,
             thinking_emitted: false,
             calls: Vec::new(),
@@ -285,8 +350,15 @@ impl Run {
                     .await;
                 }
             }
-            // Continuation data is not needed by the echo model; kept for providers that want it.
-            Delta::ReasoningSignature(_) | Delta::RedactedReasoning(_) => {}
+            // Continuation data: never shown, stored on the thinking event so that the next
+            // request can send it back (agent.md §2.5).
+            Delta::ReasoningSignature(signature) => {
+                response
+                    .signature
+                    .get_or_insert_with(String::new)
+                    .push_str(&signature);
+            }
+            Delta::RedactedReasoning(data) => response.redacted.push(data),
             Delta::Text(chunk) => {
                 self.finish_streamed_thinking(response).await;
                 response.text.push_str(&chunk);
@@ -346,22 +418,14 @@ impl Run {
     /// Streaming mode: the thinking event goes out as soon as the model switches from reasoning
     /// to answering (events.md §3.3).
     async fn finish_streamed_thinking(&mut self, response: &mut Response) {
-        if !self.stream || response.thinking_emitted || response.reasoning.is_empty() {
+        if !self.stream || response.thinking_emitted || !response.has_reasoning() {
             return;
         }
         response.thinking_emitted = true;
         let duration = response
             .reasoning_started
             .map(|t| t.elapsed().as_millis() as u64);
-        self.emit(EventBody::AssistantThinkingMessage {
-            content: response.reasoning.clone(),
-            is_complete: true,
-            thinking_duration_ms: duration,
-            message_id: response.message_id.clone(),
-            signature: None,
-            redacted_data: None,
-        })
-        .await;
+        self.emit(response.thinking_event(duration)).await;
     }
 
     /// The complete response: thinking (before it when streaming, after it otherwise), the
@@ -396,16 +460,8 @@ impl Run {
                 ttlt_ms: Some(response.sent_at.elapsed().as_millis() as u64),
             })
             .await;
-        if !self.stream && !response.reasoning.is_empty() {
-            self.emit(EventBody::AssistantThinkingMessage {
-                content: response.reasoning.clone(),
-                is_complete: true,
-                thinking_duration_ms: None,
-                message_id: response.message_id.clone(),
-                signature: None,
-                redacted_data: None,
-            })
-            .await;
+        if !self.stream && response.has_reasoning() {
+            self.emit(response.thinking_event(None)).await;
         }
         message
     }
@@ -441,22 +497,64 @@ impl Run {
         })
         .await;
         let started = Instant::now();
+        if invalid.is_none() && !tools::exists(&name) {
+            // Upstream's answer, with elapsedMs 0 (agent.md §1.4 step 2).
+            let message = tools::ToolError::NotFound(name.clone()).to_string();
+            self.emit_tool_result(call, Err(message), 0).await;
+            return true;
+        }
         let outcome = match invalid {
             Some(message) => Err(message),
-            None => {
-                tokio::select! {
-                    biased;
-                    () = self.cancel.cancelled() => {
-                        self.emit_aborted_result(call, started.elapsed().as_millis() as u64).await;
-                        return false;
-                    }
-                    outcome = tools::execute(&name, &arguments) => outcome,
+            None => match self.run_tool_body(&name, &arguments).await {
+                Some(outcome) => outcome,
+                None => {
+                    self.emit_aborted_result(call, started.elapsed().as_millis() as u64)
+                        .await;
+                    return false;
                 }
-            }
+            },
         };
         self.emit_tool_result(call, outcome, started.elapsed().as_millis() as u64)
             .await;
         true
+    }
+
+    /// Runs a built-in tool under the run's token. `None` when the run was aborted before the
+    /// tool finished (a tool that completed anyway reports what it did).
+    async fn run_tool_body(&self, name: &str, arguments: &Value) -> Option<Result<Value, String>> {
+        let tool = tools::execute(&self.agent.workspace, name, arguments, &self.cancel);
+        tokio::pin!(tool);
+        let outcome = tokio::select! {
+            biased;
+            outcome = &mut tool => outcome,
+            () = self.cancel.cancelled() => {
+                // The tool sees the same token: wait for it to stop, so that nothing it does
+                // lands after the run has said it was aborted.
+                tokio::time::timeout(TOOL_STOP_GRACE, &mut tool).await.ok()?
+            }
+        };
+        match outcome {
+            Err(e) if e.is_aborted() => None,
+            other => Some(other.map_err(|e| e.to_string())),
+        }
+    }
+
+    /// Expands the query's `@file:`/`@dir:` references on the blocking pool (agent.md §1.8).
+    async fn expand_references(&self, found: Vec<references::Reference>) -> String {
+        let workspace = match &self.agent.workspace {
+            Ok(workspace) => workspace.clone(),
+            Err(e) => return format!("Error: Workspace unavailable: {e}"),
+        };
+        let cancel = self.cancel.clone();
+        let expanded =
+            tokio::task::spawn_blocking(move || references::expand(&workspace, &found, &cancel))
+                .await;
+        match expanded {
+            Ok(Ok(text)) => text,
+            // Aborted: the loop notices the token right after agent_run_start.
+            Ok(Err(e)) => format!("Error: {e}"),
+            Err(e) => format!("Error: the expansion failed: {e}"),
+        }
     }
 
     async fn emit_tool_result(
