@@ -36,6 +36,10 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
+    #[error("could not build the HTTP client for AGIO: {0}")]
+    Agio(#[source] reqwest::Error),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -45,6 +49,10 @@ pub enum ServeError {
 /// # Errors
 /// Start-up failures (workspace, executable, bind) and fatal I/O errors.
 pub fn run(config: Config) -> Result<(), ServeError> {
+    // reqwest is built without a default TLS provider so that only ring (no aws-lc, no OpenSSL)
+    // is compiled in; it must be chosen before the first HTTP client exists. An error means
+    // one is installed already, which is just as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("supervisor")
@@ -59,9 +67,16 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let spawner =
         Spawner::start(exe, tokio::runtime::Handle::current()).map_err(ServeError::Executable)?;
     let model = config.default_model();
-    if model.provider == "echo" {
+    if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
+    for entry in config.catalogue.listed() {
+        if let Some(problem) = &entry.unusable {
+            tracing::warn!(provider = %entry.provider, model = %entry.id, %problem, "model cannot be called until this is fixed");
+        }
+    }
+    let agio = crate::agio::Agio::from_config(&config).map_err(ServeError::Agio)?;
+    let gateway = Arc::new(Gateway::new(&config, agio.clone())?);
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -71,7 +86,8 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         })?;
     let local: SocketAddr = listener.local_addr()?;
     let state = Arc::new(AppState {
-        gateway: Arc::new(Gateway::new(&config)),
+        gateway,
+        agio,
         storage: Arc::new(MemoryStorage::new()),
         config,
         workspace_root,
@@ -93,6 +109,9 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let server = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
     stop_workers(&state).await;
+    if let Some(agio) = &state.agio {
+        agio.shutdown().await;
+    }
     match tokio::time::timeout(DRAIN_DEADLINE, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),

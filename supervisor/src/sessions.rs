@@ -315,6 +315,9 @@ impl Session {
                 serde_json::from_str::<RunEndStatus>(&json).map_or(RunStatus::Error, |e| e.status);
             self.finish_run(state, status).await;
         }
+        if let Some(agio) = &state.agio {
+            agio.observe(&self.id, &kind, &json);
+        }
         self.bus.publish(BusEvent {
             seq,
             json,
