@@ -45,6 +45,7 @@ async fn main() -> Result<()> {
             break url.trim().to_owned();
         }
     };
+    e2e::install_crypto();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
         .build()?;
