@@ -11,8 +11,13 @@
 //! cannot block the worker, and anything that is not a regular file is refused where a file is
 //! expected.
 //!
-//! Requires Linux 5.6 (openat2). The future seccomp filter must allow `openat2`, `renameat2`,
-//! `mkdirat`, `unlinkat`, `newfstatat` and `getdents64`.
+//! Requires Linux 5.6 (openat2). The future seccomp filter must allow `openat2`, `openat`,
+//! `renameat2` (and `renameat`), `mkdirat`, `unlinkat`, `newfstatat`/`fstat`, `fchmod`,
+//! `lseek`, `fcntl(F_DUPFD_CLOEXEC)` and `getdents64`.
+//!
+//! Known limits: an absolute symlink is refused even when it points back inside (the kernel
+//! cannot tell), and a hard link planted from outside reads its outside inode (the tools cannot
+//! create one; the mount namespace of the jail removes the case).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
