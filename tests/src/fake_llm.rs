@@ -1264,6 +1264,24 @@ impl Drop for StreamGuard {
     }
 }
 
+/// How many frames go out before a scripted hang, cut or error after `units` content units:
+/// up to the next unit, or up to the end of the content when it has fewer (nothing at all when
+/// there is no content, so `HANG` sends not a byte after the headers).
+fn cutoff(frames: &[Frame], units: usize) -> usize {
+    let mut seen = 0;
+    let mut after_last_unit = 0;
+    for (index, frame) in frames.iter().enumerate() {
+        if frame.unit {
+            if seen == units {
+                return index;
+            }
+            seen += 1;
+            after_last_unit = index + 1;
+        }
+    }
+    after_last_unit
+}
+
 /// Body items produced by a plan.
 enum Item {
     Bytes(String),
@@ -1367,17 +1385,16 @@ async fn model_call(
     let (tx, rx) = mpsc::channel::<Item>(16);
     shared.started.fetch_add(1, Ordering::SeqCst);
     shared.set_outcome(seq, "streaming", false);
+    let cutoff = match &ending {
+        Ending::Normal => frames.len(),
+        Ending::HangAfter(n) | Ending::CutAfter(n) | Ending::ErrorAfter(n, _) => {
+            cutoff(&frames, *n)
+        }
+    };
     tokio::spawn(async move {
         let mut sent_units = 0usize;
-        let limit = match &ending {
-            Ending::Normal => usize::MAX,
-            Ending::HangAfter(n) | Ending::CutAfter(n) | Ending::ErrorAfter(n, _) => *n,
-        };
-        for frame in frames {
+        for frame in frames.into_iter().take(cutoff) {
             if frame.unit {
-                if sent_units >= limit {
-                    break;
-                }
                 let delay = if sent_units == 0 {
                     first_delay
                 } else {
@@ -1402,7 +1419,12 @@ async fn model_call(
                 tx.closed().await;
                 return;
             }
-            Ending::CutAfter(_) => Item::Cut,
+            Ending::CutAfter(_) => {
+                // Let the body go idle first, so hyper flushes the tokens already written
+                // before the connection is torn down.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Item::Cut
+            }
             Ending::ErrorAfter(..) => {
                 if tx.send(Item::Bytes(error_bytes)).await.is_err() {
                     return;
