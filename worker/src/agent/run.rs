@@ -200,14 +200,14 @@ impl Run {
                 if self.cancel.is_cancelled() {
                     return self.close_aborted(None, &response.calls[index..]).await;
                 }
-                if index >= MAX_TOOL_CALLS_PER_RESPONSE {
-                    let text = format!(
+                // Calls beyond the cap still get their tool_call/tool_result pair (events.md
+                // §4.2), so the UI shows them and the next request stays valid.
+                let refused = (index >= MAX_TOOL_CALLS_PER_RESPONSE).then(|| {
+                    format!(
                         "too many tool calls in one response (limit {MAX_TOOL_CALLS_PER_RESPONSE})"
-                    );
-                    self.emit_tool_result(call, Err(text), 0).await;
-                    continue;
-                }
-                if !self.run_tool(call).await {
+                    )
+                });
+                if !self.run_tool(call, refused).await {
                     return self.close_aborted(None, &response.calls[index + 1..]).await;
                 }
             }
@@ -466,12 +466,19 @@ impl Run {
         message
     }
 
-    /// Runs one tool call. Returns false when the run was aborted while it ran (its
-    /// `tool_result` has then been emitted as aborted).
-    async fn run_tool(&mut self, call: &ToolCall) -> bool {
+    /// Runs one tool call, or answers it with the error `refused` without running it. Returns
+    /// false when the run was aborted while it ran (its `tool_result` has then been emitted as
+    /// aborted).
+    async fn run_tool(&mut self, call: &ToolCall, refused: Option<String>) -> bool {
         let name = call.function.name.clone();
         let text = call.function.arguments.trim();
-        let (arguments, invalid) = if text.is_empty() {
+        let (arguments, invalid) = if let Some(reason) = refused {
+            let arguments = serde_json::from_str::<Value>(text)
+                .ok()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}));
+            (arguments, Some(reason))
+        } else if text.is_empty() {
             (json!({}), None)
         } else {
             match serde_json::from_str::<Value>(text) {
@@ -698,5 +705,352 @@ fn internal_failure(message: &str) -> ModelFailure {
         message: message.to_owned(),
         attempts: 0,
         partial: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use shared::protocol::{AgentSettings, ContextSettings, ModelRef, Usage};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::agent::ModelRoutes;
+    use crate::agent::workspace::Workspace;
+
+    /// A worker agent on a temporary workspace whose gateway is the test itself. The outbox
+    /// holds one message, so the run is never more than one event ahead of the test: what the
+    /// test does on seeing an event happens before the run goes on.
+    struct Harness {
+        agent: Agent,
+        outbox: mpsc::Receiver<FromWorker>,
+        tmp: tempfile::TempDir,
+    }
+
+    fn harness() -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tx, outbox) = mpsc::channel(1);
+        let agent = Agent {
+            session_id: "s".into(),
+            settings: Arc::new(AgentSettings {
+                agent_name: "test".into(),
+                model: ModelRef {
+                    provider: "fake".into(),
+                    id: "fake".into(),
+                    display_name: None,
+                },
+                instructions: None,
+                max_iterations: 10,
+                temperature: 0.7,
+                streaming_tool_call_events: true,
+                context: ContextSettings::default(),
+            }),
+            history: Arc::new(Mutex::new(Vec::new())),
+            outbox: tx,
+            models: ModelRoutes::default(),
+            workspace: Ok(Arc::new(Workspace::open(tmp.path()).unwrap())),
+        };
+        Harness { agent, outbox, tmp }
+    }
+
+    /// What the scripted gateway sends for one request.
+    enum Reply {
+        Delta(Delta),
+        Done(&'static str),
+        Fail(ModelErrorKind),
+    }
+
+    fn call(index: u32, name: &str, arguments: &str) -> Reply {
+        Reply::Delta(Delta::ToolCall {
+            index,
+            id: Some(format!("c{index}")),
+            name: Some(name.into()),
+            arguments: arguments.into(),
+        })
+    }
+
+    struct Outcome {
+        events: Vec<Value>,
+        /// The `params` of every model request, in order.
+        requests: Vec<Value>,
+    }
+
+    impl Outcome {
+        fn of_type(&self, ty: &str) -> Vec<&Value> {
+            self.events.iter().filter(|e| e["type"] == ty).collect()
+        }
+
+        fn types(&self) -> Vec<&str> {
+            self.events
+                .iter()
+                .map(|e| e["type"].as_str().unwrap())
+                .filter(|t| !t.starts_with("assistant_streaming"))
+                .collect()
+        }
+    }
+
+    /// Runs `input` to its `agent_run_end`, answering the n-th model request with
+    /// `script(n)`, and calling `on_event` (with the run's token) for every event as it comes.
+    async fn drive(
+        h: &mut Harness,
+        input: &str,
+        stream: bool,
+        script: impl Fn(usize) -> Vec<Reply>,
+        on_event: impl Fn(&Value, &CancellationToken),
+    ) -> Outcome {
+        let cancel = CancellationToken::new();
+        let query = Query {
+            run_id: "r".into(),
+            input: json!(input).to_string(),
+            stream,
+        };
+        let run = tokio::spawn(execute(h.agent.clone(), query, cancel.clone()));
+        let mut outcome = Outcome {
+            events: Vec::new(),
+            requests: Vec::new(),
+        };
+        while let Some(message) = h.outbox.recv().await {
+            match message {
+                FromWorker::Event { json } => {
+                    let event: Value = serde_json::from_str(&json).unwrap();
+                    on_event(&event, &cancel);
+                    let end = event["type"] == "agent_run_end";
+                    outcome.events.push(event);
+                    if end {
+                        break;
+                    }
+                }
+                FromWorker::ModelRequest(request) => {
+                    let n = outcome.requests.len();
+                    outcome
+                        .requests
+                        .push(serde_json::from_str(&request.params).unwrap());
+                    let id = request.id;
+                    for reply in script(n) {
+                        h.agent.models.deliver(match reply {
+                            Reply::Delta(delta) => ModelReply::Delta {
+                                id: id.clone(),
+                                delta,
+                            },
+                            Reply::Done(finish_reason) => ModelReply::Done {
+                                id: id.clone(),
+                                finish_reason: finish_reason.into(),
+                                usage: Usage::default(),
+                            },
+                            Reply::Fail(kind) => ModelReply::Error {
+                                id: id.clone(),
+                                error: ModelFailure {
+                                    kind,
+                                    status: Some(400),
+                                    message: "scripted".into(),
+                                    attempts: 1,
+                                    partial: false,
+                                },
+                            },
+                        });
+                    }
+                }
+                FromWorker::RunResult { .. } | FromWorker::ModelCancel { .. } => {}
+                FromWorker::Ready { .. } => panic!("Ready from a run"),
+            }
+        }
+        run.await.unwrap();
+        outcome
+    }
+
+    fn text_answer(text: &str) -> Vec<Reply> {
+        vec![Reply::Delta(Delta::Text(text.into())), Reply::Done("stop")]
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_cap_are_paired_and_refused() {
+        let mut h = harness();
+        std::fs::write(h.tmp.path().join("a.txt"), "hello").unwrap();
+        let out = drive(
+            &mut h,
+            "read it many times",
+            false,
+            |n| match n {
+                0 => (0..33)
+                    .map(|i| call(i, "read_file", r#"{"path":"a.txt"}"#))
+                    .chain([Reply::Done("tool_calls")])
+                    .collect(),
+                _ => text_answer("done"),
+            },
+            |_, _| {},
+        )
+        .await;
+        let calls = out.of_type("tool_call");
+        let results = out.of_type("tool_result");
+        assert_eq!((calls.len(), results.len()), (33, 33));
+        for (i, (call, result)) in calls.iter().zip(&results).enumerate() {
+            assert_eq!(call["toolCallId"], format!("c{i}"));
+            assert_eq!(result["toolCallId"], format!("c{i}"));
+        }
+        assert_eq!(
+            results[0]["content"],
+            json!([{"type": "text", "text": "hello"}])
+        );
+        assert!(results[31].get("error").is_none());
+        assert_eq!(
+            results[32]["error"],
+            "too many tool calls in one response (limit 32)"
+        );
+        assert_eq!(calls[32]["arguments"], json!({"path": "a.txt"}));
+        let second = &out.requests[1]["messages"];
+        let tool_messages = second
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .count();
+        assert_eq!(tool_messages, 33);
+        assert_eq!(out.events.last().unwrap()["status"], "idle");
+    }
+
+    #[tokio::test]
+    async fn abort_during_the_tools_answers_every_call() {
+        let mut h = harness();
+        let out = drive(
+            &mut h,
+            "list twice",
+            true,
+            |n| match n {
+                0 => vec![
+                    call(0, "list_directory", "{}"),
+                    call(1, "list_directory", "{}"),
+                    Reply::Done("tool_calls"),
+                ],
+                _ => text_answer("unreachable"),
+            },
+            |event, cancel| {
+                if event["type"] == "tool_call" && event["toolCallId"] == "c0" {
+                    cancel.cancel();
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            out.types(),
+            [
+                "user_message",
+                "agent_run_start",
+                "assistant_message",
+                "tool_call",
+                "tool_result",
+                "tool_result",
+                "assistant_message",
+                "agent_run_end"
+            ]
+        );
+        let results = out.of_type("tool_result");
+        assert_eq!(results[0]["toolCallId"], "c0");
+        assert_eq!(results[1]["toolCallId"], "c1");
+        assert_eq!(results[1]["content"], "Tool execution aborted");
+        assert_eq!(results[1]["error"], "aborted");
+        let closing = out.of_type("assistant_message")[1];
+        assert_eq!(closing["content"], "Request was aborted");
+        assert_eq!(closing["finishReason"], "abort");
+        assert_eq!(out.events.last().unwrap()["status"], "aborted");
+        assert_eq!(out.requests.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reasoning_continuation_is_stored_and_sent_back() {
+        let mut h = harness();
+        let out = drive(
+            &mut h,
+            "think, then list",
+            true,
+            |n| match n {
+                0 => vec![
+                    Reply::Delta(Delta::Reasoning("think".into())),
+                    Reply::Delta(Delta::ReasoningSignature("sig".into())),
+                    Reply::Delta(Delta::RedactedReasoning("opaque".into())),
+                    call(0, "list_directory", "{}"),
+                    Reply::Done("tool_calls"),
+                ],
+                _ => text_answer("ok"),
+            },
+            |_, _| {},
+        )
+        .await;
+        let thinking = out.of_type("assistant_thinking_message")[0];
+        assert_eq!(thinking["content"], "think");
+        assert_eq!(thinking["signature"], "sig");
+        assert_eq!(thinking["redactedData"], json!(["opaque"]));
+        let messages = out.requests[1]["messages"].as_array().unwrap();
+        let assistant = messages.iter().find(|m| m["role"] == "assistant").unwrap();
+        assert_eq!(assistant["reasoning_content"], "think");
+        assert_eq!(assistant["reasoning_signature"], "sig");
+        assert_eq!(assistant["redacted_reasoning"], json!(["opaque"]));
+        assert_eq!(assistant["tool_calls"][0]["id"], "c0");
+    }
+
+    #[tokio::test]
+    async fn a_context_length_error_is_retried_once() {
+        let mut h = harness();
+        let out = drive(
+            &mut h,
+            "hi",
+            false,
+            |n| match n {
+                0 => vec![Reply::Fail(ModelErrorKind::ContextLength)],
+                _ => text_answer("ok"),
+            },
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(out.requests.len(), 2);
+        assert!(out.of_type("system").is_empty());
+        assert_eq!(out.of_type("assistant_message")[0]["content"], "ok");
+
+        let out = drive(
+            &mut h,
+            "again",
+            false,
+            |_| vec![Reply::Fail(ModelErrorKind::ContextLength)],
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(out.requests.len(), 2, "only one retry");
+        assert_eq!(
+            out.of_type("system")[0]["message"],
+            "LLM API error: scripted"
+        );
+        assert_eq!(out.events.last().unwrap()["status"], "error");
+    }
+
+    #[tokio::test]
+    async fn file_references_are_expanded_before_the_run_starts() {
+        let mut h = harness();
+        std::fs::write(h.tmp.path().join("a.txt"), "alpha").unwrap();
+        let out = drive(
+            &mut h,
+            "see @file:a.txt",
+            true,
+            |_| text_answer("ok"),
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(
+            out.types()[..3],
+            ["user_message", "environment_input", "agent_run_start"]
+        );
+        let env = out.of_type("environment_input")[0];
+        assert_eq!(env["content"], "<file path=\"a.txt\">\nalpha\n</file>");
+        assert_eq!(env["metadata"], json!({"type": "codebase"}));
+        let start = out.of_type("agent_run_start")[0];
+        assert_eq!(
+            start["runOptions"]["environmentInput"]["content"],
+            env["content"]
+        );
+        let messages = out.requests[0]["messages"].as_array().unwrap();
+        assert_eq!(messages[1]["content"], "see @file:a.txt");
+        assert_eq!(
+            messages[2]["content"],
+            "[Environment: Expanded context from contextual references] <file path=\"a.txt\">\nalpha\n</file>"
+        );
     }
 }
