@@ -214,7 +214,7 @@ impl FakeLlm {
         let shared = Arc::new(Shared::from_env());
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(no_delay(listener), app).await;
         });
         Ok(Self { addr, shared, task })
     }
@@ -285,6 +285,17 @@ impl Drop for FakeLlm {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The listener with Nagle's algorithm off on every connection: a response goes out as headers
+/// plus small chunks, and a client's delayed ACK would otherwise hold each one back ~40 ms.
+pub fn no_delay(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    })
 }
 
 /// The fake's routes; everything goes through one dispatcher because provider paths come with

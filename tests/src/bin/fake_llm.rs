@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use e2e::fake_llm::{Shared, router};
+use e2e::fake_llm::{Shared, no_delay, router};
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -33,6 +33,6 @@ async fn main() -> Result<()> {
     // Loopback only: the fake records credentials it receives.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("fake-llm listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(shared)).await?;
+    axum::serve(no_delay(listener), router(shared)).await?;
     Ok(())
 }
