@@ -744,3 +744,40 @@ async fn a_silent_provider_times_out() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_retry_after_fails_at_once_and_mid_stream_errors_are_not_retried() -> Result<()> {
+    let fake = FakeLlm::start().await?;
+    let server = openai_server(&fake).await?;
+    let sid = server.create_session().await?;
+
+    let frames = server.stream_all(&sid, "FAIL 429 120").await?;
+    let (error, _) = error_run(&frames)?;
+    ensure!(error["details"]["kind"] == "rate_limited", "error: {error}");
+    ensure!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("retry after 120 s"),
+        "the advice is given: {error}"
+    );
+    ensure!(fake.model_requests().len() == 1, "no waiting two minutes");
+
+    let frames = server.stream_all(&sid, "SSEERR 2").await?;
+    let (error, _) = error_run(&frames)?;
+    ensure!(
+        error["details"]["kind"] == "stream_interrupted",
+        "error: {error}"
+    );
+    ensure!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("mid-stream failure"),
+        "{error}"
+    );
+    let partial = last(&frames, "assistant_message").context("the partial answer is kept")?;
+    ensure!(partial["finishReason"] == "error", "partial: {partial}");
+    ensure!(fake.model_requests().len() == 2, "no retry after deltas");
+    Ok(())
+}

@@ -41,8 +41,8 @@ pub(super) fn auth(
     request: reqwest::RequestBuilder,
 ) -> reqwest::RequestBuilder {
     let request = request.header("anthropic-version", API_VERSION);
-    match &entry.api_key {
-        Some(key) => request.header("x-api-key", key.expose()),
+    match entry.api_key.as_ref().and_then(super::http::secret_header) {
+        Some(key) => request.header("x-api-key", key),
         None => request,
     }
 }

@@ -63,6 +63,15 @@ pub(super) fn new_call_id() -> String {
     format!("call_{}_{}", now_ms(), &random[..8])
 }
 
+/// A key as a header value marked sensitive, so that no debug output of the request shows it.
+/// `None` for a key that cannot be a header value (the call then goes out without it and the
+/// provider answers 401, which says what is wrong without echoing anything).
+pub(super) fn secret_header(key: &crate::config::Secret) -> Option<reqwest::header::HeaderValue> {
+    let mut value = reqwest::header::HeaderValue::from_str(key.expose()).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 /// A uniformly distributed number in [0, 1).
 fn random_unit() -> f64 {
     // The low 53 bits of a v4 UUID are all random (its fixed version and variant bits are

@@ -55,8 +55,12 @@ pub(super) fn auth(
     match &entry.api_key {
         None => request,
         Some(key) if entry.adapter == (Adapter::OpenAi { azure: true }) => {
-            request.header("api-key", key.expose())
+            match super::http::secret_header(key) {
+                Some(value) => request.header("api-key", value),
+                None => request,
+            }
         }
+        // reqwest marks the Authorization value sensitive itself.
         Some(key) => request.bearer_auth(key.expose()),
     }
 }
