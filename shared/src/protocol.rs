@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message below changes shape. Supervisor and worker ship in one binary, so a
 /// mismatch means a stale executable on disk, which the handshake reports instead of misparsing.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A model as the worker may name it: a selector, never a URL or a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +40,10 @@ pub enum ToWorker {
 pub struct Init {
     pub protocol_version: u32,
     pub session_id: String,
+    /// The session's workspace directory as the worker sees it (absolute). Every tool path is
+    /// resolved beneath it; inside the jail it will be `/workspace` (or `/` for the chroot
+    /// layout), so the worker is told rather than left to guess (agent.md §3.2).
+    pub workspace: String,
     pub agent: AgentSettings,
     /// The session's stored events, oldest first, each a JSON object: the agent's memory.
     pub history: Vec<String>,
@@ -54,6 +58,34 @@ pub struct AgentSettings {
     pub max_iterations: u32,
     pub temperature: f64,
     pub streaming_tool_call_events: bool,
+    /// What the model request may hold (agent.md §2.3–2.4).
+    pub context: ContextSettings,
+}
+
+/// The inputs of the context budget (agent.md §2.4) and of the image window (§2.3). Defaults
+/// mean "not configured": the worker then applies the spec's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextSettings {
+    /// `context.maxImagesCount`: images kept in the request, newest first.
+    pub max_images: u32,
+    /// `context.maxTokens`: an explicit budget for the request's messages.
+    pub max_tokens: Option<u64>,
+    /// The model's context window in tokens (default 128 000).
+    pub context_window: Option<u64>,
+    /// `maxTokens` of the model call, sent as `max_tokens` when set; also reserved from the
+    /// budget (8192 when unset).
+    pub max_output_tokens: Option<u32>,
+}
+
+impl Default for ContextSettings {
+    fn default() -> Self {
+        Self {
+            max_images: 5,
+            max_tokens: None,
+            context_window: None,
+            max_output_tokens: None,
+        }
+    }
 }
 
 /// Start a run.
@@ -240,6 +272,7 @@ mod tests {
         let init = ToWorker::Init(Init {
             protocol_version: PROTOCOL_VERSION,
             session_id: "s".into(),
+            workspace: "/workspace".into(),
             agent: AgentSettings {
                 agent_name: "a".into(),
                 model: ModelRef {
@@ -251,13 +284,14 @@ mod tests {
                 max_iterations: 10,
                 temperature: 0.7,
                 streaming_tool_call_events: true,
+                context: ContextSettings::default(),
             },
             history: vec!["{}".into()],
         });
         let bytes = encode(&init).unwrap();
         let back: ToWorker = decode(&bytes[4..]).unwrap();
         assert!(
-            matches!(back, ToWorker::Init(i) if i.agent.max_iterations == 10 && i.history.len() == 1)
+            matches!(back, ToWorker::Init(i) if i.agent.max_iterations == 10 && i.history.len() == 1 && i.workspace == "/workspace")
         );
 
         let reply = ToWorker::Model(ModelReply::Delta {

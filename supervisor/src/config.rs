@@ -5,13 +5,16 @@
 //! A bad file, value or variable stops the server before it binds, with a message that names
 //! the key and the problem.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Format, Json, Serialized, Toml, Yaml};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
+
+pub use crate::catalogue::Catalogue;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,11 +35,21 @@ pub struct Config {
     pub temperature: f64,
     #[serde(default)]
     pub server: ServerConfig,
-    /// The default model; absent means the built-in offline `echo` model.
+    /// The default model; absent (and no `server.models`) means the built-in offline `echo` model.
     #[serde(default)]
     pub model: Option<ModelConfig>,
+    /// Retries and timeouts of model calls (ours; agent.md §4.11).
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    /// AGIO monitoring (api.md §15); off unless `agio.provider` is set.
+    #[serde(default)]
+    pub agio: AgioConfig,
     #[serde(default)]
     pub log_level: Option<LogLevel>,
+    /// Every model this server may call, resolved at load time with the environment's keys
+    /// (agent.md §4.7). Filled by [`load_with_env`]; never serialised.
+    #[serde(skip)]
+    pub catalogue: Catalogue,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +64,9 @@ pub struct ServerConfig {
     pub exclusive: bool,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Upstream's extra selectable models (`server.models[]`), same shape as `model`.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +76,7 @@ impl Default for ServerConfig {
             port: default_port(),
             exclusive: false,
             storage: StorageConfig::default(),
+            models: Vec::new(),
         }
     }
 }
@@ -93,7 +110,9 @@ pub enum StorageKind {
     Sqlite,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One model as configured (`model`, each of `server.models[]`): upstream's `AgentModel` plus
+/// our per-model settings (agent.md §4.7). Only `provider`, `id` and `displayName` are ever shown.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelConfig {
     #[serde(default)]
@@ -102,11 +121,165 @@ pub struct ModelConfig {
     pub id: Option<String>,
     #[serde(default)]
     pub display_name: Option<String>,
+    /// A key, or the name of the environment variable holding it (`^[A-Z][A-Z0-9_]*$`).
     /// Never shown by any endpoint and never given to a worker.
     #[serde(default)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     #[serde(default, rename = "baseURL", alias = "baseUrl")]
     pub base_url: Option<String>,
+    /// Extra request headers (for example OpenRouter's `HTTP-Referer`); never shown either.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Merged into the request body at top level (upstream's experimental `params`).
+    #[serde(default)]
+    pub params: Option<Map<String, Value>>,
+    /// The seed's provider list (`model.providers[]`): each model of each entry becomes a
+    /// selectable model. Read on the top-level `model` only.
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    /// `max_tokens` of each call (Anthropic needs one: 8192 when unset).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// The model's context window in tokens, for the worker's trimming budget.
+    #[serde(default)]
+    pub context_window: Option<u64>,
+    /// Ask OpenAI-compatible servers for a usage chunk (default true, false for perplexity).
+    #[serde(default)]
+    pub stream_usage: Option<bool>,
+    /// Which assistant turns keep their `reasoning_content` on OpenAI-compatible requests.
+    #[serde(default)]
+    pub reasoning_passback: Option<ReasoningPassback>,
+    /// Force sending (or never sending) the `thinking` field to OpenAI-compatible servers.
+    #[serde(default)]
+    pub send_thinking: Option<bool>,
+    /// Tarko's `thinking` option for this model: `{type: "enabled"|"disabled", budgetTokens?}`.
+    #[serde(default)]
+    pub thinking: Option<Value>,
+    /// Azure's `api-version` query parameter.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Attempts per call for this model (overrides `gateway.maxAttempts`).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Timeouts for this model (override `gateway.timeouts`; `connectMs` is global only).
+    #[serde(default)]
+    pub timeouts: Option<TimeoutsConfig>,
+}
+
+/// An entry of the seed's `model.providers[]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderConfig {
+    pub name: String,
+    #[serde(default, rename = "baseURL", alias = "baseUrl")]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// The environment variable holding the key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasoningPassback {
+    None,
+    ToolCalls,
+    All,
+}
+
+/// A configured secret. Its `Debug` and `Serialize` never show the value, so no log line, error
+/// or dump of the configuration can leak it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that needs it: the outgoing request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
+/// `gateway`: how model calls are retried and timed out (agent.md §4.11).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayConfig {
+    /// Attempts per call in total (1 = no retry).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The first backoff delay; it doubles per retry up to 8 s, with ±25 % jitter.
+    #[serde(default = "default_retry_base_delay_ms")]
+    pub retry_base_delay_ms: u64,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            retry_base_delay_ms: default_retry_base_delay_ms(),
+            timeouts: TimeoutsConfig::default(),
+        }
+    }
+}
+
+/// Per-attempt timeouts in milliseconds; unset means the default of agent.md §4.11.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeoutsConfig {
+    /// TCP (and TLS) connect: 10 s.
+    #[serde(default)]
+    pub connect_ms: Option<u64>,
+    /// Until the response headers: 300 s (local servers may load the model first).
+    #[serde(default)]
+    pub headers_ms: Option<u64>,
+    /// Between two reads of the body: 300 s (reasoning models may be silent a long time).
+    #[serde(default)]
+    pub idle_ms: Option<u64>,
+    /// The whole attempt: 20 min.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+}
+
+/// `agio`: where AGIO events go (agent.md §6).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgioConfig {
+    /// The collector URL; unset turns AGIO off.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// Whether `agent_run_start.input` carries the user's text (privacy switch).
+    #[serde(default = "default_true")]
+    pub include_input: bool,
+}
+
+impl Default for AgioConfig {
+    fn default() -> Self {
+        Self {
+            provider: None,
+            include_input: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +319,15 @@ fn default_max_iterations() -> u32 {
 fn default_temperature() -> f64 {
     0.7
 }
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_retry_base_delay_ms() -> u64 {
+    500
+}
+fn default_true() -> bool {
+    true
+}
 
 /// The model used when none is configured (agent.md §4.12).
 pub fn echo_model() -> ModelRef {
@@ -159,14 +341,7 @@ pub fn echo_model() -> ModelRef {
 impl Config {
     /// The default model as the worker may name it.
     pub fn default_model(&self) -> ModelRef {
-        match &self.model {
-            None => echo_model(),
-            Some(m) => ModelRef {
-                provider: m.provider.clone().unwrap_or_else(|| "openai".into()),
-                id: m.id.clone().unwrap_or_else(|| "gpt-4o".into()),
-                display_name: m.display_name.clone(),
-            },
-        }
+        self.catalogue.default_model().selector()
     }
 
     /// The agent's name, as upstream resolves it when no implementation label exists.
@@ -243,10 +418,11 @@ pub fn load_with_env(
     }
     figment = figment.merge(Serialized::defaults(env_layer(&env)?));
     figment = figment.merge(Serialized::defaults(flag_layer(flags)));
-    let config: Config = figment
+    let mut config: Config = figment
         .extract()
         .map_err(|e| ConfigError::Invalid(describe(&e)))?;
     validate(&config)?;
+    config.catalogue = crate::catalogue::resolve(&config, &env)?;
     Ok(config)
 }
 
@@ -283,13 +459,17 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 .into(),
         ));
     }
-    if let Some(model) = &config.model
-        && model.provider.as_deref() == Some("echo")
-        && model.id.as_deref().is_some_and(|id| id != "echo")
-    {
+    if config.gateway.max_attempts == 0 {
         return Err(ConfigError::Invalid(
-            "model.id must be \"echo\" for the echo provider".into(),
+            "gateway.maxAttempts must be at least 1".into(),
         ));
+    }
+    if let Some(url) = &config.agio.provider
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "agio.provider must be an http(s) URL, got {url:?}"
+        )));
     }
     Ok(())
 }

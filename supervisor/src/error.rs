@@ -22,6 +22,14 @@ pub enum ApiError {
     SessionIdRequired,
     #[error("Query is required")]
     QueryRequired,
+    #[error("Messages are required")]
+    MessagesRequired,
+    #[error("Missing required parameters: {0}")]
+    InvalidParameters(&'static str),
+    #[error("Model {provider}/{id} is not one of the configured models")]
+    InvalidModel { provider: String, id: String },
+    #[error("{0}")]
+    SummaryFailed(String),
     #[error("Session {0} does not exist")]
     SessionNotFound(String),
     #[error("Session {0} does not exist in storage")]
@@ -54,7 +62,10 @@ impl ApiError {
             Self::InvalidJson(_)
             | Self::InvalidRequest(_)
             | Self::SessionIdRequired
-            | Self::QueryRequired => StatusCode::BAD_REQUEST,
+            | Self::QueryRequired
+            | Self::MessagesRequired
+            | Self::InvalidParameters(_)
+            | Self::InvalidModel { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SessionNotFound(_)
             | Self::SessionNotFoundInStorage(_)
@@ -64,9 +75,10 @@ impl ApiError {
             Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
             Self::WorkerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
-            Self::WorkerCrashed { .. } | Self::Storage(_) | Self::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::WorkerCrashed { .. }
+            | Self::Storage(_)
+            | Self::Internal(_)
+            | Self::SummaryFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -77,6 +89,9 @@ impl ApiError {
             Self::InvalidRequest(_) => "INVALID_REQUEST",
             Self::SessionIdRequired => "SESSION_ID_REQUIRED",
             Self::QueryRequired => "QUERY_REQUIRED",
+            Self::MessagesRequired => "MESSAGES_REQUIRED",
+            Self::InvalidParameters(_) => "INVALID_PARAMETERS",
+            Self::InvalidModel { .. } => "INVALID_MODEL",
             Self::SessionNotFound(_)
             | Self::SessionNotFoundInStorage(_)
             | Self::Storage(StorageError::NotFound(_)) => "SESSION_NOT_FOUND",
@@ -88,7 +103,7 @@ impl ApiError {
             Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
             Self::Storage(_) => "STORAGE_ERROR",
-            Self::Internal(_) => "INTERNAL_ERROR",
+            Self::Internal(_) | Self::SummaryFailed(_) => "INTERNAL_ERROR",
         }
     }
 
@@ -100,6 +115,10 @@ impl ApiError {
             Self::InvalidRequest(m) => m.clone(),
             Self::SessionIdRequired => "Session ID is required".into(),
             Self::QueryRequired => "Query is required".into(),
+            Self::MessagesRequired => "Messages are required".into(),
+            Self::InvalidParameters(_) => self.to_string(),
+            Self::InvalidModel { .. } => "Invalid model configuration".into(),
+            Self::SummaryFailed(_) => "Failed to generate summary".into(),
             Self::SessionNotFound(_) | Self::Storage(StorageError::NotFound(_)) => {
                 "Session not found".into()
             }
@@ -127,6 +146,10 @@ impl ApiError {
             | Self::WorkerUnavailable { session: id, .. }
             | Self::WorkerCrashed { session: id, .. } => details["sessionId"] = json!(id),
             Self::ExclusiveModeBusy { running } => details["runningSessionId"] = json!(running),
+            Self::InvalidModel { provider, id } => {
+                details["provider"] = json!(provider);
+                details["id"] = json!(id);
+            }
             Self::NotFound { method, path } | Self::MethodNotAllowed { method, path } => {
                 details["method"] = json!(method);
                 details["path"] = json!(path);

@@ -6,12 +6,15 @@
 //! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
 //! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends.
 //! - `workers`: spawning, handshaking with and supervising one worker process per session.
-//! - `gateway`: model calls on behalf of workers (they hold no keys and no network).
+//! - `gateway`: model calls on behalf of workers (they hold no keys and no network);
+//!   `catalogue`: the configured models, resolved with their keys; `agio`: AGIO export.
 //! - [`error`]: every client-visible error and its status.
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
 
+mod agio;
 mod api;
 mod bus;
+mod catalogue;
 pub mod config;
 pub mod error;
 mod gateway;

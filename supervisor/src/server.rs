@@ -37,6 +37,10 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
+    #[error("could not build the HTTP client for AGIO: {0}")]
+    Agio(#[source] reqwest::Error),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -46,6 +50,10 @@ pub enum ServeError {
 /// # Errors
 /// Start-up failures (workspace, executable, bind) and fatal I/O errors.
 pub fn run(config: Config) -> Result<(), ServeError> {
+    // reqwest is built without a default TLS provider so that only ring (no aws-lc, no OpenSSL)
+    // is compiled in; it must be chosen before the first HTTP client exists. An error means
+    // one is installed already, which is just as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("supervisor")
@@ -60,10 +68,17 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let spawner =
         Spawner::start(exe, tokio::runtime::Handle::current()).map_err(ServeError::Executable)?;
     let model = config.default_model();
-    if model.provider == "echo" {
+    if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
     let storage = crate::storage::open(&config.server.storage)?;
+    for entry in config.catalogue.listed() {
+        if let Some(problem) = &entry.unusable {
+            tracing::warn!(provider = %entry.provider, model = %entry.id, %problem, "model cannot be called until this is fixed");
+        }
+    }
+    let agio = crate::agio::Agio::from_config(&config).map_err(ServeError::Agio)?;
+    let gateway = Arc::new(Gateway::new(&config, agio.clone())?);
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -73,7 +88,8 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         })?;
     let local: SocketAddr = listener.local_addr()?;
     let state = Arc::new(AppState {
-        gateway: Arc::new(Gateway::new(&config)),
+        gateway,
+        agio,
         storage,
         config,
         workspace_root,
@@ -95,6 +111,9 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let server = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
     stop_workers(&state).await;
+    if let Some(agio) = &state.agio {
+        agio.shutdown().await;
+    }
     match tokio::time::timeout(DRAIN_DEADLINE, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),

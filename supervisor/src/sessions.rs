@@ -329,6 +329,9 @@ impl Session {
         let event = self
             .record(&mut last_seq, &state.storage, json.into(), &kind)
             .await?;
+        if let Some(agio) = &state.agio {
+            agio.observe(&self.id, &kind, &event.json);
+        }
         let ends_run = event.ends_run;
         if ends_run {
             let status = serde_json::from_str::<RunEndStatus>(&event.json)

@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 use shared::ids::{new_session_id, now_ms};
 use tokio_util::sync::CancellationToken;
 
+use crate::agio::Agio;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub sessions: Sessions,
     pub spawner: Spawner,
     pub gateway: Arc<Gateway>,
+    /// AGIO export, when `agio.provider` is configured.
+    pub agio: Option<Arc<Agio>>,
     pub exclusive: ExclusiveSlot,
     pub started: Instant,
     /// Cancelled when the server begins to shut down; long-lived streams end on it.
@@ -101,6 +104,9 @@ impl AppState {
     pub async fn delete_session(&self, session: &Arc<Session>) -> Result<(), ApiError> {
         self.sessions.remove(&session.id);
         session.close().await;
+        if let Some(agio) = &self.agio {
+            agio.close(&session.id);
+        }
         self.exclusive.release(&session.id);
         let existed = self.storage.delete_session(&session.id).await?;
         // std's remove_dir_all does not follow symlinks planted inside (CVE-2022-21658 fixed).

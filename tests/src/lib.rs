@@ -18,6 +18,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout};
 
+pub mod fake_llm;
+
 /// How long the server may take to print its listening line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Generous upper bound for any single HTTP request / stream (only to avoid hanging forever).
@@ -271,7 +273,15 @@ pub struct Exited {
     pub stderr: String,
 }
 
+/// Picks rustls' ring provider for this process. reqwest is built without a default one (the
+/// workspace keeps aws-lc and OpenSSL out), so every client-building process calls this first;
+/// calling it again is harmless.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn http_client() -> Result<reqwest::Client> {
+    install_crypto();
     reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_secs(10))

@@ -1,6 +1,7 @@
 //! The HTTP surface: every route in one table, plus the layers every response passes through.
 
 mod body;
+mod models;
 mod runs;
 mod sessions;
 mod sse;
@@ -27,7 +28,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/system/health", get(system::system_health))
         .route("/api/v1/version", get(system::version))
         .route("/api/v1/agent/options", get(system::agent_options))
-        .route("/api/v1/models", get(system::models))
+        .route("/api/v1/models", get(models::list))
         .route("/api/v1/workers", get(system::workers))
         .route("/api/v1/sessions", get(sessions::list))
         .route("/api/v1/sessions/create", post(sessions::create))
@@ -42,6 +43,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/update", post(sessions::update))
         .route("/api/v1/sessions/delete", post(sessions::delete))
         .route("/api/v1/sessions/restore", post(sessions::restore))
+        .route("/api/v1/sessions/model", post(models::set_session_model))
+        .route(
+            "/api/v1/sessions/generate-summary",
+            post(models::generate_summary),
+        )
         .route("/api/v1/sessions/query", post(runs::query))
         .route("/api/v1/sessions/query/stream", post(runs::query_stream))
         .route("/api/v1/sessions/abort", post(runs::abort))
@@ -109,13 +115,15 @@ mod tests {
     use tower::ServiceExt;
 
     fn test_state() -> Arc<AppState> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap().keep();
         let config = crate::config::load_with_env(None, &Default::default(), |_| None).unwrap();
         let spawner =
             crate::workers::Spawner::start("/bin/false".into(), tokio::runtime::Handle::current())
                 .unwrap();
         Arc::new(AppState {
-            gateway: Arc::new(crate::gateway::Gateway::new(&config)),
+            gateway: Arc::new(crate::gateway::Gateway::new(&config, None).unwrap()),
+            agio: None,
             config,
             workspace_root: dir,
             storage: Arc::new(crate::storage::MemoryStorage::new()),

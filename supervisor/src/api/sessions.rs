@@ -229,10 +229,15 @@ pub(super) async fn update(
         }
         patch.insert("tags".into(), tags.clone());
     }
-    let info = state
-        .storage
-        .merge_metadata(&session.id, patch, now_ms())
-        .await?;
+    // The seed switches models through `metadata.modelConfig` (api.md §17 row 9).
+    let info = if super::models::selects_configured_model(&state, &mut patch) {
+        super::models::switch_model(&state, &session, patch).await?
+    } else {
+        state
+            .storage
+            .merge_metadata(&session.id, patch, now_ms())
+            .await?
+    };
     Ok(Json(json!({"session": info})))
 }
 

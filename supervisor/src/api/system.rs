@@ -1,5 +1,5 @@
-//! Server-level endpoints: health (upstream's and the seed's), version, agent options, models,
-//! and the live workers.
+//! Server-level endpoints: health (upstream's and the seed's), version, agent options and the
+//! live workers (models are in `models.rs`).
 
 use std::sync::Arc;
 
@@ -68,10 +68,6 @@ pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Va
         });
     }
     Json(json!({"options": options}))
-}
-
-pub(super) async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"models": [state.model_json()]}))
 }
 
 /// The live worker processes, one per session that has one.

@@ -7,13 +7,13 @@
 //! without a real model. Anything else is echoed back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use shared::protocol::{Delta, ModelErrorKind, ModelReply, ModelRequest, Usage};
+use serde_json::{Map, Value};
+use shared::protocol::{Delta, ModelErrorKind, ModelFailure, ModelReply, ModelRequest, Usage};
 use tokio_util::sync::CancellationToken;
 
-use super::Replies;
+use super::{Finished, Outcome, Replies};
 
 const SLOW_TOKEN_DELAY: Duration = Duration::from_millis(50);
 const TOOL_ARGUMENT_FRAGMENT: usize = 7;
@@ -36,20 +36,23 @@ enum Plan {
     },
 }
 
-pub(super) async fn respond(request: &ModelRequest, replies: &Replies, cancel: &CancellationToken) {
-    let params: Value = serde_json::from_str(&request.params).unwrap_or(Value::Null);
-    let Some(messages) = params["messages"].as_array() else {
-        replies
-            .fail(
-                ModelErrorKind::BadRequest,
-                Some(400),
-                "messages must be an array",
-            )
-            .await;
-        return;
+pub(super) async fn respond(
+    request: &ModelRequest,
+    params: &Map<String, Value>,
+    replies: &Replies,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let started = Instant::now();
+    let Some(messages) = params.get("messages").and_then(Value::as_array) else {
+        return failure(
+            ModelErrorKind::BadRequest,
+            Some(400),
+            "messages must be an array",
+        );
     };
-    let tools: Vec<String> = params["tools"]
-        .as_array()
+    let tools: Vec<String> = params
+        .get("tools")
+        .and_then(Value::as_array)
         .map(|tools| {
             tools
                 .iter()
@@ -57,24 +60,11 @@ pub(super) async fn respond(request: &ModelRequest, replies: &Replies, cancel: &
                 .collect()
         })
         .unwrap_or_default();
-    let plan = plan(messages, &tools);
-    if plan == Plan::Fail500 {
-        replies
-            .fail(ModelErrorKind::Server, Some(500), "scripted failure")
-            .await;
-        return;
-    }
-    if !replies
-        .send(ModelReply::Started {
-            id: replies.id(),
-            attempt: 1,
-        })
-        .await
-    {
-        return;
-    }
-    let (deltas, delay, finish_reason) = match plan {
-        Plan::Fail500 => return,
+    let (deltas, delay, finish_reason) = match plan(messages, &tools) {
+        // Echo is not HTTP: nothing to retry.
+        Plan::Fail500 => {
+            return failure(ModelErrorKind::Server, Some(500), "scripted failure");
+        }
         Plan::Text {
             reasoning,
             tokens,
@@ -107,7 +97,18 @@ pub(super) async fn respond(request: &ModelRequest, replies: &Replies, cancel: &
             (deltas, Duration::ZERO, "tool_calls")
         }
     };
+    let cancelled = || failure(ModelErrorKind::Cancelled, None, "cancelled");
+    if !replies
+        .send(ModelReply::Started {
+            id: replies.id(),
+            attempt: 1,
+        })
+        .await
+    {
+        return cancelled();
+    }
     let completion_tokens = deltas.len() as u64;
+    let mut ttft = None;
     for (index, delta) in deltas.into_iter().enumerate() {
         if index > 0 && !delay.is_zero() {
             tokio::select! {
@@ -116,11 +117,9 @@ pub(super) async fn respond(request: &ModelRequest, replies: &Replies, cancel: &
             }
         }
         if cancel.is_cancelled() {
-            replies
-                .fail(ModelErrorKind::Cancelled, None, "cancelled")
-                .await;
-            return;
+            return cancelled();
         }
+        ttft.get_or_insert_with(|| started.elapsed());
         if !replies
             .send(ModelReply::Delta {
                 id: replies.id(),
@@ -128,23 +127,31 @@ pub(super) async fn respond(request: &ModelRequest, replies: &Replies, cancel: &
             })
             .await
         {
-            return;
+            return cancelled();
         }
     }
     let prompt_tokens = request.params.len() as u64 / 4;
-    let usage = Usage {
-        prompt_tokens,
-        completion_tokens,
-        total_tokens: prompt_tokens + completion_tokens,
-        estimated: true,
-    };
-    replies
-        .send(ModelReply::Done {
-            id: replies.id(),
-            finish_reason: finish_reason.into(),
-            usage,
-        })
-        .await;
+    Outcome::Done(Finished {
+        finish_reason: finish_reason.into(),
+        usage: Some(Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            estimated: true,
+        }),
+        ttft,
+        total: started.elapsed(),
+    })
+}
+
+fn failure(kind: ModelErrorKind, status: Option<u16>, message: &str) -> Outcome {
+    Outcome::Failed(ModelFailure {
+        kind,
+        status,
+        message: message.to_owned(),
+        attempts: 1,
+        partial: false,
+    })
 }
 
 /// The text of a message: a string as is, or the `text` of its parts joined with a space.

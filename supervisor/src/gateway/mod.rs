@@ -1,26 +1,53 @@
 //! The model gateway: the only way a worker reaches a model (ARCHITECTURE decision 3).
 //!
 //! A worker names a model as `{provider, id}`; the gateway checks that pair against the models
-//! this server is configured with, adds whatever credentials the provider needs (the worker
-//! never sees them), makes the call, and streams normalised deltas back over the worker's
-//! channel. Each request gets exactly one terminal reply, `Done` or `Error`.
+//! this server is configured with (the [`Catalogue`]), adds whatever credentials the provider
+//! needs (the worker never sees them), makes the call, and streams normalised deltas back over
+//! the worker's channel. Each request gets exactly one terminal reply, `Done` or `Error`.
+//!
+//! - `http`: attempts, retries, timeouts, cancellation, error classification;
+//! - `openai`, `anthropic`: the two wire dialects; `sse`: event-stream framing;
+//! - `echo`: the offline model; `scrub`: secrets out of error text.
 
+mod anthropic;
 mod echo;
+mod http;
+mod openai;
+pub(crate) mod scrub;
+mod sse;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use serde_json::{Map, Value};
 use shared::protocol::{
-    ModelErrorKind, ModelFailure, ModelRef, ModelReply, ModelRequest, ToWorker,
+    Delta, ModelErrorKind, ModelFailure, ModelRef, ModelReply, ModelRequest, ToWorker, Usage,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use crate::agio::Agio;
+use crate::catalogue::{Adapter, Catalogue};
 use crate::config::Config;
 
+/// Request fields a worker may never set: they would let it choose where the supervisor sends
+/// its keys (agent.md §4.1).
+const FORBIDDEN_PARAMS: [&str; 6] = [
+    "baseURL", "baseUrl", "apiKey", "api_key", "headers", "params",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("could not build the HTTP client for model calls: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
 pub struct Gateway {
-    /// Every `{provider, id}` a worker may ask for.
-    allowed: Vec<ModelRef>,
+    catalogue: Catalogue,
+    http: reqwest::Client,
+    agio: Option<Arc<Agio>>,
 }
 
 /// Sends the replies of one request to its worker.
@@ -38,76 +65,232 @@ impl Replies {
     pub(crate) fn id(&self) -> String {
         self.id.clone()
     }
+}
 
-    pub(crate) async fn fail(
-        &self,
-        kind: ModelErrorKind,
-        status: Option<u16>,
-        message: impl Into<String>,
-    ) {
-        let error = ModelFailure {
-            kind,
-            status,
-            message: message.into(),
-            attempts: 1,
-            partial: false,
-        };
-        self.send(ModelReply::Error {
-            id: self.id(),
-            error,
-        })
-        .await;
-    }
+/// A response that completed.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub finish_reason: String,
+    /// `None` until the call fills in an estimate.
+    pub usage: Option<Usage>,
+    /// Time to the first delta, and the whole call, retries included.
+    pub ttft: Option<Duration>,
+    pub total: Duration,
+}
+
+/// How a call ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Done(Finished),
+    Failed(ModelFailure),
+}
+
+fn failed(kind: ModelErrorKind, status: Option<u16>, message: impl Into<String>) -> Outcome {
+    Outcome::Failed(ModelFailure {
+        kind,
+        status,
+        message: message.into(),
+        attempts: 0,
+        partial: false,
+    })
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Self {
-        Self {
-            allowed: vec![config.default_model()],
-        }
+    /// # Errors
+    /// The HTTP client could not be built (no TLS provider installed, no trust store).
+    pub fn new(config: &Config, agio: Option<Arc<Agio>>) -> Result<Self, GatewayError> {
+        let connect = config.catalogue.default_model().settings.timeouts.connect;
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("agent-server/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(GatewayError::Client)?;
+        Ok(Self {
+            catalogue: config.catalogue.clone(),
+            http,
+            agio,
+        })
     }
 
-    fn is_allowed(&self, model: &ModelRef) -> bool {
-        self.allowed
-            .iter()
-            .any(|m| m.provider == model.provider && m.id == model.id)
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
     }
 
-    /// Serves one model request in its own task; cancelling `cancel` stops it.
+    /// Serves one model request of `session_id`'s worker in its own task; cancelling `cancel`
+    /// (the worker's `ModelCancel`, or the worker going away) stops it and drops the provider
+    /// connection.
     pub fn start(
         self: &Arc<Self>,
+        session_id: &str,
         request: ModelRequest,
         outbox: mpsc::Sender<ToWorker>,
         cancel: CancellationToken,
     ) -> JoinHandle<()> {
         let gateway = self.clone();
-        let span = tracing::info_span!("model_call", request_id = %request.id, run_id = %request.run_id, provider = %request.model.provider);
-        tokio::spawn(tracing::Instrument::instrument(
+        let session_id = session_id.to_owned();
+        let span = tracing::info_span!(
+            "model_call",
+            session_id = %session_id,
+            request_id = %request.id,
+            run_id = %request.run_id,
+            provider = %request.model.provider,
+            model = %request.model.id,
+        );
+        tokio::spawn(
             async move {
+                if let Some(agio) = &gateway.agio {
+                    agio.model_request(&session_id, &request.params);
+                }
                 let replies = Replies {
                     id: request.id.clone(),
                     outbox,
                 };
-                if !gateway.is_allowed(&request.model) {
-                    let message = format!(
-                        "model {}/{} is not configured on this server",
-                        request.model.provider, request.model.id
-                    );
-                    replies
-                        .fail(ModelErrorKind::UnknownModel, None, message)
-                        .await;
-                    return;
+                let outcome = gateway.call(&request, &replies, &cancel).await;
+                if let (Some(agio), Outcome::Done(done)) = (&gateway.agio, &outcome) {
+                    agio.model_finished(&session_id, &request.model.id, done);
                 }
-                match request.model.provider.as_str() {
-                    "echo" => echo::respond(&request, &replies, &cancel).await,
-                    other => {
-                        let message =
-                            format!("provider {other:?} is not supported by this server yet");
-                        replies.fail(ModelErrorKind::Config, None, message).await;
-                    }
-                }
-            },
-            span,
-        ))
+                finish(&replies, outcome).await;
+            }
+            .instrument(span),
+        )
     }
+
+    /// One call, run to its outcome; deltas and progress go to `replies` on the way.
+    async fn call(
+        &self,
+        request: &ModelRequest,
+        replies: &Replies,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let Some(entry) = self
+            .catalogue
+            .find(&request.model.provider, &request.model.id)
+        else {
+            return failed(
+                ModelErrorKind::UnknownModel,
+                None,
+                format!(
+                    "model {}/{} is not configured on this server",
+                    request.model.provider, request.model.id
+                ),
+            );
+        };
+        let params: Map<String, Value> = match serde_json::from_str(&request.params) {
+            Ok(Value::Object(params)) => params,
+            _ => {
+                return failed(
+                    ModelErrorKind::BadRequest,
+                    None,
+                    "the request parameters must be a JSON object",
+                );
+            }
+        };
+        if !params.get("messages").is_some_and(Value::is_array) {
+            return failed(
+                ModelErrorKind::BadRequest,
+                None,
+                "messages must be an array",
+            );
+        }
+        if let Some(field) = FORBIDDEN_PARAMS.iter().find(|f| params.contains_key(**f)) {
+            tracing::warn!(
+                field,
+                "a worker tried to set a supervisor-only request field"
+            );
+            return failed(
+                ModelErrorKind::BadRequest,
+                None,
+                format!("the request field {field:?} is not allowed"),
+            );
+        }
+        if let Some(problem) = &entry.unusable {
+            return failed(ModelErrorKind::Config, None, problem.clone());
+        }
+        match entry.adapter {
+            Adapter::Echo => echo::respond(request, &params, replies, cancel).await,
+            Adapter::OpenAi { .. } | Adapter::Anthropic => {
+                http::HttpCall {
+                    http: &self.http,
+                    entry,
+                    request,
+                    params: &params,
+                    replies,
+                    cancel,
+                }
+                .run()
+                .await
+            }
+        }
+    }
+
+    /// A whole answer from `model`, for the supervisor's own use (titles): the same path as a
+    /// worker's call, collected into one text. Dropping the future drops the provider call.
+    ///
+    /// # Errors
+    /// The call's failure, as a worker would have received it.
+    pub async fn complete(&self, model: &ModelRef, params: Value) -> Result<String, ModelFailure> {
+        let (outbox, mut inbox) = mpsc::channel(64);
+        let request = ModelRequest {
+            id: shared::ids::prefixed_id("mr_", 8),
+            run_id: String::new(),
+            model: model.clone(),
+            stream: false,
+            params: params.to_string(),
+        };
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let call = async {
+            let replies = Replies {
+                id: request.id.clone(),
+                outbox,
+            };
+            let outcome = self.call(&request, &replies, &cancel).await;
+            finish(&replies, outcome).await;
+        };
+        let collect = async {
+            let mut text = String::new();
+            while let Some(ToWorker::Model(reply)) = inbox.recv().await {
+                match reply {
+                    ModelReply::Delta {
+                        delta: Delta::Text(chunk),
+                        ..
+                    } => text.push_str(&chunk),
+                    ModelReply::Done { .. } => return Ok(text),
+                    ModelReply::Error { error, .. } => return Err(error),
+                    _ => {}
+                }
+            }
+            Err(ModelFailure {
+                kind: ModelErrorKind::Internal,
+                status: None,
+                message: "the call ended without an answer".into(),
+                attempts: 0,
+                partial: false,
+            })
+        };
+        let ((), result) = tokio::join!(call, collect);
+        result
+    }
+}
+
+/// The one terminal reply of a request.
+async fn finish(replies: &Replies, outcome: Outcome) {
+    let reply = match outcome {
+        Outcome::Done(done) => ModelReply::Done {
+            id: replies.id(),
+            finish_reason: done.finish_reason,
+            usage: done.usage.unwrap_or_default(),
+        },
+        Outcome::Failed(error) => {
+            if error.kind != ModelErrorKind::Cancelled {
+                tracing::warn!(kind = error.kind.as_str(), status = error.status, attempts = error.attempts, error = %error.message, "model call failed");
+            }
+            ModelReply::Error {
+                id: replies.id(),
+                error,
+            }
+        }
+    };
+    replies.send(reply).await;
 }

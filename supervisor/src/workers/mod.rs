@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use shared::frame::{FrameError, read_frame, write_frame};
 use shared::ids::now_ms;
-use shared::protocol::{AgentSettings, FromWorker, Init, PROTOCOL_VERSION, ToWorker};
+use shared::protocol::{
+    AgentSettings, ContextSettings, FromWorker, Init, PROTOCOL_VERSION, ToWorker,
+};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::process::Child;
@@ -28,6 +30,7 @@ pub use spawn::Spawner;
 
 use crate::sessions::Session;
 use crate::state::AppState;
+use crate::storage::SessionInfo;
 
 /// How long a new worker has to answer the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,15 +90,29 @@ impl WorkerHandle {
     }
 }
 
-fn agent_settings(state: &AppState) -> AgentSettings {
+/// The agent options of a session's worker. Its model is the one the session's stored
+/// `metadata.modelConfig` selects, if that `{provider, id}` is configured, otherwise the
+/// default model (api.md §9); the worker learns only the selector, never a key or a URL.
+fn agent_settings(state: &AppState, stored: Option<&SessionInfo>) -> AgentSettings {
     let config = &state.config;
+    let selected = stored
+        .and_then(|info| info.metadata.as_ref())
+        .and_then(|metadata| metadata.get("modelConfig"));
+    let model = state.gateway.catalogue().for_selector(selected);
     AgentSettings {
         agent_name: config.agent_name(),
-        model: config.default_model(),
+        model: model.selector(),
         instructions: config.instructions.clone(),
         max_iterations: config.max_iterations,
         temperature: config.temperature,
         streaming_tool_call_events: true,
+        // The model's own window and output budget feed the worker's trimming (agent.md §2.4);
+        // unset keys leave the worker's defaults.
+        context: ContextSettings {
+            context_window: model.settings.context_window,
+            max_output_tokens: model.settings.max_tokens,
+            ..ContextSettings::default()
+        },
     }
 }
 
@@ -115,6 +132,7 @@ pub async fn start(
         .into_iter()
         .map(|e| e.json.to_string())
         .collect();
+    let stored = state.storage.session(&session.id).await?;
     let spawn::Spawned { mut child, channel } = state.spawner.spawn(&session.id).await?;
     let pid = child.id().unwrap_or_default();
     let (mut read, mut write) = channel.into_split();
@@ -122,7 +140,8 @@ pub async fn start(
     let init = ToWorker::Init(Init {
         protocol_version: PROTOCOL_VERSION,
         session_id: session.id.clone(),
-        agent: agent_settings(state),
+        workspace: session.workspace.to_string_lossy().into_owned(),
+        agent: agent_settings(state, stored.as_ref()),
         history,
     });
     let handshake = async {
@@ -316,10 +335,12 @@ impl Connection {
                 self.session.note_model_request().await;
                 let cancel = CancellationToken::new();
                 let id = request.id.clone();
-                let task =
-                    self.state
-                        .gateway
-                        .start(request, self.handle.outbox.clone(), cancel.clone());
+                let task = self.state.gateway.start(
+                    &self.session.id,
+                    request,
+                    self.handle.outbox.clone(),
+                    cancel.clone(),
+                );
                 self.model_calls.insert(id, (cancel, task));
                 Ok(())
             }

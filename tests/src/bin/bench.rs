@@ -71,6 +71,7 @@ async fn main() -> Result<()> {
         base,
         ..
     } = start(&binary, dir.path(), &[]).await?;
+    e2e::install_crypto();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
         .build()?;

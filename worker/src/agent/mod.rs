@@ -2,10 +2,14 @@
 //! and model replies keep flowing while it works.
 
 mod memory;
+mod references;
 mod run;
 mod tools;
+mod walk;
+mod workspace;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use shared::events::Event;
@@ -59,6 +63,8 @@ pub(crate) struct Agent {
     pub(crate) history: History,
     pub(crate) outbox: Outbox,
     pub(crate) models: ModelRoutes,
+    /// The session's workspace, which every tool is confined to.
+    pub(crate) workspace: tools::WorkspaceSlot,
 }
 
 struct CurrentRun {
@@ -99,12 +105,21 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
         ));
     }
     let history = memory::parse_history(&init.history);
+    // A workspace that cannot be opened (removed behind our back) leaves the agent able to
+    // talk; every tool call then says why it cannot run.
+    let workspace = workspace::Workspace::open(Path::new(&init.workspace))
+        .map(Arc::new)
+        .map_err(|e| e.to_string());
+    if let Err(error) = &workspace {
+        tracing::warn!(session_id = %init.session_id, %error, "workspace unavailable");
+    }
     let agent = Agent {
         session_id: init.session_id,
         settings: Arc::new(init.agent),
         history: Arc::new(Mutex::new(history)),
         outbox,
         models: ModelRoutes::default(),
+        workspace,
     };
     agent
         .outbox

@@ -4,7 +4,7 @@
 //! preceded by a `RunResult` message carrying what a non-streaming caller gets back.
 
 use std::sync::PoisonError;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use shared::events::{Event, EventBody, FunctionCall, RunStatus, SystemLevel, ToolCall};
@@ -14,10 +14,13 @@ use shared::protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Agent, memory, tools};
+use super::{Agent, memory, references, tools};
 
 /// Calls beyond this many in one model response are answered with an error (agent.md §1.4).
 const MAX_TOOL_CALLS_PER_RESPONSE: usize = 32;
+/// After an abort, how long a running file tool gets to notice the token (it looks between
+/// files and chunks) before its call is answered as aborted anyway.
+const TOOL_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs `query` to its end. Never fails: every outcome becomes events.
 pub(crate) async fn execute(agent: Agent, query: Query, cancel: CancellationToken) {
@@ -70,12 +73,33 @@ struct Response {
     message_id: String,
     text: String,
     reasoning: String,
+    /// Anthropic continuation data, stored on the thinking event (agent.md §2.5).
+    signature: Option<String>,
+    redacted: Vec<String>,
     reasoning_started: Option<Instant>,
     thinking_emitted: bool,
     calls: Vec<ToolCall>,
     finish_reason: Option<String>,
     sent_at: Instant,
     ttft_ms: Option<u64>,
+}
+
+impl Response {
+    fn has_reasoning(&self) -> bool {
+        !self.reasoning.is_empty() || !self.redacted.is_empty()
+    }
+
+    /// The `assistant_thinking_message` of this response, continuation data included.
+    fn thinking_event(&self, duration_ms: Option<u64>) -> EventBody {
+        EventBody::AssistantThinkingMessage {
+            content: self.reasoning.clone(),
+            is_complete: true,
+            thinking_duration_ms: duration_ms,
+            message_id: self.message_id.clone(),
+            signature: self.signature.clone(),
+            redacted_data: (!self.redacted.is_empty()).then(|| self.redacted.clone()),
+        }
+    }
 }
 
 enum ModelOutcome {
@@ -96,7 +120,23 @@ impl Run {
         if self.stream {
             run_options["stream"] = json!(true);
         }
+        let references = input.as_str().map(references::find).unwrap_or_default();
         self.emit(EventBody::UserMessage { content: input }).await;
+        if !references.is_empty() {
+            let content = self.expand_references(references).await;
+            let metadata = json!({"type": "codebase"});
+            run_options["environmentInput"] = json!({
+                "content": content,
+                "description": references::DESCRIPTION,
+                "metadata": metadata,
+            });
+            self.emit(EventBody::EnvironmentInput {
+                content: json!(content),
+                description: Some(references::DESCRIPTION.to_owned()),
+                metadata: Some(metadata),
+            })
+            .await;
+        }
         self.emit(EventBody::AgentRunStart {
             session_id: self.agent.session_id.clone(),
             run_options,
@@ -112,21 +152,41 @@ impl Run {
                 return self.close_aborted(None, &[]).await;
             }
             self.iterations = iteration;
-            let messages = {
-                let history = self
-                    .agent
-                    .history
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                memory::build_messages(&history, &settings)
-            };
-            let mut response = match self.call_model(messages).await {
-                ModelOutcome::Completed(response) => response,
-                ModelOutcome::Aborted(partial) => {
-                    return self.close_aborted(Some(partial), &[]).await;
-                }
-                ModelOutcome::Failed(partial, failure) => {
-                    return self.close_failed(partial, failure).await;
+            let mut budget = memory::budget(&settings.context);
+            let mut retried = false;
+            let mut response = loop {
+                let messages = {
+                    let history = self
+                        .agent
+                        .history
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    memory::build_messages(&history, &settings, budget)
+                };
+                match self.call_model(messages).await {
+                    ModelOutcome::Completed(response) => break response,
+                    ModelOutcome::Aborted(partial) => {
+                        return self.close_aborted(Some(partial), &[]).await;
+                    }
+                    // agent.md §2.4 step 5: our estimate was too generous for this model; one
+                    // more try with half the budget, unless output was already shown.
+                    ModelOutcome::Failed(partial, failure)
+                        if failure.kind == ModelErrorKind::ContextLength
+                            && !retried
+                            && partial.text.is_empty()
+                            && partial.reasoning.is_empty()
+                            && partial.calls.is_empty() =>
+                    {
+                        retried = true;
+                        budget /= 2;
+                        tracing::info!(
+                            budget,
+                            "context too long for the model; retrying with half the budget"
+                        );
+                    }
+                    ModelOutcome::Failed(partial, failure) => {
+                        return self.close_failed(partial, failure).await;
+                    }
                 }
             };
             let message = self.emit_response(&mut response).await;
@@ -140,14 +200,14 @@ impl Run {
                 if self.cancel.is_cancelled() {
                     return self.close_aborted(None, &response.calls[index..]).await;
                 }
-                if index >= MAX_TOOL_CALLS_PER_RESPONSE {
-                    let text = format!(
+                // Calls beyond the cap still get their tool_call/tool_result pair (events.md
+                // §4.2), so the UI shows them and the next request stays valid.
+                let refused = (index >= MAX_TOOL_CALLS_PER_RESPONSE).then(|| {
+                    format!(
                         "too many tool calls in one response (limit {MAX_TOOL_CALLS_PER_RESPONSE})"
-                    );
-                    self.emit_tool_result(call, Err(text), 0).await;
-                    continue;
-                }
-                if !self.run_tool(call).await {
+                    )
+                });
+                if !self.run_tool(call, refused).await {
                     return self.close_aborted(None, &response.calls[index + 1..]).await;
                 }
             }
@@ -179,6 +239,9 @@ impl Run {
         let id = prefixed_id("mr_", 8);
         let mut replies = self.agent.models.register(&id);
         let mut params = json!({"messages": messages, "temperature": settings.temperature});
+        if let Some(max_tokens) = settings.context.max_output_tokens {
+            params["max_tokens"] = json!(max_tokens);
+        }
         let tools = tools::definitions();
         if !tools.is_empty() {
             params["tools"] = json!(tools);
@@ -195,6 +258,8 @@ impl Run {
             message_id: prefixed_id("msg_", 8),
             text: String::new(),
             reasoning: String::new(),
+            signature: None,
+            redacted: Vec::new(),
             reasoning_started: None,
             thinking_emitted: false,
             calls: Vec::new(),
@@ -285,8 +350,15 @@ impl Run {
                     .await;
                 }
             }
-            // Continuation data is not needed by the echo model; kept for providers that want it.
-            Delta::ReasoningSignature(_) | Delta::RedactedReasoning(_) => {}
+            // Continuation data: never shown, stored on the thinking event so that the next
+            // request can send it back (agent.md §2.5).
+            Delta::ReasoningSignature(signature) => {
+                response
+                    .signature
+                    .get_or_insert_with(String::new)
+                    .push_str(&signature);
+            }
+            Delta::RedactedReasoning(data) => response.redacted.push(data),
             Delta::Text(chunk) => {
                 self.finish_streamed_thinking(response).await;
                 response.text.push_str(&chunk);
@@ -346,22 +418,14 @@ impl Run {
     /// Streaming mode: the thinking event goes out as soon as the model switches from reasoning
     /// to answering (events.md §3.3).
     async fn finish_streamed_thinking(&mut self, response: &mut Response) {
-        if !self.stream || response.thinking_emitted || response.reasoning.is_empty() {
+        if !self.stream || response.thinking_emitted || !response.has_reasoning() {
             return;
         }
         response.thinking_emitted = true;
         let duration = response
             .reasoning_started
             .map(|t| t.elapsed().as_millis() as u64);
-        self.emit(EventBody::AssistantThinkingMessage {
-            content: response.reasoning.clone(),
-            is_complete: true,
-            thinking_duration_ms: duration,
-            message_id: response.message_id.clone(),
-            signature: None,
-            redacted_data: None,
-        })
-        .await;
+        self.emit(response.thinking_event(duration)).await;
     }
 
     /// The complete response: thinking (before it when streaming, after it otherwise), the
@@ -396,26 +460,25 @@ impl Run {
                 ttlt_ms: Some(response.sent_at.elapsed().as_millis() as u64),
             })
             .await;
-        if !self.stream && !response.reasoning.is_empty() {
-            self.emit(EventBody::AssistantThinkingMessage {
-                content: response.reasoning.clone(),
-                is_complete: true,
-                thinking_duration_ms: None,
-                message_id: response.message_id.clone(),
-                signature: None,
-                redacted_data: None,
-            })
-            .await;
+        if !self.stream && response.has_reasoning() {
+            self.emit(response.thinking_event(None)).await;
         }
         message
     }
 
-    /// Runs one tool call. Returns false when the run was aborted while it ran (its
-    /// `tool_result` has then been emitted as aborted).
-    async fn run_tool(&mut self, call: &ToolCall) -> bool {
+    /// Runs one tool call, or answers it with the error `refused` without running it. Returns
+    /// false when the run was aborted while it ran (its `tool_result` has then been emitted as
+    /// aborted).
+    async fn run_tool(&mut self, call: &ToolCall, refused: Option<String>) -> bool {
         let name = call.function.name.clone();
         let text = call.function.arguments.trim();
-        let (arguments, invalid) = if text.is_empty() {
+        let (arguments, invalid) = if let Some(reason) = refused {
+            let arguments = serde_json::from_str::<Value>(text)
+                .ok()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}));
+            (arguments, Some(reason))
+        } else if text.is_empty() {
             (json!({}), None)
         } else {
             match serde_json::from_str::<Value>(text) {
@@ -441,22 +504,64 @@ impl Run {
         })
         .await;
         let started = Instant::now();
+        if invalid.is_none() && !tools::exists(&name) {
+            // Upstream's answer, with elapsedMs 0 (agent.md §1.4 step 2).
+            let message = tools::ToolError::NotFound(name.clone()).to_string();
+            self.emit_tool_result(call, Err(message), 0).await;
+            return true;
+        }
         let outcome = match invalid {
             Some(message) => Err(message),
-            None => {
-                tokio::select! {
-                    biased;
-                    () = self.cancel.cancelled() => {
-                        self.emit_aborted_result(call, started.elapsed().as_millis() as u64).await;
-                        return false;
-                    }
-                    outcome = tools::execute(&name, &arguments) => outcome,
+            None => match self.run_tool_body(&name, &arguments).await {
+                Some(outcome) => outcome,
+                None => {
+                    self.emit_aborted_result(call, started.elapsed().as_millis() as u64)
+                        .await;
+                    return false;
                 }
-            }
+            },
         };
         self.emit_tool_result(call, outcome, started.elapsed().as_millis() as u64)
             .await;
         true
+    }
+
+    /// Runs a built-in tool under the run's token. `None` when the run was aborted before the
+    /// tool finished (a tool that completed anyway reports what it did).
+    async fn run_tool_body(&self, name: &str, arguments: &Value) -> Option<Result<Value, String>> {
+        let tool = tools::execute(&self.agent.workspace, name, arguments, &self.cancel);
+        tokio::pin!(tool);
+        let outcome = tokio::select! {
+            biased;
+            outcome = &mut tool => outcome,
+            () = self.cancel.cancelled() => {
+                // The tool sees the same token: wait for it to stop, so that nothing it does
+                // lands after the run has said it was aborted.
+                tokio::time::timeout(TOOL_STOP_GRACE, &mut tool).await.ok()?
+            }
+        };
+        match outcome {
+            Err(e) if e.is_aborted() => None,
+            other => Some(other.map_err(|e| e.to_string())),
+        }
+    }
+
+    /// Expands the query's `@file:`/`@dir:` references on the blocking pool (agent.md §1.8).
+    async fn expand_references(&self, found: Vec<references::Reference>) -> String {
+        let workspace = match &self.agent.workspace {
+            Ok(workspace) => workspace.clone(),
+            Err(e) => return format!("Error: Workspace unavailable: {e}"),
+        };
+        let cancel = self.cancel.clone();
+        let expanded =
+            tokio::task::spawn_blocking(move || references::expand(&workspace, &found, &cancel))
+                .await;
+        match expanded {
+            Ok(Ok(text)) => text,
+            // Aborted: the loop notices the token right after agent_run_start.
+            Ok(Err(e)) => format!("Error: {e}"),
+            Err(e) => format!("Error: the expansion failed: {e}"),
+        }
     }
 
     async fn emit_tool_result(
@@ -600,5 +705,352 @@ fn internal_failure(message: &str) -> ModelFailure {
         message: message.to_owned(),
         attempts: 0,
         partial: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use shared::protocol::{AgentSettings, ContextSettings, ModelRef, Usage};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::agent::ModelRoutes;
+    use crate::agent::workspace::Workspace;
+
+    /// A worker agent on a temporary workspace whose gateway is the test itself. The outbox
+    /// holds one message, so the run is never more than one event ahead of the test: what the
+    /// test does on seeing an event happens before the run goes on.
+    struct Harness {
+        agent: Agent,
+        outbox: mpsc::Receiver<FromWorker>,
+        tmp: tempfile::TempDir,
+    }
+
+    fn harness() -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tx, outbox) = mpsc::channel(1);
+        let agent = Agent {
+            session_id: "s".into(),
+            settings: Arc::new(AgentSettings {
+                agent_name: "test".into(),
+                model: ModelRef {
+                    provider: "fake".into(),
+                    id: "fake".into(),
+                    display_name: None,
+                },
+                instructions: None,
+                max_iterations: 10,
+                temperature: 0.7,
+                streaming_tool_call_events: true,
+                context: ContextSettings::default(),
+            }),
+            history: Arc::new(Mutex::new(Vec::new())),
+            outbox: tx,
+            models: ModelRoutes::default(),
+            workspace: Ok(Arc::new(Workspace::open(tmp.path()).unwrap())),
+        };
+        Harness { agent, outbox, tmp }
+    }
+
+    /// What the scripted gateway sends for one request.
+    enum Reply {
+        Delta(Delta),
+        Done(&'static str),
+        Fail(ModelErrorKind),
+    }
+
+    fn call(index: u32, name: &str, arguments: &str) -> Reply {
+        Reply::Delta(Delta::ToolCall {
+            index,
+            id: Some(format!("c{index}")),
+            name: Some(name.into()),
+            arguments: arguments.into(),
+        })
+    }
+
+    struct Outcome {
+        events: Vec<Value>,
+        /// The `params` of every model request, in order.
+        requests: Vec<Value>,
+    }
+
+    impl Outcome {
+        fn of_type(&self, ty: &str) -> Vec<&Value> {
+            self.events.iter().filter(|e| e["type"] == ty).collect()
+        }
+
+        fn types(&self) -> Vec<&str> {
+            self.events
+                .iter()
+                .map(|e| e["type"].as_str().unwrap())
+                .filter(|t| !t.starts_with("assistant_streaming"))
+                .collect()
+        }
+    }
+
+    /// Runs `input` to its `agent_run_end`, answering the n-th model request with
+    /// `script(n)`, and calling `on_event` (with the run's token) for every event as it comes.
+    async fn drive(
+        h: &mut Harness,
+        input: &str,
+        stream: bool,
+        script: impl Fn(usize) -> Vec<Reply>,
+        on_event: impl Fn(&Value, &CancellationToken),
+    ) -> Outcome {
+        let cancel = CancellationToken::new();
+        let query = Query {
+            run_id: "r".into(),
+            input: json!(input).to_string(),
+            stream,
+        };
+        let run = tokio::spawn(execute(h.agent.clone(), query, cancel.clone()));
+        let mut outcome = Outcome {
+            events: Vec::new(),
+            requests: Vec::new(),
+        };
+        while let Some(message) = h.outbox.recv().await {
+            match message {
+                FromWorker::Event { json } => {
+                    let event: Value = serde_json::from_str(&json).unwrap();
+                    on_event(&event, &cancel);
+                    let end = event["type"] == "agent_run_end";
+                    outcome.events.push(event);
+                    if end {
+                        break;
+                    }
+                }
+                FromWorker::ModelRequest(request) => {
+                    let n = outcome.requests.len();
+                    outcome
+                        .requests
+                        .push(serde_json::from_str(&request.params).unwrap());
+                    let id = request.id;
+                    for reply in script(n) {
+                        h.agent.models.deliver(match reply {
+                            Reply::Delta(delta) => ModelReply::Delta {
+                                id: id.clone(),
+                                delta,
+                            },
+                            Reply::Done(finish_reason) => ModelReply::Done {
+                                id: id.clone(),
+                                finish_reason: finish_reason.into(),
+                                usage: Usage::default(),
+                            },
+                            Reply::Fail(kind) => ModelReply::Error {
+                                id: id.clone(),
+                                error: ModelFailure {
+                                    kind,
+                                    status: Some(400),
+                                    message: "scripted".into(),
+                                    attempts: 1,
+                                    partial: false,
+                                },
+                            },
+                        });
+                    }
+                }
+                FromWorker::RunResult { .. } | FromWorker::ModelCancel { .. } => {}
+                FromWorker::Ready { .. } => panic!("Ready from a run"),
+            }
+        }
+        run.await.unwrap();
+        outcome
+    }
+
+    fn text_answer(text: &str) -> Vec<Reply> {
+        vec![Reply::Delta(Delta::Text(text.into())), Reply::Done("stop")]
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_cap_are_paired_and_refused() {
+        let mut h = harness();
+        std::fs::write(h.tmp.path().join("a.txt"), "hello").unwrap();
+        let out = drive(
+            &mut h,
+            "read it many times",
+            false,
+            |n| match n {
+                0 => (0..33)
+                    .map(|i| call(i, "read_file", r#"{"path":"a.txt"}"#))
+                    .chain([Reply::Done("tool_calls")])
+                    .collect(),
+                _ => text_answer("done"),
+            },
+            |_, _| {},
+        )
+        .await;
+        let calls = out.of_type("tool_call");
+        let results = out.of_type("tool_result");
+        assert_eq!((calls.len(), results.len()), (33, 33));
+        for (i, (call, result)) in calls.iter().zip(&results).enumerate() {
+            assert_eq!(call["toolCallId"], format!("c{i}"));
+            assert_eq!(result["toolCallId"], format!("c{i}"));
+        }
+        assert_eq!(
+            results[0]["content"],
+            json!([{"type": "text", "text": "hello"}])
+        );
+        assert!(results[31].get("error").is_none());
+        assert_eq!(
+            results[32]["error"],
+            "too many tool calls in one response (limit 32)"
+        );
+        assert_eq!(calls[32]["arguments"], json!({"path": "a.txt"}));
+        let second = &out.requests[1]["messages"];
+        let tool_messages = second
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .count();
+        assert_eq!(tool_messages, 33);
+        assert_eq!(out.events.last().unwrap()["status"], "idle");
+    }
+
+    #[tokio::test]
+    async fn abort_during_the_tools_answers_every_call() {
+        let mut h = harness();
+        let out = drive(
+            &mut h,
+            "list twice",
+            true,
+            |n| match n {
+                0 => vec![
+                    call(0, "list_directory", "{}"),
+                    call(1, "list_directory", "{}"),
+                    Reply::Done("tool_calls"),
+                ],
+                _ => text_answer("unreachable"),
+            },
+            |event, cancel| {
+                if event["type"] == "tool_call" && event["toolCallId"] == "c0" {
+                    cancel.cancel();
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            out.types(),
+            [
+                "user_message",
+                "agent_run_start",
+                "assistant_message",
+                "tool_call",
+                "tool_result",
+                "tool_result",
+                "assistant_message",
+                "agent_run_end"
+            ]
+        );
+        let results = out.of_type("tool_result");
+        assert_eq!(results[0]["toolCallId"], "c0");
+        assert_eq!(results[1]["toolCallId"], "c1");
+        assert_eq!(results[1]["content"], "Tool execution aborted");
+        assert_eq!(results[1]["error"], "aborted");
+        let closing = out.of_type("assistant_message")[1];
+        assert_eq!(closing["content"], "Request was aborted");
+        assert_eq!(closing["finishReason"], "abort");
+        assert_eq!(out.events.last().unwrap()["status"], "aborted");
+        assert_eq!(out.requests.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reasoning_continuation_is_stored_and_sent_back() {
+        let mut h = harness();
+        let out = drive(
+            &mut h,
+            "think, then list",
+            true,
+            |n| match n {
+                0 => vec![
+                    Reply::Delta(Delta::Reasoning("think".into())),
+                    Reply::Delta(Delta::ReasoningSignature("sig".into())),
+                    Reply::Delta(Delta::RedactedReasoning("opaque".into())),
+                    call(0, "list_directory", "{}"),
+                    Reply::Done("tool_calls"),
+                ],
+                _ => text_answer("ok"),
+            },
+            |_, _| {},
+        )
+        .await;
+        let thinking = out.of_type("assistant_thinking_message")[0];
+        assert_eq!(thinking["content"], "think");
+        assert_eq!(thinking["signature"], "sig");
+        assert_eq!(thinking["redactedData"], json!(["opaque"]));
+        let messages = out.requests[1]["messages"].as_array().unwrap();
+        let assistant = messages.iter().find(|m| m["role"] == "assistant").unwrap();
+        assert_eq!(assistant["reasoning_content"], "think");
+        assert_eq!(assistant["reasoning_signature"], "sig");
+        assert_eq!(assistant["redacted_reasoning"], json!(["opaque"]));
+        assert_eq!(assistant["tool_calls"][0]["id"], "c0");
+    }
+
+    #[tokio::test]
+    async fn a_context_length_error_is_retried_once() {
+        let mut h = harness();
+        let out = drive(
+            &mut h,
+            "hi",
+            false,
+            |n| match n {
+                0 => vec![Reply::Fail(ModelErrorKind::ContextLength)],
+                _ => text_answer("ok"),
+            },
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(out.requests.len(), 2);
+        assert!(out.of_type("system").is_empty());
+        assert_eq!(out.of_type("assistant_message")[0]["content"], "ok");
+
+        let out = drive(
+            &mut h,
+            "again",
+            false,
+            |_| vec![Reply::Fail(ModelErrorKind::ContextLength)],
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(out.requests.len(), 2, "only one retry");
+        assert_eq!(
+            out.of_type("system")[0]["message"],
+            "LLM API error: scripted"
+        );
+        assert_eq!(out.events.last().unwrap()["status"], "error");
+    }
+
+    #[tokio::test]
+    async fn file_references_are_expanded_before_the_run_starts() {
+        let mut h = harness();
+        std::fs::write(h.tmp.path().join("a.txt"), "alpha").unwrap();
+        let out = drive(
+            &mut h,
+            "see @file:a.txt",
+            true,
+            |_| text_answer("ok"),
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(
+            out.types()[..3],
+            ["user_message", "environment_input", "agent_run_start"]
+        );
+        let env = out.of_type("environment_input")[0];
+        assert_eq!(env["content"], "<file path=\"a.txt\">\nalpha\n</file>");
+        assert_eq!(env["metadata"], json!({"type": "codebase"}));
+        let start = out.of_type("agent_run_start")[0];
+        assert_eq!(
+            start["runOptions"]["environmentInput"]["content"],
+            env["content"]
+        );
+        let messages = out.requests[0]["messages"].as_array().unwrap();
+        assert_eq!(messages[1]["content"], "see @file:a.txt");
+        assert_eq!(
+            messages[2]["content"],
+            "[Environment: Expanded context from contextual references] <file path=\"a.txt\">\nalpha\n</file>"
+        );
     }
 }
