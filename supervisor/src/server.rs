@@ -106,6 +106,13 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let app = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tokio::spawn(stop_on_signal(state.clone()));
+    // Streams are many small writes; without TCP_NODELAY each can wait for the client's
+    // delayed ACK (about 40 ms) behind the previous one.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let server =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
