@@ -5,8 +5,10 @@
 //! - [`protocol`]: the messages that travel in those frames, and the handshake version.
 //! - [`events`]: the client-visible agent events (Tarko event stream), as JSON.
 //! - [`ids`]: session ids, event ids and the millisecond clock.
+//! - [`directives`]: the tokenization both the echo model and the test fake LLM answer with.
 #![forbid(unsafe_code)]
 
+pub mod directives;
 pub mod events;
 pub mod frame;
 pub mod ids;

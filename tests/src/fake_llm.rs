@@ -9,6 +9,7 @@
 //! the key arrives here and nowhere else), counts streams and client disconnects, and doubles as
 //! an AGIO sink. There is no randomness: ids derive from the request's step and sequence.
 
+use shared::directives::{numbered, words};
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -642,33 +643,6 @@ impl Plan {
             }
         })
     }
-}
-
-/// `text` as word tokens: the first bare, the others with their leading space.
-fn words(text: &str) -> Vec<String> {
-    text.split(' ')
-        .enumerate()
-        .map(|(i, w)| {
-            if i == 0 {
-                w.to_owned()
-            } else {
-                format!(" {w}")
-            }
-        })
-        .filter(|w| !w.is_empty())
-        .collect()
-}
-
-fn numbered(prefix: &str, count: usize) -> Vec<String> {
-    (0..count)
-        .map(|i| {
-            if i == 0 {
-                format!("{prefix}{i}")
-            } else {
-                format!(" {prefix}{i}")
-            }
-        })
-        .collect()
 }
 
 fn echo(text: &str) -> Plan {

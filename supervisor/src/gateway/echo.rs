@@ -6,6 +6,7 @@
 //! messages of the conversation, so that memory across turns and worker restarts can be seen
 //! without a real model. Anything else is echoed back.
 
+use shared::directives::{numbered, words};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -165,33 +166,6 @@ fn text_of(message: &Value) -> String {
             .join(" "),
         _ => String::new(),
     }
-}
-
-/// `text` split into words: the first bare, the others with their leading space.
-fn words(text: &str) -> Vec<String> {
-    text.split(' ')
-        .enumerate()
-        .map(|(i, w)| {
-            if i == 0 {
-                w.to_owned()
-            } else {
-                format!(" {w}")
-            }
-        })
-        .filter(|w| !w.is_empty())
-        .collect()
-}
-
-fn numbered(prefix: &str, count: usize) -> Vec<String> {
-    (0..count)
-        .map(|i| {
-            if i == 0 {
-                format!("{prefix}{i}")
-            } else {
-                format!(" {prefix}{i}")
-            }
-        })
-        .collect()
 }
 
 fn fragments(text: &str, size: usize) -> Vec<String> {
