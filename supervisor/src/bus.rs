@@ -111,6 +111,21 @@ impl Bus {
         ring.shrink_to(left.max(keep).max(16));
     }
 
+    /// How many published events the slowest live follower has yet to read.
+    pub fn max_follower_lag(&self) -> u64 {
+        let latest = self.latest();
+        let followers = self
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        followers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| latest.saturating_sub(p.load(Ordering::Acquire)))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Events with `seq > after` that are still in the ring.
     fn read_after(&self, after: u64) -> Result<Vec<BusEvent>, Lagged> {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);

@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 mod gateway;
 pub mod import;
+mod metrics;
 pub mod server;
 mod sessions;
 mod state;

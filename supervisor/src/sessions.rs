@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusEvent, Cursor, Lagged};
 use crate::error::ApiError;
+use crate::metrics::METRICS;
 use crate::state::AppState;
 use crate::storage::{SharedStorage, StorageError};
 use crate::workers::{self, WorkerHandle};
@@ -231,12 +232,18 @@ impl Session {
             Some(worker) => worker,
             None => {
                 let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-                let worker = workers::start(state, self, generation).await.map_err(|e| {
-                    ApiError::WorkerUnavailable {
+                let started = Instant::now();
+                let worker = workers::start(state, self, generation)
+                    .await
+                    .inspect(|_| {
+                        METRICS.worker_starts.inc();
+                        METRICS.worker_start_seconds.observe(started.elapsed());
+                    })
+                    .inspect_err(|_| METRICS.worker_start_failures.inc())
+                    .map_err(|e| ApiError::WorkerUnavailable {
                         session: self.id.clone(),
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 inner.worker = Some(worker.clone());
                 worker
             }
@@ -264,6 +271,7 @@ impl Session {
             waiter: Some(waiter),
         });
         inner.status = RunStatus::Executing;
+        METRICS.runs_started.inc();
         if state.config.server.exclusive {
             state.exclusive.claim(&self.id);
         }
@@ -355,6 +363,7 @@ impl Session {
         kind: &str,
     ) -> Result<BusEvent, StorageError> {
         let seq = numbering.last + 1;
+        METRICS.events_published.inc();
         if seq > numbering.reserved {
             let upto = numbering.reserved.max(numbering.last) + SEQ_RESERVATION;
             storage.reserve_seq(&self.id, upto).await?;
@@ -364,6 +373,7 @@ impl Session {
             storage
                 .append_event(&self.id, seq, json.clone(), now_ms())
                 .await?;
+            METRICS.events_stored.inc();
         }
         numbering.last = seq;
         Ok(BusEvent {
@@ -423,6 +433,7 @@ impl Session {
         let mut inner = self.inner.lock().await;
         inner.status = status;
         if let Some(mut run) = inner.run.take() {
+            METRICS.run_finished(status);
             tracing::info!(session_id = %self.id, run_id = %run.run_id, status = status.as_str(), "run ended");
             if let Some(waiter) = run.waiter.take() {
                 let _ = waiter.send(RunOutcome {
@@ -451,6 +462,9 @@ impl Session {
     /// Called once when a worker's process is gone. If it died during a run, the run is closed
     /// in the log the way every run is: an error `system` event, then `agent_run_end` (error).
     pub async fn worker_exited(&self, state: &AppState, generation: u64, reason: String) {
+        if !reason.starts_with("stopped by the supervisor") {
+            METRICS.worker_crashes.inc();
+        }
         let ended_run = {
             let mut inner = self.inner.lock().await;
             if inner
@@ -545,6 +559,7 @@ impl Session {
                 match batch {
                     Ok(events) => f.pending.extend(events),
                     Err(Lagged { after, oldest }) => {
+                        METRICS.follower_lags.inc();
                         tracing::info!(session_id = %f.session.id, after, oldest, "follower fell behind the live ring; replaying from storage");
                         let stored = f
                             .storage

@@ -94,6 +94,7 @@ impl AppState {
         let session = Arc::new(Session::new(id, workspace, 0));
         self.sessions.insert(session.clone());
         tracing::info!(session_id = %session.id, "session created");
+        crate::metrics::METRICS.sessions_created.inc();
         Ok((session, info))
     }
 

@@ -53,11 +53,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/abort", post(runs::abort))
         .route("/api/v1/oneshot/query", post(runs::oneshot))
         .route("/api/v1/oneshot/query/stream", post(runs::oneshot_stream))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(cors))
         .with_state(state)
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
+    let body = crate::metrics::render(&state).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

@@ -85,6 +85,22 @@ pub(crate) enum Outcome {
     Failed(ModelFailure),
 }
 
+/// Counts a finished call in the server's metrics.
+fn record(outcome: &Outcome) {
+    let metrics = &crate::metrics::METRICS;
+    metrics.model_requests.inc();
+    match outcome {
+        Outcome::Done(done) => {
+            metrics.model_request_seconds.observe(done.total);
+            if let Some(usage) = &done.usage {
+                metrics.model_prompt_tokens.add(usage.prompt_tokens);
+                metrics.model_completion_tokens.add(usage.completion_tokens);
+            }
+        }
+        Outcome::Failed(_) => metrics.model_failures.inc(),
+    }
+}
+
 fn failed(kind: ModelErrorKind, status: Option<u16>, message: impl Into<String>) -> Outcome {
     Outcome::Failed(ModelFailure {
         kind,
@@ -147,6 +163,7 @@ impl Gateway {
                     outbox,
                 };
                 let outcome = gateway.call(&request, &replies, &cancel).await;
+                record(&outcome);
                 if let (Some(agio), Outcome::Done(done)) = (&gateway.agio, &outcome) {
                     agio.model_finished(&session_id, &request.model.id, done);
                 }
