@@ -67,6 +67,52 @@ pub struct ServerConfig {
     /// Upstream's extra selectable models (`server.models[]`), same shape as `model`.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// How many workers live at once, and for how long they idle.
+    #[serde(default)]
+    pub workers: WorkerPolicy,
+    /// Seconds running runs get to finish after SIGTERM before they are aborted.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Worker lifecycle under load (`server.workers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPolicy {
+    /// An idle worker is stopped after this many seconds (0: never); the next query starts a
+    /// new one, which rebuilds the conversation from the log.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Most live workers; past it, the least recently used idle one is stopped to make room,
+    /// and when none is idle the query is refused with 429.
+    #[serde(default = "default_max_workers")]
+    pub max: usize,
+    /// A new worker is refused (429) while the host has less memory available than this.
+    #[serde(default = "default_min_free_memory")]
+    pub min_free_memory_mb: u64,
+}
+
+impl Default for WorkerPolicy {
+    fn default() -> Self {
+        Self {
+            idle_timeout_secs: default_idle_timeout(),
+            max: default_max_workers(),
+            min_free_memory_mb: default_min_free_memory(),
+        }
+    }
+}
+
+fn default_idle_timeout() -> u64 {
+    600
+}
+fn default_max_workers() -> usize {
+    1024
+}
+fn default_min_free_memory() -> u64 {
+    128
+}
+fn default_shutdown_grace() -> u64 {
+    10
 }
 
 impl Default for ServerConfig {
@@ -77,6 +123,8 @@ impl Default for ServerConfig {
             exclusive: false,
             storage: StorageConfig::default(),
             models: Vec::new(),
+            workers: WorkerPolicy::default(),
+            shutdown_grace_secs: default_shutdown_grace(),
         }
     }
 }
@@ -440,6 +488,11 @@ fn describe(error: &figment::Error) -> String {
 fn validate(config: &Config) -> Result<(), ConfigError> {
     if config.server.host.trim().is_empty() {
         return Err(ConfigError::Invalid("server.host must not be empty".into()));
+    }
+    if config.server.workers.max == 0 {
+        return Err(ConfigError::Invalid(
+            "server.workers.max must be at least 1".into(),
+        ));
     }
     if config.max_iterations == 0 {
         return Err(ConfigError::Invalid(

@@ -50,6 +50,13 @@ pub enum ApiError {
     WorkerUnavailable { session: String, reason: String },
     #[error("The worker of session {session} exited during the run: {reason}")]
     WorkerCrashed { session: String, reason: String },
+    #[error("The server cannot take this now: {reason}")]
+    Overloaded {
+        reason: String,
+        retry_after_secs: u64,
+    },
+    #[error("The server is shutting down or draining and starts no new runs")]
+    Draining,
     #[error("Storage failed: {0}")]
     Storage(#[from] StorageError),
     #[error("Internal error: {0}")]
@@ -73,7 +80,8 @@ impl ApiError {
             | Self::NoSessions => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
-            Self::WorkerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::WorkerUnavailable { .. } | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
             Self::WorkerCrashed { .. }
             | Self::Storage(_)
@@ -101,6 +109,8 @@ impl ApiError {
             Self::ExclusiveModeBusy { .. } => "EXCLUSIVE_MODE_BUSY",
             Self::SessionBusy(_) => "SESSION_BUSY",
             Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
+            Self::Overloaded { .. } => "SERVER_OVERLOADED",
+            Self::Draining => "SERVER_DRAINING",
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
             Self::Storage(_) => "STORAGE_ERROR",
             Self::Internal(_) | Self::SummaryFailed(_) => "INTERNAL_ERROR",
@@ -131,6 +141,8 @@ impl ApiError {
             }
             Self::SessionBusy(_) => "Agent is already executing a task".into(),
             Self::WorkerUnavailable { .. } => "Worker unavailable".into(),
+            Self::Overloaded { .. } => "Server overloaded".into(),
+            Self::Draining => "Server draining".into(),
             Self::WorkerCrashed { .. } => "Worker crashed".into(),
             Self::Storage(_) => "Storage error".into(),
             Self::Internal(_) => "Internal server error".into(),
@@ -188,10 +200,33 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// `Retry-After` for refusals that pass: overload and draining.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Overloaded {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            Self::Draining => Some(5),
+            _ => None,
+        }
+    }
+
+    fn respond(&self, body: Value) -> Response {
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Some(secs) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
-        (self.status(), Json(self.body())).into_response()
+        self.respond(self.body())
     }
 }
 
@@ -212,6 +247,6 @@ impl IntoResponse for QueryError {
         if let ApiError::ExclusiveModeBusy { running } = &self.0 {
             body["runningSessionId"] = json!(running);
         }
-        (self.0.status(), Json(body)).into_response()
+        self.0.respond(body)
     }
 }

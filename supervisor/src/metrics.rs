@@ -92,6 +92,12 @@ pub struct Metrics {
     /// Workers that died without the supervisor asking them to.
     pub worker_crashes: Counter,
     pub worker_start_seconds: Histogram,
+    /// Idle workers stopped to make room for another session's.
+    pub hibernations: Counter,
+    /// Idle workers stopped after the idle timeout.
+    pub idle_stops: Counter,
+    /// Queries refused by admission control.
+    pub admissions_refused: Counter,
     pub runs_started: Counter,
     runs_idle: Counter,
     runs_aborted: Counter,
@@ -115,6 +121,9 @@ impl Metrics {
             worker_start_failures: Counter::new(),
             worker_crashes: Counter::new(),
             worker_start_seconds: Histogram::new(),
+            hibernations: Counter::new(),
+            idle_stops: Counter::new(),
+            admissions_refused: Counter::new(),
             runs_started: Counter::new(),
             runs_idle: Counter::new(),
             runs_aborted: Counter::new(),
@@ -182,6 +191,24 @@ pub async fn render(state: &AppState) -> String {
         &mut out,
         "agent_worker_start_seconds",
         "From spawn to a worker ready for its first query.",
+    );
+    counter(
+        &mut out,
+        "agent_worker_hibernations_total",
+        "Idle workers stopped to make room.",
+        m.hibernations.get(),
+    );
+    counter(
+        &mut out,
+        "agent_worker_idle_stops_total",
+        "Idle workers stopped after the idle timeout.",
+        m.idle_stops.get(),
+    );
+    counter(
+        &mut out,
+        "agent_admissions_refused_total",
+        "Queries refused by admission control.",
+        m.admissions_refused.get(),
     );
     counter(
         &mut out,

@@ -18,6 +18,8 @@ use crate::state::AppState;
 use crate::workers::Spawner;
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long aborted runs get to close themselves before their workers are stopped.
+const ABORT_WAIT: Duration = Duration::from_secs(4);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -98,14 +100,16 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         exclusive: Default::default(),
         started: Instant::now(),
         shutdown: CancellationToken::new(),
+        draining: Default::default(),
     });
     tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = "none", "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
     println!("supervisor listening on http://{local}");
 
     let app = crate::api::router(state.clone());
-    let shutdown = state.shutdown.clone();
-    tokio::spawn(stop_on_signal(state.clone()));
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone(), state.shutdown.clone()));
+    tokio::spawn(stop_idle_workers(state.clone()));
     // Streams are many small writes; without TCP_NODELAY each can wait for the client's
     // delayed ACK (about 40 ms) behind the previous one.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -113,11 +117,13 @@ async fn serve(config: Config) -> Result<(), ServeError> {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
-    shutdown.cancelled().await;
+    stop.cancelled().await;
+    finish_runs(&state).await;
     stop_workers(&state).await;
+    // Streams that would follow forever (the follow endpoint) end now.
+    state.shutdown.cancel();
     if let Some(agio) = &state.agio {
         agio.shutdown().await;
     }
@@ -139,7 +145,72 @@ fn prepare_workspace_root(path: &PathBuf) -> Result<PathBuf, ServeError> {
     std::fs::canonicalize(path).map_err(fail)
 }
 
-async fn stop_on_signal(state: Arc<AppState>) {
+/// The stop order after SIGTERM: new runs are refused at once (and no new connection is
+/// accepted), running runs get `server.shutdownGraceSecs` to finish, then the rest are aborted,
+/// which ends each of them properly in the log before the workers go.
+async fn finish_runs(state: &AppState) {
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Release);
+    let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);
+    let running = || {
+        state
+            .sessions
+            .all()
+            .into_iter()
+            .filter(|s| s.activity.is_running())
+            .collect::<Vec<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    while !running().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let late = running();
+    if late.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        runs = late.len(),
+        "aborting runs still going after the shutdown grace period"
+    );
+    for session in &late {
+        session.abort().await;
+    }
+    let deadline = tokio::time::Instant::now() + ABORT_WAIT;
+    while !running().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops workers that sat idle past `server.workers.idleTimeoutSecs`; their sessions keep
+/// everything and get a new worker on their next query.
+async fn stop_idle_workers(state: Arc<AppState>) {
+    let idle = Duration::from_secs(state.config.server.workers.idle_timeout_secs);
+    if idle.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(
+        (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30)),
+    );
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        let cutoff = shared::ids::now_ms().saturating_sub(idle.as_millis() as u64);
+        for session in state.sessions.all() {
+            let activity = &session.activity;
+            if activity.has_worker() && !activity.is_running() && activity.last_active_ms() < cutoff
+            {
+                tracing::info!(session_id = %session.id, "stopping an idle worker");
+                crate::metrics::METRICS.idle_stops.inc();
+                session.stop_worker().await;
+            }
+        }
+    }
+}
+
+async fn stop_on_signal(stop: CancellationToken, already_stopping: CancellationToken) {
     let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(signal) => signal,
@@ -151,9 +222,9 @@ async fn stop_on_signal(state: Arc<AppState>) {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
-        () = state.shutdown.cancelled() => return,
+        () = already_stopping.cancelled() => return,
     }
-    state.shutdown.cancel();
+    stop.cancel();
 }
 
 async fn stop_workers(state: &AppState) {

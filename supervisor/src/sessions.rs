@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,23 @@ impl Sessions {
 
     pub fn len(&self) -> usize {
         self.map().len()
+    }
+
+    /// Sessions with a live worker.
+    pub fn live_workers(&self) -> usize {
+        self.map()
+            .values()
+            .filter(|s| s.activity.has_worker())
+            .count()
+    }
+
+    /// The session whose idle worker was used least recently, other than `except`.
+    pub fn least_recent_idle(&self, except: &str) -> Option<Arc<Session>> {
+        self.map()
+            .values()
+            .filter(|s| s.id != except && s.activity.has_worker() && !s.activity.is_running())
+            .min_by_key(|s| s.activity.last_active_ms())
+            .cloned()
     }
 
     /// The live session, or one rebuilt from storage (the restore of api.md §2.1). A restored
@@ -139,6 +156,36 @@ pub struct Session {
     generations: AtomicU64,
     /// Cancelled when the session is deleted.
     closed: CancellationToken,
+    /// What admission control and the idle reaper need to know, readable without the session's
+    /// lock (one session may stop another's worker to make room).
+    pub activity: Activity,
+}
+
+/// Lock-free facts about a session's worker and runs.
+#[derive(Default)]
+pub struct Activity {
+    worker_live: AtomicBool,
+    running: AtomicBool,
+    last_active_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn has_worker(&self) -> bool {
+        self.worker_live.load(Ordering::Acquire)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds since the epoch of the last run start or end.
+    pub fn last_active_ms(&self) -> u64 {
+        self.last_active_ms.load(Ordering::Acquire)
+    }
+
+    fn touch(&self) {
+        self.last_active_ms.store(now_ms(), Ordering::Release);
+    }
 }
 
 /// A session's sequence numbers: the last one handed out, and how far storage has promised
@@ -188,6 +235,7 @@ impl Session {
             }),
             generations: AtomicU64::new(0),
             closed: CancellationToken::new(),
+            activity: Activity::default(),
         }
     }
 
@@ -221,6 +269,7 @@ impl Session {
         input: &Value,
         stream: bool,
     ) -> Result<oneshot::Receiver<RunOutcome>, ApiError> {
+        state.admit(self).await?;
         let mut inner = self.inner.lock().await;
         if self.closed.is_cancelled() {
             return Err(ApiError::SessionNotFound(self.id.clone()));
@@ -245,6 +294,7 @@ impl Session {
                         reason: e.to_string(),
                     })?;
                 inner.worker = Some(worker.clone());
+                self.activity.worker_live.store(true, Ordering::Release);
                 worker
             }
         };
@@ -271,6 +321,8 @@ impl Session {
             waiter: Some(waiter),
         });
         inner.status = RunStatus::Executing;
+        self.activity.running.store(true, Ordering::Release);
+        self.activity.touch();
         METRICS.runs_started.inc();
         if state.config.server.exclusive {
             state.exclusive.claim(&self.id);
@@ -433,6 +485,8 @@ impl Session {
         let mut inner = self.inner.lock().await;
         inner.status = status;
         if let Some(mut run) = inner.run.take() {
+            self.activity.running.store(false, Ordering::Release);
+            self.activity.touch();
             METRICS.run_finished(status);
             tracing::info!(session_id = %self.id, run_id = %run.run_id, status = status.as_str(), "run ended");
             if let Some(waiter) = run.waiter.take() {
@@ -473,6 +527,7 @@ impl Session {
                 .is_some_and(|w| w.generation == generation)
             {
                 inner.worker = None;
+                self.activity.worker_live.store(false, Ordering::Release);
             }
             match inner.run.as_mut() {
                 Some(run) => {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde_json::{Map, Value, json};
@@ -28,11 +29,55 @@ pub struct AppState {
     pub agio: Option<Arc<Agio>>,
     pub exclusive: ExclusiveSlot,
     pub started: Instant,
-    /// Cancelled when the server begins to shut down; long-lived streams end on it.
+    /// Cancelled when the server has stopped its runs; long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// Set by `ctl drain` and at SIGTERM: running runs finish, no new run starts.
+    pub draining: AtomicBool,
 }
 
 impl AppState {
+    /// Admission control for a run of `session`: refused while draining; and when the session
+    /// needs a new worker, refused with 429 if the host is short of memory or every worker slot
+    /// is taken by a running session. An idle worker (least recently used first) is stopped to
+    /// make room: it hibernates, and wakes on its next query with its history intact.
+    ///
+    /// # Errors
+    /// `Draining`, or `Overloaded` with a retry delay.
+    pub async fn admit(&self, session: &Session) -> Result<(), ApiError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ApiError::Draining);
+        }
+        if session.activity.has_worker() {
+            return Ok(());
+        }
+        let policy = &self.config.server.workers;
+        if let Some(available) = available_memory_mb()
+            && available < policy.min_free_memory_mb
+        {
+            crate::metrics::METRICS.admissions_refused.inc();
+            return Err(ApiError::Overloaded {
+                reason: format!(
+                    "the host has {available} MiB of memory available, below the reserve of {} MiB",
+                    policy.min_free_memory_mb
+                ),
+                retry_after_secs: 5,
+            });
+        }
+        while self.sessions.live_workers() >= policy.max {
+            let Some(victim) = self.sessions.least_recent_idle(&session.id) else {
+                crate::metrics::METRICS.admissions_refused.inc();
+                return Err(ApiError::Overloaded {
+                    reason: format!("all {} worker slots are running queries", policy.max),
+                    retry_after_secs: 2,
+                });
+            };
+            tracing::info!(session_id = %victim.id, "hibernating the least recently used idle worker to make room");
+            crate::metrics::METRICS.hibernations.inc();
+            victim.stop_worker().await;
+        }
+        Ok(())
+    }
+
     /// The live session `id`, restoring it from storage if needed (api.md §2.1).
     ///
     /// # Errors
@@ -133,6 +178,19 @@ impl AppState {
         }
         value
     }
+}
+
+/// `MemAvailable` of the host, if it can be read.
+fn available_memory_mb() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
 }
 
 /// `mkdir` with mode 0700: a session's files are nobody else's business.

@@ -145,6 +145,7 @@ mod tests {
             exclusive: Default::default(),
             started: std::time::Instant::now(),
             shutdown: Default::default(),
+            draining: Default::default(),
         })
     }
 
