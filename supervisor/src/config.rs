@@ -73,6 +73,14 @@ pub struct ServerConfig {
     /// Seconds running runs get to finish after SIGTERM before they are aborted.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// The control socket of `supervisor ctl`; its directory is created with mode 0700.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+}
+
+/// Where `supervisor ctl` finds the server by default.
+pub fn default_control_socket() -> PathBuf {
+    PathBuf::from("./data/ctl.sock")
 }
 
 /// Worker lifecycle under load (`server.workers`).
@@ -125,6 +133,7 @@ impl Default for ServerConfig {
             models: Vec::new(),
             workers: WorkerPolicy::default(),
             shutdown_grace_secs: default_shutdown_grace(),
+            control_socket: default_control_socket(),
         }
     }
 }

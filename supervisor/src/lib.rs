@@ -10,16 +10,20 @@
 //!   `catalogue`: the configured models, resolved with their keys; `agio`: AGIO export.
 //! - [`error`]: every client-visible error and its status.
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
+//! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
+//! - `metrics`: `GET /metrics`.
 
 mod agio;
 mod api;
 mod bus;
 mod catalogue;
 pub mod config;
+pub mod ctl;
 pub mod error;
 mod gateway;
 pub mod import;
 mod metrics;
+mod ops;
 pub mod server;
 mod sessions;
 mod state;

@@ -31,12 +31,39 @@ enum Command {
         #[command(flatten)]
         target: ServeArgs,
     },
+    /// Operate a running server through its control socket.
+    Ctl {
+        /// The control socket (the server's `server.controlSocket`).
+        #[arg(long, default_value_os_t = supervisor::config::default_control_socket())]
+        socket: PathBuf,
+        /// Print the server's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
     /// Run one session's worker (started by the supervisor, never by hand).
     #[command(hide = true)]
     Worker {
         #[arg(long)]
         session: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Stored sessions, and which are loaded, have a worker, or run.
+    Sessions,
+    /// Live workers: session, pid, state, uptime, memory, CPU, events.
+    Workers,
+    /// Replace a session's worker; its history and followers are kept.
+    Restart { session: String },
+    /// Stop a session's worker; its next query starts a new one.
+    Stop { session: String },
+    /// Refuse new runs and let running ones finish.
+    Drain,
+    /// Accept new runs again after a drain.
+    Resume,
 }
 
 #[derive(Args)]
@@ -71,6 +98,9 @@ struct ServeArgs {
     /// trace, debug, info, warn or error (RUST_LOG overrides it).
     #[arg(long)]
     log_level: Option<String>,
+    /// Log lines as text (default) or as one JSON object per line.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
 }
 
 // No #[tokio::main]: worker mode must stay single-threaded until it is jailed.
@@ -79,7 +109,97 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Worker { session }) => run_worker(session),
         Some(Command::Import { from, target }) => run_import(&from, target),
+        Some(Command::Ctl {
+            socket,
+            json,
+            action,
+        }) => run_ctl(&socket, json, action),
         None => run_server(cli.serve),
+    }
+}
+
+fn run_ctl(socket: &std::path::Path, json: bool, action: CtlAction) -> anyhow::Result<()> {
+    use supervisor::ctl::Request;
+    let request = match action {
+        CtlAction::Sessions => Request::Sessions,
+        CtlAction::Workers => Request::Workers,
+        CtlAction::Restart { session } => Request::Restart {
+            session_id: session,
+        },
+        CtlAction::Stop { session } => Request::Stop {
+            session_id: session,
+        },
+        CtlAction::Drain => Request::Drain,
+        CtlAction::Resume => Request::Resume,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = runtime.block_on(supervisor::ctl::call(socket, &request))?;
+    if json {
+        println!("{answer}");
+    } else {
+        print_answer(&answer);
+    }
+    if answer["success"] == false {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// A short human rendering of a control answer.
+fn print_answer(answer: &serde_json::Value) {
+    let cell = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let table = |rows: &[serde_json::Value], columns: &[&str]| {
+        println!("{}", columns.join("\t"));
+        for row in rows {
+            println!(
+                "{}",
+                columns
+                    .iter()
+                    .map(|c| cell(&row[*c]))
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            );
+        }
+    };
+    if let Some(workers) = answer["workers"].as_array() {
+        table(
+            workers,
+            &[
+                "sessionId",
+                "pid",
+                "state",
+                "uptimeSecs",
+                "rssKib",
+                "cpuSecs",
+                "events",
+            ],
+        );
+    } else if let Some(sessions) = answer["sessions"].as_array() {
+        table(
+            sessions,
+            &[
+                "sessionId",
+                "name",
+                "updatedAt",
+                "loaded",
+                "worker",
+                "running",
+            ],
+        );
+    } else if answer["success"] == false {
+        eprintln!(
+            "error: {} ({})",
+            cell(&answer["message"]),
+            cell(&answer["code"])
+        );
+    } else {
+        println!("ok {answer}");
     }
 }
 
@@ -126,14 +246,18 @@ fn run_worker(session_id: String) -> anyhow::Result<()> {
 }
 
 fn run_server(args: ServeArgs) -> anyhow::Result<()> {
+    let json_logs = args.log_format == "json";
     let config = load_config(args);
     let level = config.log_level.map_or("info", |l| l.as_filter());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .init();
+        .with_env_filter(filter);
+    if json_logs {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
     supervisor::server::run(config)?;
     Ok(())
 }

@@ -32,6 +32,8 @@ pub enum ServeError {
     Executable(std::io::Error),
     #[error("could not start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Control(#[from] crate::ctl::CtlError),
     #[error("could not open the storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
     #[error("could not listen on {addr}: {source}")]
@@ -74,6 +76,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
     let storage = crate::storage::open(&config.server.storage)?;
+    let control = crate::ctl::bind(&config.server.control_socket).await?;
     for entry in config.catalogue.listed() {
         if let Some(problem) = &entry.unusable {
             tracing::warn!(provider = %entry.provider, model = %entry.id, %problem, "model cannot be called until this is fixed");
@@ -110,6 +113,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone(), state.shutdown.clone()));
     tokio::spawn(stop_idle_workers(state.clone()));
+    tokio::spawn(crate::ctl::serve(control, state.clone()));
     // Streams are many small writes; without TCP_NODELAY each can wait for the client's
     // delayed ACK (about 40 ms) behind the previous one.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -279,24 +279,7 @@ impl Session {
         }
         let worker = match inner.worker.clone().filter(WorkerHandle::is_alive) {
             Some(worker) => worker,
-            None => {
-                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-                let started = Instant::now();
-                let worker = workers::start(state, self, generation)
-                    .await
-                    .inspect(|_| {
-                        METRICS.worker_starts.inc();
-                        METRICS.worker_start_seconds.observe(started.elapsed());
-                    })
-                    .inspect_err(|_| METRICS.worker_start_failures.inc())
-                    .map_err(|e| ApiError::WorkerUnavailable {
-                        session: self.id.clone(),
-                        reason: e.to_string(),
-                    })?;
-                inner.worker = Some(worker.clone());
-                self.activity.worker_live.store(true, Ordering::Release);
-                worker
-            }
+            None => self.start_worker(state, &mut inner).await?,
         };
         let run_id = uuid::Uuid::new_v4().to_string();
         let (waiter, outcome) = oneshot::channel();
@@ -328,6 +311,55 @@ impl Session {
             state.exclusive.claim(&self.id);
         }
         Ok(outcome)
+    }
+
+    /// Starts this session's worker and records it; the caller holds the session's lock.
+    async fn start_worker(
+        self: &Arc<Self>,
+        state: &Arc<AppState>,
+        inner: &mut Inner,
+    ) -> Result<WorkerHandle, ApiError> {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let started = Instant::now();
+        let worker = workers::start(state, self, generation)
+            .await
+            .inspect(|_| {
+                METRICS.worker_starts.inc();
+                METRICS.worker_start_seconds.observe(started.elapsed());
+            })
+            .inspect_err(|_| METRICS.worker_start_failures.inc())
+            .map_err(|e| ApiError::WorkerUnavailable {
+                session: self.id.clone(),
+                reason: e.to_string(),
+            })?;
+        inner.worker = Some(worker.clone());
+        self.activity.worker_live.store(true, Ordering::Release);
+        Ok(worker)
+    }
+
+    /// Replaces the worker with a fresh process, which reads the session's history from the log;
+    /// followers and history are untouched. Refused while a run executes (it would be cut).
+    ///
+    /// # Errors
+    /// `SessionBusy` during a run; `WorkerUnavailable` if the new worker cannot start.
+    pub async fn restart_worker(
+        self: &Arc<Self>,
+        state: &Arc<AppState>,
+    ) -> Result<WorkerHandle, ApiError> {
+        if self.activity.is_running() {
+            return Err(ApiError::SessionBusy(self.id.clone()));
+        }
+        self.stop_worker().await;
+        state.admit(self).await?;
+        let mut inner = self.inner.lock().await;
+        if inner.run.is_some() {
+            return Err(ApiError::SessionBusy(self.id.clone()));
+        }
+        match inner.worker.clone().filter(WorkerHandle::is_alive) {
+            // A query raced us and started one already: that is a fresh worker too.
+            Some(worker) => Ok(worker),
+            None => self.start_worker(state, &mut inner).await,
+        }
     }
 
     /// Asks the worker to abort the current run. `false` when nothing is running. If the worker

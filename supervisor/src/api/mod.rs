@@ -30,6 +30,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/agent/options", get(system::agent_options))
         .route("/api/v1/models", get(models::list))
         .route("/api/v1/workers", get(system::workers))
+        .route("/api/v1/sessions/restart", post(system::restart))
+        .route("/api/v1/sessions/stop", post(system::stop))
         .route("/api/v1/sessions", get(sessions::list))
         .route("/api/v1/sessions/create", post(sessions::create))
         .route("/api/v1/sessions/details", get(sessions::details))

@@ -72,17 +72,25 @@ pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Va
 
 /// The live worker processes, one per session that has one.
 pub(super) async fn workers(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let mut workers = Vec::new();
-    for session in state.sessions.all() {
-        if let Some(worker) = session.worker().await {
-            let running = session.is_running().await;
-            workers.push(json!({
-                "sessionId": session.id,
-                "pid": worker.pid,
-                "state": if running { "running" } else { "idle" },
-                "startedAt": worker.started_at,
-            }));
-        }
-    }
-    Json(json!({"workers": workers}))
+    Json(json!({"workers": crate::ops::workers(&state).await}))
+}
+
+/// Replaces a session's worker (history and followers kept).
+pub(super) async fn restart(
+    State(state): State<Arc<AppState>>,
+    params: super::body::Params,
+    super::body::JsonObject(body): super::body::JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let id = super::body::session_id(&params, Some(&body))?;
+    Ok(Json(crate::ops::restart(&state, &id).await?))
+}
+
+/// Stops a session's worker; its next query starts a new one.
+pub(super) async fn stop(
+    State(state): State<Arc<AppState>>,
+    params: super::body::Params,
+    super::body::JsonObject(body): super::body::JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let id = super::body::session_id(&params, Some(&body))?;
+    Ok(Json(crate::ops::stop(&state, &id).await?))
 }

@@ -29,6 +29,8 @@ async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
         .args(["--host", "127.0.0.1", "--port", "0", "--workspace"])
         .arg(dir.join("ws"))
         .args(storage)
+        // Its own directory: the control socket and default data paths are relative to it.
+        .current_dir(dir)
         .env_clear()
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

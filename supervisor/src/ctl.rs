@@ -1,0 +1,161 @@
+//! The control socket: a local socket in a private directory (mode 0700, socket 0600), so file
+//! permissions decide who may operate the server. One JSON request per line, one JSON answer
+//! per line. `supervisor ctl ...` is its client.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use interprocess::local_socket::tokio::prelude::*;
+use interprocess::local_socket::tokio::{Listener, Stream};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// What a client may ask.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Sessions,
+    Workers,
+    Restart {
+        #[serde(rename = "sessionId")]
+        session_id: String,
+    },
+    Stop {
+        #[serde(rename = "sessionId")]
+        session_id: String,
+    },
+    Drain,
+    Resume,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another server is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("the server sent an invalid answer: {0}")]
+    Answer(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CtlError + '_ {
+    move |source| CtlError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Binds the control socket. A leftover socket file from a crashed server is replaced, but only
+/// after a connection attempt shows nobody is listening on it.
+///
+/// # Errors
+/// The directory or socket cannot be created, or a live server owns the path.
+pub(crate) async fn bind(path: &Path) -> Result<Listener, CtlError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
+    if path.exists() {
+        let name = path.to_fs_name::<GenericFilePath>().map_err(io(path))?;
+        if Stream::connect(name).await.is_ok() {
+            return Err(CtlError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io(path))?;
+    }
+    let name = path.to_fs_name::<GenericFilePath>().map_err(io(path))?;
+    ListenerOptions::new()
+        .name(name)
+        .mode(0o600)
+        .create_tokio()
+        .map_err(io(path))
+}
+
+/// Serves control connections until the server stops.
+pub(crate) async fn serve(listener: Listener, state: Arc<AppState>) {
+    loop {
+        let connection = tokio::select! {
+            connection = listener.accept() => connection,
+            () = state.shutdown.cancelled() => return,
+        };
+        match connection {
+            Ok(stream) => {
+                tokio::spawn(answer(stream, state.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
+        }
+    }
+}
+
+async fn answer(stream: Stream, state: Arc<AppState>) {
+    let mut line = String::new();
+    let read = BufReader::new((&stream).take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await;
+    let reply = match read {
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                tracing::info!(?request, "control request");
+                run(&state, request).await.unwrap_or_else(
+                    |e| json!({"success": false, "code": e.code(), "message": e.to_string()}),
+                )
+            }
+            Err(e) => {
+                json!({"success": false, "code": "INVALID_REQUEST", "message": e.to_string()})
+            }
+        },
+        Err(e) => json!({"success": false, "code": "INVALID_REQUEST", "message": e.to_string()}),
+    };
+    let mut out = reply.to_string();
+    out.push('\n');
+    let _ = (&stream).write_all(out.as_bytes()).await;
+}
+
+async fn run(state: &Arc<AppState>, request: Request) -> Result<Value, ApiError> {
+    Ok(match request {
+        Request::Sessions => {
+            json!({"success": true, "sessions": crate::ops::sessions(state).await?})
+        }
+        Request::Workers => json!({"success": true, "workers": crate::ops::workers(state).await}),
+        Request::Restart { session_id } => crate::ops::restart(state, &session_id).await?,
+        Request::Stop { session_id } => crate::ops::stop(state, &session_id).await?,
+        Request::Drain => crate::ops::set_draining(state, true),
+        Request::Resume => crate::ops::set_draining(state, false),
+    })
+}
+
+/// Client side: sends one request and returns the answer.
+///
+/// # Errors
+/// No server on the socket, or an unreadable answer.
+pub async fn call(path: &Path, request: &Request) -> Result<Value, CtlError> {
+    let name = path.to_fs_name::<GenericFilePath>().map_err(io(path))?;
+    let stream = Stream::connect(name).await.map_err(io(path))?;
+    let mut line = serde_json::to_string(request).map_err(|e| CtlError::Answer(e.to_string()))?;
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .await
+        .map_err(io(path))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .await
+        .map_err(io(path))?;
+    serde_json::from_str(&answer).map_err(|e| CtlError::Answer(e.to_string()))
+}

@@ -1,0 +1,113 @@
+//! Operations on a running server, offered both over HTTP (`/api/v1/workers`,
+//! `/api/v1/sessions/restart`, `/api/v1/sessions/stop`) and over the control socket
+//! (`supervisor ctl ...`), so the two can never disagree.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::{Value, json};
+use shared::ids::now_ms;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Every live worker: session, pid, state, uptime, memory, CPU time and events published.
+pub async fn workers(state: &AppState) -> Vec<Value> {
+    let mut report = Vec::new();
+    for session in state.sessions.all() {
+        let Some(worker) = session.worker().await else {
+            continue;
+        };
+        let running = session.activity.is_running();
+        let mut entry = json!({
+            "sessionId": session.id,
+            "pid": worker.pid,
+            "state": if running { "running" } else { "idle" },
+            "startedAt": worker.started_at,
+            "uptimeSecs": now_ms().saturating_sub(worker.started_at) / 1000,
+            "events": session.bus.latest(),
+        });
+        if let Some(rss) = proc_status_kib(worker.pid, "VmRSS:") {
+            entry["rssKib"] = json!(rss);
+        }
+        if let Some(cpu) = cpu_seconds(worker.pid) {
+            entry["cpuSecs"] = json!(cpu);
+        }
+        report.push(entry);
+    }
+    report.sort_by(|a, b| a["sessionId"].as_str().cmp(&b["sessionId"].as_str()));
+    report
+}
+
+/// Every stored session, with whether it is loaded and has a worker.
+///
+/// # Errors
+/// Storage failure.
+pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
+    Ok(state
+        .storage
+        .sessions()
+        .await?
+        .into_iter()
+        .map(|info| {
+            let live = state.sessions.get(&info.id);
+            json!({
+                "sessionId": info.id,
+                "name": info.metadata.as_ref().and_then(|m| m.get("name")).cloned().unwrap_or(Value::Null),
+                "updatedAt": info.updated_at,
+                "loaded": live.is_some(),
+                "worker": live.as_ref().is_some_and(|s| s.activity.has_worker()),
+                "running": live.as_ref().is_some_and(|s| s.activity.is_running()),
+            })
+        })
+        .collect())
+}
+
+/// Replaces one session's worker; the others are not touched.
+///
+/// # Errors
+/// Unknown session, a run in progress, or a worker that cannot start.
+pub async fn restart(state: &Arc<AppState>, session_id: &str) -> Result<Value, ApiError> {
+    let session = state.session(session_id).await?;
+    let worker = session.restart_worker(state).await?;
+    Ok(json!({"success": true, "sessionId": session.id, "pid": worker.pid}))
+}
+
+/// Stops one session's worker (a running run ends as an error); the next query starts a new one.
+///
+/// # Errors
+/// Unknown session.
+pub async fn stop(state: &AppState, session_id: &str) -> Result<Value, ApiError> {
+    let session = state.session(session_id).await?;
+    session.stop_worker().await;
+    Ok(json!({"success": true, "sessionId": session.id}))
+}
+
+/// Refuses new runs (running ones finish), or takes them again.
+pub fn set_draining(state: &AppState, draining: bool) -> Value {
+    state.draining.store(draining, Ordering::Release);
+    tracing::info!(draining, "drain mode changed");
+    json!({"success": true, "draining": draining})
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// User plus system CPU time of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; the fields after the last ')' do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks as f64 / per_second as f64)
+}

@@ -1,0 +1,196 @@
+//! Operating a running server through `supervisor ctl` (its control socket) and the matching
+//! HTTP routes: restart or stop one session without touching the others, drain, listings.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use anyhow::{Context, Result, ensure};
+use e2e::{LONG, Server, ServerOpts, pid_alive, supervisor_bin};
+use serde_json::{Value, json};
+
+fn socket(server: &Server) -> PathBuf {
+    server.tmp_dir().join("data").join("ctl.sock")
+}
+
+fn ctl(server: &Server, args: &[&str]) -> Result<Output> {
+    Ok(std::process::Command::new(supervisor_bin()?)
+        .env_clear()
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket(server))
+        .args(args)
+        .output()?)
+}
+
+fn ctl_json(server: &Server, args: &[&str]) -> Result<Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let output = ctl(server, &all)?;
+    ensure!(
+        output.status.success(),
+        "ctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_one_session_keeps_history_and_spares_the_others() -> Result<()> {
+    let server = Server::start_default().await?;
+    let a = server.create_session().await?;
+    let b = server.create_session().await?;
+    server.query(&a, "first a").await?;
+    server.query(&b, "first b").await?;
+    let a_pid = server.wait_worker_pid(&a).await?;
+    let b_pid = server.wait_worker_pid(&b).await?;
+    // A follower of a stays connected across the restart.
+    let latest = server
+        .events(&a)
+        .await?
+        .last()
+        .and_then(|e| e["seq"].as_u64())
+        .context("no seq")?;
+    let mut follower = server
+        .get_sse(
+            &format!("/api/v1/sessions/events/stream?sessionId={a}&after={latest}"),
+            &[],
+        )
+        .await?;
+
+    let answer = ctl_json(&server, &["restart", &a])?;
+    let new_pid = answer["pid"].as_u64().context("no pid")? as u32;
+    ensure!(new_pid != a_pid && !pid_alive(a_pid), "a got a new worker");
+    ensure!(server.wait_worker_pid(&a).await? == new_pid);
+    ensure!(
+        server.wait_worker_pid(&b).await? == b_pid && pid_alive(b_pid),
+        "b untouched"
+    );
+
+    let recall = server.query(&a, "RECALL").await?;
+    ensure!(recall["content"] == "recall: first a", "{recall}");
+    let seen = follower.read_until_type("agent_run_end", LONG).await?;
+    ensure!(
+        seen.iter()
+            .any(|f| f.ty() == "assistant_message" && f.data["content"] == "recall: first a")
+    );
+
+    // The same over HTTP, and ctl's listings.
+    let again = server
+        .post_ok("/api/v1/sessions/restart", &json!({"sessionId": b}))
+        .await?;
+    ensure!(again["pid"].as_u64().is_some_and(|p| p as u32 != b_pid));
+    let workers = ctl_json(&server, &["workers"])?;
+    let rows = workers["workers"].as_array().context("workers")?;
+    ensure!(rows.len() == 2);
+    for row in rows {
+        ensure!(
+            row["rssKib"].as_u64().is_some_and(|r| r > 0) && row["cpuSecs"].is_number(),
+            "{row}"
+        );
+        ensure!(row["state"] == "idle" && row["events"].as_u64().is_some());
+    }
+    let sessions = ctl_json(&server, &["sessions"])?;
+    ensure!(
+        sessions["sessions"]
+            .as_array()
+            .is_some_and(|s| s.len() == 2)
+    );
+    let table = ctl(&server, &["workers"])?;
+    let text = String::from_utf8_lossy(&table.stdout);
+    ensure!(
+        text.starts_with("sessionId\tpid\tstate") && text.contains(&a),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_is_refused_during_a_run_and_stop_ends_it() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    let mut stream = server.stream(&sid, "SLOW 200").await?;
+    stream.read_deltas(1, LONG).await?;
+    let refused = ctl(&server, &["restart", &sid])?;
+    ensure!(!refused.status.success());
+    ensure!(String::from_utf8_lossy(&refused.stderr).contains("SESSION_BUSY"));
+
+    let pid = server.wait_worker_pid(&sid).await?;
+    ctl_json(&server, &["stop", &sid])?;
+    let frames = stream.collect_until_end(LONG).await?;
+    let end = frames.last().context("no frames")?;
+    ensure!(end.ty() == "agent_run_end" && end.data["status"] == "error");
+    ensure!(!pid_alive(pid));
+    let again = server.query(&sid, "again").await?;
+    ensure!(
+        again["content"] == "echo: again",
+        "a new worker answers: {again}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_new_runs_and_lets_running_ones_finish() -> Result<()> {
+    let server = Server::start_default().await?;
+    let running = server.create_session().await?;
+    let idle = server.create_session().await?;
+    let mut stream = server.stream(&running, "SLOW 20").await?;
+    stream.read_deltas(1, LONG).await?;
+
+    ctl_json(&server, &["drain"])?;
+    let refused = server
+        .post_json(
+            "/api/v1/sessions/query",
+            &json!({"sessionId": idle, "query": "hi"}),
+        )
+        .await?;
+    refused.expect_error(503, "SERVER_DRAINING", "query while draining")?;
+    ensure!(refused.header("retry-after").is_some());
+    let frames = stream.collect_until_end(LONG).await?;
+    ensure!(
+        frames
+            .last()
+            .is_some_and(|f| f.ty() == "agent_run_end" && f.data["status"] == "idle"),
+        "the running run finished"
+    );
+
+    ctl_json(&server, &["resume"])?;
+    ensure!(server.query(&idle, "hi").await?["content"] == "echo: hi");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_does_not_steal_a_live_control_socket() -> Result<()> {
+    let first = Server::start_default().await?;
+    let config = json!({"server": {"controlSocket": socket(&first)}});
+    let exited = Server::expect_exit(
+        ServerOpts::new().config_file("config.json", config.to_string()),
+        std::time::Duration::from_secs(20),
+    )
+    .await?;
+    ensure!(!exited.status.success());
+    ensure!(
+        exited.stderr.contains("already listening"),
+        "{}",
+        exited.stderr
+    );
+    ensure!(
+        ctl_json(&first, &["workers"])?["success"] == true,
+        "the first server still answers"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_socket_is_private() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::start_default().await?;
+    let path = socket(&server);
+    let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "socket mode {mode:o}");
+    let dir_mode = std::fs::metadata(path.parent().context("no dir")?)?
+        .permissions()
+        .mode()
+        & 0o777;
+    ensure!(dir_mode == 0o700, "directory mode {dir_mode:o}");
+    Ok(())
+}
