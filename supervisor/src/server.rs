@@ -66,7 +66,24 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     runtime.block_on(serve(config))
 }
 
+/// Every worker costs the supervisor a few descriptors (its socket, its stderr, the child), so
+/// a soft limit of 1024, common by default, would cap a server near 300 sessions. The soft
+/// limit is raised to the hard one; workers get their own limits in their jail.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+    }
+}
+
 async fn serve(config: Config) -> Result<(), ServeError> {
+    raise_descriptor_limit();
     let workspace_root = prepare_workspace_root(&config.workspace)?;
     let exe = std::env::current_exe().map_err(ServeError::Executable)?;
     let spawner =

@@ -142,6 +142,9 @@ async fn main() -> Result<()> {
     let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
     let _ = child.start_kill();
 
+    let fleet = fleet_figures(&binary, &client).await?;
+    let soak = soak(&binary).await?;
+
     let durable = durable_figures(&binary, &client).await?;
     let restart = restart_with_stored_sessions(&binary, &client, 10_000).await?;
 
@@ -162,7 +165,9 @@ async fn main() -> Result<()> {
         "sqlite_durable_cost_per_query_ms_p50": durable["durable_cost_ms_p50"],
                 "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
         "sqlite_appends_per_second_8_writers": durable["appends_per_second"],
-        "restart_10000_sessions": restart,
+                "restart_10000_sessions": restart,
+        "fleet": fleet,
+        "soak": soak,
     });
     print_table(&report);
     if let Some(path) = json_out {
@@ -170,6 +175,166 @@ async fn main() -> Result<()> {
         println!("\nwrote {}", path.display());
     }
     Ok(())
+}
+
+/// SSE throughput with 100 sessions streaming at once, then memory with 1,000 live sessions
+/// (each has answered one query, so each has a worker).
+async fn fleet_figures(binary: &Path, client: &reqwest::Client) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let server = start(binary, dir.path(), &[]).await?;
+    let mut ids = Vec::new();
+    for _ in 0..1000 {
+        ids.push(create(client, &server.base).await?);
+    }
+    let t = Instant::now();
+    let per_session = 2_000;
+    let streams: Vec<_> = ids[..100]
+        .iter()
+        .map(|id| {
+            let client = client.clone();
+            let base = server.base.clone();
+            let id = id.clone();
+            tokio::spawn(async move { flood(&client, &base, &id, per_session).await })
+        })
+        .collect();
+    let mut events = 0;
+    for stream in streams {
+        events += stream.await??.0;
+    }
+    let sse_100 = events as f64 / t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let queries = futures::stream::iter(ids.iter().cloned())
+        .map(|id| {
+            let client = client.clone();
+            let base = server.base.clone();
+            async move { query(&client, &base, &id, "hi").await }
+        })
+        .buffer_unordered(16);
+    let results: Vec<Result<()>> = queries.collect().await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    let warm_all = t.elapsed();
+    let workers: Value = client
+        .get(format!("{}/api/v1/workers", server.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let pids: Vec<u32> = workers["workers"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(|w| w["pid"].as_u64())
+                .map(|p| p as u32)
+                .collect()
+        })
+        .unwrap_or_default();
+    let sum = |f: &dyn Fn(u32) -> Result<u64>| pids.iter().filter_map(|p| f(*p).ok()).sum::<u64>();
+    let workers_private = sum(&|p| status_kib(p, "RssAnon:"));
+    let workers_pss = sum(&pss_kib);
+    let supervisor_rss = rss_kib(server.pid)?;
+    Ok(json!({
+        "sse_events_per_second_100_sessions": sse_100.round(),
+        "live_workers": pids.len(),
+        "first_query_1000_sessions_seconds": (warm_all.as_secs_f64() * 10.0).round() / 10.0,
+        "supervisor_rss_kib": supervisor_rss,
+        "workers_private_kib_total": workers_private,
+        "workers_pss_kib_total": workers_pss,
+        "total_pss_mib": ((workers_pss + pss_kib(server.pid).unwrap_or(0)) as f64 / 1024.0).round(),
+    }))
+}
+
+/// 500 sessions streaming at once for `BENCH_SOAK_SECS` (default 120): every client checks
+/// that each stream's ids are contiguous (nothing lost, nothing twice) and that a session's
+/// streams continue each other; afterwards the supervisor's open fds and RSS are compared with
+/// their values before the soak.
+async fn soak(binary: &Path) -> Result<Value> {
+    let seconds: u64 = std::env::var("BENCH_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let sessions = 500;
+    let dir = tempfile::tempdir()?;
+    let server = start(binary, dir.path(), &[]).await?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(sessions)
+        .build()?;
+    let mut ids = Vec::new();
+    for _ in 0..sessions {
+        let id = create(&client, &server.base).await?;
+        query(&client, &server.base, &id, "warm up").await?;
+        ids.push(id);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds_before = std::fs::read_dir(format!("/proc/{}/fd", server.pid))?.count();
+    let rss_before = rss_kib(server.pid)?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let client = client.clone();
+            let base = server.base.clone();
+            tokio::spawn(async move {
+                let (mut runs, mut events, mut faults, mut last) = (0u64, 0u64, 0u64, 0u64);
+                while Instant::now() < until {
+                    let ids = stream_ids(&client, &base, &id, "FLOOD 200").await?;
+                    runs += 1;
+                    events += ids.len() as u64;
+                    let first = ids.first().copied().unwrap_or(0);
+                    if first <= last || ids.windows(2).any(|w| w[1] != w[0] + 1) {
+                        faults += 1;
+                    }
+                    last = ids.last().copied().unwrap_or(last);
+                }
+                anyhow::Ok((runs, events, faults))
+            })
+        })
+        .collect();
+    let (mut runs, mut events, mut faults) = (0, 0, 0);
+    for task in tasks {
+        let (r, e, f) = task.await??;
+        runs += r;
+        events += e;
+        faults += f;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fds_after = std::fs::read_dir(format!("/proc/{}/fd", server.pid))?.count();
+    let rss_after = rss_kib(server.pid)?;
+    Ok(json!({
+        "sessions": sessions,
+        "seconds": seconds,
+        "runs": runs,
+        "events": events,
+        "streams_with_a_gap_or_duplicate": faults,
+        "supervisor_fds_before": fds_before,
+        "supervisor_fds_after": fds_after,
+        "supervisor_rss_kib_before": rss_before,
+        "supervisor_rss_kib_after": rss_after,
+    }))
+}
+
+/// The seq ids of one streamed run, in arrival order.
+async fn stream_ids(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    text: &str,
+) -> Result<Vec<u64>> {
+    let response = client
+        .post(format!("{base}/api/v1/sessions/query/stream"))
+        .json(&json!({"sessionId": id, "query": text}))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("stream refused: {}", response.status());
+    }
+    let body = response.bytes().await?;
+    let text = std::str::from_utf8(&body)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect())
 }
 
 /// The same warm-session query against memory and SQLite storage, interleaved so both see the
@@ -494,16 +659,48 @@ fn print_table(report: &Value) {
     ] {
         println!("{:<48} {:>12}", key, report[key].to_string());
     }
-    let restart = &report["restart_10000_sessions"];
-    for key in [
-        "to_listening_ms",
-        "to_first_full_listing_ms",
-        "import_seconds",
+    for (section, keys) in [
+        (
+            "restart_10000_sessions",
+            &[
+                "to_listening_ms",
+                "to_first_full_listing_ms",
+                "import_seconds",
+            ][..],
+        ),
+        (
+            "fleet",
+            &[
+                "sse_events_per_second_100_sessions",
+                "live_workers",
+                "first_query_1000_sessions_seconds",
+                "supervisor_rss_kib",
+                "workers_private_kib_total",
+                "workers_pss_kib_total",
+                "total_pss_mib",
+            ][..],
+        ),
+        (
+            "soak",
+            &[
+                "sessions",
+                "seconds",
+                "runs",
+                "events",
+                "streams_with_a_gap_or_duplicate",
+                "supervisor_fds_before",
+                "supervisor_fds_after",
+                "supervisor_rss_kib_before",
+                "supervisor_rss_kib_after",
+            ][..],
+        ),
     ] {
-        println!(
-            "{:<48} {:>12}",
-            format!("restart_10000_sessions.{key}"),
-            restart[key].to_string()
-        );
+        for key in keys {
+            println!(
+                "{:<48} {:>12}",
+                format!("{section}.{key}"),
+                report[section][key].to_string()
+            );
+        }
     }
 }
