@@ -3,6 +3,7 @@
 //! - [`frame`]: the length-prefixed bincode framing used on the worker's fd 3 (the only place the
 //!   codec and the size cap are named).
 //! - [`protocol`]: the messages that travel in those frames, and the handshake version.
+//! - [`jail`]: the jail orders a launcher gets, and the self-audit a jailed worker reports.
 //! - [`events`]: the client-visible agent events (Tarko event stream), as JSON.
 //! - [`ids`]: session ids, event ids and the millisecond clock.
 #![forbid(unsafe_code)]
@@ -10,4 +11,5 @@
 pub mod events;
 pub mod frame;
 pub mod ids;
+pub mod jail;
 pub mod protocol;

@@ -37,6 +37,9 @@ pub struct Config {
     pub model: Option<ModelConfig>,
     #[serde(default)]
     pub log_level: Option<LogLevel>,
+    /// Isolation level, per-session limits and commands (all of it in `crate::isolation`).
+    #[serde(default)]
+    pub isolation: crate::isolation::IsolationConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 //! - `gateway`: model calls on behalf of workers (they hold no keys and no network).
 //! - [`error`]: every client-visible error and its status.
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
+//! - [`isolation`]: the isolation level in force, its limits, probes and report.
 
 mod api;
 mod bus;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 mod gateway;
 pub mod import;
+pub mod isolation;
 pub mod server;
 mod sessions;
 mod state;

@@ -1,41 +1,104 @@
 //! Starting worker processes: one long-lived spawner thread re-executes our own binary in its
-//! hidden `worker` mode (isolation.md S4–S5).
+//! hidden `worker` mode (isolation.md S1–S6).
 //!
 //! Why a dedicated thread: the parent-death signal armed in the child fires when the *thread*
 //! that forked it exits, not the process. tokio's blocking-pool threads come and go, so a worker
 //! spawned from one would be killed some seconds later. This thread lives as long as the
 //! supervisor, so a worker dies exactly when the supervisor does, even under SIGKILL.
+//!
+//! Per session, in order: its host identity (S1), its workspace directory owned by that identity
+//! (S2), its cgroup with limits (S3), the channel (S4), the exec with an empty environment and
+//! only fd 3 (S5), then the launcher is placed in the cgroup and only after that receives its jail
+//! spec, which is its "go" (S6): no session process ever runs outside its cgroup.
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, OnceLock};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use shared::frame::read_frame;
+use shared::jail::{JailAudit, JailFailure, JailLevel, JailSpec};
+use shared::protocol::FromWorker;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use super::WorkerError;
+use super::cgroup::SessionGroup;
+use crate::isolation::Isolation;
 
-/// A freshly started worker: its process and our end of its channel.
+/// `close_range` flag: mark the range close-on-exec instead of closing it.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+/// Where the T04 test hook puts its leaked descriptor.
+const LEAKED_FD: libc::c_int = 7;
+
+/// A freshly started worker: its process, our end of its channel, and its jail's host side.
 pub struct Spawned {
     pub child: Child,
     pub channel: UnixStream,
+    pub jail: SessionJail,
 }
 
-struct Job {
-    session_id: String,
-    reply: oneshot::Sender<std::io::Result<Spawned>>,
+/// What the supervisor holds for one worker's jail: the identity it runs as and its cgroup.
+/// Dropping it removes the cgroup (after killing anything left in it).
+pub struct SessionJail {
+    pub ids: Option<(u32, u32)>,
+    pub cgroup: Option<SessionGroup>,
 }
 
-/// Handle to the spawner thread.
+impl SessionJail {
+    /// Which resource limit, if any, the cgroup counters say the session ran into.
+    pub fn limit_hit(&self) -> Option<&'static str> {
+        self.cgroup.as_ref().and_then(SessionGroup::limit_hit)
+    }
+
+    /// S8: kill whatever is left of the session and remove its cgroup.
+    pub async fn teardown(&mut self) {
+        if let Some(group) = self.cgroup.as_mut() {
+            group.teardown().await;
+        }
+    }
+}
+
+/// How a start-up probe ended.
+pub enum ProbeOutcome {
+    /// The jail was built: its audit and the in-jail checks (JSON).
+    Jailed {
+        audit: Box<JailAudit>,
+        report: String,
+    },
+    /// A jail step failed, and the worker said which.
+    Failed(JailFailure),
+    /// The launcher died without saying anything useful.
+    Died(String),
+}
+
+enum Job {
+    Session {
+        isolation: Arc<Isolation>,
+        session_id: String,
+        workspace: PathBuf,
+        reply: oneshot::Sender<std::io::Result<Spawned>>,
+    },
+    Probe {
+        spec: Box<JailSpec>,
+        reply: oneshot::Sender<std::io::Result<(Child, UnixStream)>>,
+    },
+}
+
+/// Handle to the spawner thread, and the isolation in force.
 pub struct Spawner {
     jobs: std_mpsc::Sender<Job>,
+    isolation: OnceLock<Arc<Isolation>>,
 }
 
 impl Spawner {
-    /// Starts the spawner thread. `exe` is the binary to re-execute (our own).
+    /// Starts the spawner thread. `exe` is the binary to re-execute (our own). Until
+    /// [`Spawner::set_isolation`] is called, the isolation is an unprobed `none`.
     ///
     /// # Errors
     /// The thread could not be created.
@@ -48,21 +111,66 @@ impl Spawner {
                 // the supervisor awaits each exit asynchronously.
                 let _guard = runtime.enter();
                 for job in rx {
-                    let _ = job.reply.send(spawn_one(&exe, &job.session_id));
+                    match job {
+                        Job::Session {
+                            isolation,
+                            session_id,
+                            workspace,
+                            reply,
+                        } => {
+                            let _ = reply.send(spawn_session(
+                                &exe,
+                                &isolation,
+                                &session_id,
+                                &workspace,
+                            ));
+                        }
+                        Job::Probe { spec, reply } => {
+                            let _ =
+                                reply.send(launch(&exe, &["--probe".into()], &spec, None, false));
+                        }
+                    }
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            isolation: OnceLock::new(),
+        })
     }
 
-    /// Starts the worker process of `session_id`.
+    /// Fixes the isolation decided at start-up; later calls are ignored (a level never changes
+    /// at runtime, §3.2).
+    pub fn set_isolation(&self, isolation: Arc<Isolation>) {
+        let _ = self.isolation.set(isolation);
+    }
+
+    /// The isolation in force.
+    pub fn isolation(&self) -> Arc<Isolation> {
+        static UNSET: OnceLock<Arc<Isolation>> = OnceLock::new();
+        self.isolation
+            .get()
+            .unwrap_or_else(|| UNSET.get_or_init(Default::default))
+            .clone()
+    }
+
+    /// Starts the worker process of `session_id`, jailed to `workspace`.
     ///
     /// # Errors
-    /// The spawner is gone or the process could not be started.
-    pub async fn spawn(&self, session_id: &str) -> Result<Spawned, WorkerError> {
+    /// The spawner is gone, or a step of S1–S6 failed.
+    pub async fn spawn(&self, session_id: &str, workspace: &Path) -> Result<Spawned, WorkerError> {
+        let isolation = self.isolation();
+        if isolation.level == JailLevel::None {
+            tracing::warn!(
+                session_id,
+                "starting a worker WITHOUT isolation (--isolation none)"
+            );
+        }
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .send(Job::Session {
+                isolation,
                 session_id: session_id.to_owned(),
+                workspace: workspace.to_owned(),
                 reply,
             })
             .map_err(|_| WorkerError::Spawn("the spawner thread has stopped".into()))?;
@@ -70,9 +178,117 @@ impl Spawner {
             .map_err(|_| WorkerError::Spawn("the spawner thread dropped the request".into()))?
             .map_err(|e| WorkerError::Spawn(e.to_string()))
     }
+
+    /// Runs one start-up probe (isolation.md §3.3) through the same spawn path as sessions.
+    ///
+    /// # Errors
+    /// The spawner is gone or the process could not be started.
+    pub async fn probe(&self, spec: JailSpec) -> Result<ProbeOutcome, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Probe {
+                spec: Box::new(spec),
+                reply,
+            })
+            .map_err(|_| WorkerError::Spawn("the spawner thread has stopped".into()))?;
+        let (mut child, channel) = rx
+            .await
+            .map_err(|_| WorkerError::Spawn("the spawner thread dropped the request".into()))?
+            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+        let mut read = channel;
+        let outcome = match read_frame::<_, FromWorker>(&mut read).await {
+            Ok(Some(FromWorker::Jailed(audit))) => match read_frame::<_, FromWorker>(&mut read)
+                .await
+            {
+                Ok(Some(FromWorker::ProbeReport { json })) => ProbeOutcome::Jailed {
+                    audit,
+                    report: json,
+                },
+                other => ProbeOutcome::Died(format!("no probe report after the audit: {other:?}")),
+            },
+            Ok(Some(FromWorker::JailFailed(failure))) => ProbeOutcome::Failed(failure),
+            Ok(Some(other)) => ProbeOutcome::Died(format!("unexpected first message {other:?}")),
+            Ok(None) => {
+                let status = child.wait().await.ok();
+                ProbeOutcome::Died(format!(
+                    "the launcher exited without a report ({})",
+                    super::describe_exit(status)
+                ))
+            }
+            Err(e) => ProbeOutcome::Died(format!("bad frame from the probe: {e}")),
+        };
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        Ok(outcome)
+    }
 }
 
-fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
+/// S1–S6 for one session.
+fn spawn_session(
+    exe: &Path,
+    isolation: &Isolation,
+    session_id: &str,
+    workspace: &Path,
+) -> std::io::Result<Spawned> {
+    let jailed = isolation.level != JailLevel::None;
+    let ids = isolation.session_ids(session_id);
+    if jailed {
+        prepare_workspace(workspace, ids)?;
+    }
+    let cgroup = if jailed {
+        isolation
+            .session_cgroup(session_id)
+            .map_err(|e| std::io::Error::other(format!("creating the session's cgroup: {e}")))?
+    } else {
+        None
+    };
+    let spec = isolation.session_spec(workspace, ids);
+    let args = [format!("--session={session_id}")];
+    let (child, channel) = launch(exe, &args, &spec, cgroup.as_ref(), isolation.test_leak_fd())?;
+    Ok(Spawned {
+        child,
+        channel,
+        jail: SessionJail { ids, cgroup },
+    })
+}
+
+/// S2: the workspace directory exists, is a real directory (not a symlink), belongs to the
+/// session's host identity, and is private. Done through one `O_NOFOLLOW` handle, so nothing the
+/// worker could have planted is followed.
+fn prepare_workspace(path: &Path, ids: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(path)?;
+        }
+        Err(e) => return Err(e),
+    }
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            std::io::Error::other(format!("opening the workspace {}: {e}", path.display()))
+        })?;
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
+    }
+    dir.set_permissions(std::fs::Permissions::from_mode(0o700))
+}
+
+/// S4–S6: channel, exec, cgroup placement, then the spec ("go").
+fn launch(
+    exe: &Path,
+    args: &[String],
+    spec: &JailSpec,
+    cgroup: Option<&SessionGroup>,
+    leak_fd: bool,
+) -> std::io::Result<(Child, UnixStream)> {
     // Both ends are close-on-exec; the child's end is duplicated onto fd 3 (which clears the
     // flag) in pre_exec, so no other descriptor of ours crosses the exec.
     let (ours, theirs): (OwnedFd, OwnedFd) = socketpair(
@@ -83,12 +299,25 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
     )?;
     let child_fd = theirs.as_raw_fd();
     let supervisor_pid = std::process::id();
+    // Test builds: a host directory fd the launcher must get rid of (T04).
+    let leaked: Option<OwnedFd> = if leak_fd {
+        Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open("/")?
+                .into(),
+        )
+    } else {
+        None
+    };
+    let leaked_raw = leaked.as_ref().map_or(-1, AsRawFd::as_raw_fd);
 
     let mut command = Command::new(exe);
     command
         .arg("worker")
         // `=` form: ids may start with `-`, which would otherwise read as a flag.
-        .arg(format!("--session={session_id}"))
+        .args(args)
         // No secret and no configuration reaches a worker through its environment.
         .env_clear()
         .stdin(Stdio::null())
@@ -96,7 +325,8 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
-    // functions (dup2, fcntl, setsid, prctl, getppid, _exit) on plain integers it captured.
+    // functions (dup2, fcntl, setsid, prctl, getppid, close_range, _exit) on plain integers it
+    // captured.
     unsafe {
         command.pre_exec(move || {
             if child_fd == worker::CHANNEL_FD {
@@ -105,6 +335,12 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
                     return Err(std::io::Error::last_os_error());
                 }
             } else if libc::dup2(child_fd, worker::CHANNEL_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Everything above fd 3 is close-on-exec, whatever a library opened without the
+            // flag (the launcher closes the rest again first thing, L1).
+            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+            if leaked_raw >= 0 && libc::dup2(leaked_raw, LEAKED_FD) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             // Own session: no controlling terminal, and signals to our process group miss it.
@@ -121,12 +357,28 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
             Ok(())
         });
     }
-    let child = command.spawn()?;
+    let mut child = command.spawn()?;
     drop(theirs);
-    let std_stream = std::os::unix::net::UnixStream::from(ours);
-    std_stream.set_nonblocking(true)?;
-    Ok(Spawned {
-        child,
-        channel: UnixStream::from_std(std_stream)?,
-    })
+    drop(leaked);
+    let mut ours = std::os::unix::net::UnixStream::from(ours);
+    let placed_and_released = (|| -> std::io::Result<()> {
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the launcher exited at once"))?;
+        if let Some(group) = cgroup {
+            group.place(pid).map_err(|e| {
+                std::io::Error::other(format!("placing the launcher in its cgroup: {e}"))
+            })?;
+        }
+        // "go": the launcher blocks on this frame before it does anything else. A spec is a few
+        // hundred bytes, far below the socket buffer, so this never blocks the spawner thread.
+        let frame = shared::frame::encode(spec).map_err(std::io::Error::other)?;
+        ours.write_all(&frame)
+    })();
+    if let Err(e) = placed_and_released {
+        let _ = child.start_kill();
+        return Err(e);
+    }
+    ours.set_nonblocking(true)?;
+    Ok((child, UnixStream::from_std(ours)?))
 }
