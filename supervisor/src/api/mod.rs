@@ -1,6 +1,7 @@
 //! The HTTP surface: every route in one table, plus the layers every response passes through.
 
 mod body;
+mod files;
 mod probe;
 mod runs;
 mod sessions;
@@ -48,8 +49,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/abort", post(runs::abort))
         .route("/api/v1/oneshot/query", post(runs::oneshot))
         .route("/api/v1/oneshot/query/stream", post(runs::oneshot_stream))
+        .merge(files::routes())
         .merge(probe::routes())
-        .fallback(not_found)
+        .fallback(files::workspace_static)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(cors))
