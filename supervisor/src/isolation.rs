@@ -26,7 +26,7 @@ use shared::jail::{INSIDE_ID, JailAudit, JailLevel, JailLimits, JailSpec, WORKSP
 
 use crate::state::AppState;
 use crate::workers::cgroup::{CgroupRoot, GroupLimits};
-use crate::workers::{ProbeOutcome, Spawner};
+use crate::workers::{ProbeOutcome, Spawner, TestHooks as TestSpawnHooks};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -159,6 +159,9 @@ pub struct TestHooks {
     pub probe_server: bool,
     /// Leak an `O_PATH` fd of the host `/` into each launcher at fd 7 (T04).
     pub leak_fd: bool,
+    /// Start every launcher (probes included) under a seccomp filter that refuses namespace
+    /// creation, as a container's default profile does (T59).
+    pub deny_namespaces: bool,
 }
 
 /// The `isolation` section of the configuration.
@@ -426,17 +429,23 @@ fn host_database_ids() -> HashSet<u32> {
 
 /// Remedies printed when a level's probe fails, by failed step.
 fn remedies(level: &str, step: &str) -> String {
-    let namespaces = "Likely causes: unprivileged user namespaces are restricted \
+    let as_root = if is_root() {
+        ""
+    } else {
+        "run the server as root; "
+    };
+    let namespaces = format!(
+        "Likely causes: unprivileged user namespaces are restricted \
         (kernel.apparmor_restrict_unprivileged_userns=1 on Ubuntu 23.10+, user.max_user_namespaces=0, \
         kernel.unprivileged_userns_clone=0), a container's seccomp profile (Docker's default \
-        refuses unshare/mount), or a systemd unit with RestrictNamespaces=. Fix one of: run the \
-        server as root; install an AppArmor profile granting 'userns' to this binary; set the \
-        sysctl to allow user namespaces; give the container CAP_SYS_ADMIN and a seccomp profile \
-        that allows unshare, mount and pivot_root; or start with --isolation chroot (weaker, see \
-        the README)";
+        refuses unshare/mount), or a systemd unit with RestrictNamespaces=. Fix one of: {as_root}\
+        install an AppArmor profile granting 'userns' to this binary; set the sysctl to allow \
+        user namespaces; give the container CAP_SYS_ADMIN and a seccomp profile that allows \
+        unshare, mount and pivot_root; or start with --isolation chroot (weaker, see the README)"
+    );
     let generic = "See the README's Isolation section for what each level needs";
     match (level, step) {
-        ("strict", "clone" | "user namespace" | "uid switch") => namespaces.into(),
+        ("strict", "clone" | "user namespace" | "uid switch") => namespaces,
         ("strict", "mounts" | "pivot_root" | "detach old root") => {
             format!("Mounting inside the new namespace was refused. {namespaces}")
         }
@@ -679,7 +688,8 @@ impl Isolation {
         spec.user_namespace = user_namespace;
         spec.probe = true;
         spec.probe_server = false;
-        let outcome = tokio::time::timeout(PROBE_TIMEOUT, spawner.probe(spec)).await;
+        let hooks = self.test_hooks();
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, spawner.probe(spec, hooks)).await;
         let _ = std::fs::remove_dir_all(&dir);
         let outcome = match outcome {
             Ok(Ok(outcome)) => outcome,
@@ -753,15 +763,18 @@ impl Isolation {
         false
     }
 
-    /// Test builds: whether launchers get a leaked fd at 7 (T04).
+    /// Test builds: the launcher hooks of the isolation tests (none in release builds).
     #[cfg(feature = "isolation-tests")]
-    pub fn test_leak_fd(&self) -> bool {
-        self.config.test.leak_fd
+    pub fn test_hooks(&self) -> TestSpawnHooks {
+        TestSpawnHooks {
+            leak_fd: self.config.test.leak_fd,
+            deny_namespaces: self.config.test.deny_namespaces,
+        }
     }
 
     #[cfg(not(feature = "isolation-tests"))]
-    pub fn test_leak_fd(&self) -> bool {
-        false
+    pub fn test_hooks(&self) -> TestSpawnHooks {
+        TestSpawnHooks::default()
     }
 
     /// S1: the host uid/gid of a session in root mode; `None` when sessions use the server's.

@@ -894,6 +894,7 @@ fn daemon() -> Value {
             let grandchild = libc::fork();
             if grandchild == 0 {
                 send_u64(&write, libc::getpid() as u64);
+                libc::close(write.as_raw_fd());
                 loop {
                     libc::pause();
                 }

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use spawn::{ProbeOutcome, Spawner};
+pub use spawn::{ProbeOutcome, Spawner, TestHooks};
 
 use crate::sessions::Session;
 use crate::state::AppState;
@@ -127,6 +127,7 @@ pub async fn start(
         .into_iter()
         .map(|e| e.json.to_string())
         .collect();
+    let spawning = std::time::Instant::now();
     let spawn::Spawned {
         mut child,
         channel,
@@ -221,7 +222,9 @@ pub async fn start(
         .run(child, read)
         .instrument(span),
     );
-    tracing::info!(session_id = %session.id, pid, "worker ready");
+    // Spawn, jail, audit and handshake together: the latency a session's first query pays.
+    let startup_us = spawning.elapsed().as_micros() as u64;
+    tracing::info!(session_id = %session.id, pid, startup_us, "worker ready");
     Ok(handle)
 }
 

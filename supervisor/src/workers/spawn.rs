@@ -86,8 +86,18 @@ enum Job {
     },
     Probe {
         spec: Box<JailSpec>,
+        hooks: TestHooks,
         reply: oneshot::Sender<std::io::Result<(Child, UnixStream)>>,
     },
+}
+
+/// Test builds: what a launcher is started with besides its spec (isolation.md §4.2).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TestHooks {
+    /// T04: an `O_PATH` fd of the host `/` leaked into the launcher at fd 7.
+    pub leak_fd: bool,
+    /// T59: a seccomp filter refusing namespace creation, installed before `exec`.
+    pub deny_namespaces: bool,
 }
 
 /// Handle to the spawner thread, and the isolation in force.
@@ -125,9 +135,9 @@ impl Spawner {
                                 &workspace,
                             ));
                         }
-                        Job::Probe { spec, reply } => {
-                            let _ =
-                                reply.send(launch(&exe, &["--probe".into()], &spec, None, false));
+                        Job::Probe { spec, hooks, reply } => {
+                            let args = ["--probe".to_owned()];
+                            let _ = reply.send(launch(&exe, &args, &spec, None, hooks));
                         }
                     }
                 }
@@ -183,11 +193,16 @@ impl Spawner {
     ///
     /// # Errors
     /// The spawner is gone or the process could not be started.
-    pub async fn probe(&self, spec: JailSpec) -> Result<ProbeOutcome, WorkerError> {
+    pub async fn probe(
+        &self,
+        spec: JailSpec,
+        hooks: TestHooks,
+    ) -> Result<ProbeOutcome, WorkerError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job::Probe {
                 spec: Box::new(spec),
+                hooks,
                 reply,
             })
             .map_err(|_| WorkerError::Spawn("the spawner thread has stopped".into()))?;
@@ -244,7 +259,7 @@ fn spawn_session(
     };
     let spec = isolation.session_spec(workspace, ids);
     let args = [format!("--session={session_id}")];
-    let (child, channel) = launch(exe, &args, &spec, cgroup.as_ref(), isolation.test_leak_fd())?;
+    let (child, channel) = launch(exe, &args, &spec, cgroup.as_ref(), isolation.test_hooks())?;
     Ok(Spawned {
         child,
         channel,
@@ -281,13 +296,38 @@ fn prepare_workspace(path: &Path, ids: Option<(u32, u32)>) -> std::io::Result<()
     dir.set_permissions(std::fs::Permissions::from_mode(0o700))
 }
 
+/// The T59 filter as raw BPF instructions, built before the fork (nothing may allocate after it).
+#[cfg(feature = "isolation-tests")]
+fn deny_namespaces_filter(hooks: TestHooks) -> std::io::Result<Option<Vec<libc::sock_filter>>> {
+    if !hooks.deny_namespaces {
+        return Ok(None);
+    }
+    let program = worker::jail::seccomp::namespace_denial().map_err(std::io::Error::other)?;
+    Ok(Some(
+        program
+            .into_iter()
+            .map(|i| libc::sock_filter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            })
+            .collect(),
+    ))
+}
+
+#[cfg(not(feature = "isolation-tests"))]
+fn deny_namespaces_filter(_hooks: TestHooks) -> std::io::Result<Option<Vec<libc::sock_filter>>> {
+    Ok(None)
+}
+
 /// S4–S6: channel, exec, cgroup placement, then the spec ("go").
 fn launch(
     exe: &Path,
     args: &[String],
     spec: &JailSpec,
     cgroup: Option<&SessionGroup>,
-    leak_fd: bool,
+    hooks: TestHooks,
 ) -> std::io::Result<(Child, UnixStream)> {
     // Both ends are close-on-exec; the child's end is duplicated onto fd 3 (which clears the
     // flag) in pre_exec, so no other descriptor of ours crosses the exec.
@@ -300,7 +340,7 @@ fn launch(
     let child_fd = theirs.as_raw_fd();
     let supervisor_pid = std::process::id();
     // Test builds: a host directory fd the launcher must get rid of (T04).
-    let leaked: Option<OwnedFd> = if leak_fd {
+    let leaked: Option<OwnedFd> = if hooks.leak_fd {
         Some(
             std::fs::OpenOptions::new()
                 .read(true)
@@ -312,6 +352,7 @@ fn launch(
         None
     };
     let leaked_raw = leaked.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+    let denial = deny_namespaces_filter(hooks)?;
 
     let mut command = Command::new(exe);
     command
@@ -342,6 +383,22 @@ fn launch(
             libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
             if leaked_raw >= 0 && libc::dup2(leaked_raw, LEAKED_FD) == -1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(filter) = &denial {
+                let program = libc::sock_fprog {
+                    len: filter.len() as libc::c_ushort,
+                    filter: filter.as_ptr().cast_mut(),
+                };
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1
+                    || libc::syscall(
+                        libc::SYS_seccomp,
+                        libc::SECCOMP_SET_MODE_FILTER,
+                        0,
+                        &program as *const libc::sock_fprog,
+                    ) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // Own session: no controlling terminal, and signals to our process group miss it.
             if libc::setsid() == -1 {

@@ -17,7 +17,7 @@ mod mounts;
 pub(crate) mod namespaces;
 pub(crate) mod privileges;
 mod rlimits;
-pub(crate) mod seccomp;
+pub mod seccomp;
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;

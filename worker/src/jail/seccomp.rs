@@ -321,6 +321,24 @@ pub(crate) fn install_monitor() -> Result<(), JailError> {
     seccompiler::apply_filter(&program).map_err(err)
 }
 
+/// Test builds only (T59): a filter like a container runtime's default profile, refusing
+/// `unshare` and `clone` with namespace flags, so tests can show what happens on a host where
+/// `strict` is unavailable. The supervisor installs it in a launcher before `exec`.
+#[cfg(feature = "isolation-tests")]
+pub fn namespace_denial() -> Result<BpfProgram, JailError> {
+    use SeccompCmpArgLen::Qword;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_unshare, Vec::new());
+    rules.insert(libc::SYS_setns, Vec::new());
+    let clone_rules = CLONE_NEW_FLAGS
+        .iter()
+        .map(|&bit| rule(vec![cond(0, Qword, SeccompCmpOp::MaskedEq(bit), bit)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_clone, clone_rules);
+    rules.insert(libc::SYS_clone3, Vec::new());
+    compile(rules, SeccompAction::Errno(libc::EPERM as u32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
