@@ -134,8 +134,10 @@ pub async fn start(
         jail,
     } = state.spawner.spawn(&session.id, &session.workspace).await?;
     let pid = child.id().unwrap_or_default();
+    let spawn_us = spawning.elapsed().as_micros() as u64;
     let (mut read, mut write) = channel.into_split();
     let isolation = state.spawner.isolation();
+    let mut jail_us = 0;
 
     let init = ToWorker::Init(Init {
         protocol_version: PROTOCOL_VERSION,
@@ -146,7 +148,10 @@ pub async fn start(
     // First the jail's self-audit (W13), checked before the session is used; then Init/Ready.
     let handshake = async {
         let audit = match read_frame::<_, FromWorker>(&mut read).await {
-            Ok(Some(FromWorker::Jailed(audit))) => audit,
+            Ok(Some(FromWorker::Jailed(audit))) => {
+                jail_us = spawning.elapsed().as_micros() as u64;
+                audit
+            }
             Ok(Some(FromWorker::JailFailed(f))) => {
                 return Err(Some(format!(
                     "SANDBOX_SETUP_FAILED: jail step '{}' failed: {}",
@@ -224,7 +229,7 @@ pub async fn start(
     );
     // Spawn, jail, audit and handshake together: the latency a session's first query pays.
     let startup_us = spawning.elapsed().as_micros() as u64;
-    tracing::info!(session_id = %session.id, pid, startup_us, "worker ready");
+    tracing::info!(session_id = %session.id, pid, spawn_us, jail_us, startup_us, "worker ready");
     Ok(handle)
 }
 

@@ -245,6 +245,7 @@ fn spawn_session(
     session_id: &str,
     workspace: &Path,
 ) -> std::io::Result<Spawned> {
+    let started = std::time::Instant::now();
     let jailed = isolation.level != JailLevel::None;
     let ids = isolation.session_ids(session_id);
     if jailed {
@@ -257,6 +258,11 @@ fn spawn_session(
     } else {
         None
     };
+    tracing::debug!(
+        session_id,
+        prepare_us = started.elapsed().as_micros() as u64,
+        "workspace and cgroup ready"
+    );
     let spec = isolation.session_spec(workspace, ids);
     let args = [format!("--session={session_id}")];
     let (child, channel) = launch(exe, &args, &spec, cgroup.as_ref(), isolation.test_hooks())?;
@@ -414,7 +420,9 @@ fn launch(
             Ok(())
         });
     }
+    let t0 = std::time::Instant::now();
     let mut child = command.spawn()?;
+    let exec_us = t0.elapsed().as_micros() as u64;
     drop(theirs);
     drop(leaked);
     let mut ours = std::os::unix::net::UnixStream::from(ours);
@@ -436,6 +444,11 @@ fn launch(
         let _ = child.start_kill();
         return Err(e);
     }
+    tracing::debug!(
+        exec_us,
+        placed_us = t0.elapsed().as_micros() as u64,
+        "launcher started"
+    );
     ours.set_nonblocking(true)?;
     Ok((child, UnixStream::from_std(ours)?))
 }

@@ -7,9 +7,10 @@
 
 use super::JailError;
 
-/// Highest fd number the checks look at. RLIMIT_NOFILE is 1024 in the jail; the launcher's own
-/// soft limit may be higher, which `close_range` covers regardless.
-const CHECKED_FDS: libc::c_int = 4096;
+/// Fds the checks look at: the jail's RLIMIT_NOFILE default. Everything above 3 was closed by
+/// `close_range` (whatever the limit), and descriptors opened during setup get the lowest free
+/// numbers, so this range is where a leak would show.
+const CHECKED_FDS: libc::c_int = 1024;
 
 /// Whether `fd` is open.
 fn is_open(fd: libc::c_int) -> bool {
@@ -29,11 +30,18 @@ pub(crate) fn close_inherited() -> Result<(), JailError> {
     // any Rust object yet (this runs first in the launcher).
     let rc = unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
     if rc != 0 {
-        for fd in 4..CHECKED_FDS {
-            if is_open(fd) {
-                // SAFETY: as above; closing an fd nobody owns.
-                unsafe { libc::close(fd) };
-            }
+        // Old kernel: close what /proc lists (it sees every number), else a wide scan.
+        let listed: Vec<libc::c_int> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_else(|_| (4..65_536).collect());
+        for fd in listed.into_iter().filter(|fd| *fd > 3) {
+            // SAFETY: as above; closing an fd nobody owns (EBADF for the listing's own fd,
+            // already closed when the iterator was dropped, is harmless).
+            unsafe { libc::close(fd) };
         }
     }
     verify_only_standard()
