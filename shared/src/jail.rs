@@ -49,6 +49,9 @@ pub const INSIDE_ID: u32 = 1000;
 /// The launcher's orders ("go"), the first frame on a fresh channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JailSpec {
+    /// The session this worker serves. It travels here, not on the command line, because a
+    /// pooled launcher is started before its session is known.
+    pub session_id: String,
     pub level: JailLevel,
     /// Absolute host path of the session's workspace directory. The supervisor created it and
     /// the worker cannot rename it (its parent is not writable by sessions).

@@ -684,7 +684,7 @@ impl Isolation {
         if let Some((uid, gid)) = ids {
             let _ = std::os::unix::fs::chown(&dir, Some(uid), Some(gid));
         }
-        let mut spec = self.spec_for(level, &dir, ids);
+        let mut spec = self.spec_for("probe", level, &dir, ids);
         spec.user_namespace = user_namespace;
         spec.probe = true;
         spec.probe_server = false;
@@ -739,8 +739,15 @@ impl Isolation {
         }
     }
 
-    fn spec_for(&self, level: JailLevel, workspace: &Path, ids: Option<(u32, u32)>) -> JailSpec {
+    fn spec_for(
+        &self,
+        session_id: &str,
+        level: JailLevel,
+        workspace: &Path,
+        ids: Option<(u32, u32)>,
+    ) -> JailSpec {
         JailSpec {
+            session_id: session_id.to_owned(),
             level,
             workspace: workspace.to_string_lossy().into_owned(),
             stage: self.stage.to_string_lossy().into_owned(),
@@ -798,8 +805,13 @@ impl Isolation {
     }
 
     /// The jail spec of one session's launcher.
-    pub fn session_spec(&self, workspace: &Path, ids: Option<(u32, u32)>) -> JailSpec {
-        self.spec_for(self.level, workspace, ids)
+    pub fn session_spec(
+        &self,
+        session_id: &str,
+        workspace: &Path,
+        ids: Option<(u32, u32)>,
+    ) -> JailSpec {
+        self.spec_for(session_id, self.level, workspace, ids)
     }
 
     /// Whether this isolation may jail anything (false until the probes ran).

@@ -1,4 +1,4 @@
-//! The one binary: `supervisor` serves; `supervisor worker --session <id>` (hidden) is how the
+//! The one binary: `supervisor` serves; `supervisor worker --pooled` (hidden) is how the
 //! supervisor starts a session's worker, by re-executing itself.
 
 use std::io::IsTerminal;
@@ -34,11 +34,14 @@ enum Command {
     /// Run one session's worker (started by the supervisor, never by hand).
     #[command(hide = true)]
     Worker {
-        #[arg(long, required_unless_present = "probe")]
+        #[arg(long)]
         session: Option<String>,
         /// Start-up probe of an isolation level (isolation.md §3.3).
         #[arg(long)]
         probe: bool,
+        /// A pooled launcher: its session comes with its jail spec.
+        #[arg(long)]
+        pooled: bool,
     },
 }
 
@@ -93,9 +96,7 @@ struct ServeArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Worker { session, probe }) => {
-            run_worker(session.unwrap_or_else(|| "probe".into()), probe)
-        }
+        Some(Command::Worker { session, probe, .. }) => run_worker(session, probe),
         Some(Command::Import { from, target }) => run_import(&from, *target),
         None => run_server(cli.serve),
     }
@@ -143,7 +144,7 @@ fn load_config(args: ServeArgs) -> supervisor::config::Config {
     }
 }
 
-fn run_worker(session_id: String, probe: bool) -> anyhow::Result<()> {
+fn run_worker(session_id: Option<String>, probe: bool) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)

@@ -1,4 +1,4 @@
-//! The per-session worker: what runs inside `supervisor worker --session=<id>`.
+//! The per-session worker: what runs inside `supervisor worker --pooled` (or `--session=<id>`).
 //!
 //! Start-up order (each step says why it sits where it is; isolation.md §2.3 has the detail):
 //! 1. [`self_check`] (L0): the environment must be empty, we must be the only thread, and fd 3
@@ -36,7 +36,8 @@ pub const EXIT_JAIL: i32 = 74;
 /// is visible to every process on the host.
 #[derive(Debug, Clone)]
 pub struct WorkerArgs {
-    pub session_id: String,
+    /// The session, when it is known at spawn time; a pooled launcher learns it from its spec.
+    pub session_id: Option<String>,
     /// Start-up probe (isolation.md §3.3): build the jail, check it, report, exit.
     pub probe: bool,
 }
@@ -84,6 +85,15 @@ pub fn launch(args: &WorkerArgs) -> Result<(), WorkerError> {
     self_check()?;
     jail::fds::close_inherited().map_err(|e| WorkerError::SelfCheck(e.to_string()))?;
     let spec = channel::read_spec(CHANNEL_FD).map_err(WorkerError::SelfCheck)?;
+    if args
+        .session_id
+        .as_ref()
+        .is_some_and(|id| *id != spec.session_id)
+    {
+        return Err(WorkerError::SelfCheck(
+            "the jail spec names a different session than the command line".into(),
+        ));
+    }
     if spec.probe != args.probe {
         return Err(WorkerError::SelfCheck(
             "the jail spec and the command line disagree on probe mode".into(),
@@ -121,9 +131,9 @@ pub fn launch(args: &WorkerArgs) -> Result<(), WorkerError> {
             channel::open(CHANNEL_FD).map_err(|e| WorkerError::SelfCheck(e.to_string()))?;
         #[cfg(feature = "isolation-tests")]
         if spec.probe_server {
-            return probe::serve_beside_agent(&args.session_id, stream).await;
+            return probe::serve_beside_agent(&spec.session_id, stream).await;
         }
-        agent::serve(&args.session_id, stream).await
+        agent::serve(&spec.session_id, stream).await
     })
 }
 

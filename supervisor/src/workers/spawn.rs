@@ -10,6 +10,12 @@
 //! (S2), its cgroup with limits (S3), the channel (S4), the exec with an empty environment and
 //! only fd 3 (S5), then the launcher is placed in the cgroup and only after that receives its jail
 //! spec, which is its "go" (S6): no session process ever runs outside its cgroup.
+//!
+//! Steps S3–S5 and the cgroup placement do not depend on the session, and they are the slow
+//! part (the exec, and a cgroup v1 migration that waits for an RCU grace period), so the spawner
+//! keeps a small pool of launchers that have done them and wait for their "go". A session takes
+//! one, gets S1/S2 done, and sends the spec; the spawner then refills the pool. A pooled launcher
+//! has nothing of any session: it is a fresh exec, alone in an empty cgroup, blocked on fd 3.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -77,7 +83,12 @@ pub enum ProbeOutcome {
     Died(String),
 }
 
+/// Launchers kept ready (S3–S5 done, waiting for their spec). Each idles at a few MiB.
+const POOL_SIZE: usize = 2;
+
 enum Job {
+    /// The isolation is decided: fill the pool.
+    Prime(Arc<Isolation>),
     Session {
         isolation: Arc<Isolation>,
         session_id: String,
@@ -120,24 +131,27 @@ impl Spawner {
                 // Entering the runtime lets tokio::process register the child with its reaper, so
                 // the supervisor awaits each exit asynchronously.
                 let _guard = runtime.enter();
+                let mut pool = Pool::default();
                 for job in rx {
                     match job {
+                        Job::Prime(isolation) => pool.fill(&exe, &isolation),
                         Job::Session {
                             isolation,
                             session_id,
                             workspace,
                             reply,
                         } => {
-                            let _ = reply.send(spawn_session(
-                                &exe,
-                                &isolation,
-                                &session_id,
-                                &workspace,
-                            ));
+                            let spawned =
+                                pool.spawn_session(&exe, &isolation, &session_id, &workspace);
+                            let _ = reply.send(spawned);
+                            pool.fill(&exe, &isolation);
                         }
                         Job::Probe { spec, hooks, reply } => {
                             let args = ["--probe".to_owned()];
-                            let _ = reply.send(launch(&exe, &args, &spec, None, hooks));
+                            // A child dropped on error is killed (kill_on_drop).
+                            let started = start_launcher(&exe, &args, None, hooks)
+                                .and_then(|(child, channel)| Ok((child, release(&spec, channel)?)));
+                            let _ = reply.send(started);
                         }
                     }
                 }
@@ -151,7 +165,9 @@ impl Spawner {
     /// Fixes the isolation decided at start-up; later calls are ignored (a level never changes
     /// at runtime, §3.2).
     pub fn set_isolation(&self, isolation: Arc<Isolation>) {
-        let _ = self.isolation.set(isolation);
+        if self.isolation.set(isolation.clone()).is_ok() {
+            let _ = self.jobs.send(Job::Prime(isolation));
+        }
     }
 
     /// The isolation in force.
@@ -238,39 +254,96 @@ impl Spawner {
     }
 }
 
-/// S1–S6 for one session.
-fn spawn_session(
-    exe: &Path,
-    isolation: &Isolation,
-    session_id: &str,
-    workspace: &Path,
-) -> std::io::Result<Spawned> {
-    let started = std::time::Instant::now();
-    let jailed = isolation.level != JailLevel::None;
-    let ids = isolation.session_ids(session_id);
-    if jailed {
-        prepare_workspace(workspace, ids)?;
+/// A launcher that has been exec'd and placed in its (still empty) cgroup, waiting for a spec.
+struct Ready {
+    child: Child,
+    channel: std::os::unix::net::UnixStream,
+    cgroup: Option<SessionGroup>,
+}
+
+/// The spawner thread's pool of [`Ready`] launchers.
+#[derive(Default)]
+struct Pool {
+    ready: std::collections::VecDeque<Ready>,
+    /// Names of the cgroups it creates: `w<n>`, unique for this supervisor.
+    created: u64,
+}
+
+impl Pool {
+    /// S3–S5 for a launcher not yet bound to any session.
+    fn start(&mut self, exe: &Path, isolation: &Isolation) -> std::io::Result<Ready> {
+        self.created += 1;
+        let cgroup = if isolation.level != JailLevel::None {
+            isolation
+                .session_cgroup(&format!("w{}", self.created))
+                .map_err(|e| std::io::Error::other(format!("creating the session's cgroup: {e}")))?
+        } else {
+            None
+        };
+        let (child, channel) = start_launcher(
+            exe,
+            &["--pooled".to_owned()],
+            cgroup.as_ref(),
+            isolation.test_hooks(),
+        )?;
+        Ok(Ready {
+            child,
+            channel,
+            cgroup,
+        })
     }
-    let cgroup = if jailed {
-        isolation
-            .session_cgroup(session_id)
-            .map_err(|e| std::io::Error::other(format!("creating the session's cgroup: {e}")))?
-    } else {
-        None
-    };
-    tracing::debug!(
-        session_id,
-        prepare_us = started.elapsed().as_micros() as u64,
-        "workspace and cgroup ready"
-    );
-    let spec = isolation.session_spec(workspace, ids);
-    let args = [format!("--session={session_id}")];
-    let (child, channel) = launch(exe, &args, &spec, cgroup.as_ref(), isolation.test_hooks())?;
-    Ok(Spawned {
-        child,
-        channel,
-        jail: SessionJail { ids, cgroup },
-    })
+
+    /// Tops the pool up (after each session, so the next one finds a launcher waiting).
+    fn fill(&mut self, exe: &Path, isolation: &Isolation) {
+        if !isolation.is_established() {
+            return;
+        }
+        while self.ready.len() < POOL_SIZE {
+            match self.start(exe, isolation) {
+                Ok(ready) => self.ready.push_back(ready),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a pooled launcher");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A waiting launcher that is still alive, or a fresh one.
+    fn take(&mut self, exe: &Path, isolation: &Isolation) -> std::io::Result<Ready> {
+        while let Some(mut ready) = self.ready.pop_front() {
+            if matches!(ready.child.try_wait(), Ok(None)) {
+                return Ok(ready);
+            }
+        }
+        self.start(exe, isolation)
+    }
+
+    /// S1, S2, then "go" for one session.
+    fn spawn_session(
+        &mut self,
+        exe: &Path,
+        isolation: &Isolation,
+        session_id: &str,
+        workspace: &Path,
+    ) -> std::io::Result<Spawned> {
+        let ids = isolation.session_ids(session_id);
+        if isolation.level != JailLevel::None {
+            prepare_workspace(workspace, ids)?;
+        }
+        let spec = isolation.session_spec(session_id, workspace, ids);
+        let Ready {
+            child,
+            channel,
+            cgroup,
+        } = self.take(exe, isolation)?;
+        let channel = release(&spec, channel)?;
+        Ok(Spawned {
+            child,
+            channel,
+            jail: SessionJail { ids, cgroup },
+        })
+    }
 }
 
 /// S2: the workspace directory exists, is a real directory (not a symlink), belongs to the
@@ -327,14 +400,13 @@ fn deny_namespaces_filter(_hooks: TestHooks) -> std::io::Result<Option<Vec<libc:
     Ok(None)
 }
 
-/// S4–S6: channel, exec, cgroup placement, then the spec ("go").
-fn launch(
+/// S4–S6 up to the "go": channel, exec, cgroup placement. The launcher then blocks on fd 3.
+fn start_launcher(
     exe: &Path,
     args: &[String],
-    spec: &JailSpec,
     cgroup: Option<&SessionGroup>,
     hooks: TestHooks,
-) -> std::io::Result<(Child, UnixStream)> {
+) -> std::io::Result<(Child, std::os::unix::net::UnixStream)> {
     // Both ends are close-on-exec; the child's end is duplicated onto fd 3 (which clears the
     // flag) in pre_exec, so no other descriptor of ours crosses the exec.
     let (ours, theirs): (OwnedFd, OwnedFd) = socketpair(
@@ -425,22 +497,17 @@ fn launch(
     let exec_us = t0.elapsed().as_micros() as u64;
     drop(theirs);
     drop(leaked);
-    let mut ours = std::os::unix::net::UnixStream::from(ours);
-    let placed_and_released = (|| -> std::io::Result<()> {
-        let pid = child
-            .id()
-            .ok_or_else(|| std::io::Error::other("the launcher exited at once"))?;
-        if let Some(group) = cgroup {
-            group.place(pid).map_err(|e| {
+    let ours = std::os::unix::net::UnixStream::from(ours);
+    let placed = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("the launcher exited at once"))
+        .and_then(|pid| match cgroup {
+            Some(group) => group.place(pid).map_err(|e| {
                 std::io::Error::other(format!("placing the launcher in its cgroup: {e}"))
-            })?;
-        }
-        // "go": the launcher blocks on this frame before it does anything else. A spec is a few
-        // hundred bytes, far below the socket buffer, so this never blocks the spawner thread.
-        let frame = shared::frame::encode(spec).map_err(std::io::Error::other)?;
-        ours.write_all(&frame)
-    })();
-    if let Err(e) = placed_and_released {
+            }),
+            None => Ok(()),
+        });
+    if let Err(e) = placed {
         let _ = child.start_kill();
         return Err(e);
     }
@@ -449,6 +516,18 @@ fn launch(
         placed_us = t0.elapsed().as_micros() as u64,
         "launcher started"
     );
-    ours.set_nonblocking(true)?;
-    Ok((child, UnixStream::from_std(ours)?))
+    Ok((child, ours))
+}
+
+/// S6, the "go": the launcher blocks on this frame before it does anything session-specific.
+/// A spec is a few hundred bytes, far below the socket buffer, so this never blocks the
+/// spawner thread.
+fn release(
+    spec: &JailSpec,
+    mut channel: std::os::unix::net::UnixStream,
+) -> std::io::Result<UnixStream> {
+    let frame = shared::frame::encode(spec).map_err(std::io::Error::other)?;
+    channel.write_all(&frame)?;
+    channel.set_nonblocking(true)?;
+    UnixStream::from_std(channel)
 }

@@ -160,15 +160,12 @@ pub fn skip(reason: &str) -> Result<()> {
     Ok(())
 }
 
-/// Host pids of every process whose command line names `--session=<sid>` (launcher, worker and
-/// whatever the worker forked, since forks keep the command line).
-pub fn session_processes(sid: &str) -> Vec<u32> {
-    let needle = format!("--session={sid}");
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.flatten() {
+/// Host pids of a session's processes: its launcher, everything below it, and (where cgroups
+/// exist) every member of its cgroup, which catches a daemon that left the process tree.
+pub async fn session_processes(server: &Server, sid: &str) -> Result<Vec<u32>> {
+    let (_, launcher) = jail(server, sid).await?;
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry
             .file_name()
             .to_str()
@@ -176,16 +173,42 @@ pub fn session_processes(sid: &str) -> Vec<u32> {
         else {
             continue;
         };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline)
-            .split('\0')
-            .any(|a| a == needle)
-            && pid_alive(pid)
-        {
-            pids.push(pid);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
         }
     }
-    pids
+    let mut found = vec![launcher];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{launcher}/cgroup")).unwrap_or_default();
+    // Only a session group of ours (rootless servers have none: the launcher sits in whatever
+    // group the server was started in, shared with unrelated processes).
+    if let Some(path) = cgroups
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_owned()))
+        .filter(|p| p.contains("/agentd-"))
+    {
+        let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/pids{path}/cgroup.procs"))
+            .unwrap_or_default();
+        found.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    found.sort_unstable();
+    found.dedup();
+    Ok(found.into_iter().filter(|p| pid_alive(*p)).collect())
 }
 
 /// Host pids of processes running as `uid`.
@@ -1004,7 +1027,7 @@ pub async fn t32_daemon(mode: Mode) -> Result<()> {
     let uid = host_uid(&server, &a).await?;
     let answer = probe(&server, &a, "daemon", json!({})).await?;
     ensure!(answer["ok"] == true, "daemon: {answer}");
-    let before = session_processes(&a);
+    let before = session_processes(&server, &a).await?;
     // strict: launcher, worker (PID 1 inside) and the daemon; chroot: the worker is the launcher.
     let expected = if mode.strict() { 3 } else { 2 };
     ensure!(
@@ -1015,7 +1038,7 @@ pub async fn t32_daemon(mode: Mode) -> Result<()> {
     wait_until(
         T,
         "every process of the deleted session is gone",
-        async || session_processes(&a).is_empty(),
+        async || before.iter().all(|p| !pid_alive(*p)),
     )
     .await?;
     if mode != Mode::Rootless {
@@ -1335,8 +1358,8 @@ pub async fn t55_supervisor_killed(mode: Mode) -> Result<()> {
     let mut server = start(mode).await?;
     let a = session(&server).await?;
     let b = session(&server).await?;
-    let mut pids = session_processes(&a);
-    pids.extend(session_processes(&b));
+    let mut pids = session_processes(&server, &a).await?;
+    pids.extend(session_processes(&server, &b).await?);
     ensure!(
         pids.len() >= 2,
         "control: session processes visible: {pids:?}"
