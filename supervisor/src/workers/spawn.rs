@@ -13,9 +13,11 @@
 //!
 //! Steps S3–S5 and the cgroup placement do not depend on the session, and they are the slow
 //! part (the exec, and a cgroup v1 migration that waits for an RCU grace period), so the spawner
-//! keeps a small pool of launchers that have done them and wait for their "go". A session takes
-//! one, gets S1/S2 done, and sends the spec; the spawner then refills the pool. A pooled launcher
-//! has nothing of any session: it is a fresh exec, alone in an empty cgroup, blocked on fd 3.
+//! thread keeps a small pool of launchers that have done them and wait for their "go". A session
+//! takes one (without waiting for the spawner thread, which may be busy refilling), gets S1/S2
+//! done, and sends the spec; the spawner thread then refills the pool. A pooled launcher has
+//! nothing of any session: it is a fresh exec, alone in an empty cgroup, blocked on fd 3. When
+//! the pool is empty, the spawner thread starts a launcher for the session directly.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -87,8 +89,8 @@ pub enum ProbeOutcome {
 const POOL_SIZE: usize = 2;
 
 enum Job {
-    /// The isolation is decided: fill the pool.
-    Prime(Arc<Isolation>),
+    /// Top the pool up (the isolation is decided, or a launcher was taken).
+    Fill(Arc<Isolation>),
     Session {
         isolation: Arc<Isolation>,
         session_id: String,
@@ -115,6 +117,7 @@ pub struct TestHooks {
 pub struct Spawner {
     jobs: std_mpsc::Sender<Job>,
     isolation: OnceLock<Arc<Isolation>>,
+    pool: Arc<Pool>,
 }
 
 impl Spawner {
@@ -125,24 +128,27 @@ impl Spawner {
     /// The thread could not be created.
     pub fn start(exe: PathBuf, runtime: tokio::runtime::Handle) -> std::io::Result<Self> {
         let (jobs, rx) = std_mpsc::channel::<Job>();
+        let pool = Arc::new(Pool::default());
+        let filled = pool.clone();
         std::thread::Builder::new()
             .name("worker-spawner".into())
             .spawn(move || {
                 // Entering the runtime lets tokio::process register the child with its reaper, so
                 // the supervisor awaits each exit asynchronously.
                 let _guard = runtime.enter();
-                let mut pool = Pool::default();
+                let pool = filled;
                 for job in rx {
                     match job {
-                        Job::Prime(isolation) => pool.fill(&exe, &isolation),
+                        Job::Fill(isolation) => pool.fill(&exe, &isolation),
                         Job::Session {
                             isolation,
                             session_id,
                             workspace,
                             reply,
                         } => {
-                            let spawned =
-                                pool.spawn_session(&exe, &isolation, &session_id, &workspace);
+                            let spawned = pool
+                                .start(&exe, &isolation)
+                                .and_then(|ready| bind(ready, &isolation, &session_id, &workspace));
                             let _ = reply.send(spawned);
                             pool.fill(&exe, &isolation);
                         }
@@ -159,6 +165,7 @@ impl Spawner {
         Ok(Self {
             jobs,
             isolation: OnceLock::new(),
+            pool,
         })
     }
 
@@ -166,7 +173,7 @@ impl Spawner {
     /// at runtime, §3.2).
     pub fn set_isolation(&self, isolation: Arc<Isolation>) {
         if self.isolation.set(isolation.clone()).is_ok() {
-            let _ = self.jobs.send(Job::Prime(isolation));
+            let _ = self.jobs.send(Job::Fill(isolation));
         }
     }
 
@@ -190,6 +197,16 @@ impl Spawner {
                 session_id,
                 "starting a worker WITHOUT isolation (--isolation none)"
             );
+        }
+        if let Some(ready) = self.pool.take() {
+            // The fork already happened on the spawner thread; binding (chown, one write) may
+            // run on any thread.
+            let _ = self.jobs.send(Job::Fill(isolation.clone()));
+            let (id, ws) = (session_id.to_owned(), workspace.to_owned());
+            return tokio::task::spawn_blocking(move || bind(ready, &isolation, &id, &ws))
+                .await
+                .map_err(|e| WorkerError::Spawn(e.to_string()))?
+                .map_err(|e| WorkerError::Spawn(e.to_string()));
         }
         let (reply, rx) = oneshot::channel();
         self.jobs
@@ -261,21 +278,31 @@ struct Ready {
     cgroup: Option<SessionGroup>,
 }
 
-/// The spawner thread's pool of [`Ready`] launchers.
+/// Launchers that are ready, filled by the spawner thread (which must be the one that forks
+/// them: their parent-death signal is tied to it) and taken by `Spawner::spawn`.
 #[derive(Default)]
 struct Pool {
-    ready: std::collections::VecDeque<Ready>,
+    ready: std::sync::Mutex<std::collections::VecDeque<Ready>>,
     /// Names of the cgroups it creates: `w<n>`, unique for this supervisor.
-    created: u64,
+    created: std::sync::atomic::AtomicU64,
 }
 
 impl Pool {
-    /// S3–S5 for a launcher not yet bound to any session.
-    fn start(&mut self, exe: &Path, isolation: &Isolation) -> std::io::Result<Ready> {
-        self.created += 1;
+    fn ready(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Ready>> {
+        self.ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// S3–S5 for a launcher not yet bound to any session (spawner thread only).
+    fn start(&self, exe: &Path, isolation: &Isolation) -> std::io::Result<Ready> {
+        let n = self
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let cgroup = if isolation.level != JailLevel::None {
             isolation
-                .session_cgroup(&format!("w{}", self.created))
+                .session_cgroup(&format!("w{n}"))
                 .map_err(|e| std::io::Error::other(format!("creating the session's cgroup: {e}")))?
         } else {
             None
@@ -293,14 +320,14 @@ impl Pool {
         })
     }
 
-    /// Tops the pool up (after each session, so the next one finds a launcher waiting).
-    fn fill(&mut self, exe: &Path, isolation: &Isolation) {
+    /// Tops the pool up (spawner thread only).
+    fn fill(&self, exe: &Path, isolation: &Isolation) {
         if !isolation.is_established() {
             return;
         }
-        while self.ready.len() < POOL_SIZE {
+        while self.ready().len() < POOL_SIZE {
             match self.start(exe, isolation) {
-                Ok(ready) => self.ready.push_back(ready),
+                Ok(ready) => self.ready().push_back(ready),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not start a pooled launcher");
                     return;
@@ -309,41 +336,42 @@ impl Pool {
         }
     }
 
-    /// A waiting launcher that is still alive, or a fresh one.
-    fn take(&mut self, exe: &Path, isolation: &Isolation) -> std::io::Result<Ready> {
-        while let Some(mut ready) = self.ready.pop_front() {
-            if matches!(ready.child.try_wait(), Ok(None)) {
-                return Ok(ready);
+    /// A waiting launcher that is still alive, if there is one.
+    fn take(&self) -> Option<Ready> {
+        let mut ready = self.ready();
+        while let Some(mut launcher) = ready.pop_front() {
+            if matches!(launcher.child.try_wait(), Ok(None)) {
+                return Some(launcher);
             }
         }
-        self.start(exe, isolation)
+        None
     }
+}
 
-    /// S1, S2, then "go" for one session.
-    fn spawn_session(
-        &mut self,
-        exe: &Path,
-        isolation: &Isolation,
-        session_id: &str,
-        workspace: &Path,
-    ) -> std::io::Result<Spawned> {
-        let ids = isolation.session_ids(session_id);
-        if isolation.level != JailLevel::None {
-            prepare_workspace(workspace, ids)?;
-        }
-        let spec = isolation.session_spec(session_id, workspace, ids);
-        let Ready {
-            child,
-            channel,
-            cgroup,
-        } = self.take(exe, isolation)?;
-        let channel = release(&spec, channel)?;
-        Ok(Spawned {
-            child,
-            channel,
-            jail: SessionJail { ids, cgroup },
-        })
+/// S1, S2, then "go": binds a ready launcher to one session.
+fn bind(
+    ready: Ready,
+    isolation: &Isolation,
+    session_id: &str,
+    workspace: &Path,
+) -> std::io::Result<Spawned> {
+    let ids = isolation.session_ids(session_id);
+    if isolation.level != JailLevel::None {
+        prepare_workspace(workspace, ids)?;
     }
+    let spec = isolation.session_spec(session_id, workspace, ids);
+    let Ready {
+        child,
+        channel,
+        cgroup,
+    } = ready;
+    // On error the child is dropped, which kills it (kill_on_drop), and its cgroup goes too.
+    let channel = release(&spec, channel)?;
+    Ok(Spawned {
+        child,
+        channel,
+        jail: SessionJail { ids, cgroup },
+    })
 }
 
 /// S2: the workspace directory exists, is a real directory (not a symlink), belongs to the
