@@ -84,6 +84,8 @@ pub struct JailLimits {
     pub cpu_seconds: u64,
     /// Size of the private `/tmp` tmpfs (`strict`).
     pub tmp_size: u64,
+    /// Wall-clock limit of one command run by a command tool, in seconds.
+    pub command_timeout: u64,
 }
 
 /// What the jailed worker found when it looked at itself (W13), gathered with syscalls after the

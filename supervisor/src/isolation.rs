@@ -736,6 +736,7 @@ impl Isolation {
             file_size: l.file_size.0,
             cpu_seconds: l.cpu_seconds,
             tmp_size: l.tmp_size.0,
+            command_timeout: l.command_timeout,
         }
     }
 

@@ -30,6 +30,7 @@ catalogue!(Mode::Root;
     t26_no_new_namespaces,
     t27_tiocsti,
     t28_try_syscalls,
+    t28_x32_guard,
     t29_kill_all,
     t30_kill_other,
     t31_fork_bomb,
@@ -39,6 +40,8 @@ catalogue!(Mode::Root;
     t34_file_size,
     t36_tmp_full,
     t39_file_api,
+    t43_file_api_race,
+    t48_deep_tree,
     t51_bad_frames,
     t55_supervisor_killed,
 );

@@ -447,6 +447,13 @@ fn run(request: &ProbeRequest) -> (Value, Option<Vec<u8>>) {
             })
         }
         "daemon" => daemon(),
+        "x32" => in_child(Duration::from_secs(10), || {
+            // getpid through the x32 ABI (bit 30 set). The guard kills before the kernel, with
+            // or without CONFIG_X86_X32_ABI; if the child comes back, the guard is missing.
+            // SAFETY: a syscall number with no arguments; the filter ends the child here.
+            let rc = unsafe { libc::syscall(0x4000_0000 | libc::SYS_getpid) };
+            if rc < 0 { last_errno() } else { 0 }
+        }),
         "exec" => exec(&args),
         "raw" => {
             let bytes = if let Some(prefix) = args["prefix"].as_u64() {

@@ -960,6 +960,101 @@ pub async fn t28_try_syscalls(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// x32 guard (§2.5.2): a syscall number with the x32 bit set kills the caller, whether or not
+/// the kernel has the x32 ABI.
+pub async fn t28_x32_guard(mode: Mode) -> Result<()> {
+    if !cfg!(target_arch = "x86_64") {
+        return skip("x32 exists only on x86_64");
+    }
+    let server = start(mode).await?;
+    let a = session(&server).await?;
+    let answer = probe(&server, &a, "x32", json!({})).await?;
+    ensure!(
+        answer["detail"]["signal"] == 31,
+        "x32 call not killed by SIGSYS: {answer}"
+    );
+    let x32_kernel = std::fs::read_to_string("/proc/config.gz").is_ok();
+    if !x32_kernel {
+        println!(
+            "SKIP: cannot tell whether this kernel has CONFIG_X86_X32_ABI (the CI kernel does not); the guard was checked regardless"
+        );
+    }
+    still_fine(&server, &a).await
+}
+
+/// T43: the worker swaps a directory and a symlink to `/etc` as fast as it can while the file
+/// API is asked for the file beneath; no answer ever describes the host file.
+pub async fn t43_file_api_race(mode: Mode) -> Result<()> {
+    let server = start(mode).await?;
+    let a = session(&server).await?;
+    let ws = if mode.strict() { "/workspace" } else { "/" };
+    let host_size = std::fs::metadata("/etc/passwd")?.len();
+    let inside = "workspace copy\n".len() as u64;
+    ensure!(host_size != inside, "control: sizes differ");
+    let answer = probe(
+        &server,
+        &a,
+        "flip",
+        json!({"dir": ws, "target": "/etc", "secs": 8}),
+    )
+    .await?;
+    ensure!(answer["ok"] == true, "flip: {answer}");
+    let (mut inside_seen, mut refused) = (0, 0);
+    for _ in 0..2000 {
+        let r = server
+            .get(&format!(
+                "/api/v1/sessions/workspace/files?sessionId={a}&path=sub/passwd"
+            ))
+            .await?;
+        match r.status {
+            200 => {
+                ensure!(r.json["size"] == inside, "host file described: {}", r.text);
+                inside_seen += 1;
+            }
+            404 => refused += 1,
+            other => bail!("unexpected {other}: {}", r.text),
+        }
+    }
+    ensure!(inside_seen + refused == 2000, "answers");
+    println!("race: {inside_seen} inside answers, {refused} refusals, 0 host answers");
+    Ok(())
+}
+
+/// T48: a deep tree is listed, searched and deleted without trouble.
+pub async fn t48_deep_tree(mode: Mode) -> Result<()> {
+    let server = start(mode).await?;
+    let a = session(&server).await?;
+    let ws = if mode.strict() { "/workspace" } else { "/" };
+    let made = probe(&server, &a, "mkdir_deep", json!({"path": ws, "n": 1000})).await?;
+    ensure!(made["ok"] == true, "deep tree: {made}");
+    let r = server
+        .get(&format!(
+            "/api/v1/sessions/workspace/search?sessionId={a}&q=d"
+        ))
+        .await?;
+    ensure!(
+        r.status == 200 && r.json["items"].as_array().is_some_and(|i| i.len() <= 20),
+        "{}",
+        r.text
+    );
+    let r = server
+        .get(&format!(
+            "/api/v1/sessions/workspace/files?sessionId={a}&path=d/d/d"
+        ))
+        .await?;
+    ensure!(
+        r.status == 200 && r.json["type"] == "directory",
+        "{}",
+        r.text
+    );
+    server.delete_session(&a).await?;
+    ensure!(
+        !server.workspace_root().join(&a).exists(),
+        "deep workspace left behind"
+    );
+    Ok(())
+}
+
 /// T29: `kill(-1, SIGKILL)` from inside harms nothing outside the session.
 pub async fn t29_kill_all(mode: Mode) -> Result<()> {
     let server = start(mode).await?;
