@@ -162,6 +162,9 @@ pub struct TestHooks {
     /// Start every launcher (probes included) under a seccomp filter that refuses namespace
     /// creation, as a container's default profile does (T59).
     pub deny_namespaces: bool,
+    /// Skip the user-namespace probe, so root mode falls back to `strict` without a user
+    /// namespace (the path taken where user namespaces are disabled).
+    pub no_user_namespace: bool,
 }
 
 /// The `isolation` section of the configuration.
@@ -553,9 +556,18 @@ impl Isolation {
         let want_chroot = requested == RequestedLevel::Chroot;
         let mut chosen = None;
         if want_strict {
-            let userns = iso
-                .run_probe(spawner, workspace_root, "userns", JailLevel::Strict, true)
-                .await;
+            let userns = if iso.test_skip_user_namespace() {
+                Probe {
+                    name: "userns",
+                    ok: false,
+                    failure: Some(("test".into(), "skipped by a test hook".into())),
+                    audit: None,
+                    checks: Value::Null,
+                }
+            } else {
+                iso.run_probe(spawner, workspace_root, "userns", JailLevel::Strict, true)
+                    .await
+            };
             let userns_ok = userns.ok;
             iso.probes.push(userns);
             if userns_ok {
@@ -783,6 +795,16 @@ impl Isolation {
     #[cfg(not(feature = "isolation-tests"))]
     pub fn test_hooks(&self) -> TestSpawnHooks {
         TestSpawnHooks::default()
+    }
+
+    #[cfg(feature = "isolation-tests")]
+    fn test_skip_user_namespace(&self) -> bool {
+        self.config.test.no_user_namespace
+    }
+
+    #[cfg(not(feature = "isolation-tests"))]
+    fn test_skip_user_namespace(&self) -> bool {
+        false
     }
 
     /// S1: the host uid/gid of a session in root mode; `None` when sessions use the server's.

@@ -285,3 +285,73 @@ async fn catalogue_servers_start_in_every_mode() -> Result<()> {
     }
     Ok(())
 }
+
+/// Root mode where user namespaces are unavailable: `strict` still holds, with the session's
+/// host uid set directly (isolation.md L3 "root mode without user namespaces").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_without_a_user_namespace() -> Result<()> {
+    let server = isolation_support::start_with(
+        Mode::Root,
+        json!({"isolation": {"test": {"noUserNamespace": true}}}),
+    )
+    .await?;
+    let h = server.get_ok("/api/v1/system/health").await?;
+    let layers = &h["isolation"]["layers"];
+    ensure!(
+        layers["userNamespace"] == false && layers["pidNamespace"] == true,
+        "{layers}"
+    );
+    let a = isolation_support::session(&server).await?;
+    let b = isolation_support::session(&server).await?;
+    let (audit, _) = isolation_support::jail(&server, &a).await?;
+    let uid = audit["host_uid"].as_u64().unwrap_or(0);
+    ensure!(
+        uid >= 200_000 && audit["uids"] == json!([uid, uid, uid]),
+        "{audit}"
+    );
+    ensure!(
+        audit["cap_bounding"] == 0 && audit["cap_effective"] == 0,
+        "{audit}"
+    );
+    let b_file = server.workspace_root().join(&b).join("secret.txt");
+    std::fs::write(&b_file, "B")?;
+    let answer = isolation_support::probe(&server, &a, "open", json!({"path": b_file})).await?;
+    isolation_support::denied(&answer, &["ENOENT"], "B's file")?;
+    let answer =
+        isolation_support::probe(&server, &a, "stat", json!({"path": "/etc/shadow"})).await?;
+    isolation_support::denied(&answer, &["ENOENT"], "/etc/shadow")?;
+    let answer =
+        isolation_support::probe(&server, &a, "mount_tmpfs", json!({"target": "/tmp"})).await?;
+    isolation_support::denied(&answer, &["EPERM"], "mount")?;
+    let answer =
+        isolation_support::probe(&server, &a, "unshare", json!({"flags": 0x1000_0000})).await?;
+    isolation_support::denied(&answer, &["EPERM"], "unshare(NEWUSER)")?;
+    Ok(())
+}
+
+/// A jail step that fails for one session refuses that session (the level never degrades) and
+/// says which step; the server and other sessions carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_jail_step_refuses_the_session() -> Result<()> {
+    let server = Server::start_default().await?;
+    let healthy = server.create_session().await?;
+    server.query(&healthy, "before").await?;
+    // The stage the jail mounts its root on disappears (as if someone removed it).
+    std::fs::remove_dir(server.workspace_root().join(".jail-stage"))?;
+    let sid = server.create_session().await?;
+    let r = server
+        .post_json(
+            "/api/v1/sessions/query",
+            &json!({"sessionId": sid, "query": "hi"}),
+        )
+        .await?;
+    ensure!(r.status == 503, "{} {}", r.status, r.text);
+    ensure!(
+        r.text.contains("SANDBOX_SETUP_FAILED") && r.text.contains("'mounts'"),
+        "{}",
+        r.text
+    );
+    let r = server.query(&healthy, "after").await?;
+    ensure!(r["content"] == "echo: after", "{r}");
+    Ok(())
+}
