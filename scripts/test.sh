@@ -77,6 +77,12 @@ log "tests"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 status=0
+skips=target/debug/isolation-skips.txt
+rm -f "$skips"
 cargo nextest run --workspace --locked --profile "$profile" "${FEATURES[@]}" || status=$?
 sweep_cgroups
+if [ -s "$skips" ]; then
+  log "isolation tests skipped here (each with its reason)"
+  sort "$skips"
+fi
 exit "$status"
