@@ -38,6 +38,7 @@ catalogue!(Mode::Rootless;
     t33_memory_bomb,
     t33_limit_ends_run,
     t34_file_size,
+    t35_workspace_quota,
     t36_tmp_full,
     t39_file_api,
     t43_file_api_race,

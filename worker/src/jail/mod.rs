@@ -240,8 +240,8 @@ pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), J
 
 /// The worker side of `strict`, in the new namespaces (isolation.md W1–W13). `release` is the
 /// read end of the launcher's pipe: a byte on it means the uid maps are written, EOF means the
-/// launcher died. `root_ids` is the per-session host identity when there is no user namespace
-/// (the uid switch then happens in W5).
+/// launcher died. Without a user namespace (root mode where user namespaces are unavailable) the
+/// child is real root until W5, which switches it to the session's host ids.
 pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, JailError> {
     let mut found = Findings {
         root: "pivot-root".into(),
