@@ -190,6 +190,10 @@ pub async fn start(
                 Ok(Err(Some(reason))) => reason,
                 Ok(Err(None)) | Ok(Ok(_)) => describe_exit(child.wait().await.ok()),
             };
+            // S8 for a session that never started: its processes and cgroup go now.
+            let _ = child.wait().await;
+            let mut jail = jail;
+            jail.teardown().await;
             return Err(WorkerError::Handshake(reason));
         }
     };

@@ -161,6 +161,8 @@ pub(crate) struct Findings {
 static LIMITS: OnceLock<JailLimits> = OnceLock::new();
 /// The level this worker is jailed at.
 static LEVEL: OnceLock<JailLevel> = OnceLock::new();
+/// Whether the read-only system root is there (programs can run).
+static COMMANDS: OnceLock<bool> = OnceLock::new();
 
 /// The limits of this worker's jail, once it is jailed.
 pub fn limits() -> Option<&'static JailLimits> {
@@ -172,10 +174,17 @@ pub fn level() -> Option<JailLevel> {
     LEVEL.get().copied()
 }
 
+/// Whether this worker's jail has the read-only system root a command tool needs
+/// (`isolation.commands`, `strict` only).
+pub fn commands() -> bool {
+    COMMANDS.get().copied().unwrap_or(false)
+}
+
 /// Records what later code may ask about the finished jail.
 fn remember(spec: &JailSpec) {
     let _ = LIMITS.set(spec.limits.clone());
     let _ = LEVEL.set(spec.level);
+    let _ = COMMANDS.set(spec.system_root && spec.level == JailLevel::Strict);
 }
 
 /// Returns `rc` as an `io::Result`, reading errno for `-1`.
