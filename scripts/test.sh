@@ -17,8 +17,14 @@ fi
 log "format"
 cargo fmt --all -- --check
 
+# The isolation suite (tests/tests/isolation_*.rs) drives a test-only probe server inside the
+# jail; it exists only with this feature, so release builds (`cargo build --release`) never
+# contain it. Everything below is built and tested with it.
+FEATURES=(--features supervisor/isolation-tests)
+
 log "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${FEATURES[@]}" -- -D warnings
 
 log "dependency hygiene"
 # TLS must never come from OpenSSL, and SQLite (when present) must be the bundled one.
@@ -28,9 +34,55 @@ fi
 
 log "build"
 # The end-to-end tests drive the real binary, so it is built before any test runs.
-cargo build --workspace --all-targets --locked
+cargo build --workspace --all-targets --locked "${FEATURES[@]}"
+
+log "isolation"
+# The jail's tests run as root (CI does) so that every mode can be exercised: strict with
+# per-session uids, strict rootless (the supervisor drops to uid 65534 itself) and chroot.
+# `strict` must work here: its tests start the server with `--isolation=strict`, which exits
+# 78 when the level is unavailable, so the suite fails rather than skips.
+if [ "$(id -u)" != 0 ]; then
+  echo "the isolation suite needs root (CI runs as root); the rootless and chroot modes will fail"
+fi
+
+# Session cgroups of supervisors that the tests SIGKILL are left empty; the next supervisor
+# removes them, and this removes the last ones: only `agentd-<pid>` groups of dead pids, and
+# only under this script's own cgroups (where the test servers ran).
+sweep_cgroups() {
+  local ctrls path base dir pid c
+  while IFS=: read -r _ ctrls path; do
+    local bases=()
+    if [ -z "$ctrls" ]; then
+      bases=("/sys/fs/cgroup/unified$path" "/sys/fs/cgroup$path")
+    fi
+    for c in ${ctrls//,/ }; do
+      bases+=("/sys/fs/cgroup/$c$path")
+    done
+    for base in "${bases[@]}"; do
+      {
+        for dir in "$base"/agentd-*; do
+          [ -d "$dir" ] || continue
+          pid="${dir##*/agentd-}"
+          pid="${pid%%-*}"
+          [ -d "/proc/$pid" ] && continue
+          find "$dir" -mindepth 1 -maxdepth 1 -type d -exec rmdir {} + 2>/dev/null || true
+          rmdir "$dir" 2>/dev/null || true
+        done
+      }
+    done
+  done < /proc/self/cgroup
+}
 
 log "tests"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-cargo nextest run --workspace --locked --profile "$profile"
+status=0
+skips=target/debug/isolation-skips.txt
+rm -f "$skips"
+cargo nextest run --workspace --locked --profile "$profile" "${FEATURES[@]}" || status=$?
+sweep_cgroups
+if [ -s "$skips" ]; then
+  log "isolation tests skipped here (each with its reason)"
+  sort "$skips"
+fi
+exit "$status"

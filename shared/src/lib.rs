@@ -3,6 +3,7 @@
 //! - [`frame`]: the length-prefixed bincode framing used on the worker's fd 3 (the only place the
 //!   codec and the size cap are named).
 //! - [`protocol`]: the messages that travel in those frames, and the handshake version.
+//! - [`jail`]: the jail orders a launcher gets, and the self-audit a jailed worker reports.
 //! - [`events`]: the client-visible agent events (Tarko event stream), as JSON.
 //! - [`ids`]: session ids, event ids and the millisecond clock.
 //! - [`directives`]: the tokenization both the echo model and the test fake LLM answer with.
@@ -12,4 +13,5 @@ pub mod directives;
 pub mod events;
 pub mod frame;
 pub mod ids;
+pub mod jail;
 pub mod protocol;

@@ -1,8 +1,10 @@
 //! Messages between the supervisor and a worker, carried in [`crate::frame`]s on fd 3.
 //!
-//! The conversation is: supervisor sends [`ToWorker::Init`]; worker answers
-//! [`FromWorker::Ready`] with the same [`PROTOCOL_VERSION`]; then queries, events and model calls
-//! flow until either side closes the channel. The worker holds no secrets and no network: a model
+//! The conversation is: supervisor sends a [`crate::jail::JailSpec`] (the launcher's "go"); the
+//! jailed worker answers [`FromWorker::Jailed`] with its self-audit (or [`FromWorker::JailFailed`]);
+//! supervisor sends [`ToWorker::Init`]; worker answers [`FromWorker::Ready`] with the same
+//! [`PROTOCOL_VERSION`]; then queries, events and model calls flow until either side closes the
+//! channel. The worker holds no secrets and no network: a model
 //! call is a [`ModelRequest`] naming `{provider, id}`, answered by a stream of [`ModelReply`]s.
 //!
 //! Arbitrary JSON (events, query input, model parameters) travels as strings, because bincode
@@ -10,9 +12,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::jail::{JailAudit, JailFailure};
+
 /// Bumped whenever a message below changes shape. Supervisor and worker ship in one binary, so a
 /// mismatch means a stale executable on disk, which the handshake reports instead of misparsing.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A model as the worker may name it: a selector, never a URL or a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +104,18 @@ pub struct Query {
 /// Worker → supervisor.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromWorker {
+    /// The jail is complete: the worker's self-audit (isolation.md W13). The first frame a worker
+    /// sends; the supervisor checks it before it sends `Init`.
+    Jailed(Box<JailAudit>),
+    /// A jail step failed; the worker exits after sending this.
+    JailFailed(JailFailure),
+    /// Start-up probe mode only: what the probe saw inside the jail (JSON object).
+    ProbeReport {
+        json: String,
+    },
+    /// Test builds only: the answer to a [`ToWorker::Probe`].
+    #[cfg(feature = "isolation-tests")]
+    ProbeAnswer(crate::jail::ProbeAnswer),
     /// Handshake answer; `pid` is the worker's own pid as it sees it.
     Ready {
         protocol_version: u32,

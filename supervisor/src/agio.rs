@@ -165,7 +165,7 @@ impl Agio {
     }
 
     /// A model call completed, with its usage and timing.
-    pub fn model_finished(self: &Arc<Self>, session_id: &str, model: &str, done: &Finished) {
+    pub(crate) fn model_finished(self: &Arc<Self>, session_id: &str, model: &str, done: &Finished) {
         self.signal(
             session_id,
             Signal::ModelFinished {

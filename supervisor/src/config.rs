@@ -50,6 +50,9 @@ pub struct Config {
     /// (agent.md §4.7). Filled by [`load_with_env`]; never serialised.
     #[serde(skip)]
     pub catalogue: Catalogue,
+    /// Isolation level, per-session limits and commands (all of it in `crate::isolation`).
+    #[serde(default)]
+    pub isolation: crate::isolation::IsolationConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -12,6 +12,7 @@
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
 //! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
 //! - `metrics`: `GET /metrics`.
+//! - [`isolation`]: the isolation level in force, its limits, probes and report.
 
 mod agio;
 mod api;
@@ -22,6 +23,7 @@ pub mod ctl;
 pub mod error;
 mod gateway;
 pub mod import;
+pub mod isolation;
 mod metrics;
 mod ops;
 pub mod server;

@@ -1,4 +1,4 @@
-//! The one binary: `supervisor` serves; `supervisor worker --session <id>` (hidden) is how the
+//! The one binary: `supervisor` serves; `supervisor worker --pooled` (hidden) is how the
 //! supervisor starts a session's worker, by re-executing itself.
 
 use std::io::IsTerminal;
@@ -29,7 +29,7 @@ enum Command {
         #[arg(long)]
         from: PathBuf,
         #[command(flatten)]
-        target: ServeArgs,
+        target: Box<ServeArgs>,
     },
     /// Operate a running server through its control socket.
     Ctl {
@@ -46,7 +46,13 @@ enum Command {
     #[command(hide = true)]
     Worker {
         #[arg(long)]
-        session: String,
+        session: Option<String>,
+        /// Start-up probe of an isolation level (isolation.md §3.3).
+        #[arg(long)]
+        probe: bool,
+        /// A pooled launcher: its session comes with its jail spec.
+        #[arg(long)]
+        pooled: bool,
     },
 }
 
@@ -101,14 +107,27 @@ struct ServeArgs {
     /// Log lines as text (default) or as one JSON object per line.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+    /// Isolation level: auto (default), strict, chroot or none [env: AGENTD_ISOLATION].
+    #[arg(long)]
+    isolation: Option<String>,
+    /// Permit `--isolation none` (development only) [env: AGENTD_ALLOW_INSECURE=1].
+    #[arg(long)]
+    allow_insecure_isolation: bool,
+    /// With `none`, also permit a non-loopback listen address [env: AGENTD_ALLOW_INSECURE_REMOTE=1].
+    #[arg(long)]
+    allow_insecure_remote: bool,
+    /// Test builds only: become this uid (and gid) before serving, to exercise rootless mode.
+    #[cfg(feature = "isolation-tests")]
+    #[arg(long)]
+    test_run_as: Option<u32>,
 }
 
 // No #[tokio::main]: worker mode must stay single-threaded until it is jailed.
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Worker { session }) => run_worker(session),
-        Some(Command::Import { from, target }) => run_import(&from, target),
+        Some(Command::Worker { session, probe, .. }) => run_worker(session, probe),
+        Some(Command::Import { from, target }) => run_import(&from, *target),
         Some(Command::Ctl {
             socket,
             json,
@@ -212,6 +231,11 @@ fn run_import(from: &std::path::Path, target: ServeArgs) -> anyhow::Result<()> {
 
 /// The configuration, or exit 78 (EX_CONFIG) with a message naming what is wrong.
 fn load_config(args: ServeArgs) -> supervisor::config::Config {
+    let isolation = supervisor::isolation::Overrides {
+        level: args.isolation.clone(),
+        allow_insecure: args.allow_insecure_isolation,
+        allow_insecure_remote: args.allow_insecure_remote,
+    };
     let flags = supervisor::config::Overrides {
         host: args.host,
         port: args.port,
@@ -223,7 +247,15 @@ fn load_config(args: ServeArgs) -> supervisor::config::Config {
         model_id: args.model_id,
         log_level: args.log_level,
     };
-    match supervisor::config::load(args.config.as_deref(), &flags) {
+    let loaded = supervisor::config::load(args.config.as_deref(), &flags)
+        .map_err(|e| e.to_string())
+        .and_then(|mut config| {
+            supervisor::isolation::apply_overrides(&mut config.isolation, &isolation, |name| {
+                std::env::var(name).ok()
+            })?;
+            Ok(config)
+        });
+    match loaded {
         Ok(config) => config,
         Err(e) => {
             eprintln!("supervisor: {e}");
@@ -232,13 +264,13 @@ fn load_config(args: ServeArgs) -> supervisor::config::Config {
     }
 }
 
-fn run_worker(session_id: String) -> anyhow::Result<()> {
+fn run_worker(session_id: Option<String>, probe: bool) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_env_filter(EnvFilter::new("warn"))
         .init();
-    if let Err(e) = worker::launch(&worker::WorkerArgs { session_id }) {
+    if let Err(e) = worker::launch(&worker::WorkerArgs { session_id, probe }) {
         eprintln!("worker: {e}");
         std::process::exit(e.exit_code());
     }
@@ -247,6 +279,13 @@ fn run_worker(session_id: String) -> anyhow::Result<()> {
 
 fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     let json_logs = args.log_format == "json";
+    #[cfg(feature = "isolation-tests")]
+    if let Some(uid) = args.test_run_as {
+        test_hooks::become_user(uid, args.workspace.as_deref())?;
+    }
+    // S0: before anything else can hold a secret, this process stops being dumpable (its
+    // environ, memory and fds become unreadable to same-uid processes) and never writes a core.
+    supervisor::isolation::harden_process()?;
     let config = load_config(args);
     let level = config.log_level.map_or("info", |l| l.as_filter());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
@@ -258,6 +297,44 @@ fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         logs.with_ansi(std::io::stderr().is_terminal()).init();
     }
-    supervisor::server::run(config)?;
+    if let Err(e) = supervisor::server::run(config) {
+        eprintln!("supervisor: {e}");
+        let code = if e.is_config() { 78 } else { 1 };
+        std::process::exit(code);
+    }
     Ok(())
+}
+
+/// Test builds only.
+#[cfg(feature = "isolation-tests")]
+mod test_hooks {
+    use std::os::unix::process::CommandExt;
+
+    /// Rootless mode for tests (isolation.md §4.2): hand the current directory and the workspace
+    /// root to `uid`, drop to it, and exec ourselves again without the flag, so the serving
+    /// process starts fresh (dumpable again, as a real unprivileged server would be).
+    pub(super) fn become_user(uid: u32, workspace: Option<&std::path::Path>) -> anyhow::Result<()> {
+        let cwd = std::env::current_dir()?;
+        std::os::unix::fs::chown(&cwd, Some(uid), Some(uid))?;
+        if let Some(ws) = workspace {
+            std::fs::create_dir_all(ws)?;
+            std::os::unix::fs::chown(ws, Some(uid), Some(uid))?;
+        }
+        let args: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with("--test-run-as="))
+            .collect();
+        // SAFETY: main is still single-threaded here; plain syscalls on integers.
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(uid, uid, uid) == 0
+                && libc::setresuid(uid, uid, uid) == 0
+        };
+        if !dropped {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let exe = std::env::current_exe()?;
+        let err = std::process::Command::new(exe).args(args).exec();
+        Err(err.into())
+    }
 }

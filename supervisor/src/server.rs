@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::isolation::{Isolation, IsolationError};
 use crate::state::AppState;
 use crate::workers::Spawner;
 
@@ -45,8 +46,17 @@ pub enum ServeError {
     Gateway(#[from] crate::gateway::GatewayError),
     #[error("could not build the HTTP client for AGIO: {0}")]
     Agio(#[source] reqwest::Error),
+    #[error("{0}")]
+    Isolation(#[from] IsolationError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl ServeError {
+    /// Configuration problems (exit status 78, EX_CONFIG), as opposed to runtime failures.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Isolation(_) | Self::Workspace { .. })
+    }
 }
 
 /// Runs the server until SIGTERM or Ctrl-C.
@@ -88,6 +98,18 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let exe = std::env::current_exe().map_err(ServeError::Executable)?;
     let spawner =
         Spawner::start(exe, tokio::runtime::Handle::current()).map_err(ServeError::Executable)?;
+    // The level in force is decided here, by probing the real launcher, before anything is
+    // served; an unavailable level stops the server (isolation.md §3.2).
+    let isolation = Isolation::establish(
+        &config.isolation,
+        &workspace_root,
+        &config.server.host,
+        &spawner,
+    )
+    .await?;
+    isolation.log();
+    let level = isolation.level.as_str();
+    spawner.set_isolation(Arc::new(isolation));
     let model = config.default_model();
     if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
@@ -122,7 +144,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         shutdown: CancellationToken::new(),
         draining: Default::default(),
     });
-    tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = "none", "serving");
+    tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
     println!("supervisor listening on http://{local}");
 
@@ -148,6 +170,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     if let Some(agio) = &state.agio {
         agio.shutdown().await;
     }
+    state.spawner.isolation().cleanup();
     match tokio::time::timeout(DRAIN_DEADLINE, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
@@ -157,13 +180,30 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// The base directory of all workspaces (S2): owned by the server and not writable by any
+/// session; `0711` as root (sessions with their own uids may traverse to their own directory),
+/// `0700` rootless (every session is the server's uid anyway).
 fn prepare_workspace_root(path: &PathBuf) -> Result<PathBuf, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
     let fail = |source| ServeError::Workspace {
         path: path.clone(),
         source,
     };
     std::fs::create_dir_all(path).map_err(fail)?;
-    std::fs::canonicalize(path).map_err(fail)
+    let path = std::fs::canonicalize(path).map_err(fail)?;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let mode = if unsafe { libc::geteuid() } == 0 {
+        0o711
+    } else {
+        0o700
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        ServeError::Workspace {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(path)
 }
 
 /// The stop order after SIGTERM: new runs are refused at once (and no new connection is

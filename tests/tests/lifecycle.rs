@@ -39,7 +39,11 @@ async fn health_version_and_agent_options() -> Result<()> {
     ensure!(h["model"]["provider"] == "echo", "model: {h}");
     ensure!(h["model"]["id"] == "echo", "model: {h}");
     ensure!(h["model"]["offline"] == true, "model: {h}");
-    ensure!(h["isolation"] == "none", "isolation: {h}");
+    // The default level is `auto`, which picks `strict` where it works (CI: always).
+    ensure!(
+        h["isolation"]["level"] == "strict" && h["isolation"]["secure"] == true,
+        "isolation: {h}"
+    );
 
     let v = server.get_ok("/api/v1/version").await?;
     ensure!(v["version"].is_string(), "version body: {v}");

@@ -20,6 +20,47 @@ async fn workspace(server: &Server, sid: &str) -> Result<PathBuf> {
     Ok(ws)
 }
 
+/// Writes a file into a session's workspace the way the session itself would own it: the
+/// worker runs as the session's uid in a strict or chroot jail, and the workspace is handed to
+/// that uid when the worker starts, so the test starts it first and gives the file to the same
+/// owner (a file written here as root would not be the session's to change).
+async fn plant(server: &Server, sid: &str, rel: &str, content: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if server.worker_pid(sid).await?.is_none() {
+        server.query(sid, "start the worker").await?;
+    }
+    let ws = workspace(server, sid).await?;
+    let owner = std::fs::metadata(&ws)?;
+    let path = ws.join(rel);
+    let parent = path.parent().context("no parent")?;
+    std::fs::create_dir_all(parent)?;
+    std::fs::write(&path, content)?;
+    let mut dir = parent.to_path_buf();
+    while dir.starts_with(&ws) {
+        std::os::unix::fs::chown(&dir, Some(owner.uid()), Some(owner.gid()))?;
+        if !dir.pop() {
+            break;
+        }
+    }
+    std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))?;
+    Ok(())
+}
+
+/// The session's workspace as its worker sees it: `/workspace` in a strict jail, `/` in a
+/// chroot, the host path when unjailed.
+async fn worker_view_of_workspace(server: &Server, sid: &str) -> Result<PathBuf> {
+    let health = server.get_ok("/api/v1/system/health").await?;
+    let level = health["isolation"]["level"]
+        .as_str()
+        .or_else(|| health["isolation"].as_str())
+        .unwrap_or("none");
+    Ok(match level {
+        "strict" => PathBuf::from("/workspace"),
+        "chroot" => PathBuf::from("/"),
+        _ => workspace(server, sid).await?,
+    })
+}
+
 /// The stored events of the session's last run (from its last `user_message`).
 async fn last_run(server: &Server, sid: &str) -> Result<Vec<Value>> {
     let events = server.events(sid).await?;
@@ -316,15 +357,15 @@ async fn escapes_are_refused_and_the_outside_is_untouched() -> Result<()> {
     );
     ensure!(!outside.join("new.txt").exists(), "absolute path escaped");
     ensure!(!ws.join("stolen.txt").exists(), "moved from outside");
-    // An absolute path inside the session's own workspace is fine.
+    // An absolute path inside the session's own workspace (as the worker sees it) is fine.
     let inside = ws.join("inside.txt");
+    let seen = worker_view_of_workspace(&server, &sid)
+        .await?
+        .join("inside.txt");
     let answer = server
         .query(
             &sid,
-            &format!(
-                "TOOL write_file {}",
-                json!({"path": inside, "content": "in"})
-            ),
+            &format!("TOOL write_file {}", json!({"path": seen, "content": "in"})),
         )
         .await?;
     ensure!(
@@ -368,10 +409,9 @@ async fn edit_search_and_grep() -> Result<()> {
     let server = Server::start_default().await?;
     let sid = server.create_session().await?;
     let ws = workspace(&server, &sid).await?;
-    std::fs::create_dir_all(ws.join("src"))?;
-    std::fs::write(ws.join("src/main.rs"), "fn main() {\n    old();\n}\n")?;
-    std::fs::write(ws.join("src/lib.rs"), "pub fn lib() {}\n")?;
-    std::fs::write(ws.join("README.md"), "# main\n")?;
+    plant(&server, &sid, "src/main.rs", "fn main() {\n    old();\n}\n").await?;
+    plant(&server, &sid, "src/lib.rs", "pub fn lib() {}\n").await?;
+    plant(&server, &sid, "README.md", "# main\n").await?;
 
     let args =
         json!({"path": "src/main.rs", "edits": [{"oldText": "old();", "newText": "new();"}]});

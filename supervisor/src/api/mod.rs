@@ -1,7 +1,9 @@
 //! The HTTP surface: every route in one table, plus the layers every response passes through.
 
 mod body;
+mod files;
 mod models;
+mod probe;
 mod runs;
 mod sessions;
 mod sse;
@@ -56,10 +58,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/oneshot/query", post(runs::oneshot))
         .route("/api/v1/oneshot/query/stream", post(runs::oneshot_stream))
         .route("/metrics", get(metrics))
-        .fallback(not_found)
+        .merge(files::routes())
+        .merge(probe::routes())
+        .fallback(files::workspace_static)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(cors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::isolation::level_header,
+        ))
         .with_state(state)
 }
 

@@ -34,7 +34,7 @@ pub(super) async fn system_health(
         "workers": {"live": live_workers},
         "storage": state.storage.descriptor(),
         "model": {"provider": model.provider, "id": model.id, "offline": model.provider == "echo"},
-        "isolation": "none",
+        "isolation": state.spawner.isolation().report(),
     })))
 }
 
@@ -58,6 +58,7 @@ pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Va
         "toolCallEngine": "native",
         "workspace": workspace,
         "workspaceName": workspace_name.unwrap_or_else(|| "Unknown".into()),
+        "isolation": state.spawner.isolation().summary(),
     });
     if let Some(instructions) = &config.instructions {
         let short: String = instructions.chars().take(100).collect();

@@ -7,6 +7,7 @@
 //! checked by the codec, events are validated before they are stored, and any protocol
 //! violation kills the worker rather than the supervisor.
 
+pub mod cgroup;
 mod spawn;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use shared::frame::{FrameError, read_frame, write_frame};
 use shared::ids::now_ms;
+use shared::jail::JailAudit;
 use shared::protocol::{
     AgentSettings, ContextSettings, FromWorker, Init, PROTOCOL_VERSION, ToWorker,
 };
@@ -26,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use spawn::Spawner;
+pub use spawn::{ProbeOutcome, Spawner, TestHooks};
 
 use crate::sessions::Session;
 use crate::state::AppState;
@@ -61,10 +63,20 @@ pub struct WorkerHandle {
     pub pid: u32,
     pub started_at: u64,
     pub generation: u64,
+    /// What the worker reported about its jail (W13), as accepted by the supervisor.
+    pub audit: Arc<JailAudit>,
     outbox: mpsc::Sender<ToWorker>,
     kill: CancellationToken,
     exited: CancellationToken,
+    #[cfg(feature = "isolation-tests")]
+    probes: probes::Pending,
 }
+
+/// Test builds: probe requests travel beside the `ToWorker` queue (see `probes`).
+#[cfg(feature = "isolation-tests")]
+type ProbeQueue = mpsc::Receiver<shared::jail::ProbeEnvelope>;
+#[cfg(not(feature = "isolation-tests"))]
+type ProbeQueue = ();
 
 impl WorkerHandle {
     pub fn is_alive(&self) -> bool {
@@ -133,39 +145,86 @@ pub async fn start(
         .map(|e| e.json.to_string())
         .collect();
     let stored = state.storage.session(&session.id).await?;
-    let spawn::Spawned { mut child, channel } = state.spawner.spawn(&session.id).await?;
+    let spawning = std::time::Instant::now();
+    let spawn::Spawned {
+        mut child,
+        channel,
+        jail,
+    } = state.spawner.spawn(&session.id, &session.workspace).await?;
     let pid = child.id().unwrap_or_default();
+    let spawn_us = spawning.elapsed().as_micros() as u64;
     let (mut read, mut write) = channel.into_split();
+    let isolation = state.spawner.isolation();
+    let mut jail_us = 0;
 
     let init = ToWorker::Init(Init {
         protocol_version: PROTOCOL_VERSION,
         session_id: session.id.clone(),
-        workspace: session.workspace.to_string_lossy().into_owned(),
+        // The workspace as the worker sees it: `/workspace` in a strict jail, `/` in a chroot.
+        workspace: isolation.workspace_inside(&session.workspace),
         agent: agent_settings(state, stored.as_ref()),
         history,
     });
+    // First the jail's self-audit (W13), checked before the session is used; then Init/Ready.
     let handshake = async {
-        write_frame(&mut write, &init).await?;
-        read_frame::<_, FromWorker>(&mut read).await
+        let audit = match read_frame::<_, FromWorker>(&mut read).await {
+            Ok(Some(FromWorker::Jailed(audit))) => {
+                jail_us = spawning.elapsed().as_micros() as u64;
+                audit
+            }
+            Ok(Some(FromWorker::JailFailed(f))) => {
+                return Err(Some(format!(
+                    "SANDBOX_SETUP_FAILED: jail step '{}' failed: {}",
+                    f.step, f.message
+                )));
+            }
+            Ok(Some(other)) => return Err(Some(format!("unexpected first message {other:?}"))),
+            Ok(None) => return Err(None),
+            Err(e) => return Err(Some(e.to_string())),
+        };
+        let problems = isolation.check_audit(&audit, jail.ids);
+        if !problems.is_empty() {
+            return Err(Some(format!(
+                "SANDBOX_SETUP_FAILED: the worker's jail audit was refused: {}",
+                problems.join("; ")
+            )));
+        }
+        write_frame(&mut write, &init)
+            .await
+            .map_err(|e| Some(e.to_string()))?;
+        match read_frame::<_, FromWorker>(&mut read).await {
+            Ok(Some(FromWorker::Ready {
+                protocol_version, ..
+            })) if protocol_version == PROTOCOL_VERSION => Ok(audit),
+            Ok(Some(other)) => Err(Some(format!("unexpected message {other:?}"))),
+            Ok(None) => Err(None),
+            Err(e) => Err(Some(e.to_string())),
+        }
     };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(Some(FromWorker::Ready {
-            protocol_version, ..
-        }))) if protocol_version == PROTOCOL_VERSION => {}
+    let audit = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(audit)) => audit,
         outcome => {
             let _ = child.start_kill();
             let reason = match outcome {
                 Err(_) => "no answer in time".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(None)) => describe_exit(child.wait().await.ok()),
-                Ok(Ok(Some(other))) => format!("unexpected first message {other:?}"),
+                Ok(Err(Some(reason))) => reason,
+                Ok(Err(None)) | Ok(Ok(_)) => describe_exit(child.wait().await.ok()),
             };
+            // S8 for a session that never started: its processes and cgroup go now.
+            let _ = child.wait().await;
+            let mut jail = jail;
+            jail.teardown().await;
             return Err(WorkerError::Handshake(reason));
         }
-    }
+    };
+    tracing::debug!(session_id = %session.id, audit = ?audit, "jail audit accepted");
 
     let (outbox, queued) = mpsc::channel(OUTBOX_CAPACITY);
-    tokio::spawn(write_frames(write, queued));
+    #[cfg(feature = "isolation-tests")]
+    let (probe_tx, probe_queue) = mpsc::channel(16);
+    #[cfg(not(feature = "isolation-tests"))]
+    let probe_queue = ();
+    tokio::spawn(write_frames(write, queued, probe_queue));
     if let Some(stderr) = child.stderr.take() {
         tokio::spawn(log_stderr(session.id.clone(), stderr));
     }
@@ -173,9 +232,12 @@ pub async fn start(
         pid,
         started_at: now_ms(),
         generation,
+        audit: Arc::from(audit),
         outbox,
         kill: CancellationToken::new(),
         exited: CancellationToken::new(),
+        #[cfg(feature = "isolation-tests")]
+        probes: probes::Pending::new(probe_tx),
     };
     let span = tracing::info_span!("worker", session_id = %session.id, pid);
     tokio::spawn(
@@ -184,20 +246,47 @@ pub async fn start(
             session: session.clone(),
             handle: handle.clone(),
             model_calls: HashMap::new(),
+            jail,
         }
         .run(child, read)
         .instrument(span),
     );
-    tracing::info!(session_id = %session.id, pid, "worker ready");
+    // Spawn, jail, audit and handshake together: the latency a session's first query pays.
+    let startup_us = spawning.elapsed().as_micros() as u64;
+    tracing::info!(session_id = %session.id, pid, spawn_us, jail_us, startup_us, "worker ready");
     Ok(handle)
 }
 
+#[cfg(not(feature = "isolation-tests"))]
 async fn write_frames(
     mut write: tokio::net::unix::OwnedWriteHalf,
     mut queued: mpsc::Receiver<ToWorker>,
+    _probes: ProbeQueue,
 ) {
     while let Some(msg) = queued.recv().await {
         if let Err(e) = shared::frame::write_batch(&mut write, msg, &mut queued).await {
+            tracing::debug!(error = %e, "stopped writing to a worker");
+            break;
+        }
+    }
+}
+
+/// Test builds: the same writer, also carrying probe envelopes.
+#[cfg(feature = "isolation-tests")]
+async fn write_frames(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut queued: mpsc::Receiver<ToWorker>,
+    mut probes: ProbeQueue,
+) {
+    loop {
+        let written = tokio::select! {
+            msg = queued.recv() => match msg {
+                Some(msg) => shared::frame::write_batch(&mut write, msg, &mut queued).await,
+                None => break,
+            },
+            Some(envelope) = probes.recv() => write_frame(&mut write, &envelope).await,
+        };
+        if let Err(e) = written {
             tracing::debug!(error = %e, "stopped writing to a worker");
             break;
         }
@@ -246,6 +335,8 @@ struct Connection {
     session: Arc<Session>,
     handle: WorkerHandle,
     model_calls: HashMap<String, (CancellationToken, JoinHandle<()>)>,
+    /// The host side of the worker's jail: its identity and cgroup (removed when it is gone).
+    jail: spawn::SessionJail,
 }
 
 impl Connection {
@@ -303,11 +394,37 @@ impl Connection {
         if !exit_described && !reason.starts_with("stopped") {
             reason = format!("{reason} ({})", describe_exit(status));
         }
+        if !reason.starts_with("stopped") {
+            reason = self.explain_limit(reason, status);
+        }
+        // S8: whatever the session left behind goes with it.
+        self.jail.teardown().await;
         tracing::info!(%reason, "worker gone");
         self.session
             .worker_exited(&self.state, self.handle.generation, reason)
             .await;
         self.handle.exited.cancel();
+    }
+
+    /// Names the resource limit behind an abnormal exit, from the cgroup's counters or the
+    /// signal, so the session's error event says which limit it hit.
+    fn explain_limit(&self, reason: String, status: Option<std::process::ExitStatus>) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let abnormal = status.is_none_or(|s| !s.success());
+        if !abnormal {
+            return reason;
+        }
+        let isolation = self.state.spawner.isolation();
+        if let Some(limit) = self.jail.limit_hit() {
+            return format!("{} ({reason})", isolation.describe_limit(limit));
+        }
+        match status
+            .and_then(|s| s.signal())
+            .and_then(|sig| isolation.describe_signal(sig))
+        {
+            Some(words) => format!("{words} ({reason})"),
+            None => reason,
+        }
     }
 
     async fn dispatch(&mut self, msg: FromWorker) -> Result<(), Violation> {
@@ -351,6 +468,14 @@ impl Connection {
                 Ok(())
             }
             FromWorker::Ready { .. } => Err(Violation::Unexpected("a second Ready")),
+            FromWorker::Jailed(_) | FromWorker::JailFailed(_) | FromWorker::ProbeReport { .. } => {
+                Err(Violation::Unexpected("a jail report after the handshake"))
+            }
+            #[cfg(feature = "isolation-tests")]
+            FromWorker::ProbeAnswer(answer) => {
+                self.handle.probes.deliver(answer);
+                Ok(())
+            }
         }
     }
 }
@@ -368,6 +493,80 @@ async fn read_frames(read: OwnedReadHalf, frames: mpsc::Sender<Result<FromWorker
         };
         if frames.send(item).await.is_err() || stop {
             break;
+        }
+    }
+}
+
+/// Test builds only: probe requests in flight towards a worker (isolation.md §4.2).
+#[cfg(feature = "isolation-tests")]
+mod probes {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use shared::jail::{PROBE_MAGIC, ProbeAnswer, ProbeEnvelope, ProbeRequest};
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::{WorkerError, WorkerHandle};
+
+    #[derive(Clone)]
+    pub(super) struct Pending {
+        next: Arc<AtomicU64>,
+        queue: mpsc::Sender<ProbeEnvelope>,
+        waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<String>>>>,
+    }
+
+    impl Pending {
+        pub(super) fn new(queue: mpsc::Sender<ProbeEnvelope>) -> Self {
+            Self {
+                next: Arc::default(),
+                queue,
+                waiting: Arc::default(),
+            }
+        }
+
+        pub(super) fn deliver(&self, answer: ProbeAnswer) {
+            let waiter = self
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&answer.id);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(answer.json);
+            }
+        }
+    }
+
+    impl WorkerHandle {
+        /// Runs probe `name` inside this worker's jail and returns its JSON answer.
+        ///
+        /// # Errors
+        /// The worker is gone before it answered.
+        pub async fn probe(&self, name: &str, args: String) -> Result<String, WorkerError> {
+            let id = self.probes.next.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            self.probes
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, tx);
+            let envelope = ProbeEnvelope {
+                magic: PROBE_MAGIC,
+                request: ProbeRequest {
+                    id,
+                    name: name.to_owned(),
+                    args,
+                },
+            };
+            self.probes
+                .queue
+                .send(envelope)
+                .await
+                .map_err(|_| WorkerError::Closed)?;
+            tokio::select! {
+                answer = rx => answer.map_err(|_| WorkerError::Closed),
+                () = self.exited() => Err(WorkerError::Closed),
+            }
         }
     }
 }

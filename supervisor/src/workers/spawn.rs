@@ -1,68 +1,219 @@
 //! Starting worker processes: one long-lived spawner thread re-executes our own binary in its
-//! hidden `worker` mode (isolation.md S4–S5).
+//! hidden `worker` mode (isolation.md S1–S6).
 //!
 //! Why a dedicated thread: the parent-death signal armed in the child fires when the *thread*
 //! that forked it exits, not the process. tokio's blocking-pool threads come and go, so a worker
 //! spawned from one would be killed some seconds later. This thread lives as long as the
 //! supervisor, so a worker dies exactly when the supervisor does, even under SIGKILL.
+//!
+//! Per session, in order: its host identity (S1), its workspace directory owned by that identity
+//! (S2), its cgroup with limits (S3), the channel (S4), the exec with an empty environment and
+//! only fd 3 (S5), then the launcher is placed in the cgroup and only after that receives its jail
+//! spec, which is its "go" (S6): no session process ever runs outside its cgroup.
+//!
+//! Steps S3–S5 and the cgroup placement do not depend on the session, and they are the slow
+//! part (the exec, and a cgroup v1 migration that waits for an RCU grace period), so the spawner
+//! thread keeps a small pool of launchers that have done them and wait for their "go". A session
+//! takes one (without waiting for the spawner thread, which may be busy refilling), gets S1/S2
+//! done, and sends the spec; the spawner thread then refills the pool. A pooled launcher has
+//! nothing of any session: it is a fresh exec, alone in an empty cgroup, blocked on fd 3. When
+//! the pool is empty, the spawner thread starts a launcher for the session directly.
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, OnceLock};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use shared::frame::read_frame;
+use shared::jail::{JailAudit, JailFailure, JailLevel, JailSpec};
+use shared::protocol::FromWorker;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use super::WorkerError;
+use super::cgroup::SessionGroup;
+use crate::isolation::Isolation;
 
-/// A freshly started worker: its process and our end of its channel.
+/// `close_range` flag: mark the range close-on-exec instead of closing it.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+/// Where the T04 test hook puts its leaked descriptor.
+const LEAKED_FD: libc::c_int = 7;
+
+/// A freshly started worker: its process, our end of its channel, and its jail's host side.
 pub struct Spawned {
     pub child: Child,
     pub channel: UnixStream,
+    pub jail: SessionJail,
 }
 
-struct Job {
-    session_id: String,
-    reply: oneshot::Sender<std::io::Result<Spawned>>,
+/// What the supervisor holds for one worker's jail: the identity it runs as and its cgroup.
+/// Dropping it removes the cgroup (after killing anything left in it).
+pub struct SessionJail {
+    pub ids: Option<(u32, u32)>,
+    pub cgroup: Option<SessionGroup>,
 }
 
-/// Handle to the spawner thread.
+impl SessionJail {
+    /// Which resource limit, if any, the cgroup counters say the session ran into.
+    pub fn limit_hit(&self) -> Option<&'static str> {
+        self.cgroup.as_ref().and_then(SessionGroup::limit_hit)
+    }
+
+    /// S8: kill whatever is left of the session and remove its cgroup.
+    pub async fn teardown(&mut self) {
+        if let Some(group) = self.cgroup.as_mut() {
+            group.teardown().await;
+        }
+    }
+}
+
+/// How a start-up probe ended.
+pub enum ProbeOutcome {
+    /// The jail was built: its audit and the in-jail checks (JSON).
+    Jailed {
+        audit: Box<JailAudit>,
+        report: String,
+    },
+    /// A jail step failed, and the worker said which.
+    Failed(JailFailure),
+    /// The launcher died without saying anything useful.
+    Died(String),
+}
+
+/// Launchers kept ready (S3–S5 done, waiting for their spec). Each idles at a few MiB.
+const POOL_SIZE: usize = 2;
+
+enum Job {
+    /// Top the pool up (the isolation is decided, or a launcher was taken).
+    Fill(Arc<Isolation>),
+    Session {
+        isolation: Arc<Isolation>,
+        session_id: String,
+        workspace: PathBuf,
+        reply: oneshot::Sender<std::io::Result<Spawned>>,
+    },
+    Probe {
+        spec: Box<JailSpec>,
+        hooks: TestHooks,
+        reply: oneshot::Sender<std::io::Result<(Child, UnixStream)>>,
+    },
+}
+
+/// Test builds: what a launcher is started with besides its spec (isolation.md §4.2).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TestHooks {
+    /// T04: an `O_PATH` fd of the host `/` leaked into the launcher at fd 7.
+    pub leak_fd: bool,
+    /// T59: a seccomp filter refusing namespace creation, installed before `exec`.
+    pub deny_namespaces: bool,
+}
+
+/// Handle to the spawner thread, and the isolation in force.
 pub struct Spawner {
     jobs: std_mpsc::Sender<Job>,
+    isolation: OnceLock<Arc<Isolation>>,
+    pool: Arc<Pool>,
 }
 
 impl Spawner {
-    /// Starts the spawner thread. `exe` is the binary to re-execute (our own).
+    /// Starts the spawner thread. `exe` is the binary to re-execute (our own). Until
+    /// [`Spawner::set_isolation`] is called, the isolation is an unprobed `none`.
     ///
     /// # Errors
     /// The thread could not be created.
     pub fn start(exe: PathBuf, runtime: tokio::runtime::Handle) -> std::io::Result<Self> {
         let (jobs, rx) = std_mpsc::channel::<Job>();
+        let pool = Arc::new(Pool::default());
+        let filled = pool.clone();
         std::thread::Builder::new()
             .name("worker-spawner".into())
             .spawn(move || {
                 // Entering the runtime lets tokio::process register the child with its reaper, so
                 // the supervisor awaits each exit asynchronously.
                 let _guard = runtime.enter();
+                let pool = filled;
                 for job in rx {
-                    let _ = job.reply.send(spawn_one(&exe, &job.session_id));
+                    match job {
+                        Job::Fill(isolation) => pool.fill(&exe, &isolation),
+                        Job::Session {
+                            isolation,
+                            session_id,
+                            workspace,
+                            reply,
+                        } => {
+                            let spawned = pool
+                                .start(&exe, &isolation)
+                                .and_then(|ready| bind(ready, &isolation, &session_id, &workspace));
+                            let _ = reply.send(spawned);
+                            pool.fill(&exe, &isolation);
+                        }
+                        Job::Probe { spec, hooks, reply } => {
+                            let args = ["--probe".to_owned()];
+                            // A child dropped on error is killed (kill_on_drop).
+                            let started = start_launcher(&exe, &args, None, hooks)
+                                .and_then(|(child, channel)| Ok((child, release(&spec, channel)?)));
+                            let _ = reply.send(started);
+                        }
+                    }
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            isolation: OnceLock::new(),
+            pool,
+        })
     }
 
-    /// Starts the worker process of `session_id`.
+    /// Fixes the isolation decided at start-up; later calls are ignored (a level never changes
+    /// at runtime, §3.2).
+    pub fn set_isolation(&self, isolation: Arc<Isolation>) {
+        if self.isolation.set(isolation.clone()).is_ok() {
+            let _ = self.jobs.send(Job::Fill(isolation));
+        }
+    }
+
+    /// The isolation in force.
+    pub fn isolation(&self) -> Arc<Isolation> {
+        static UNSET: OnceLock<Arc<Isolation>> = OnceLock::new();
+        self.isolation
+            .get()
+            .unwrap_or_else(|| UNSET.get_or_init(Default::default))
+            .clone()
+    }
+
+    /// Starts the worker process of `session_id`, jailed to `workspace`.
     ///
     /// # Errors
-    /// The spawner is gone or the process could not be started.
-    pub async fn spawn(&self, session_id: &str) -> Result<Spawned, WorkerError> {
+    /// The spawner is gone, or a step of S1–S6 failed.
+    pub async fn spawn(&self, session_id: &str, workspace: &Path) -> Result<Spawned, WorkerError> {
+        let isolation = self.isolation();
+        if isolation.level == JailLevel::None {
+            tracing::warn!(
+                session_id,
+                "starting a worker WITHOUT isolation (--isolation none)"
+            );
+        }
+        if let Some(ready) = self.pool.take() {
+            // The fork already happened on the spawner thread; binding (chown, one write) may
+            // run on any thread.
+            let _ = self.jobs.send(Job::Fill(isolation.clone()));
+            let (id, ws) = (session_id.to_owned(), workspace.to_owned());
+            return tokio::task::spawn_blocking(move || bind(ready, &isolation, &id, &ws))
+                .await
+                .map_err(|e| WorkerError::Spawn(e.to_string()))?
+                .map_err(|e| WorkerError::Spawn(e.to_string()));
+        }
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .send(Job::Session {
+                isolation,
                 session_id: session_id.to_owned(),
+                workspace: workspace.to_owned(),
                 reply,
             })
             .map_err(|_| WorkerError::Spawn("the spawner thread has stopped".into()))?;
@@ -70,9 +221,220 @@ impl Spawner {
             .map_err(|_| WorkerError::Spawn("the spawner thread dropped the request".into()))?
             .map_err(|e| WorkerError::Spawn(e.to_string()))
     }
+
+    /// Runs one start-up probe (isolation.md §3.3) through the same spawn path as sessions.
+    ///
+    /// # Errors
+    /// The spawner is gone or the process could not be started.
+    pub async fn probe(
+        &self,
+        spec: JailSpec,
+        hooks: TestHooks,
+    ) -> Result<ProbeOutcome, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Probe {
+                spec: Box::new(spec),
+                hooks,
+                reply,
+            })
+            .map_err(|_| WorkerError::Spawn("the spawner thread has stopped".into()))?;
+        let (mut child, channel) = rx
+            .await
+            .map_err(|_| WorkerError::Spawn("the spawner thread dropped the request".into()))?
+            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+        let mut read = channel;
+        let outcome = match read_frame::<_, FromWorker>(&mut read).await {
+            Ok(Some(FromWorker::Jailed(audit))) => match read_frame::<_, FromWorker>(&mut read)
+                .await
+            {
+                Ok(Some(FromWorker::ProbeReport { json })) => ProbeOutcome::Jailed {
+                    audit,
+                    report: json,
+                },
+                other => ProbeOutcome::Died(format!("no probe report after the audit: {other:?}")),
+            },
+            Ok(Some(FromWorker::JailFailed(failure))) => ProbeOutcome::Failed(failure),
+            Ok(Some(other)) => ProbeOutcome::Died(format!("unexpected first message {other:?}")),
+            Ok(None) => {
+                let status = child.wait().await.ok();
+                ProbeOutcome::Died(format!(
+                    "the launcher exited without a report ({})",
+                    super::describe_exit(status)
+                ))
+            }
+            Err(e) => ProbeOutcome::Died(format!("bad frame from the probe: {e}")),
+        };
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        Ok(outcome)
+    }
 }
 
-fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
+/// A launcher that has been exec'd and placed in its (still empty) cgroup, waiting for a spec.
+struct Ready {
+    child: Child,
+    channel: std::os::unix::net::UnixStream,
+    cgroup: Option<SessionGroup>,
+}
+
+/// Launchers that are ready, filled by the spawner thread (which must be the one that forks
+/// them: their parent-death signal is tied to it) and taken by `Spawner::spawn`.
+#[derive(Default)]
+struct Pool {
+    ready: std::sync::Mutex<std::collections::VecDeque<Ready>>,
+    /// Names of the cgroups it creates: `w<n>`, unique for this supervisor.
+    created: std::sync::atomic::AtomicU64,
+}
+
+impl Pool {
+    fn ready(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Ready>> {
+        self.ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// S3–S5 for a launcher not yet bound to any session (spawner thread only).
+    fn start(&self, exe: &Path, isolation: &Isolation) -> std::io::Result<Ready> {
+        let n = self
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let cgroup = if isolation.level != JailLevel::None {
+            isolation
+                .session_cgroup(&format!("w{n}"))
+                .map_err(|e| std::io::Error::other(format!("creating the session's cgroup: {e}")))?
+        } else {
+            None
+        };
+        let (child, channel) = start_launcher(
+            exe,
+            &["--pooled".to_owned()],
+            cgroup.as_ref(),
+            isolation.test_hooks(),
+        )?;
+        Ok(Ready {
+            child,
+            channel,
+            cgroup,
+        })
+    }
+
+    /// Tops the pool up (spawner thread only).
+    fn fill(&self, exe: &Path, isolation: &Isolation) {
+        if !isolation.is_established() {
+            return;
+        }
+        while self.ready().len() < POOL_SIZE {
+            match self.start(exe, isolation) {
+                Ok(ready) => self.ready().push_back(ready),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a pooled launcher");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A waiting launcher that is still alive, if there is one.
+    fn take(&self) -> Option<Ready> {
+        let mut ready = self.ready();
+        while let Some(mut launcher) = ready.pop_front() {
+            if matches!(launcher.child.try_wait(), Ok(None)) {
+                return Some(launcher);
+            }
+        }
+        None
+    }
+}
+
+/// S1, S2, then "go": binds a ready launcher to one session.
+fn bind(
+    ready: Ready,
+    isolation: &Isolation,
+    session_id: &str,
+    workspace: &Path,
+) -> std::io::Result<Spawned> {
+    let ids = isolation.session_ids(session_id);
+    if isolation.level != JailLevel::None {
+        prepare_workspace(workspace, ids)?;
+    }
+    let spec = isolation.session_spec(session_id, workspace, ids);
+    let Ready {
+        child,
+        channel,
+        cgroup,
+    } = ready;
+    // On error the child is dropped, which kills it (kill_on_drop), and its cgroup goes too.
+    let channel = release(&spec, channel)?;
+    Ok(Spawned {
+        child,
+        channel,
+        jail: SessionJail { ids, cgroup },
+    })
+}
+
+/// S2: the workspace directory exists, is a real directory (not a symlink), belongs to the
+/// session's host identity, and is private. Done through one `O_NOFOLLOW` handle, so nothing the
+/// worker could have planted is followed.
+fn prepare_workspace(path: &Path, ids: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(path)?;
+        }
+        Err(e) => return Err(e),
+    }
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            std::io::Error::other(format!("opening the workspace {}: {e}", path.display()))
+        })?;
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
+    }
+    dir.set_permissions(std::fs::Permissions::from_mode(0o700))
+}
+
+/// The T59 filter as raw BPF instructions, built before the fork (nothing may allocate after it).
+#[cfg(feature = "isolation-tests")]
+fn deny_namespaces_filter(hooks: TestHooks) -> std::io::Result<Option<Vec<libc::sock_filter>>> {
+    if !hooks.deny_namespaces {
+        return Ok(None);
+    }
+    let program = worker::jail::seccomp::namespace_denial().map_err(std::io::Error::other)?;
+    Ok(Some(
+        program
+            .into_iter()
+            .map(|i| libc::sock_filter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            })
+            .collect(),
+    ))
+}
+
+#[cfg(not(feature = "isolation-tests"))]
+fn deny_namespaces_filter(_hooks: TestHooks) -> std::io::Result<Option<Vec<libc::sock_filter>>> {
+    Ok(None)
+}
+
+/// S4–S6 up to the "go": channel, exec, cgroup placement. The launcher then blocks on fd 3.
+fn start_launcher(
+    exe: &Path,
+    args: &[String],
+    cgroup: Option<&SessionGroup>,
+    hooks: TestHooks,
+) -> std::io::Result<(Child, std::os::unix::net::UnixStream)> {
     // Both ends are close-on-exec; the child's end is duplicated onto fd 3 (which clears the
     // flag) in pre_exec, so no other descriptor of ours crosses the exec.
     let (ours, theirs): (OwnedFd, OwnedFd) = socketpair(
@@ -83,12 +445,26 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
     )?;
     let child_fd = theirs.as_raw_fd();
     let supervisor_pid = std::process::id();
+    // Test builds: a host directory fd the launcher must get rid of (T04).
+    let leaked: Option<OwnedFd> = if hooks.leak_fd {
+        Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open("/")?
+                .into(),
+        )
+    } else {
+        None
+    };
+    let leaked_raw = leaked.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+    let denial = deny_namespaces_filter(hooks)?;
 
     let mut command = Command::new(exe);
     command
         .arg("worker")
         // `=` form: ids may start with `-`, which would otherwise read as a flag.
-        .arg(format!("--session={session_id}"))
+        .args(args)
         // No secret and no configuration reaches a worker through its environment.
         .env_clear()
         .stdin(Stdio::null())
@@ -96,7 +472,8 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
-    // functions (dup2, fcntl, setsid, prctl, getppid, _exit) on plain integers it captured.
+    // functions (dup2, fcntl, setsid, prctl, getppid, close_range, _exit) on plain integers it
+    // captured.
     unsafe {
         command.pre_exec(move || {
             if child_fd == worker::CHANNEL_FD {
@@ -106,6 +483,28 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
                 }
             } else if libc::dup2(child_fd, worker::CHANNEL_FD) == -1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Everything above fd 3 is close-on-exec, whatever a library opened without the
+            // flag (the launcher closes the rest again first thing, L1).
+            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+            if leaked_raw >= 0 && libc::dup2(leaked_raw, LEAKED_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(filter) = &denial {
+                let program = libc::sock_fprog {
+                    len: filter.len() as libc::c_ushort,
+                    filter: filter.as_ptr().cast_mut(),
+                };
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1
+                    || libc::syscall(
+                        libc::SYS_seccomp,
+                        libc::SECCOMP_SET_MODE_FILTER,
+                        0,
+                        &program as *const libc::sock_fprog,
+                    ) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // Own session: no controlling terminal, and signals to our process group miss it.
             if libc::setsid() == -1 {
@@ -121,12 +520,42 @@ fn spawn_one(exe: &PathBuf, session_id: &str) -> std::io::Result<Spawned> {
             Ok(())
         });
     }
-    let child = command.spawn()?;
+    let t0 = std::time::Instant::now();
+    let mut child = command.spawn()?;
+    let exec_us = t0.elapsed().as_micros() as u64;
     drop(theirs);
-    let std_stream = std::os::unix::net::UnixStream::from(ours);
-    std_stream.set_nonblocking(true)?;
-    Ok(Spawned {
-        child,
-        channel: UnixStream::from_std(std_stream)?,
-    })
+    drop(leaked);
+    let ours = std::os::unix::net::UnixStream::from(ours);
+    let placed = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("the launcher exited at once"))
+        .and_then(|pid| match cgroup {
+            Some(group) => group.place(pid).map_err(|e| {
+                std::io::Error::other(format!("placing the launcher in its cgroup: {e}"))
+            }),
+            None => Ok(()),
+        });
+    if let Err(e) = placed {
+        let _ = child.start_kill();
+        return Err(e);
+    }
+    tracing::debug!(
+        exec_us,
+        placed_us = t0.elapsed().as_micros() as u64,
+        "launcher started"
+    );
+    Ok((child, ours))
+}
+
+/// S6, the "go": the launcher blocks on this frame before it does anything session-specific.
+/// A spec is a few hundred bytes, far below the socket buffer, so this never blocks the
+/// spawner thread.
+fn release(
+    spec: &JailSpec,
+    mut channel: std::os::unix::net::UnixStream,
+) -> std::io::Result<UnixStream> {
+    let frame = shared::frame::encode(spec).map_err(std::io::Error::other)?;
+    channel.write_all(&frame)?;
+    channel.set_nonblocking(true)?;
+    UnixStream::from_std(channel)
 }

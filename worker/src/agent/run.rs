@@ -852,7 +852,8 @@ mod tests {
                     }
                 }
                 FromWorker::RunResult { .. } | FromWorker::ModelCancel { .. } => {}
-                FromWorker::Ready { .. } => panic!("Ready from a run"),
+                // Handshake, jail and probe messages never come from a run.
+                other => panic!("not a run's message: {other:?}"),
             }
         }
         run.await.unwrap();

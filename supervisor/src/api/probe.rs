@@ -1,0 +1,78 @@
+//! Test builds only (feature `isolation-tests`): the HTTP side of the in-jail probe server of
+//! isolation.md §4.2. `POST /api/v1/debug/probe {sessionId, name, args}` runs a probe inside the
+//! session's live worker; `GET /api/v1/debug/jail?sessionId=` returns the worker's accepted
+//! self-audit. Release builds have no such routes.
+
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::state::AppState;
+
+#[cfg(not(feature = "isolation-tests"))]
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+}
+
+#[cfg(feature = "isolation-tests")]
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    use axum::routing::{get, post};
+    Router::new()
+        .route("/api/v1/debug/probe", post(debug::probe))
+        .route("/api/v1/debug/jail", get(debug::jail))
+}
+
+#[cfg(feature = "isolation-tests")]
+mod debug {
+    use std::sync::Arc;
+
+    use axum::Json;
+    use axum::extract::State;
+    use serde_json::{Value, json};
+
+    use crate::api::body::{JsonObject, Params, session_id};
+    use crate::error::ApiError;
+    use crate::state::AppState;
+    use crate::workers::WorkerHandle;
+
+    async fn live_worker(state: &AppState, id: &str) -> Result<WorkerHandle, ApiError> {
+        let session = state.session(id).await?;
+        session
+            .worker()
+            .await
+            .ok_or_else(|| ApiError::WorkerUnavailable {
+                session: id.to_owned(),
+                reason: "no live worker (run a query first)".into(),
+            })
+    }
+
+    pub(super) async fn probe(
+        State(state): State<Arc<AppState>>,
+        params: Params,
+        JsonObject(body): JsonObject,
+    ) -> Result<Json<Value>, ApiError> {
+        let id = session_id(&params, Some(&body))?;
+        let worker = live_worker(&state, &id).await?;
+        let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+        let args = body.get("args").cloned().unwrap_or(json!({})).to_string();
+        let answer = worker
+            .probe(name, args)
+            .await
+            .map_err(|e| ApiError::WorkerUnavailable {
+                session: id.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Json(serde_json::from_str(&answer).unwrap_or(Value::Null)))
+    }
+
+    pub(super) async fn jail(
+        State(state): State<Arc<AppState>>,
+        params: Params,
+    ) -> Result<Json<Value>, ApiError> {
+        let id = session_id(&params, None)?;
+        let worker = live_worker(&state, &id).await?;
+        let audit = serde_json::to_value(worker.audit.as_ref())
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(Json(json!({"launcherPid": worker.pid, "audit": audit})))
+    }
+}
