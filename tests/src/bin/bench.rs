@@ -142,6 +142,7 @@ async fn main() -> Result<()> {
     let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
     let _ = child.start_kill();
 
+    let levels = level_figures(&binary, &client).await?;
     let fleet = fleet_figures(&binary, &client).await?;
     let soak = soak(&binary).await?;
 
@@ -166,6 +167,7 @@ async fn main() -> Result<()> {
                 "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
         "sqlite_appends_per_second_8_writers": durable["appends_per_second"],
                 "restart_10000_sessions": restart,
+                "isolation_levels": levels,
         "fleet": fleet,
         "soak": soak,
     });
@@ -175,6 +177,74 @@ async fn main() -> Result<()> {
         println!("\nwrote {}", path.display());
     }
     Ok(())
+}
+
+/// For each isolation level: 200 times, create a session and ask its first question (which
+/// starts its jailed worker), at most 20 sessions alive at once; plus the supervisor's own
+/// spawn-to-ready time, from `/metrics`.
+async fn level_figures(binary: &Path, client: &reqwest::Client) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    for (level, extra) in [
+        ("strict", &[][..]),
+        ("chroot", &[][..]),
+        ("none", &["--allow-insecure-isolation"][..]),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let mut args = vec!["--isolation", level];
+        args.extend_from_slice(extra);
+        let server = start(binary, dir.path(), &args).await?;
+        let mut samples = Vec::new();
+        let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            let id = create(client, &server.base).await?;
+            query(client, &server.base, &id, "hi").await?;
+            samples.push(t.elapsed());
+            live.push_back(id);
+            if live.len() > 20
+                && let Some(old) = live.pop_front()
+            {
+                client
+                    .post(format!("{}/api/v1/sessions/delete", server.base))
+                    .json(&json!({"sessionId": old}))
+                    .send()
+                    .await?;
+            }
+        }
+        let metrics = client
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let count = value("agent_worker_start_seconds_count");
+        let mean_ms = if count > 0.0 {
+            value("agent_worker_start_seconds_sum") / count * 1000.0
+        } else {
+            0.0
+        };
+        let health: Value = client
+            .get(format!("{}/api/v1/system/health", server.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        out.insert(
+            level.to_owned(),
+            json!({
+                "level_in_force": health["isolation"]["level"],
+                "create_and_first_query_ms": summary(&samples),
+                "worker_spawn_to_ready_ms_mean": (mean_ms * 1000.0).round() / 1000.0,
+            }),
+        );
+    }
+    Ok(Value::Object(out))
 }
 
 /// SSE throughput with 100 sessions streaming at once, then memory with 1,000 live sessions
@@ -658,6 +728,20 @@ fn print_table(report: &Value) {
         "worker_pss_kib_median",
     ] {
         println!("{:<48} {:>12}", key, report[key].to_string());
+    }
+    for (level, figures) in report["isolation_levels"].as_object().into_iter().flatten() {
+        let s = &figures["create_and_first_query_ms"];
+        println!(
+            "{:<48} {:>12} {:>12}",
+            format!("{level}.create_and_first_query_ms"),
+            s["p50"].to_string(),
+            s["p99"].to_string()
+        );
+        println!(
+            "{:<48} {:>12}",
+            format!("{level}.worker_spawn_to_ready_ms_mean"),
+            figures["worker_spawn_to_ready_ms_mean"].to_string()
+        );
     }
     for (section, keys) in [
         (
