@@ -91,6 +91,10 @@ pub struct Metrics {
     pub worker_start_failures: Counter,
     /// Workers that died without the supervisor asking them to.
     pub worker_crashes: Counter,
+    /// Sessions whose worker the kernel's OOM killer stopped at their memory limit.
+    pub oom_kills: Counter,
+    /// Sessions stopped by another resource limit (processes, CPU time).
+    pub limit_kills: Counter,
     pub worker_start_seconds: Histogram,
     /// Idle workers stopped to make room for another session's.
     pub hibernations: Counter,
@@ -120,6 +124,8 @@ impl Metrics {
             worker_starts: Counter::new(),
             worker_start_failures: Counter::new(),
             worker_crashes: Counter::new(),
+            oom_kills: Counter::new(),
+            limit_kills: Counter::new(),
             worker_start_seconds: Histogram::new(),
             hibernations: Counter::new(),
             idle_stops: Counter::new(),
@@ -186,6 +192,18 @@ pub async fn render(state: &AppState) -> String {
         "agent_worker_crashes_total",
         "Workers that exited without being asked to.",
         m.worker_crashes.get(),
+    );
+    counter(
+        &mut out,
+        "agent_worker_oom_kills_total",
+        "Workers killed at their session's memory limit.",
+        m.oom_kills.get(),
+    );
+    counter(
+        &mut out,
+        "agent_worker_limit_kills_total",
+        "Workers stopped by another session limit.",
+        m.limit_kills.get(),
     );
     m.worker_start_seconds.render(
         &mut out,

@@ -416,6 +416,11 @@ impl Connection {
         }
         let isolation = self.state.spawner.isolation();
         if let Some(limit) = self.jail.limit_hit() {
+            if limit == "memory" {
+                crate::metrics::METRICS.oom_kills.inc();
+            } else {
+                crate::metrics::METRICS.limit_kills.inc();
+            }
             return format!("{} ({reason})", isolation.describe_limit(limit));
         }
         match status

@@ -1228,6 +1228,13 @@ pub async fn t33_limit_ends_run(mode: Mode) -> Result<()> {
         message.contains("resource limit") && message.contains("memory"),
         "error event does not name the limit: {message}"
     );
+    let metrics = server.get("/metrics").await?.text;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l == "agent_worker_oom_kills_total 1"),
+        "the OOM kill is counted in /metrics"
+    );
     let end = frames.last().context("no frames")?;
     ensure!(
         end.ty() == "agent_run_end" && end.data["status"] == "error",
