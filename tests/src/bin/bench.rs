@@ -62,6 +62,9 @@ async fn main() -> Result<()> {
         args.next()
             .context("usage: bench <supervisor binary> [--json FILE]")?,
     );
+    // Each server runs in its own directory, so a relative path would not find the binary.
+    let binary = std::fs::canonicalize(&binary)
+        .with_context(|| format!("no binary at {}", binary.display()))?;
     let json_out = match (args.next().as_deref(), args.next()) {
         (Some("--json"), Some(path)) => Some(PathBuf::from(path)),
         _ => None,
