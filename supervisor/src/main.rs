@@ -28,8 +28,9 @@ enum Command {
         /// The upstream store.
         #[arg(long)]
         from: PathBuf,
+        // Boxed: the serve flags are big next to the other variants.
         #[command(flatten)]
-        target: ServeArgs,
+        target: Box<ServeArgs>,
     },
     /// Run one session's worker (started by the supervisor, never by hand).
     #[command(hide = true)]
@@ -71,6 +72,10 @@ struct ServeArgs {
     /// trace, debug, info, warn or error (RUST_LOG overrides it).
     #[arg(long)]
     log_level: Option<String>,
+    /// Serve this web UI directory (webui.staticPath; scripts/fetch-webui.sh fetches the
+    /// official one) instead of the built-in UI.
+    #[arg(long)]
+    webui_static_path: Option<PathBuf>,
 }
 
 // No #[tokio::main]: worker mode must stay single-threaded until it is jailed.
@@ -78,7 +83,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Worker { session }) => run_worker(session),
-        Some(Command::Import { from, target }) => run_import(&from, target),
+        Some(Command::Import { from, target }) => run_import(&from, *target),
         None => run_server(cli.serve),
     }
 }
@@ -102,6 +107,7 @@ fn load_config(args: ServeArgs) -> supervisor::config::Config {
         model_provider: args.model_provider,
         model_id: args.model_id,
         log_level: args.log_level,
+        webui_static_path: args.webui_static_path,
     };
     match supervisor::config::load(args.config.as_deref(), &flags) {
         Ok(config) => config,
