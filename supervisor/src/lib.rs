@@ -10,6 +10,7 @@
 //!   `catalogue`: the configured models, resolved with their keys; `agio`: AGIO export.
 //! - [`error`]: every client-visible error and its status.
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
+//! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one).
 
 mod agio;
 mod api;
@@ -23,4 +24,5 @@ pub mod server;
 mod sessions;
 mod state;
 pub mod storage;
+mod webui;
 mod workers;

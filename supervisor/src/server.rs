@@ -41,6 +41,8 @@ pub enum ServeError {
     Gateway(#[from] crate::gateway::GatewayError),
     #[error("could not build the HTTP client for AGIO: {0}")]
     Agio(#[source] reqwest::Error),
+    #[error(transparent)]
+    WebUi(#[from] crate::webui::WebUiError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -79,6 +81,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     }
     let agio = crate::agio::Agio::from_config(&config).map_err(ServeError::Agio)?;
     let gateway = Arc::new(Gateway::new(&config, agio.clone())?);
+    let webui = crate::webui::WebUi::from_config(&config)?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -96,10 +99,11 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         sessions: Default::default(),
         spawner,
         exclusive: Default::default(),
+        webui,
         started: Instant::now(),
         shutdown: CancellationToken::new(),
     });
-    tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = "none", "serving");
+    tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = "none", webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
     println!("supervisor listening on http://{local}");
 

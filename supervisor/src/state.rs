@@ -14,6 +14,7 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::sessions::{ExclusiveSlot, Session, Sessions};
 use crate::storage::{SessionInfo, SharedStorage};
+use crate::webui::WebUi;
 use crate::workers::Spawner;
 
 pub struct AppState {
@@ -27,6 +28,8 @@ pub struct AppState {
     /// AGIO export, when `agio.provider` is configured.
     pub agio: Option<Arc<Agio>>,
     pub exclusive: ExclusiveSlot,
+    /// The web UI served on non-API paths.
+    pub webui: WebUi,
     pub started: Instant,
     /// Cancelled when the server begins to shut down; long-lived streams end on it.
     pub shutdown: CancellationToken,
