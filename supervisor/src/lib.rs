@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: settings from file, environment and flags, with their defaults.
 //! - [`server`]: runtime, listener and orderly shutdown.
-//! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing.
+//! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing, Socket.IO.
 //! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
 //! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends.
 //! - `workers`: spawning, handshaking with and supervising one worker process per session.

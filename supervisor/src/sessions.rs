@@ -270,6 +270,11 @@ impl Session {
         Ok(outcome)
     }
 
+    /// Whether the session has been deleted.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
     /// Asks the worker to abort the current run. `false` when nothing is running. If the worker
     /// does not end the run within [`ABORT_GRACE`], it is killed and the run ends as an error.
     pub async fn abort(self: &Arc<Self>) -> bool {

@@ -1,12 +1,14 @@
 //! The HTTP surface: every route in one table, plus the layers every response passes through.
 //!
-//! From the outside in: CORS; the `<webui.base>/api/...` rewrite; then the routes, and for
+//! From the outside in: CORS; Socket.IO at `/socket.io/` (outside the body limit, which
+//! engine.io enforces itself); the `<webui.base>/api/...` rewrite; then the routes, and for
 //! every other GET the web UI, else a JSON 404.
 
 mod body;
 mod models;
 mod runs;
 mod sessions;
+mod socketio;
 mod sse;
 mod system;
 
@@ -24,7 +26,8 @@ use crate::state::AppState;
 
 pub use body::BODY_LIMIT;
 
-/// The application: routes, body limit, CORS, the web UI and the JSON 404/405 answers.
+/// The application: routes, body limit, CORS, Socket.IO, the web UI and the JSON 404/405
+/// answers.
 pub fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
         .route("/api/v1/health", get(system::health))
@@ -63,7 +66,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     // The rewrite must run before `routes` matches a path, so it wraps it from outside.
     Router::new()
         .fallback_service(routes)
-        .layer(middleware::from_fn_with_state(state, strip_web_ui_base))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            strip_web_ui_base,
+        ))
+        .layer(socketio::layer(state))
         .layer(middleware::from_fn(cors))
 }
 
