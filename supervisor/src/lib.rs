@@ -10,7 +10,8 @@
 //!   `catalogue`: the configured models, resolved with their keys; `agio`: AGIO export.
 //! - [`error`]: every client-visible error and its status.
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
-//! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one).
+//! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
+//!   `share`: replay pages of sessions, downloaded or uploaded.
 
 mod agio;
 mod api;
@@ -22,6 +23,7 @@ mod gateway;
 pub mod import;
 pub mod server;
 mod sessions;
+mod share;
 mod state;
 pub mod storage;
 mod webui;

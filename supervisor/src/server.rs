@@ -43,6 +43,8 @@ pub enum ServeError {
     Agio(#[source] reqwest::Error),
     #[error(transparent)]
     WebUi(#[from] crate::webui::WebUiError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -82,6 +84,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let agio = crate::agio::Agio::from_config(&config).map_err(ServeError::Agio)?;
     let gateway = Arc::new(Gateway::new(&config, agio.clone())?);
     let webui = crate::webui::WebUi::from_config(&config)?;
+    let sharing = crate::share::Sharing::from_config(&config.share)?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -100,6 +103,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         spawner,
         exclusive: Default::default(),
         webui,
+        sharing,
         started: Instant::now(),
         shutdown: CancellationToken::new(),
     });

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::sessions::{ExclusiveSlot, Session, Sessions};
+use crate::share::Sharing;
 use crate::storage::{SessionInfo, SharedStorage};
 use crate::webui::WebUi;
 use crate::workers::Spawner;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub exclusive: ExclusiveSlot,
     /// The web UI served on non-API paths.
     pub webui: WebUi,
+    /// Where shared sessions are uploaded, if anywhere.
+    pub sharing: Sharing,
     pub started: Instant,
     /// Cancelled when the server begins to shut down; long-lived streams end on it.
     pub shutdown: CancellationToken,

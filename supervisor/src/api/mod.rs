@@ -8,6 +8,8 @@ mod body;
 mod models;
 mod runs;
 mod sessions;
+mod settings;
+mod share;
 mod socketio;
 mod sse;
 mod system;
@@ -35,6 +37,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/version", get(system::version))
         .route("/api/v1/agent/options", get(system::agent_options))
         .route("/api/v1/models", get(models::list))
+        .route(
+            "/api/v1/runtime-settings",
+            get(settings::get).post(settings::set),
+        )
+        .route("/api/v1/share/config", get(share::config))
         .route("/api/v1/workers", get(system::workers))
         .route("/api/v1/sessions", get(sessions::list))
         .route("/api/v1/sessions/create", post(sessions::create))
@@ -49,6 +56,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/update", post(sessions::update))
         .route("/api/v1/sessions/delete", post(sessions::delete))
         .route("/api/v1/sessions/restore", post(sessions::restore))
+        .route("/api/v1/sessions/share", post(share::share))
         .route("/api/v1/sessions/model", post(models::set_session_model))
         .route(
             "/api/v1/sessions/generate-summary",
@@ -171,6 +179,7 @@ mod tests {
             crate::workers::Spawner::start("/bin/false".into(), tokio::runtime::Handle::current())
                 .unwrap();
         let webui = crate::webui::WebUi::from_config(&config).unwrap();
+        let sharing = crate::share::Sharing::from_config(&config.share).unwrap();
         Arc::new(AppState {
             gateway: Arc::new(crate::gateway::Gateway::new(&config, None).unwrap()),
             agio: None,
@@ -181,6 +190,7 @@ mod tests {
             spawner,
             exclusive: Default::default(),
             webui,
+            sharing,
             started: std::time::Instant::now(),
             shutdown: Default::default(),
         })

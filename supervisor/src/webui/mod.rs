@@ -85,6 +85,11 @@ impl WebUi {
         matches!(self.source, Source::Directory(_))
     }
 
+    /// The merged UI config as the browser gets it.
+    pub fn browser_config(&self) -> &Value {
+        &self.browser_config
+    }
+
     /// For `<base>/api/...`: the API path to route it to (api.md §11.4). `None` for every other
     /// path, and always without a base.
     pub fn api_path(&self, path: &str) -> Option<String> {
