@@ -227,20 +227,7 @@ impl Session {
         if inner.run.is_some() {
             return Err(ApiError::SessionBusy(self.id.clone()));
         }
-        let worker = match inner.worker.clone().filter(WorkerHandle::is_alive) {
-            Some(worker) => worker,
-            None => {
-                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-                let worker = workers::start(state, self, generation).await.map_err(|e| {
-                    ApiError::WorkerUnavailable {
-                        session: self.id.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                inner.worker = Some(worker.clone());
-                worker
-            }
-        };
+        let worker = self.live_worker(&mut inner, state).await?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let (waiter, outcome) = oneshot::channel();
         let query = ToWorker::Query(Query {
@@ -268,6 +255,41 @@ impl Session {
             state.exclusive.claim(&self.id);
         }
         Ok(outcome)
+    }
+
+    /// The session's live worker, started if it has none.
+    async fn live_worker(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        state: &Arc<AppState>,
+    ) -> Result<WorkerHandle, ApiError> {
+        if let Some(worker) = inner.worker.clone().filter(WorkerHandle::is_alive) {
+            return Ok(worker);
+        }
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let worker = workers::start(state, self, generation).await.map_err(|e| {
+            ApiError::WorkerUnavailable {
+                session: self.id.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        inner.worker = Some(worker.clone());
+        Ok(worker)
+    }
+
+    /// Replaces the worker with a fresh one, which rebuilds the agent's memory from the stored
+    /// log, as any new worker does. A run in progress ends as an error (its worker is gone).
+    /// Returns the new worker's pid.
+    ///
+    /// # Errors
+    /// `SessionNotFound` for a deleted session; `WorkerUnavailable` when no worker could start.
+    pub async fn restart_worker(self: &Arc<Self>, state: &Arc<AppState>) -> Result<u32, ApiError> {
+        self.stop_worker().await;
+        let mut inner = self.inner.lock().await;
+        if self.closed.is_cancelled() {
+            return Err(ApiError::SessionNotFound(self.id.clone()));
+        }
+        Ok(self.live_worker(&mut inner, state).await?.pid)
     }
 
     /// Whether the session has been deleted.

@@ -13,6 +13,7 @@ mod share;
 mod socketio;
 mod sse;
 mod system;
+mod workers;
 
 use std::sync::Arc;
 
@@ -42,7 +43,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(settings::get).post(settings::set),
         )
         .route("/api/v1/share/config", get(share::config))
-        .route("/api/v1/workers", get(system::workers))
+        .route("/api/v1/workers", get(workers::list))
         .route("/api/v1/sessions", get(sessions::list))
         .route("/api/v1/sessions/create", post(sessions::create))
         .route("/api/v1/sessions/details", get(sessions::details))
@@ -56,6 +57,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/update", post(sessions::update))
         .route("/api/v1/sessions/delete", post(sessions::delete))
         .route("/api/v1/sessions/restore", post(sessions::restore))
+        .route("/api/v1/sessions/restart", post(workers::restart))
+        .route("/api/v1/sessions/stop", post(workers::stop))
         .route("/api/v1/sessions/share", post(share::share))
         .route("/api/v1/sessions/model", post(models::set_session_model))
         .route(

@@ -1,5 +1,5 @@
-//! Server-level endpoints: health (upstream's and the seed's), version, agent options and the
-//! live workers (models are in `models.rs`).
+//! Server-level endpoints: health (upstream's and the seed's), version and agent options
+//! (models are in `models.rs`, workers in `workers.rs`).
 
 use std::sync::Arc;
 
@@ -68,21 +68,4 @@ pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Va
         });
     }
     Json(json!({"options": options}))
-}
-
-/// The live worker processes, one per session that has one.
-pub(super) async fn workers(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let mut workers = Vec::new();
-    for session in state.sessions.all() {
-        if let Some(worker) = session.worker().await {
-            let running = session.is_running().await;
-            workers.push(json!({
-                "sessionId": session.id,
-                "pid": worker.pid,
-                "state": if running { "running" } else { "idle" },
-                "startedAt": worker.started_at,
-            }));
-        }
-    }
-    Json(json!({"workers": workers}))
 }
