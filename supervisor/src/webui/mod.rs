@@ -27,6 +27,13 @@ const ASSET_EXTENSIONS: &[&str] = &[
     ".eot", ".map",
 ];
 
+/// The logo the browser gets unless one is configured: inline, because upstream's default is
+/// a remote URL, which a server without internet access (or a shared page opened offline)
+/// shows as a broken image.
+const DEFAULT_LOGO: &str = "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' \
+viewBox='0 0 32 32'%3E%3Crect width='32' height='32' rx='7' fill='%231f2937'/%3E%3Cpath \
+d='M16 5l9 11-9 11-9-11z' fill='%2360a5fa'/%3E%3C/svg%3E";
+
 #[derive(Debug, thiserror::Error)]
 pub enum WebUiError {
     #[error("could not open the web UI directory {path}: {source}")]
@@ -163,6 +170,7 @@ fn browser_config(config: &Config, webui: &Map<String, Value>) -> Value {
         "subtitle": "Build your own effective Agents and run anywhere!",
         "welcomTitle": format!("Hello, {title}!"),
         "welcomePrompts": ["Introduce yourself"],
+        "logo": DEFAULT_LOGO,
     });
     deep_merge(&mut merged, &Value::Object(webui.clone()));
     if let Some(object) = merged.as_object_mut() {
