@@ -150,8 +150,11 @@
       try { value = JSON.parse(value); } catch { return value.slice(0, 80); }
     }
     if (value && typeof value === 'object') {
+      // Paths and commands say most about a call; they go first.
+      const rank = (key) => (/^(path|file|command|source|pattern|query)$/i.test(key) ? 0 : 1);
       return Object.entries(value)
         .filter(([, v]) => typeof v !== 'object')
+        .sort(([a], [b]) => rank(a) - rank(b))
         .slice(0, 2)
         .map(([k, v]) => `${k}: ${String(v).slice(0, 40)}`)
         .join('  ');
