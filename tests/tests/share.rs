@@ -2,7 +2,7 @@
 //! share provider (a small multipart sink in this test), both opened in headless Chromium.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, Result, ensure};
 use axum::Json;
@@ -57,7 +57,11 @@ async fn read_upload(mut multipart: Multipart) -> Upload {
 async fn receive_page(State(sink): State<Sink>, multipart: Multipart) -> Json<Value> {
     let upload = read_upload(multipart).await;
     let slug = upload.fields.get("slug").cloned().unwrap_or_default();
-    sink.received.lock().unwrap().pages.push(upload);
+    sink.received
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pages
+        .push(upload);
     // An existing replay parameter, to be overwritten with replay=1.
     Json(json!({"url": format!("http://127.0.0.1:{}/view/{slug}?replay=0&x=1", sink.port)}))
 }
@@ -65,7 +69,11 @@ async fn receive_page(State(sink): State<Sink>, multipart: Multipart) -> Json<Va
 async fn receive_image(State(sink): State<Sink>, multipart: Multipart) -> Json<Value> {
     let upload = read_upload(multipart).await;
     let name = upload.file_name.clone().unwrap_or_default();
-    sink.received.lock().unwrap().images.push(upload);
+    sink.received
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .images
+        .push(upload);
     // http on purpose: the server must turn it into https.
     Json(json!({"url": format!("http://127.0.0.1:{}/files/{name}", sink.port)}))
 }
@@ -182,7 +190,7 @@ async fn share_download_and_upload_with_images() -> Result<()> {
         "url: {url}"
     );
     let (page, image) = {
-        let received = sink.received.lock().unwrap();
+        let received = sink.received.lock().unwrap_or_else(PoisonError::into_inner);
         ensure!(
             received.pages.len() == 1 && received.images.len() == 1,
             "received {} pages, {} images",
