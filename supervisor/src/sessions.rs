@@ -136,6 +136,8 @@ pub struct Session {
     publisher: tokio::sync::Mutex<Numbering>,
     inner: tokio::sync::Mutex<Inner>,
     generations: AtomicU64,
+    /// Woken when a run ends (after its status is set, before its `agent_run_end` goes out).
+    run_ended: tokio::sync::Notify,
     /// Cancelled when the session is deleted.
     closed: CancellationToken,
 }
@@ -186,6 +188,7 @@ impl Session {
                 status: RunStatus::Idle,
             }),
             generations: AtomicU64::new(0),
+            run_ended: tokio::sync::Notify::new(),
             closed: CancellationToken::new(),
         }
     }
@@ -193,6 +196,25 @@ impl Session {
     /// The agent status of events.md §10.1.
     pub async fn status(&self) -> RunStatus {
         self.inner.lock().await.status
+    }
+
+    /// The status, but while a run executes, first waiting up to `within` for it to end.
+    ///
+    /// Why: the official UI sets its "running" flag from whichever status answer it reads
+    /// last, also after it has seen the run's `agent_run_end` on the stream. An `executing`
+    /// computed just before a short run ended, and read just after, would leave the UI
+    /// "running" until a reload; an answer given after the run ended says `idle`.
+    pub async fn settled_status(&self, within: Duration) -> RunStatus {
+        let ended = self.run_ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        // Registered before the status is read, so an end in between is not missed.
+        ended.as_mut().enable();
+        let status = self.status().await;
+        if status != RunStatus::Executing {
+            return status;
+        }
+        let _ = tokio::time::timeout(within, ended).await;
+        self.status().await
     }
 
     /// The live worker, if any.
@@ -459,6 +481,8 @@ impl Session {
             }
         }
         state.exclusive.release(&self.id);
+        drop(inner);
+        self.run_ended.notify_waiters();
     }
 
     /// Remembers the run result the worker reported.
