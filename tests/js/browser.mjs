@@ -16,6 +16,8 @@ const [scenario, target, artifacts, ...rest] = process.argv.slice(2);
 const LIMIT_MS = 30000;
 /** The official UI's stop button while it considers the agent running. */
 const OFFICIAL_STOP = 'div.w-3.h-3.bg-current.rounded-sm';
+/** The official UI's share button (the three-dots "share" icon in its header). */
+const OFFICIAL_SHARE = 'button:has(svg circle[cx="18"][cy="5"])';
 const TOOL_PROMPT = 'TOOL write_file {"path":"notes.md","content":"# Notes\\nhello from the agent"}';
 const HELLO = 'Hello from Chromium';
 
@@ -105,13 +107,23 @@ async function official() {
   await page.getByText('tool said: Successfully wrote').first().waitFor();
   await page.getByText('Write File').first().waitFor();
   await shot(page, 'official-reload');
+  const afterReload = {
+    user: await page.getByText(HELLO, { exact: true }).count(),
+    toolChip: await page.getByText('Write File').count(),
+  };
+  // The UI's own share dialog: "Download HTML" saves the replay page the server builds.
+  await page.locator(OFFICIAL_SHARE).first().click();
+  const [download] = await Promise.all([
+    page.waitForEvent('download'),
+    page.getByRole('button', { name: /Download HTML/i }).click(),
+  ]);
+  const replayFile = path.join(artifacts, 'official-replay.html');
+  await download.saveAs(replayFile);
   const report = {
     sessionId,
+    download: { suggested: download.suggestedFilename(), file: replayFile },
     beforeReload,
-    afterReload: {
-      user: await page.getByText(HELLO, { exact: true }).count(),
-      toolChip: await page.getByText('Write File').count(),
-    },
+    afterReload,
     streams: await streamTypes(seen),
     apiErrors: seen.apiErrors,
     pageErrors: seen.pageErrors,

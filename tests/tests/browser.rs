@@ -5,7 +5,7 @@
 use anyhow::{Context, Result, ensure};
 use e2e::clients::{Needs, arg, artifacts_dir, available, official_ui_dir, run_node};
 use e2e::{Server, ServerOpts, event_types};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// The count of `kind` frames in one query stream the page read.
 fn frames(streams: &Value, index: usize, kind: &str) -> u64 {
@@ -115,20 +115,20 @@ async fn official_ui_streams_tool_calls_keeps_history_and_replays() -> Result<()
         "name: {name}"
     );
 
-    // The official UI's replay of the same session, from a downloaded page.
-    let shared = server
-        .post_ok(
-            "/api/v1/sessions/share",
-            &json!({"sessionId": sid, "upload": false}),
-        )
-        .await?;
-    let html = shared["html"].as_str().context("html")?;
+    // The UI's share dialog downloaded the replay page; open it from the file.
+    let download = &report["download"];
+    ensure!(
+        download["suggested"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(&format!("agent-tars-{sid}-")) && n.ends_with(".html")),
+        "download: {download}"
+    );
+    let page = std::path::PathBuf::from(download["file"].as_str().context("file")?);
+    let html = std::fs::read_to_string(&page)?;
     ensure!(
         html.contains("window.AGENT_REPLAY_MODE = true"),
         "no replay globals"
     );
-    let page = artifacts.join("official-replay.html");
-    std::fs::write(&page, html)?;
     let replay = run_node(
         "browser.mjs",
         &[
