@@ -105,6 +105,29 @@ async function basics() {
   const idle = once(a, 'abort-result');
   a.emit('abort-query', { sessionId });
   report.idleAbort = await idle;
+
+  a.close();
+  return report;
+}
+
+/** Deleting the session over HTTP tells its sockets. */
+async function closed() {
+  const a = await connect();
+  const report = {};
+  report.joinStatus = await join(a, sessionId);
+  const notice = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('no closed notice')), LIMIT_MS);
+    a.on('agent-event', (payload) => {
+      if (payload.type === 'closed') { clearTimeout(timer); resolve(payload); }
+    });
+  });
+  const deleted = await fetch(`${base}/api/v1/sessions/delete`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ sessionId }),
+  });
+  report.deleteStatus = deleted.status;
+  report.closed = await notice;
   a.close();
   return report;
 }
@@ -178,7 +201,7 @@ async function restore() {
   return report;
 }
 
-const scenarios = { basics, room, late, restore };
+const scenarios = { basics, closed, room, late, restore };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

@@ -166,6 +166,15 @@ async fn join_query_tool_call_and_abort() -> Result<()> {
         server.status(&sid).await?["state"] == "aborted",
         "status after abort"
     );
+
+    // Deleting the session over HTTP tells the sockets in it.
+    let report = run_node("socketio.mjs", &["closed", server.base_url(), &sid]).await?;
+    ensure!(
+        report["deleteStatus"] == 200
+            && report["closed"]["data"] == serde_json::json!({"sessionId": sid}),
+        "no closed notice after the delete: {}",
+        report["closed"]
+    );
     Ok(())
 }
 
