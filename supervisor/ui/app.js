@@ -448,7 +448,8 @@
       setOnline(false);
       return;
     }
-    renderSessions();
+    // A rename in progress keeps its input; the list is redrawn when it ends.
+    if (!document.querySelector('#sessions input')) renderSessions();
   }
 
   function setOnline(online) {
@@ -944,7 +945,11 @@
     bindControls();
     loadShareConfig();
     loadSessions().then(route);
-    setInterval(() => { api('/health').then(() => setOnline(true), () => setOnline(false)); }, 30000);
+    // Like the official UI: a health check every 30 s; the session list is refreshed with it,
+    // so sessions made by other clients appear.
+    setInterval(() => {
+      api('/health').then(() => { setOnline(true); if (!REPLAY) loadSessions(); }, () => setOnline(false));
+    }, 30000);
   }
 
   start();
