@@ -282,9 +282,13 @@ async fn a_refusing_provider_is_reported() -> Result<()> {
     // A provider that answers 500: the UI shows the body's `error`.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
+    // It reads the upload before refusing it: a server that answers early and closes races the
+    // client still sending, which then sees a reset rather than the status.
     let app = Router::new().route(
         "/share",
-        post(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no") }),
+        post(|_body: axum::body::Bytes| async {
+            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no")
+        }),
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
     let config = json!({"share": {"provider": format!("http://127.0.0.1:{port}/share")}});
