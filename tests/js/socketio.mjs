@@ -88,6 +88,11 @@ async function basics() {
   });
   report.tool = await run;
 
+  // The aborted notice goes to the room beside the event log, so it may come after the run's
+  // end: it is watched on its own.
+  const abortedNotice = new Promise((resolve) => {
+    a.on('agent-event', (payload) => { if (payload.type === 'aborted') resolve(payload); });
+  });
   let sawDelta;
   const firstDelta = new Promise((resolve) => { sawDelta = resolve; });
   run = collectRun(a, (payload) => { if (payload.type === 'streaming_message') sawDelta(); });
@@ -97,6 +102,7 @@ async function basics() {
   a.emit('abort-query', { sessionId });
   report.abortResult = await abortResult;
   report.aborted = await run;
+  report.abortedNotice = await abortedNotice;
 
   error = once(a, 'error', 'error for a query without text');
   a.emit('send-query', { sessionId });

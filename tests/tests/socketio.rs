@@ -147,11 +147,9 @@ async fn join_query_tool_call_and_abort() -> Result<()> {
         "run end after abort: {end}"
     );
     ensure!(
-        data_of(aborted, "aborted")
-            .iter()
-            .any(|d| d["sessionId"] == sid.as_str()),
-        "no aborted notice: {:?}",
-        kinds(aborted)
+        report["abortedNotice"]["data"]["sessionId"] == sid.as_str(),
+        "aborted notice: {}",
+        report["abortedNotice"]
     );
     ensure!(
         report["missingQuery"] == "Query is required",
