@@ -14,7 +14,8 @@ import { chromium } from 'playwright-core';
 
 const [scenario, target, artifacts, ...rest] = process.argv.slice(2);
 const LIMIT_MS = 30000;
-/** The official UI's stop button while it considers the agent running. */
+/** The official UI's stop button while it considers the agent running (in each of its
+ * desktop and mobile layouts). */
 const OFFICIAL_STOP = 'div.w-3.h-3.bg-current.rounded-sm';
 /** The official UI's share button (the three-dots "share" icon in its header). */
 const OFFICIAL_SHARE = 'button:has(svg circle[cx="18"][cy="5"])';
@@ -96,7 +97,7 @@ async function official() {
   await page.getByText(`echo: ${HELLO}`).first().waitFor();
   // The composer's stop button (a small square) gives way to the send button once the UI
   // has seen agent_run_end.
-  await page.locator(OFFICIAL_STOP).waitFor({ state: 'detached' });
+  await page.waitForFunction((stop) => !document.querySelector(stop), OFFICIAL_STOP);
   await shot(page, 'official-chat');
   const beforeReload = {
     toolChip: await page.getByText('Write File').count(),
@@ -115,7 +116,7 @@ async function official() {
   await page.locator(OFFICIAL_SHARE).first().click();
   const [download] = await Promise.all([
     page.waitForEvent('download'),
-    page.getByRole('button', { name: /Download HTML/i }).click(),
+    page.getByRole('button', { name: /Download HTML/i }).first().click(),
   ]);
   const replayFile = path.join(artifacts, 'official-replay.html');
   await download.saveAs(replayFile);
