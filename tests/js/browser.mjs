@@ -22,9 +22,16 @@ const OFFICIAL_SHARE = 'button:has(svg circle[cx="18"][cy="5"])';
 const TOOL_PROMPT = 'TOOL write_file {"path":"notes.md","content":"# Notes\\nhello from the agent"}';
 const HELLO = 'Hello from Chromium';
 
+/** Profiles of launched browsers, removed at exit even when a scenario fails. */
+const profiles = [];
+process.on('exit', () => {
+  for (const profile of profiles) fs.rmSync(profile, { recursive: true, force: true });
+});
+
 /** A fresh headless Chromium with its own profile directory, removed on close. */
 async function launch() {
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'e2e-chromium-'));
+  profiles.push(profile);
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
     headless: true,
