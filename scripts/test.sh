@@ -14,6 +14,27 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+log "client dependencies"
+# The end-to-end tests drive real clients: socket.io-client and headless Chromium (from
+# tests/js), and the official web UI. Each step does nothing, quietly, when already done.
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_install() {
+  echo "installing $* (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+[ -x /usr/bin/chromium ] || apt_install chromium
+lock_sum="$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)"
+if [ "$(cat tests/js/node_modules/.installed-lock 2>/dev/null)" != "$lock_sum" ]; then
+  echo "installing tests/js dependencies (npm ci)"
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$lock_sum" > tests/js/node_modules/.installed-lock
+fi
+scripts/fetch-webui.sh
+# A missing client is a failure here, not a skipped test.
+export E2E_REQUIRE_CLIENTS=1
+
 log "format"
 cargo fmt --all -- --check
 

@@ -281,6 +281,26 @@ impl Catalogue {
             .collect()
     }
 
+    /// Every configured key and header value long enough to be a secret, for masking text
+    /// that leaves the server in bulk (shared pages). Placeholders such as `ollama` are short
+    /// and would mask ordinary words, so values under eight characters are left out.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = Vec::new();
+        for model in &self.models {
+            let key = model.api_key.as_ref().map(|k| k.expose().to_owned());
+            let headers = model
+                .headers
+                .iter()
+                .filter_map(|(_, v)| v.to_str().ok().map(str::to_owned));
+            for value in key.into_iter().chain(headers) {
+                if value.len() >= 8 && !secrets.contains(&value) {
+                    secrets.push(value);
+                }
+            }
+        }
+        secrets
+    }
+
     /// The model a session's stored `metadata.modelConfig` selects: its `provider` and `id`
     /// (or the seed's `modelId`) if that pair is configured, otherwise the default (api.md §9).
     pub fn for_selector(&self, model_config: Option<&Value>) -> &Arc<ModelEntry> {

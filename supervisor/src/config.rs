@@ -44,6 +44,12 @@ pub struct Config {
     /// AGIO monitoring (api.md §15); off unless `agio.provider` is set.
     #[serde(default)]
     pub agio: AgioConfig,
+    /// The web UI served on every non-API path (api.md §11.2); absent, the built-in UI.
+    #[serde(default)]
+    pub webui: Option<WebUiConfig>,
+    /// Session sharing (api.md §10).
+    #[serde(default)]
+    pub share: ShareConfig,
     #[serde(default)]
     pub log_level: Option<LogLevel>,
     /// Every model this server may call, resolved at load time with the environment's keys
@@ -79,6 +85,9 @@ pub struct ServerConfig {
     /// The control socket of `supervisor ctl`; its directory is created with mode 0700.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// The per-session runtime settings the UI offers (api.md §7.4): `{schema}`.
+    #[serde(default)]
+    pub runtime_settings: Option<RuntimeSettingsConfig>,
 }
 
 /// Where `supervisor ctl` finds the server by default.
@@ -137,8 +146,60 @@ impl Default for ServerConfig {
             workers: WorkerPolicy::default(),
             shutdown_grace_secs: default_shutdown_grace(),
             control_socket: default_control_socket(),
+            runtime_settings: None,
         }
     }
+}
+
+/// `server.runtimeSettings`: the JSON-Schema-like description of the settings a session may
+/// carry. Upstream also takes a `transform` function, which a declarative config cannot hold:
+/// settings are stored and shown, and reach no agent option.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSettingsConfig {
+    pub schema: Value,
+}
+
+/// `webui`: upstream's web UI config object. Only `type`, `staticPath` and `base` mean
+/// something to the server; every other key (`title`, `welcomTitle`, `layout`, ...) is for
+/// the browser and is passed to it as given, so the object is kept whole.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WebUiConfig(pub Map<String, Value>);
+
+impl WebUiConfig {
+    /// `webui.type`; upstream's CLI fills in `static`.
+    pub fn kind(&self) -> &str {
+        self.0
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("static")
+    }
+
+    /// The directory holding the UI's `index.html`; absent means the built-in UI.
+    pub fn static_path(&self) -> Option<PathBuf> {
+        self.0
+            .get("staticPath")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    }
+
+    /// The route prefix the UI is served under (api.md §11.2 step 1), trailing `/` dropped.
+    pub fn base(&self) -> Option<&str> {
+        self.0
+            .get("base")
+            .and_then(Value::as_str)
+            .map(|b| b.trim_end_matches('/'))
+            .filter(|b| !b.is_empty())
+    }
+}
+
+/// `share`: where shared sessions are uploaded (api.md §10); unset, they are only downloaded.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShareConfig {
+    #[serde(default)]
+    pub provider: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -422,6 +483,9 @@ pub struct Overrides {
     pub model_provider: Option<String>,
     pub model_id: Option<String>,
     pub log_level: Option<String>,
+    /// `webui.staticPath`: serve this UI directory (the official UI's `static/`) instead of the
+    /// built-in one.
+    pub webui_static_path: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -536,6 +600,52 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             "agio.provider must be an http(s) URL, got {url:?}"
         )));
     }
+    if let Some(url) = &config.share.provider
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "share.provider must be an http(s) URL, got {url:?}"
+        )));
+    }
+    if let Some(settings) = &config.server.runtime_settings
+        && !settings.schema.is_object()
+    {
+        return Err(ConfigError::Invalid(
+            "server.runtimeSettings.schema must be an object".into(),
+        ));
+    }
+    if let Some(webui) = &config.webui {
+        validate_webui(webui)?;
+    }
+    Ok(())
+}
+
+/// The UI must be one we can serve: a static directory with an `index.html`. Checked at start
+/// so that a wrong path is a clear message, not a 404 for every page.
+fn validate_webui(webui: &WebUiConfig) -> Result<(), ConfigError> {
+    if webui.kind() != "static" {
+        return Err(ConfigError::Invalid(format!(
+            "webui.type {:?} is not supported; use \"static\" with webui.staticPath",
+            webui.kind()
+        )));
+    }
+    if let Some(base) = webui.0.get("base")
+        && !base
+            .as_str()
+            .is_some_and(|b| b.starts_with('/') || b.starts_with('^'))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "webui.base must be a path starting with /, got {base}"
+        )));
+    }
+    if let Some(dir) = webui.static_path()
+        && !dir.join("index.html").is_file()
+    {
+        return Err(ConfigError::Invalid(format!(
+            "webui.staticPath {} has no index.html (run scripts/fetch-webui.sh for the official UI)",
+            dir.display()
+        )));
+    }
     Ok(())
 }
 
@@ -607,6 +717,9 @@ fn flag_layer(flags: &Overrides) -> Value {
     }
     if let Some(level) = &flags.log_level {
         layer["logLevel"] = json!(level);
+    }
+    if let Some(path) = &flags.webui_static_path {
+        layer["webui"]["staticPath"] = json!(path);
     }
     layer
 }

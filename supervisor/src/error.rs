@@ -30,6 +30,10 @@ pub enum ApiError {
     InvalidModel { provider: String, id: String },
     #[error("{0}")]
     SummaryFailed(String),
+    #[error("Runtime settings object is required")]
+    RuntimeSettingsRequired,
+    #[error("{0}")]
+    ShareFailed(String),
     #[error("Session {0} does not exist")]
     SessionNotFound(String),
     #[error("Session {0} does not exist in storage")]
@@ -72,7 +76,8 @@ impl ApiError {
             | Self::QueryRequired
             | Self::MessagesRequired
             | Self::InvalidParameters(_)
-            | Self::InvalidModel { .. } => StatusCode::BAD_REQUEST,
+            | Self::InvalidModel { .. }
+            | Self::RuntimeSettingsRequired => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SessionNotFound(_)
             | Self::SessionNotFoundInStorage(_)
@@ -86,7 +91,8 @@ impl ApiError {
             Self::WorkerCrashed { .. }
             | Self::Storage(_)
             | Self::Internal(_)
-            | Self::SummaryFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | Self::SummaryFailed(_)
+            | Self::ShareFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -100,6 +106,8 @@ impl ApiError {
             Self::MessagesRequired => "MESSAGES_REQUIRED",
             Self::InvalidParameters(_) => "INVALID_PARAMETERS",
             Self::InvalidModel { .. } => "INVALID_MODEL",
+            Self::RuntimeSettingsRequired => "RUNTIME_SETTINGS_REQUIRED",
+            Self::ShareFailed(_) => "SHARE_FAILED",
             Self::SessionNotFound(_)
             | Self::SessionNotFoundInStorage(_)
             | Self::Storage(StorageError::NotFound(_)) => "SESSION_NOT_FOUND",
@@ -129,6 +137,9 @@ impl ApiError {
             Self::InvalidParameters(_) => self.to_string(),
             Self::InvalidModel { .. } => "Invalid model configuration".into(),
             Self::SummaryFailed(_) => "Failed to generate summary".into(),
+            Self::RuntimeSettingsRequired => "Runtime settings object is required".into(),
+            // The UI's share dialog prints `error` as it is: the reason itself.
+            Self::ShareFailed(reason) => reason.clone(),
             Self::SessionNotFound(_) | Self::Storage(StorageError::NotFound(_)) => {
                 "Session not found".into()
             }

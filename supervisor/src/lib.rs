@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: settings from file, environment and flags, with their defaults.
 //! - [`server`]: runtime, listener and orderly shutdown.
-//! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing.
+//! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing, Socket.IO.
 //! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
 //! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends.
 //! - `workers`: spawning, handshaking with and supervising one worker process per session.
@@ -13,6 +13,8 @@
 //! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
 //! - `metrics`: `GET /metrics`.
 //! - [`isolation`]: the isolation level in force, its limits, probes and report.
+//! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
+//!   `share`: replay pages of sessions, downloaded or uploaded.
 
 mod agio;
 mod api;
@@ -28,6 +30,8 @@ mod metrics;
 mod ops;
 pub mod server;
 mod sessions;
+mod share;
 mod state;
 pub mod storage;
+mod webui;
 mod workers;

@@ -28,6 +28,7 @@ enum Command {
         /// The upstream store.
         #[arg(long)]
         from: PathBuf,
+        // Boxed: the serve flags are big next to the other variants.
         #[command(flatten)]
         target: Box<ServeArgs>,
     },
@@ -120,6 +121,10 @@ struct ServeArgs {
     #[cfg(feature = "isolation-tests")]
     #[arg(long)]
     test_run_as: Option<u32>,
+    /// Serve this web UI directory (webui.staticPath; scripts/fetch-webui.sh fetches the
+    /// official one) instead of the built-in UI.
+    #[arg(long)]
+    webui_static_path: Option<PathBuf>,
 }
 
 // No #[tokio::main]: worker mode must stay single-threaded until it is jailed.
@@ -246,6 +251,7 @@ fn load_config(args: ServeArgs) -> supervisor::config::Config {
         model_provider: args.model_provider,
         model_id: args.model_id,
         log_level: args.log_level,
+        webui_static_path: args.webui_static_path,
     };
     let loaded = supervisor::config::load(args.config.as_deref(), &flags)
         .map_err(|e| e.to_string())

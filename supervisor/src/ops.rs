@@ -74,13 +74,15 @@ pub async fn restart(state: &Arc<AppState>, session_id: &str) -> Result<Value, A
 }
 
 /// Stops one session's worker (a running run ends as an error); the next query starts a new one.
+/// `stopped` says whether there was a worker to stop.
 ///
 /// # Errors
 /// Unknown session.
 pub async fn stop(state: &AppState, session_id: &str) -> Result<Value, ApiError> {
     let session = state.session(session_id).await?;
+    let had_worker = session.activity.has_worker();
     session.stop_worker().await;
-    Ok(json!({"success": true, "sessionId": session.id}))
+    Ok(json!({"success": true, "sessionId": session.id, "stopped": had_worker}))
 }
 
 /// Refuses new runs (running ones finish), or takes them again.

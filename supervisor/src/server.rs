@@ -48,6 +48,10 @@ pub enum ServeError {
     Agio(#[source] reqwest::Error),
     #[error("{0}")]
     Isolation(#[from] IsolationError),
+    #[error(transparent)]
+    WebUi(#[from] crate::webui::WebUiError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -123,6 +127,8 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     }
     let agio = crate::agio::Agio::from_config(&config).map_err(ServeError::Agio)?;
     let gateway = Arc::new(Gateway::new(&config, agio.clone())?);
+    let webui = crate::webui::WebUi::from_config(&config)?;
+    let sharing = crate::share::Sharing::from_config(&config.share)?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -140,11 +146,13 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         sessions: Default::default(),
         spawner,
         exclusive: Default::default(),
+        webui,
+        sharing,
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         draining: Default::default(),
     });
-    tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, "serving");
+    tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
     println!("supervisor listening on http://{local}");
 

@@ -154,6 +154,8 @@ pub struct Session {
     publisher: tokio::sync::Mutex<Numbering>,
     inner: tokio::sync::Mutex<Inner>,
     generations: AtomicU64,
+    /// Woken when a run ends (after its status is set, before its `agent_run_end` goes out).
+    run_ended: tokio::sync::Notify,
     /// Cancelled when the session is deleted.
     closed: CancellationToken,
     /// What admission control and the idle reaper need to know, readable without the session's
@@ -234,6 +236,7 @@ impl Session {
                 status: RunStatus::Idle,
             }),
             generations: AtomicU64::new(0),
+            run_ended: tokio::sync::Notify::new(),
             closed: CancellationToken::new(),
             activity: Activity::default(),
         }
@@ -242,6 +245,25 @@ impl Session {
     /// The agent status of events.md §10.1.
     pub async fn status(&self) -> RunStatus {
         self.inner.lock().await.status
+    }
+
+    /// The status, but while a run executes, first waiting up to `within` for it to end.
+    ///
+    /// Why: the official UI sets its "running" flag from whichever status answer it reads
+    /// last, also after it has seen the run's `agent_run_end` on the stream. An `executing`
+    /// computed just before a short run ended, and read just after, would leave the UI
+    /// "running" until a reload; an answer given after the run ended says `idle`.
+    pub async fn settled_status(&self, within: Duration) -> RunStatus {
+        let ended = self.run_ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        // Registered before the status is read, so an end in between is not missed.
+        ended.as_mut().enable();
+        let status = self.status().await;
+        if status != RunStatus::Executing {
+            return status;
+        }
+        let _ = tokio::time::timeout(within, ended).await;
+        self.status().await
     }
 
     /// The live worker, if any.
@@ -338,28 +360,32 @@ impl Session {
     }
 
     /// Replaces the worker with a fresh process, which reads the session's history from the log;
-    /// followers and history are untouched. Refused while a run executes (it would be cut).
+    /// followers and history are untouched. A run in progress ends as an error, recorded in the
+    /// log like any lost worker's run: a stuck run is often why an operator restarts.
     ///
     /// # Errors
-    /// `SessionBusy` during a run; `WorkerUnavailable` if the new worker cannot start.
+    /// `SessionNotFound` for a deleted session; admission refusals; `WorkerUnavailable` if the
+    /// new worker cannot start.
     pub async fn restart_worker(
         self: &Arc<Self>,
         state: &Arc<AppState>,
     ) -> Result<WorkerHandle, ApiError> {
-        if self.activity.is_running() {
-            return Err(ApiError::SessionBusy(self.id.clone()));
+        if self.closed.is_cancelled() {
+            return Err(ApiError::SessionNotFound(self.id.clone()));
         }
         self.stop_worker().await;
         state.admit(self).await?;
         let mut inner = self.inner.lock().await;
-        if inner.run.is_some() {
-            return Err(ApiError::SessionBusy(self.id.clone()));
-        }
         match inner.worker.clone().filter(WorkerHandle::is_alive) {
             // A query raced us and started one already: that is a fresh worker too.
             Some(worker) => Ok(worker),
             None => self.start_worker(state, &mut inner).await,
         }
+    }
+
+    /// Whether the session has been deleted.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
     }
 
     /// Asks the worker to abort the current run. `false` when nothing is running. If the worker
@@ -529,6 +555,8 @@ impl Session {
             }
         }
         state.exclusive.release(&self.id);
+        drop(inner);
+        self.run_ended.notify_waiters();
     }
 
     /// Remembers the run result the worker reported.

@@ -14,7 +14,9 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::sessions::{ExclusiveSlot, Session, Sessions};
+use crate::share::Sharing;
 use crate::storage::{SessionInfo, SharedStorage};
+use crate::webui::WebUi;
 use crate::workers::Spawner;
 
 pub struct AppState {
@@ -28,6 +30,10 @@ pub struct AppState {
     /// AGIO export, when `agio.provider` is configured.
     pub agio: Option<Arc<Agio>>,
     pub exclusive: ExclusiveSlot,
+    /// The web UI served on non-API paths.
+    pub webui: WebUi,
+    /// Where shared sessions are uploaded, if anywhere.
+    pub sharing: Sharing,
     pub started: Instant,
     /// Cancelled when the server has stopped its runs; long-lived streams end on it.
     pub shutdown: CancellationToken,

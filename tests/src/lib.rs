@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout};
 
+pub mod clients;
 pub mod fake_llm;
 
 /// How long the server may take to print its listening line.

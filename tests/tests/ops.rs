@@ -105,20 +105,24 @@ async fn restart_one_session_keeps_history_and_spares_the_others() -> Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_is_refused_during_a_run_and_stop_ends_it() -> Result<()> {
+async fn restart_during_a_run_ends_it_and_stop_stops() -> Result<()> {
     let server = Server::start_default().await?;
     let sid = server.create_session().await?;
     let mut stream = server.stream(&sid, "SLOW 200").await?;
     stream.read_deltas(1, LONG).await?;
-    let refused = ctl(&server, &["restart", &sid])?;
-    ensure!(!refused.status.success());
-    ensure!(String::from_utf8_lossy(&refused.stderr).contains("SESSION_BUSY"));
-
-    let pid = server.wait_worker_pid(&sid).await?;
-    ctl_json(&server, &["stop", &sid])?;
+    let old = server.wait_worker_pid(&sid).await?;
+    let restarted = ctl_json(&server, &["restart", &sid])?;
     let frames = stream.collect_until_end(LONG).await?;
     let end = frames.last().context("no frames")?;
-    ensure!(end.ty() == "agent_run_end" && end.data["status"] == "error");
+    ensure!(
+        end.ty() == "agent_run_end" && end.data["status"] == "error",
+        "the cut run is closed"
+    );
+    let pid = restarted["pid"].as_u64().context("no pid")? as u32;
+    ensure!(pid != old && !pid_alive(old));
+
+    let stopped = ctl_json(&server, &["stop", &sid])?;
+    ensure!(stopped["stopped"] == true, "{stopped}");
     ensure!(!pid_alive(pid));
     let again = server.query(&sid, "again").await?;
     ensure!(

@@ -553,7 +553,7 @@ pub(super) async fn workspace_static(
 ) -> Response {
     match serve_static(&state, &method, &uri, &headers).await {
         Some(response) => response,
-        None => super::not_found(method, uri).await.into_response(),
+        None => super::web_ui_or_not_found(State(state), method, uri).await,
     }
 }
 
@@ -576,14 +576,26 @@ async fn serve_static(
     let decoded = percent_decode(&path)?;
     let relative = relative_path(&decoded).ok()?;
     let query_suffix = format!("?sessionId={id}");
-    let served =
-        blocking(move || read_for_static(&workspace, &relative, &decoded, &query_suffix)).await;
+    let served = blocking(move || {
+        let served = read_for_static(&workspace, &relative, &decoded, &query_suffix);
+        // A missing path falls through (the web UI's own assets are requested with a session
+        // in the Referer); an entry that exists but may not be served (a symlink leading out,
+        // a FIFO, ...) is refused outright rather than answered with the UI's page.
+        let present = served.is_err()
+            && open_workspace(&workspace)
+                .is_ok_and(|root| root.symlink_metadata(&relative).is_ok());
+        Ok((served, present))
+    })
+    .await
+    .unwrap_or((Err(FileError::NotFound), false));
     match served {
-        Ok(Some(response)) => Some(response),
-        Ok(None) => None,
-        Err(e @ FileError::TooLarge { .. }) => Some(e.into_response()),
-        Err(FileError::InvalidType) => Some(FileError::InvalidType.into_response()),
-        Err(_) => None,
+        (Ok(Some(response)), _) => Some(response),
+        (Ok(None), _) => None,
+        (Err(e @ (FileError::TooLarge { .. } | FileError::InvalidType)), _) => {
+            Some(e.into_response())
+        }
+        (Err(_), true) => Some(FileError::NotFound.into_response()),
+        (Err(_), false) => None,
     }
 }
 

@@ -1,4 +1,8 @@
 //! The HTTP surface: every route in one table, plus the layers every response passes through.
+//!
+//! From the outside in: CORS; Socket.IO at `/socket.io/` (outside the body limit, which
+//! engine.io enforces itself); the `<webui.base>/api/...` rewrite; then the routes, and for
+//! every other GET the web UI, else a JSON 404.
 
 mod body;
 mod files;
@@ -6,14 +10,17 @@ mod models;
 mod probe;
 mod runs;
 mod sessions;
+mod settings;
+mod share;
+mod socketio;
 mod sse;
 mod system;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,9 +30,10 @@ use crate::state::AppState;
 
 pub use body::BODY_LIMIT;
 
-/// The application: routes, body limit, CORS and the JSON 404/405 answers.
+/// The application: routes, body limit, CORS, Socket.IO, the web UI and the JSON 404/405
+/// answers.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/api/v1/health", get(system::health))
         .route("/api/v1/system/health", get(system::system_health))
         .route("/api/v1/version", get(system::version))
@@ -34,6 +42,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/workers", get(system::workers))
         .route("/api/v1/sessions/restart", post(system::restart))
         .route("/api/v1/sessions/stop", post(system::stop))
+        .route(
+            "/api/v1/runtime-settings",
+            get(settings::get).post(settings::set),
+        )
+        .route("/api/v1/share/config", get(share::config))
         .route("/api/v1/sessions", get(sessions::list))
         .route("/api/v1/sessions/create", post(sessions::create))
         .route("/api/v1/sessions/details", get(sessions::details))
@@ -47,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/update", post(sessions::update))
         .route("/api/v1/sessions/delete", post(sessions::delete))
         .route("/api/v1/sessions/restore", post(sessions::restore))
+        .route("/api/v1/sessions/share", post(share::share))
         .route("/api/v1/sessions/model", post(models::set_session_model))
         .route(
             "/api/v1/sessions/generate-summary",
@@ -60,15 +74,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(files::routes())
         .merge(probe::routes())
+        // The workspace static server (api.md §11.1) first, then the web UI, then a JSON 404.
         .fallback(files::workspace_static)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state.clone());
+    // The rewrite must run before `routes` matches a path, so it wraps it from outside.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            strip_web_ui_base,
+        ))
+        .layer(socketio::layer(state.clone()))
         .layer(middleware::from_fn(cors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::isolation::level_header,
         ))
-        .with_state(state)
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
@@ -83,14 +106,49 @@ async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>
         .into_response()
 }
 
-async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+/// `<webui.base>/api/...` is the API (api.md §11.4): with a base configured, the official UI
+/// prefixes its calls with it, and upstream needed a reverse proxy to strip it again.
+async fn strip_web_ui_base(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if let Some(path) = state.webui.api_path(request.uri().path()) {
+        let rewritten = match request.uri().query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        match rewritten.parse::<Uri>() {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(e) => tracing::debug!(error = %e, "could not rewrite a web UI base path"),
+        }
+    }
+    next.run(request).await
+}
+
+/// Every path no route claims: the web UI for a GET or HEAD outside `/api/`, else a JSON 404.
+async fn web_ui_or_not_found(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+) -> Response {
+    if (method == Method::GET || method == Method::HEAD)
+        && !uri.path().starts_with("/api/")
+        && let Some(page) = state.webui.serve(uri.path()).await
+    {
+        return page;
+    }
+    not_found(method, uri).await.into_response()
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::NotFound {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
 }
 
-async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed {
         method: method.to_string(),
         path: uri.path().to_owned(),
@@ -144,6 +202,8 @@ mod tests {
         let spawner =
             crate::workers::Spawner::start("/bin/false".into(), tokio::runtime::Handle::current())
                 .unwrap();
+        let webui = crate::webui::WebUi::from_config(&config).unwrap();
+        let sharing = crate::share::Sharing::from_config(&config.share).unwrap();
         Arc::new(AppState {
             gateway: Arc::new(crate::gateway::Gateway::new(&config, None).unwrap()),
             agio: None,
@@ -153,6 +213,8 @@ mod tests {
             sessions: Default::default(),
             spawner,
             exclusive: Default::default(),
+            webui,
+            sharing,
             started: std::time::Instant::now(),
             shutdown: Default::default(),
             draining: Default::default(),

@@ -1,6 +1,7 @@
 //! Session records: list, create, details, events, status, update, delete, restore (api.md §3).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -8,6 +9,7 @@ use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use shared::events::RunStatus;
 use shared::ids::now_ms;
 
 use super::body::{JsonObject, Params, session_id};
@@ -181,9 +183,16 @@ pub(super) async fn latest_events(
     )))
 }
 
+/// How long `GET /sessions/status` waits for an executing run to end before answering
+/// (see `Session::settled_status`); well under the official UI's 3 s timeout.
+const STATUS_SETTLE: Duration = Duration::from_millis(1000);
+
+fn status_value(state: RunStatus) -> Value {
+    json!({"isProcessing": state == RunStatus::Executing, "state": state.as_str()})
+}
+
 async fn status_json(session: &Session) -> Value {
-    let state = session.status().await;
-    json!({"isProcessing": state == shared::events::RunStatus::Executing, "state": state.as_str()})
+    status_value(session.status().await)
 }
 
 pub(super) async fn status(
@@ -191,8 +200,9 @@ pub(super) async fn status(
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
     let session = state.session(&session_id(&params, None)?).await?;
+    let settled = session.settled_status(STATUS_SETTLE).await;
     Ok(Json(
-        json!({"sessionId": session.id, "status": status_json(&session).await}),
+        json!({"sessionId": session.id, "status": status_value(settled)}),
     ))
 }
 

@@ -1,5 +1,5 @@
-//! Server-level endpoints: health (upstream's and the seed's), version, agent options and the
-//! live workers (models are in `models.rs`).
+//! Server-level endpoints: health (upstream's and the seed's), version and agent options
+//! (models are in `models.rs`, workers in `workers.rs`).
 
 use std::sync::Arc;
 

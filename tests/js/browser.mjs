@@ -1,0 +1,279 @@
+// Headless Chromium (Debian's, driven by playwright-core) against the server's web UIs.
+//
+//   node browser.mjs official <baseUrl> <artifactsDir>
+//   node browser.mjs builtin  <baseUrl> <artifactsDir>
+//   node browser.mjs replay   <htmlFile> <artifactsDir> <name> <text>...
+//
+// Each scenario prints one JSON report as its last line; the Rust tests (tests/tests/browser.rs,
+// tests/tests/share.rs) assert on it. Screenshots go to <artifactsDir>/<scenario>-*.png.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const [scenario, target, artifacts, ...rest] = process.argv.slice(2);
+const LIMIT_MS = 30000;
+/** The official UI's stop button while it considers the agent running (in each of its
+ * desktop and mobile layouts). */
+const OFFICIAL_STOP = 'div.w-3.h-3.bg-current.rounded-sm';
+/** The official UI's share button (the three-dots "share" icon in its header). */
+const OFFICIAL_SHARE = 'button:has(svg circle[cx="18"][cy="5"])';
+const TOOL_PROMPT = 'TOOL write_file {"path":"notes.md","content":"# Notes\\nhello from the agent"}';
+const HELLO = 'Hello from Chromium';
+
+/** Profiles of launched browsers, removed at exit even when a scenario fails. */
+const profiles = [];
+process.on('exit', () => {
+  for (const profile of profiles) fs.rmSync(profile, { recursive: true, force: true });
+});
+
+/** A fresh headless Chromium with its own profile directory, removed on close. */
+async function launch() {
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'e2e-chromium-'));
+  profiles.push(profile);
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+    viewport: { width: 1400, height: 900 },
+    acceptDownloads: true,
+  });
+  context.setDefaultTimeout(LIMIT_MS);
+  const page = context.pages()[0] || await context.newPage();
+  return {
+    context,
+    page,
+    close: async () => {
+      await context.close();
+      fs.rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Records API failures and the bodies of query streams the page reads. */
+function watch(page) {
+  const seen = { apiErrors: [], streams: [], pageErrors: [] };
+  page.on('pageerror', (error) => seen.pageErrors.push(String(error)));
+  page.on('response', async (response) => {
+    const url = response.url();
+    if (url.includes('/api/') && response.status() >= 400) {
+      seen.apiErrors.push(`${response.status()} ${response.request().method()} ${new URL(url).pathname}`);
+    }
+    if (url.endsWith('/api/v1/sessions/query/stream')) {
+      seen.streams.push(response.text().catch((error) => `unreadable: ${error}`));
+    }
+  });
+  return seen;
+}
+
+/** Counts of each event type in SSE bodies. */
+async function streamTypes(seen) {
+  const bodies = await Promise.all(seen.streams);
+  return bodies.map((body) => {
+    const counts = {};
+    for (const line of body.split('\n')) {
+      if (!line.startsWith('data: ')) continue;
+      try {
+        const type = JSON.parse(line.slice(6)).type;
+        counts[type] = (counts[type] || 0) + 1;
+      } catch { /* a partial line cannot happen once the body is complete */ }
+    }
+    return counts;
+  });
+}
+
+const shot = (page, name) => page.screenshot({ path: path.join(artifacts, `${name}.png`) });
+
+async function official() {
+  const { page, close } = await launch();
+  const seen = watch(page);
+  await page.goto(`${target}/`);
+  await page.locator('textarea').first().fill(TOOL_PROMPT);
+  await page.keyboard.press('Control+Enter');
+  await page.waitForURL(/\/[A-Za-z0-9_-]{21}$/);
+  const sessionId = new URL(page.url()).pathname.slice(1);
+  await page.getByText('tool said: Successfully wrote').first().waitFor();
+  await page.getByText('Write File').first().waitFor();
+  // The second prompt goes through the chat view's composer.
+  await page.locator('textarea').first().fill(HELLO);
+  await page.keyboard.press('Control+Enter');
+  await page.getByText(`echo: ${HELLO}`).first().waitFor();
+  // The composer's stop button (a small square) gives way to the send button once the UI
+  // has seen agent_run_end.
+  await page.waitForFunction((stop) => !document.querySelector(stop), OFFICIAL_STOP);
+  await shot(page, 'official-chat');
+  const beforeReload = {
+    toolChip: await page.getByText('Write File').count(),
+    fileView: await page.getByText('hello from the agent').count(),
+  };
+  await page.reload();
+  await page.getByText(`echo: ${HELLO}`).first().waitFor();
+  await page.getByText('tool said: Successfully wrote').first().waitFor();
+  await page.getByText('Write File').first().waitFor();
+  await shot(page, 'official-reload');
+  const afterReload = {
+    user: await page.getByText(HELLO, { exact: true }).count(),
+    toolChip: await page.getByText('Write File').count(),
+  };
+  // The UI's own share dialog: "Download HTML" saves the replay page the server builds.
+  await page.locator(OFFICIAL_SHARE).first().click();
+  const [download] = await Promise.all([
+    page.waitForEvent('download'),
+    page.getByRole('button', { name: /Download HTML/i }).first().click(),
+  ]);
+  const replayFile = path.join(artifacts, 'official-replay.html');
+  await download.saveAs(replayFile);
+  const report = {
+    sessionId,
+    download: { suggested: download.suggestedFilename(), file: replayFile },
+    beforeReload,
+    afterReload,
+    streams: await streamTypes(seen),
+    apiErrors: seen.apiErrors,
+    pageErrors: seen.pageErrors,
+  };
+  await close();
+  return report;
+}
+
+async function builtin() {
+  const { context, page, close } = await launch();
+  const seen = watch(page);
+  page.on('dialog', (dialog) => dialog.accept());
+  await page.goto(`${target}/`);
+  await page.locator('#new-session').click();
+  await page.waitForURL(/#\/session\//);
+  const sessionId = new URL(page.url()).hash.replace('#/session/', '');
+
+  await page.locator('#prompt').fill(TOOL_PROMPT);
+  await page.keyboard.press('Enter');
+  await page.locator('.tool.done').first().waitFor();
+  await page.getByText('tool said: Successfully wrote').first().waitFor();
+  await page.locator('#send:not([hidden])').waitFor();
+  await page.locator('#prompt').fill(HELLO);
+  await page.keyboard.press('Enter');
+  await page.getByText(`echo: ${HELLO}`).first().waitFor();
+  await page.locator('#chat-status[data-state="idle"]').waitFor();
+  await page.locator('#files-note:not([hidden]), #files-list li').first().waitFor();
+  await shot(page, 'builtin-chat');
+  const filesNote = await page.locator('#files-note').textContent();
+  const files = await page.locator('#files-list li').allTextContents();
+
+  await page.reload();
+  await page.getByText(`echo: ${HELLO}`).first().waitFor();
+  await page.locator('.tool.done').first().waitFor();
+  await shot(page, 'builtin-reload');
+  const afterReload = {
+    user: await page.locator('.msg.user').count(),
+    assistant: await page.locator('.msg.assistant').count(),
+    tools: await page.locator('.tool.done').count(),
+    toolName: await page.locator('.tool .tool-name').first().textContent(),
+  };
+
+  // Rename from the sidebar.
+  await page.locator(`#sessions li[data-id="${sessionId}"] .rename`).click();
+  await page.locator('#sessions li input').fill('Renamed by Chromium');
+  await page.keyboard.press('Enter');
+  await page.locator(`#sessions li[data-id="${sessionId}"] .name`, { hasText: 'Renamed by Chromium' }).waitFor();
+
+  // Download the replay page, then open it from the file as a user would.
+  const [download] = await Promise.all([page.waitForEvent('download'), page.locator('#share-download').click()]);
+  const replayFile = path.join(artifacts, 'builtin-replay.html');
+  await download.saveAs(replayFile);
+  const replayPage = await context.newPage();
+  const replayRequests = [];
+  replayPage.on('request', (request) => { if (!request.url().startsWith('file:') && !request.url().startsWith('data:')) replayRequests.push(request.url()); });
+  await replayPage.goto(pathToFileURL(replayFile).href);
+  await replayPage.getByText(`echo: ${HELLO}`).waitFor();
+  await replayPage.locator('.tool.done').first().waitFor();
+  await shot(replayPage, 'builtin-replay');
+  const replay = {
+    title: await replayPage.locator('#chat-name').textContent(),
+    tools: await replayPage.locator('.tool.done').count(),
+    composerHidden: await replayPage.locator('#composer').isHidden(),
+    requests: replayRequests,
+  };
+  await replayPage.close();
+
+  // The operations view: this session's worker, then restart and stop it.
+  await page.locator('#tab-workers').click();
+  const row = page.locator(`#workers-body tr[data-session="${sessionId}"]`);
+  await row.waitFor();
+  await page.locator('#server-cards .card').first().waitFor();
+  await shot(page, 'builtin-workers');
+  const pidBefore = (await row.locator('.pid').textContent()).trim();
+  const worker = {
+    pidBefore,
+    rss: (await row.locator('.rss').textContent()).trim(),
+    cells: (await row.locator('td').allTextContents()).map((t) => t.trim()),
+    cards: (await page.locator('#server-cards .card').allTextContents()).map((t) => t.trim()),
+  };
+  await row.locator('button.restart').click();
+  await page.waitForFunction(
+    ([id, before]) => {
+      const cell = document.querySelector(`#workers-body tr[data-session="${id}"] .pid`);
+      return cell && cell.textContent.trim() !== before;
+    },
+    [sessionId, pidBefore],
+  );
+  worker.pidAfterRestart = (await row.locator('.pid').textContent()).trim();
+  await row.locator('button.stop').click();
+  await row.waitFor({ state: 'detached' });
+  worker.rowsAfterStop = await page.locator('#workers-body tr').count();
+
+  // A second session, deleted from the sidebar.
+  await page.locator('#tab-chat').click();
+  await page.locator('#new-session').click();
+  await page.waitForFunction((id) => location.hash.startsWith('#/session/') && !location.hash.endsWith(id), sessionId);
+  const doomed = new URL(page.url()).hash.replace('#/session/', '');
+  await page.locator(`#sessions li[data-id="${doomed}"] .delete`).click();
+  await page.locator(`#sessions li[data-id="${doomed}"]`).waitFor({ state: 'detached' });
+
+  const report = {
+    sessionId,
+    deleted: doomed,
+    filesNote,
+    files,
+    afterReload,
+    replay,
+    worker,
+    streams: await streamTypes(seen),
+    apiErrors: seen.apiErrors,
+    pageErrors: seen.pageErrors,
+  };
+  await close();
+  return report;
+}
+
+async function replay() {
+  const [name, ...texts] = rest;
+  const { page, close } = await launch();
+  const requests = [];
+  page.on('request', (request) => { if (request.url().startsWith('http')) requests.push(request.url()); });
+  const errors = [];
+  page.on('pageerror', (error) => errors.push(String(error)));
+  await page.goto(pathToFileURL(target).href + '?replay=1');
+  for (const text of texts) await page.getByText(text).first().waitFor();
+  await shot(page, name);
+  const report = { found: texts, requests, pageErrors: errors };
+  await close();
+  return report;
+}
+
+const scenarios = { official, builtin, replay };
+if (!scenarios[scenario]) {
+  console.error(`unknown scenario ${scenario}`);
+  process.exit(2);
+}
+try {
+  const report = await scenarios[scenario]();
+  console.log(JSON.stringify(report));
+  process.exit(0);
+} catch (error) {
+  console.error(error && error.stack ? error.stack : String(error));
+  process.exit(1);
+}
