@@ -18,8 +18,9 @@ use super::{Agent, memory, references, tools};
 
 /// Calls beyond this many in one model response are answered with an error (agent.md §1.4).
 const MAX_TOOL_CALLS_PER_RESPONSE: usize = 32;
-/// After an abort, how long a running file tool gets to notice the token (it looks between
-/// files and chunks) before its call is answered as aborted anyway.
+/// After an abort, how long a running tool gets to notice the token (file tools look between
+/// files and chunks; `run_command` stops its command within this) before its call is answered
+/// as aborted anyway.
 const TOOL_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs `query` to its end. Never fails: every outcome becomes events.
