@@ -86,6 +86,23 @@ pub struct JailLimits {
     pub tmp_size: u64,
     /// Wall-clock limit of one command run by a command tool, in seconds.
     pub command_timeout: u64,
+    /// The memory cap of the session's cgroup, when it has one (`None`: rlimits are the only
+    /// cap). A program the kernel kills is then reported as possibly stopped by this limit; the
+    /// worker cannot read the cgroup's OOM counter itself.
+    pub memory_cgroup: Option<u64>,
+}
+
+/// A byte count as the limit messages show it: whole GiB or MiB when it is one, else bytes.
+pub fn human_bytes(n: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    const GIB: u64 = 1024 * MIB;
+    if n >= GIB && n.is_multiple_of(GIB) {
+        format!("{} GiB", n / GIB)
+    } else if n >= MIB && n.is_multiple_of(MIB) {
+        format!("{} MiB", n / MIB)
+    } else {
+        format!("{n} bytes")
+    }
 }
 
 /// What the jailed worker found when it looked at itself (W13), gathered with syscalls after the
@@ -176,4 +193,17 @@ pub struct ProbeRequest {
 pub struct ProbeAnswer {
     pub id: u64,
     pub json: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn byte_counts_read_like_the_configuration() {
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(human_bytes(256 << 20), "256 MiB");
+        assert_eq!(human_bytes(1536 << 20), "1536 MiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
 }

@@ -16,7 +16,7 @@ use crate::jail::{JailAudit, JailFailure};
 
 /// Bumped whenever a message below changes shape. Supervisor and worker ship in one binary, so a
 /// mismatch means a stale executable on disk, which the handshake reports instead of misparsing.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// A model as the worker may name it: a selector, never a URL or a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

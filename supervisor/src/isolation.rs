@@ -22,7 +22,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use shared::jail::{INSIDE_ID, JailAudit, JailLevel, JailLimits, JailSpec, WORKSPACE_INSIDE};
+use shared::jail::{
+    INSIDE_ID, JailAudit, JailLevel, JailLimits, JailSpec, WORKSPACE_INSIDE, human_bytes,
+};
 
 use crate::state::AppState;
 use crate::workers::cgroup::{CgroupRoot, GroupLimits};
@@ -131,7 +133,7 @@ pub struct LimitsConfig {
     pub address_space: ByteSize,
     /// Cumulative CPU seconds per process (`RLIMIT_CPU`).
     pub cpu_seconds: u64,
-    /// Wall-clock limit of one command of a future `run_command` tool, in seconds.
+    /// Wall-clock limit of one `run_command` call, in seconds (it caps the call's `timeout`).
     pub command_timeout: u64,
 }
 
@@ -749,6 +751,7 @@ impl Isolation {
             cpu_seconds: l.cpu_seconds,
             tmp_size: l.tmp_size.0,
             command_timeout: l.command_timeout,
+            memory_cgroup: self.cgroup.as_ref().map(|_| l.memory.0),
         }
     }
 
@@ -1010,16 +1013,6 @@ impl Isolation {
         if let Some(cgroup) = &self.cgroup {
             cgroup.remove();
         }
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    if n >= GIB && n.is_multiple_of(GIB) {
-        format!("{} GiB", n / GIB)
-    } else if n >= MIB && n.is_multiple_of(MIB) {
-        format!("{} MiB", n / MIB)
-    } else {
-        format!("{n} bytes")
     }
 }
 

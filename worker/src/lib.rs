@@ -21,6 +21,7 @@ pub mod jail;
 mod launcher;
 #[cfg(feature = "isolation-tests")]
 mod probe;
+mod reaper;
 
 use std::os::fd::RawFd;
 
@@ -127,6 +128,8 @@ pub fn launch(args: &WorkerArgs) -> Result<(), WorkerError> {
         .build()
         .map_err(WorkerError::Runtime)?;
     runtime.block_on(async {
+        // PID 1 of its namespace at `strict`: orphans are ours to reap.
+        reaper::start();
         let stream =
             channel::open(CHANNEL_FD).map_err(|e| WorkerError::SelfCheck(e.to_string()))?;
         #[cfg(feature = "isolation-tests")]

@@ -18,8 +18,9 @@ use super::{Agent, memory, references, tools};
 
 /// Calls beyond this many in one model response are answered with an error (agent.md §1.4).
 const MAX_TOOL_CALLS_PER_RESPONSE: usize = 32;
-/// After an abort, how long a running file tool gets to notice the token (it looks between
-/// files and chunks) before its call is answered as aborted anyway.
+/// After an abort, how long a running tool gets to notice the token (file tools look between
+/// files and chunks; `run_command` stops its command within this) before its call is answered
+/// as aborted anyway.
 const TOOL_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs `query` to its end. Never fails: every outcome becomes events.
@@ -507,11 +508,12 @@ impl Run {
         if invalid.is_none() && !tools::exists(&name) {
             // Upstream's answer, with elapsedMs 0 (agent.md §1.4 step 2).
             let message = tools::ToolError::NotFound(name.clone()).to_string();
-            self.emit_tool_result(call, Err(message), 0).await;
+            self.emit_tool_result(call, Err(tools::Failure::new(message)), 0)
+                .await;
             return true;
         }
         let outcome = match invalid {
-            Some(message) => Err(message),
+            Some(message) => Err(tools::Failure::new(message)),
             None => match self.run_tool_body(&name, &arguments).await {
                 Some(outcome) => outcome,
                 None => {
@@ -528,7 +530,11 @@ impl Run {
 
     /// Runs a built-in tool under the run's token. `None` when the run was aborted before the
     /// tool finished (a tool that completed anyway reports what it did).
-    async fn run_tool_body(&self, name: &str, arguments: &Value) -> Option<Result<Value, String>> {
+    async fn run_tool_body(
+        &self,
+        name: &str,
+        arguments: &Value,
+    ) -> Option<Result<Value, tools::Failure>> {
         let tool = tools::execute(&self.agent.workspace, name, arguments, &self.cancel);
         tokio::pin!(tool);
         let outcome = tokio::select! {
@@ -542,7 +548,7 @@ impl Run {
         };
         match outcome {
             Err(e) if e.is_aborted() => None,
-            other => Some(other.map_err(|e| e.to_string())),
+            other => Some(other.map_err(tools::Failure::from)),
         }
     }
 
@@ -567,12 +573,12 @@ impl Run {
     async fn emit_tool_result(
         &mut self,
         call: &ToolCall,
-        outcome: Result<Value, String>,
+        outcome: Result<Value, tools::Failure>,
         elapsed_ms: u64,
     ) {
         let (content, error) = match outcome {
             Ok(content) => (content, None),
-            Err(message) => (json!(format!("Error: {message}")), Some(message)),
+            Err(failure) => (json!(failure.content()), Some(failure.message)),
         };
         self.emit(EventBody::ToolResult {
             tool_call_id: call.id.clone(),

@@ -156,8 +156,8 @@ pub(crate) struct Findings {
     pub landlock: String,
 }
 
-/// The limits this worker was started with, for the tools that need them later (command
-/// timeout and output caps of a future `run_command` tool).
+/// The limits this worker was started with, for the tools that need them later (the command
+/// timeout of `run_command`, and the memory cap its kill reports name).
 static LIMITS: OnceLock<JailLimits> = OnceLock::new();
 /// The level this worker is jailed at.
 static LEVEL: OnceLock<JailLevel> = OnceLock::new();
@@ -211,29 +211,35 @@ pub(crate) fn c_path(path: &str) -> std::io::Result<CString> {
     CString::new(path).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// L2: the environment holds exactly the variables listed here, and `umask` is private.
-///
-/// Runs in the launcher before the clone, so every process of the session inherits it. The
-/// environment is already empty (L0 checked it); this makes the list explicit.
-pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), JailError> {
+/// The L2 environment of a session at `level` (`workspace` is the host path, used as `HOME` at
+/// `none`): the only variables a worker, and every program it runs, ever sees.
+pub(crate) fn environment(level: JailLevel, workspace: &str) -> [(&'static str, String); 5] {
     let home = match level {
         JailLevel::Strict => WORKSPACE_INSIDE.to_owned(),
         JailLevel::Chroot => "/".to_owned(),
         JailLevel::None => workspace.to_owned(),
     };
-    let vars = [
-        ("PATH", "/usr/bin:/bin"),
-        ("HOME", home.as_str()),
-        ("TMPDIR", "/tmp"),
-        ("LANG", "C.UTF-8"),
-        ("USER", "agent"),
-    ];
+    [
+        ("PATH", "/usr/bin:/bin".to_owned()),
+        ("HOME", home),
+        ("TMPDIR", "/tmp".to_owned()),
+        ("LANG", "C.UTF-8".to_owned()),
+        ("USER", "agent".to_owned()),
+    ]
+}
+
+/// L2: the environment holds exactly the variables of [`environment`], and `umask` is private.
+///
+/// Runs in the launcher before the clone, so every process of the session inherits it. The
+/// environment is already empty (L0 checked it); this makes the list explicit.
+pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), JailError> {
+    let vars = environment(level, workspace);
     for (key, _) in std::env::vars_os() {
         // SAFETY: the launcher is single-threaded at this point (checked by L0), so nothing can
         // read the environment concurrently.
         unsafe { std::env::remove_var(key) };
     }
-    for (key, value) in vars {
+    for (key, value) in &vars {
         // SAFETY: as above, single-threaded.
         unsafe { std::env::set_var(key, value) };
     }

@@ -13,6 +13,7 @@ mod grep;
 mod list_directory;
 mod move_file;
 mod read_file;
+mod run_command;
 mod search_files;
 mod write_file;
 
@@ -48,7 +49,7 @@ pub(crate) struct Context<'a> {
     pub(crate) cancel: &'a CancellationToken,
 }
 
-/// The tools, in the order they are offered to the model.
+/// The file tools, in the order they are offered to the model.
 const TOOLS: &[Tool] = &[
     list_directory::TOOL,
     read_file::TOOL,
@@ -60,6 +61,21 @@ const TOOLS: &[Tool] = &[
     move_file::TOOL,
     delete_file::TOOL,
 ];
+
+/// Offered after the file tools, and only where programs can run: a `strict` jail with the
+/// read-only system root (`isolation.commands`, agent.md §3.4). Anywhere else the model never
+/// sees `run_command`, and a call of it is an unknown tool.
+const COMMAND_TOOLS: &[Tool] = &[run_command::TOOL];
+
+/// The tools this worker offers.
+fn available() -> impl Iterator<Item = &'static Tool> {
+    let commands = if crate::jail::commands() {
+        COMMAND_TOOLS
+    } else {
+        &[]
+    };
+    TOOLS.iter().chain(commands)
+}
 
 /// Why a tool call failed. The `Display` text is what the model reads after `Error: ` (agent.md
 /// §3.3), so every variant's wording is part of the contract.
@@ -93,6 +109,14 @@ pub(crate) enum ToolError {
     Regex(String),
     #[error("Invalid glob pattern {pattern:?}: {message}")]
     Glob { pattern: String, message: String },
+    /// The partial output goes in front of the error line (agent.md §3.3), see [`Failure`].
+    #[error("Command timed out after {seconds}s")]
+    TimedOut { seconds: u64, partial: String },
+    #[error("Could not run the command: {0}")]
+    Command(String),
+    /// The run was aborted while the tool ran (its result then says so, agent.md §1.6).
+    #[error("aborted")]
+    Aborted,
     #[error("Workspace unavailable: {0}")]
     WorkspaceUnavailable(String),
     #[error("The tool failed unexpectedly: {0}")]
@@ -102,7 +126,48 @@ pub(crate) enum ToolError {
 impl ToolError {
     /// Whether the tool stopped because the run was aborted.
     pub(crate) fn is_aborted(&self) -> bool {
-        matches!(self, Self::Fs(FsError::Aborted))
+        matches!(self, Self::Fs(FsError::Aborted) | Self::Aborted)
+    }
+}
+
+/// A failed call as its `tool_result` shows it: `error` is the message, and `content` is
+/// `Error: <message>`, preceded by whatever output the tool produced before it failed (the
+/// partial output of a timed-out command, agent.md §3.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub(crate) message: String,
+    output: Option<String>,
+}
+
+impl Failure {
+    /// A failure without output.
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            output: None,
+        }
+    }
+
+    /// The `content` of the failed call's `tool_result`.
+    pub(crate) fn content(&self) -> String {
+        match &self.output {
+            Some(output) if !output.is_empty() => {
+                let sep = if output.ends_with('\n') { "" } else { "\n" };
+                format!("{output}{sep}Error: {}", self.message)
+            }
+            _ => format!("Error: {}", self.message),
+        }
+    }
+}
+
+impl From<ToolError> for Failure {
+    fn from(error: ToolError) -> Self {
+        let message = error.to_string();
+        let output = match error {
+            ToolError::TimedOut { partial, .. } => Some(partial),
+            _ => None,
+        };
+        Self { message, output }
     }
 }
 
@@ -111,7 +176,7 @@ impl ToolError {
 pub(crate) type WorkspaceSlot = Result<Arc<Workspace>, String>;
 
 fn find(name: &str) -> Option<&'static Tool> {
-    TOOLS.iter().find(|tool| tool.name == name)
+    available().find(|tool| tool.name == name)
 }
 
 /// Whether `name` is a built-in tool.
@@ -121,8 +186,7 @@ pub(crate) fn exists(name: &str) -> bool {
 
 /// Tool definitions in OpenAI `tools` format, as sent to the model.
 pub(crate) fn definitions() -> Vec<Value> {
-    TOOLS
-        .iter()
+    available()
         .map(|tool| {
             json!({
                 "type": "function",
@@ -357,6 +421,28 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "Workspace unavailable: gone");
+    }
+
+    #[test]
+    fn failures_put_partial_output_before_the_error_line() {
+        let plain = Failure::from(ToolError::NotFound("x".into()));
+        assert_eq!(plain.message, "Tool \"x\" not found");
+        assert_eq!(plain.content(), "Error: Tool \"x\" not found");
+        let timed_out = Failure::from(ToolError::TimedOut {
+            seconds: 2,
+            partial: "STDOUT:\nhalf".into(),
+        });
+        assert_eq!(timed_out.message, "Command timed out after 2s");
+        assert_eq!(
+            timed_out.content(),
+            "STDOUT:\nhalf\nError: Command timed out after 2s"
+        );
+        let silent = Failure::from(ToolError::TimedOut {
+            seconds: 2,
+            partial: String::new(),
+        });
+        assert_eq!(silent.content(), "Error: Command timed out after 2s");
+        assert!(ToolError::Aborted.is_aborted());
     }
 
     #[test]
