@@ -29,7 +29,9 @@ pub struct ModelRef {
 /// Supervisor → worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToWorker {
-    Init(Init),
+    /// Boxed: it is sent once, and the largest variant sets the size of every slot in the
+    /// channels that carry the many small model replies.
+    Init(Box<Init>),
     Query(Query),
     /// Abort the run with this id, if it is still the current one.
     Abort {
@@ -110,31 +112,20 @@ pub enum FromWorker {
     /// A jail step failed; the worker exits after sending this.
     JailFailed(JailFailure),
     /// Start-up probe mode only: what the probe saw inside the jail (JSON object).
-    ProbeReport {
-        json: String,
-    },
+    ProbeReport { json: String },
     /// Test builds only: the answer to a [`ToWorker::Probe`].
     #[cfg(feature = "isolation-tests")]
     ProbeAnswer(crate::jail::ProbeAnswer),
     /// Handshake answer; `pid` is the worker's own pid as it sees it.
-    Ready {
-        protocol_version: u32,
-        pid: u32,
-    },
+    Ready { protocol_version: u32, pid: u32 },
     /// One agent event (a JSON object with `id`, `type`, `timestamp`).
-    Event {
-        json: String,
-    },
+    Event { json: String },
     /// The result of a run (JSON), sent just before its `agent_run_end` event.
-    RunResult {
-        run_id: String,
-        json: String,
-    },
-    ModelRequest(ModelRequest),
+    RunResult { run_id: String, json: String },
+    /// Boxed for the same reason as [`ToWorker::Init`]: events are the common case.
+    ModelRequest(Box<ModelRequest>),
     /// Stop the model call with this id; no acknowledgement is awaited.
-    ModelCancel {
-        id: String,
-    },
+    ModelCancel { id: String },
 }
 
 /// One model call, in the provider-neutral format of agent.md §4.2.
@@ -285,7 +276,7 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        let init = ToWorker::Init(Init {
+        let init = ToWorker::Init(Box::new(Init {
             protocol_version: PROTOCOL_VERSION,
             session_id: "s".into(),
             workspace: "/workspace".into(),
@@ -303,7 +294,7 @@ mod tests {
                 context: ContextSettings::default(),
             },
             history: vec!["{}".into()],
-        });
+        }));
         let bytes = encode(&init).unwrap();
         let back: ToWorker = decode(&bytes[4..]).unwrap();
         assert!(

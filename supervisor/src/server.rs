@@ -160,6 +160,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone(), state.shutdown.clone()));
     tokio::spawn(stop_idle_workers(state.clone()));
+    tokio::spawn(release_freed_memory(state.shutdown.clone()));
     tokio::spawn(crate::ctl::serve(control, state.clone()));
     // Streams are many small writes; without TCP_NODELAY each can wait for the client's
     // delayed ACK (about 40 ms) behind the previous one.
@@ -278,6 +279,46 @@ async fn stop_idle_workers(state: Arc<AppState>) {
         }
     }
 }
+
+/// Hands memory the process has freed back to the kernel once the server goes quiet.
+///
+/// A burst (hundreds of sessions streaming at once) leaves glibc's arenas holding tens of MiB
+/// of freed chunks, which it keeps for the next burst; without this the supervisor's RSS
+/// stays at its peak long after the load is gone, which reads as a leak to an operator.
+/// Trimming walks the free lists, so it runs only after a whole quiet tick that followed
+/// activity, off the async threads.
+async fn release_freed_memory(shutdown: CancellationToken) {
+    const TICK: Duration = Duration::from_secs(2);
+    let events = || crate::metrics::METRICS.events_published.get();
+    let mut tick = tokio::time::interval(TICK);
+    let (mut seen, mut trimmed_at) = (events(), events());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = events();
+        if now == seen && now != trimmed_at {
+            trimmed_at = now;
+            let _ = tokio::task::spawn_blocking(trim_heap).await;
+        }
+        seen = now;
+    }
+}
+
+#[cfg(target_env = "gnu")]
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory; it takes
+    // the arena locks itself and is safe to call from any thread.
+    let released = unsafe { libc::malloc_trim(0) };
+    tracing::debug!(
+        released = released == 1,
+        "returned freed heap memory to the kernel"
+    );
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim_heap() {}
 
 async fn stop_on_signal(stop: CancellationToken, already_stopping: CancellationToken) {
     let mut terminate =

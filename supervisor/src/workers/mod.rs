@@ -157,14 +157,14 @@ pub async fn start(
     let isolation = state.spawner.isolation();
     let mut jail_us = 0;
 
-    let init = ToWorker::Init(Init {
+    let init = ToWorker::Init(Box::new(Init {
         protocol_version: PROTOCOL_VERSION,
         session_id: session.id.clone(),
         // The workspace as the worker sees it: `/workspace` in a strict jail, `/` in a chroot.
         workspace: isolation.workspace_inside(&session.workspace),
         agent: agent_settings(state, stored.as_ref()),
         history,
-    });
+    }));
     // First the jail's self-audit (W13), checked before the session is used; then Init/Ready.
     let handshake = async {
         let audit = match read_frame::<_, FromWorker>(&mut read).await {
@@ -459,7 +459,7 @@ impl Connection {
                 let id = request.id.clone();
                 let task = self.state.gateway.start(
                     &self.session.id,
-                    request,
+                    *request,
                     self.handle.outbox.clone(),
                     cancel.clone(),
                 );

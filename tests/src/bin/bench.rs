@@ -1,7 +1,7 @@
 //! Load generator behind `scripts/bench.sh`: starts the release `supervisor` on a loopback port
 //! and measures it from outside, the way a client sees it. It reports; it asserts nothing.
 //!
-//! Usage: bench <path to supervisor> [--json <file>]
+//! Usage: bench <path to supervisor> [--json <file>] [--only levels|fleet|soak|durable|restart]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -60,15 +60,38 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let binary = PathBuf::from(
         args.next()
-            .context("usage: bench <supervisor binary> [--json FILE]")?,
+            .context("usage: bench <supervisor binary> [--json FILE] [--only SECTION]")?,
     );
     // Each server runs in its own directory, so a relative path would not find the binary.
     let binary = std::fs::canonicalize(&binary)
         .with_context(|| format!("no binary at {}", binary.display()))?;
-    let json_out = match (args.next().as_deref(), args.next()) {
-        (Some("--json"), Some(path)) => Some(PathBuf::from(path)),
-        _ => None,
-    };
+    let mut json_out = None;
+    let mut only = None;
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--json" => json_out = Some(PathBuf::from(value)),
+            "--only" => only = Some(value),
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    e2e::install_crypto();
+    if let Some(section) = only {
+        // One section on its own, for looking into one figure without the whole run.
+        let client = reqwest::Client::new();
+        let figures = match section.as_str() {
+            "levels" => level_figures(&binary, &client).await?,
+            "fleet" => fleet_figures(&binary, &client).await?,
+            "soak" => soak(&binary).await?,
+            "durable" => durable_figures(&binary, &client).await?,
+            "restart" => restart_with_stored_sessions(&binary, &client, 10_000).await?,
+            _ => bail!("--only takes levels, fleet, soak, durable or restart"),
+        };
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let Running {
         mut child,
@@ -76,7 +99,6 @@ async fn main() -> Result<()> {
         base,
         ..
     } = start(&binary, dir.path(), &[]).await?;
-    e2e::install_crypto();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
         .build()?;
@@ -317,10 +339,12 @@ async fn fleet_figures(binary: &Path, client: &reqwest::Client) -> Result<Value>
     }))
 }
 
-/// 500 sessions streaming at once for `BENCH_SOAK_SECS` (default 120): every client checks
-/// that each stream's ids are contiguous (nothing lost, nothing twice) and that a session's
-/// streams continue each other; afterwards the supervisor's open fds and RSS are compared with
-/// their values before the soak.
+/// 500 sessions streaming at once for `BENCH_SOAK_SECS` (default 120), in two halves against
+/// the same server: every client checks that each stream's ids are contiguous (nothing lost,
+/// nothing twice) and that a session's streams continue each other. The supervisor's open fds
+/// and RSS are read before, after the first half and after the second, each time with the
+/// clients' connections closed. Two halves tell a leak (growth in each half) from memory the
+/// allocator keeps after the first burst for the next one (growth in the first half only).
 async fn soak(binary: &Path) -> Result<Value> {
     let seconds: u64 = std::env::var("BENCH_SOAK_SECS")
         .ok()
@@ -338,52 +362,66 @@ async fn soak(binary: &Path) -> Result<Value> {
         &["--storage-type", "sqlite", "--storage-path", db],
     )
     .await?;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(sessions)
-        .build()?;
+    let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for _ in 0..sessions {
         let id = create(&client, &server.base).await?;
         query(&client, &server.base, &id, "warm up").await?;
         ids.push(id);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let fds_before = std::fs::read_dir(format!("/proc/{}/fd", server.pid))?.count();
-    let rss_before = rss_kib(server.pid)?;
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let tasks: Vec<_> = ids
-        .into_iter()
-        .map(|id| {
-            let client = client.clone();
-            let base = server.base.clone();
-            tokio::spawn(async move {
-                let (mut runs, mut events, mut faults, mut last) = (0u64, 0u64, 0u64, 0u64);
-                while Instant::now() < until {
-                    let ids = stream_ids(&client, &base, &id, "FLOOD 200").await?;
-                    runs += 1;
-                    events += ids.len() as u64;
-                    let first = ids.first().copied().unwrap_or(0);
-                    if first <= last || ids.windows(2).any(|w| w[1] != w[0] + 1) {
-                        faults += 1;
-                    }
-                    last = ids.last().copied().unwrap_or(last);
-                }
-                anyhow::Ok((runs, events, faults))
-            })
-        })
-        .collect();
-    let (mut runs, mut events, mut faults) = (0, 0, 0);
-    for task in tasks {
-        let (r, e, f) = task.await??;
-        runs += r;
-        events += e;
-        faults += f;
-    }
-    // Our own pooled keep-alive connections would count as the server's open fds.
     drop(client);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let fds_after = std::fs::read_dir(format!("/proc/{}/fd", server.pid))?.count();
-    let rss_after = rss_kib(server.pid)?;
+    let settled = || async {
+        // Closed connections and finished runs need a moment to be let go of, and the
+        // supervisor returns freed heap to the kernel after two quiet seconds.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid))?.count();
+        anyhow::Ok((fds, rss_kib(server.pid)?))
+    };
+    let (fds_before, rss_before) = settled().await?;
+    let half = Duration::from_secs(seconds).div_f64(2.0);
+    let mut last_seen = vec![0u64; sessions];
+    let (mut runs, mut events, mut faults) = (0, 0, 0);
+    let mut after_halves = Vec::new();
+    for _ in 0..2 {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(sessions)
+            .build()?;
+        let until = Instant::now() + half;
+        let tasks: Vec<_> = ids
+            .iter()
+            .zip(&last_seen)
+            .map(|(id, &last)| {
+                let (client, base, id) = (client.clone(), server.base.clone(), id.clone());
+                tokio::spawn(async move {
+                    let (mut runs, mut events, mut faults, mut last) = (0u64, 0u64, 0u64, last);
+                    while Instant::now() < until {
+                        let ids = stream_ids(&client, &base, &id, "FLOOD 200").await?;
+                        runs += 1;
+                        events += ids.len() as u64;
+                        let first = ids.first().copied().unwrap_or(0);
+                        if first <= last || ids.windows(2).any(|w| w[1] != w[0] + 1) {
+                            faults += 1;
+                        }
+                        last = ids.last().copied().unwrap_or(last);
+                    }
+                    anyhow::Ok((runs, events, faults, last))
+                })
+            })
+            .collect();
+        for (task, last) in tasks.into_iter().zip(last_seen.iter_mut()) {
+            let (r, e, f, l) = task.await??;
+            runs += r;
+            events += e;
+            faults += f;
+            *last = l;
+        }
+        // Our own pooled keep-alive connections would count as the server's open fds.
+        drop(client);
+        after_halves.push(settled().await?);
+    }
+    let [(fds_half, rss_half), (fds_after, rss_after)] = after_halves[..] else {
+        bail!("two halves");
+    };
     Ok(json!({
         "sessions": sessions,
         "seconds": seconds,
@@ -391,8 +429,10 @@ async fn soak(binary: &Path) -> Result<Value> {
         "events": events,
         "streams_with_a_gap_or_duplicate": faults,
         "supervisor_fds_before": fds_before,
+        "supervisor_fds_after_first_half": fds_half,
         "supervisor_fds_after": fds_after,
         "supervisor_rss_kib_before": rss_before,
+        "supervisor_rss_kib_after_first_half": rss_half,
         "supervisor_rss_kib_after": rss_after,
     }))
 }
@@ -787,8 +827,10 @@ fn print_table(report: &Value) {
                 "events",
                 "streams_with_a_gap_or_duplicate",
                 "supervisor_fds_before",
+                "supervisor_fds_after_first_half",
                 "supervisor_fds_after",
                 "supervisor_rss_kib_before",
+                "supervisor_rss_kib_after_first_half",
                 "supervisor_rss_kib_after",
             ][..],
         ),

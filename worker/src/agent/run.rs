@@ -271,7 +271,7 @@ impl Run {
         if self
             .agent
             .outbox
-            .send(FromWorker::ModelRequest(request))
+            .send(FromWorker::ModelRequest(Box::new(request)))
             .await
             .is_err()
         {
