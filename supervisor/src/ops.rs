@@ -25,6 +25,8 @@ pub async fn workers(state: &AppState) -> Vec<Value> {
             "state": if running { "running" } else { "idle" },
             "startedAt": worker.started_at,
             "uptimeSecs": now_ms().saturating_sub(worker.started_at) / 1000,
+            // Microsecond resolution: a jailed start takes a few milliseconds.
+            "startMs": (worker.start_duration.as_secs_f64() * 1e6).round() / 1e3,
             "events": session.bus.latest(),
         });
         if let Some(rss) = proc_status_kib(worker.pid, "VmRSS:") {

@@ -342,12 +342,11 @@ impl Session {
         inner: &mut Inner,
     ) -> Result<WorkerHandle, ApiError> {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let started = Instant::now();
         let worker = workers::start(state, self, generation)
             .await
-            .inspect(|_| {
+            .inspect(|worker| {
                 METRICS.worker_starts.inc();
-                METRICS.worker_start_seconds.observe(started.elapsed());
+                METRICS.worker_start_seconds.observe(worker.start_duration);
             })
             .inspect_err(|_| METRICS.worker_start_failures.inc())
             .map_err(|e| ApiError::WorkerUnavailable {

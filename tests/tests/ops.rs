@@ -84,7 +84,9 @@ async fn restart_one_session_keeps_history_and_spares_the_others() -> Result<()>
     ensure!(rows.len() == 2);
     for row in rows {
         ensure!(
-            row["rssKib"].as_u64().is_some_and(|r| r > 0) && row["cpuSecs"].is_number(),
+            row["rssKib"].as_u64().is_some_and(|r| r > 0)
+                && row["cpuSecs"].is_number()
+                && row["startMs"].as_f64().is_some_and(|ms| ms > 0.0),
             "{row}"
         );
         ensure!(row["state"] == "idle" && row["events"].as_u64().is_some());

@@ -65,31 +65,49 @@ fn own_groups() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Mount points of cgroup filesystems: `(fstype, mount point, super options)`.
-fn cgroup_mounts() -> Vec<(String, PathBuf, String)> {
+/// A mounted cgroup filesystem.
+struct CgroupMount {
+    fstype: String,
+    /// Which group of the hierarchy the mount shows at `point`: `/` on a host, the container's
+    /// own group inside a container that shares the host's cgroup namespace (Docker on v1).
+    root: String,
+    point: PathBuf,
+    super_options: String,
+}
+
+fn cgroup_mounts() -> Vec<CgroupMount> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
+            let mut left = left.split(' ').skip(3);
+            let root = left.next()?;
+            let point = left.next()?;
             let mut right = right.split(' ');
             let fstype = right.next()?;
             let _source = right.next()?;
             let options = right.next().unwrap_or_default();
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| {
-                (
-                    fstype.to_owned(),
-                    PathBuf::from(mount_point),
-                    options.to_owned(),
-                )
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| CgroupMount {
+                fstype: fstype.to_owned(),
+                root: root.to_owned(),
+                point: PathBuf::from(point),
+                super_options: options.to_owned(),
             })
         })
         .collect()
 }
 
-fn join(mount: &Path, group: &str) -> PathBuf {
-    mount.join(group.trim_start_matches('/'))
+/// Where `group` (a path from /proc/self/cgroup) is under `mount`, or `None` when the mount
+/// does not show it. /proc/self/cgroup names groups from the hierarchy's root, while a mount
+/// may show only a subtree: joining the two blindly points at a directory that is not there.
+fn locate(mount: &CgroupMount, group: &str) -> Option<PathBuf> {
+    let inside = Path::new(group)
+        .strip_prefix(&mount.root)
+        .ok()?
+        .to_string_lossy()
+        .into_owned();
+    Some(mount.point.join(inside))
 }
 
 /// Removes `agentd-<pid>` groups under `parent` whose supervisor is gone (it was killed before it
@@ -134,11 +152,11 @@ impl CgroupRoot {
         let mounts = cgroup_mounts();
 
         // v2, when our group there offers the controllers.
-        if let (Some((_, own)), Some((_, mount, _))) = (
+        if let (Some((_, own)), Some(mount)) = (
             groups.iter().find(|(c, _)| c.is_empty()),
-            mounts.iter().find(|(t, _, _)| t == "cgroup2"),
-        ) {
-            let own_dir = join(mount, own);
+            mounts.iter().find(|m| m.fstype == "cgroup2"),
+        ) && let Some(own_dir) = locate(mount, own)
+        {
             let offered =
                 std::fs::read_to_string(own_dir.join("cgroup.controllers")).unwrap_or_default();
             if ["memory", "pids"]
@@ -155,18 +173,20 @@ impl CgroupRoot {
             let own = groups
                 .iter()
                 .find(|(c, _)| c.split(',').any(|x| x == controller));
-            let mount = mounts
-                .iter()
-                .find(|(t, _, o)| t == "cgroup" && o.split(',').any(|x| x == controller));
-            let (Some((_, own)), Some((_, mount, _))) = (own, mount) else {
+            let mount = mounts.iter().find(|m| {
+                m.fstype == "cgroup" && m.super_options.split(',').any(|x| x == controller)
+            });
+            let Some(parent) = own
+                .zip(mount)
+                .and_then(|((_, own), mount)| locate(mount, own))
+            else {
                 if controller == "cpu" {
                     continue;
                 }
                 return Err(format!(
-                    "no cgroup hierarchy with the {controller} controller"
+                    "no cgroup hierarchy with the {controller} controller that shows this process's group"
                 ));
             };
-            let parent = join(mount, own);
             sweep_stale(&parent);
             let dir = parent.join(format!("agentd-{pid}"));
             match std::fs::create_dir(&dir) {
@@ -470,5 +490,47 @@ impl Drop for SessionGroup {
             }
             self.remove_dirs();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(root: &str, point: &str) -> CgroupMount {
+        CgroupMount {
+            fstype: "cgroup".into(),
+            root: root.into(),
+            point: point.into(),
+            super_options: "rw,memory".into(),
+        }
+    }
+
+    #[test]
+    fn a_host_mount_shows_the_whole_hierarchy() {
+        let host = mount("/", "/sys/fs/cgroup/memory");
+        assert_eq!(
+            locate(&host, "/system.slice/agent.service"),
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/memory/system.slice/agent.service"
+            ))
+        );
+    }
+
+    #[test]
+    fn a_container_mount_shows_only_its_own_group() {
+        // Docker on cgroup v1: /proc/self/cgroup names the host path, the mount shows that group
+        // itself at the mount point.
+        let container = mount("/docker/0bf1", "/sys/fs/cgroup/memory");
+        assert_eq!(
+            locate(&container, "/docker/0bf1"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(
+            locate(&container, "/docker/0bf1/inner"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/inner"))
+        );
+        assert_eq!(locate(&container, "/system.slice"), None);
+        assert_eq!(locate(&container, "/docker/0bf10"), None);
     }
 }

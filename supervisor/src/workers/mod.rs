@@ -12,7 +12,7 @@ mod spawn;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shared::frame::{FrameError, read_frame, write_frame};
 use shared::ids::now_ms;
@@ -62,6 +62,8 @@ pub enum WorkerError {
 pub struct WorkerHandle {
     pub pid: u32,
     pub started_at: u64,
+    /// From the request for a worker to its `Ready`: history read, spawn, jail, handshake.
+    pub start_duration: Duration,
     pub generation: u64,
     /// What the worker reported about its jail (W13), as accepted by the supervisor.
     pub audit: Arc<JailAudit>,
@@ -137,6 +139,7 @@ pub async fn start(
     session: &Arc<Session>,
     generation: u64,
 ) -> Result<WorkerHandle, WorkerError> {
+    let began = Instant::now();
     let history: Vec<String> = state
         .storage
         .events_after(&session.id, 0, usize::MAX)
@@ -231,6 +234,7 @@ pub async fn start(
     let handle = WorkerHandle {
         pid,
         started_at: now_ms(),
+        start_duration: began.elapsed(),
         generation,
         audit: Arc::from(audit),
         outbox,
