@@ -133,12 +133,7 @@ async fn main() -> Result<()> {
         query(&client, &base, warm, "hi").await?;
         warm_query.push(t.elapsed());
     }
-    let workers: Value = client
-        .get(format!("{base}/api/v1/workers"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let workers: Value = get_json(&client, format!("{base}/api/v1/workers")).await?;
     let worker_pids: Vec<u32> = workers["workers"]
         .as_array()
         .map(|w| {
@@ -225,12 +220,8 @@ async fn level_figures(binary: &Path, client: &reqwest::Client) -> Result<Value>
             let id = create(client, &server.base).await?;
             query(client, &server.base, &id, "hi").await?;
             samples.push(t.elapsed());
-            let workers: Value = client
-                .get(format!("{}/api/v1/workers", server.base))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let workers: Value =
+                get_json(client, format!("{}/api/v1/workers", server.base)).await?;
             let start_ms = workers["workers"]
                 .as_array()
                 .into_iter()
@@ -250,12 +241,8 @@ async fn level_figures(binary: &Path, client: &reqwest::Client) -> Result<Value>
                     .await?;
             }
         }
-        let health: Value = client
-            .get(format!("{}/api/v1/system/health", server.base))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let health: Value =
+            get_json(client, format!("{}/api/v1/system/health", server.base)).await?;
         out.insert(
             level.to_owned(),
             json!({
@@ -305,12 +292,7 @@ async fn fleet_figures(binary: &Path, client: &reqwest::Client) -> Result<Value>
     let results: Vec<Result<()>> = queries.collect().await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
     let warm_all = t.elapsed();
-    let workers: Value = client
-        .get(format!("{}/api/v1/workers", server.base))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let workers: Value = get_json(client, format!("{}/api/v1/workers", server.base)).await?;
     let pids: Vec<u32> = workers["workers"]
         .as_array()
         .map(|w| {
@@ -431,6 +413,10 @@ async fn soak(binary: &Path) -> Result<Value> {
         "supervisor_rss_kib_after_first_half": rss_half,
         "supervisor_rss_kib_after": rss_after,
     }))
+}
+
+async fn get_json(client: &reqwest::Client, url: String) -> Result<Value> {
+    Ok(client.get(url).send().await?.json().await?)
 }
 
 /// The seq ids of one streamed run, in arrival order.
@@ -649,12 +635,7 @@ async fn restart_with_stored_sessions(
         &["--storage-type", "sqlite", "--storage-path", db],
     )
     .await?;
-    let listed: Value = client
-        .get(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let listed: Value = get_json(client, format!("{}/api/v1/sessions", server.base)).await?;
     let serving = t.elapsed();
     let listed = listed["sessions"].as_array().map_or(0, Vec::len);
     if listed != count {
