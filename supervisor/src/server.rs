@@ -291,7 +291,8 @@ async fn release_freed_memory(shutdown: CancellationToken) {
     const TICK: Duration = Duration::from_secs(2);
     let events = || crate::metrics::METRICS.events_published.get();
     let mut tick = tokio::time::interval(TICK);
-    let (mut seen, mut trimmed_at) = (events(), events());
+    let mut seen = events();
+    let mut trimmed_at = seen;
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -359,8 +359,8 @@ async fn soak(binary: &Path) -> Result<Value> {
     let half = Duration::from_secs(seconds).div_f64(2.0);
     let mut last_seen = vec![0u64; sessions];
     let (mut runs, mut events, mut faults) = (0, 0, 0);
-    let mut after_halves = Vec::new();
-    for _ in 0..2 {
+    let mut after_halves = [(0, 0); 2];
+    for after_half in &mut after_halves {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(sessions)
             .build()?;
@@ -395,11 +395,9 @@ async fn soak(binary: &Path) -> Result<Value> {
         }
         // Our own pooled keep-alive connections would count as the server's open fds.
         drop(client);
-        after_halves.push(settled().await?);
+        *after_half = settled().await?;
     }
-    let [(fds_half, rss_half), (fds_after, rss_after)] = after_halves[..] else {
-        bail!("two halves");
-    };
+    let [(fds_half, rss_half), (fds_after, rss_after)] = after_halves;
     Ok(json!({
         "sessions": sessions,
         "seconds": seconds,
