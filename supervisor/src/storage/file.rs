@@ -4,6 +4,7 @@
 //! <dir>/sessions/<id>.json   one record per session, replaced atomically (write, then rename)
 //! <dir>/events/<id>.log      append-only, one event per line: "<seq> <event json>\n"
 //! <dir>/events/<id>.seq      the highest sequence number reserved (see Storage::reserve_seq)
+//! <dir>/events/<id>.live     the live run's streamed text, one record per line like the log
 //! ```
 //!
 //! Why this layout: an event append is one `write` to one file, with no rewrite of anything
@@ -37,6 +38,8 @@ struct State {
     sessions: HashMap<String, SessionInfo>,
     /// Open logs, with the last seq they hold, opened on first use.
     logs: HashMap<String, Log>,
+    /// Open live-text files, the same way.
+    live: HashMap<String, Log>,
 }
 
 struct Log {
@@ -81,6 +84,7 @@ impl FileStorage {
             state: Mutex::new(State {
                 sessions,
                 logs: HashMap::new(),
+                live: HashMap::new(),
             }),
         })
     }
@@ -95,6 +99,10 @@ impl FileStorage {
 
     fn log_path(&self, id: &str) -> PathBuf {
         self.dir.join("events").join(format!("{id}.log"))
+    }
+
+    fn live_path(&self, id: &str) -> PathBuf {
+        self.dir.join("events").join(format!("{id}.live"))
     }
 
     fn reservation_path(&self, id: &str) -> PathBuf {
@@ -124,32 +132,63 @@ impl FileStorage {
         id: &str,
     ) -> Result<&'a mut Log, StorageError> {
         if !logs.contains_key(id) {
-            let path = self.log_path(id);
-            let (events, valid_len) = read_log(&path)?;
-            let mut file = OpenOptions::new()
-                .create(true)
-                .read(true)
-                .write(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| StorageError::io(&path, e))?;
-            let len = file
-                .metadata()
-                .map_err(|e| StorageError::io(&path, e))?
-                .len();
-            if len > valid_len {
-                tracing::warn!(path = %path.display(), bytes = len - valid_len, "cutting a torn last line off an event log");
-                file.set_len(valid_len)
-                    .map_err(|e| StorageError::io(&path, e))?;
-            }
-            file.seek(SeekFrom::End(0))
-                .map_err(|e| StorageError::io(&path, e))?;
-            let last_seq = events.last().map_or(0, |e| e.seq);
-            logs.insert(id.to_owned(), Log { file, last_seq });
+            logs.insert(id.to_owned(), open_log(&self.log_path(id))?);
         }
         logs.get_mut(id)
             .ok_or_else(|| StorageError::NotFound(id.to_owned()))
     }
+}
+
+/// Opens a log for appending, cutting a torn last line first so the next line starts clean.
+fn open_log(path: &Path) -> Result<Log, StorageError> {
+    let (events, valid_len) = read_log(path)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StorageError::io(path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| StorageError::io(path, e))?
+        .len();
+    if len > valid_len {
+        tracing::warn!(path = %path.display(), bytes = len - valid_len, "cutting a torn last line off an event log");
+        file.set_len(valid_len)
+            .map_err(|e| StorageError::io(path, e))?;
+    }
+    file.seek(SeekFrom::End(0))
+        .map_err(|e| StorageError::io(path, e))?;
+    let last_seq = events.last().map_or(0, |e| e.seq);
+    Ok(Log { file, last_seq })
+}
+
+/// Appends `<seq> <json>` as one write, so a crash leaves at most this line torn.
+fn append_line(
+    log: &mut Log,
+    id: &str,
+    path: &Path,
+    seq: u64,
+    json: &str,
+) -> Result<(), StorageError> {
+    if seq <= log.last_seq {
+        return Err(StorageError::OutOfOrder {
+            session: id.to_owned(),
+            seq,
+        });
+    }
+    if json.contains('\n') {
+        return Err(StorageError::Corrupt(
+            "an event must be single-line JSON".into(),
+        ));
+    }
+    let line = format!("{seq} {json}\n");
+    log.file
+        .write_all(line.as_bytes())
+        .map_err(|e| StorageError::io(path, e))?;
+    log.last_seq = seq;
+    Ok(())
 }
 
 /// Reads a log: its complete, well-formed lines, and the length of the prefix that holds them.
@@ -224,7 +263,11 @@ impl Storage for FileStorage {
             return Err(StorageError::AlreadyExists(info.id));
         }
         // A stale log of an id that is being created anew must not become its history.
-        for stale in [self.log_path(&info.id), self.reservation_path(&info.id)] {
+        for stale in [
+            self.log_path(&info.id),
+            self.reservation_path(&info.id),
+            self.live_path(&info.id),
+        ] {
             if stale.exists() {
                 std::fs::remove_file(&stale).map_err(|e| StorageError::io(&stale, e))?;
             }
@@ -273,10 +316,15 @@ impl Storage for FileStorage {
             return Ok(false);
         }
         state.logs.remove(id);
+        state.live.remove(id);
         // The record goes first: without it the session does not exist, whatever is left.
         let record = self.record_path(id);
         std::fs::remove_file(&record).map_err(|e| StorageError::io(&record, e))?;
-        for file in [self.log_path(id), self.reservation_path(id)] {
+        for file in [
+            self.log_path(id),
+            self.reservation_path(id),
+            self.live_path(id),
+        ] {
             match std::fs::remove_file(&file) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(StorageError::io(&file, e));
@@ -295,28 +343,12 @@ impl Storage for FileStorage {
         now: u64,
     ) -> Result<(), StorageError> {
         let mut state = self.state();
-        let State { sessions, logs } = &mut *state;
+        let State { sessions, logs, .. } = &mut *state;
         let info = sessions
             .get_mut(id)
             .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
         let log = self.log(logs, id)?;
-        if seq <= log.last_seq {
-            return Err(StorageError::OutOfOrder {
-                session: id.to_owned(),
-                seq,
-            });
-        }
-        if json.contains('\n') {
-            return Err(StorageError::Corrupt(
-                "an event must be single-line JSON".into(),
-            ));
-        }
-        // One write per event: a crash leaves at most this line torn.
-        let line = format!("{seq} {json}\n");
-        log.file
-            .write_all(line.as_bytes())
-            .map_err(|e| StorageError::io(&self.log_path(id), e))?;
-        log.last_seq = seq;
+        append_line(log, id, &self.log_path(id), seq, &json)?;
         info.updated_at = now;
         Ok(())
     }
@@ -358,6 +390,63 @@ impl Storage for FileStorage {
             .log(&mut state.logs, id)?
             .last_seq
             .max(self.reserved(id)))
+    }
+
+    async fn append_live_text(
+        &self,
+        id: &str,
+        seq: u64,
+        record: Arc<str>,
+    ) -> Result<(), StorageError> {
+        let mut state = self.state();
+        if !state.sessions.contains_key(id) {
+            return Err(StorageError::NotFound(id.to_owned()));
+        }
+        let path = self.live_path(id);
+        let log = match state.live.entry(id.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(open) => open.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(open_log(&path)?),
+        };
+        append_line(log, id, &path, seq, &record)
+    }
+
+    async fn live_text_after(
+        &self,
+        id: &str,
+        after: u64,
+    ) -> Result<Vec<StoredEvent>, StorageError> {
+        let path = self.live_path(id);
+        let _state = self.state();
+        let (records, _) = read_log(&path)?;
+        let start = records.partition_point(|r| r.seq <= after);
+        Ok(records.into_iter().skip(start).collect())
+    }
+
+    async fn clear_live_text(&self, id: &str, upto: u64) -> Result<(), StorageError> {
+        let mut state = self.state();
+        let path = self.live_path(id);
+        let (records, _) = read_log(&path)?;
+        let start = records.partition_point(|r| r.seq <= upto);
+        if start == 0 {
+            return Ok(());
+        }
+        // Reopened (and its torn tail cut) by the next append.
+        state.live.remove(id);
+        if start == records.len() {
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(StorageError::io(&path, e))
+                }
+                _ => Ok(()),
+            };
+        }
+        let mut kept = String::new();
+        for record in &records[start..] {
+            kept.push_str(&format!("{} {}\n", record.seq, record.json));
+        }
+        let tmp = path.with_extension("live.tmp");
+        std::fs::write(&tmp, kept).map_err(|e| StorageError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
     }
 }
 
@@ -415,6 +504,38 @@ mod tests {
             3,
             "the torn tail was cut before appending: {text:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_torn_live_text_line_does_not_swallow_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStorage::open(dir.path()).unwrap();
+        let info = SessionInfo {
+            id: "s".into(),
+            created_at: 1,
+            updated_at: 1,
+            workspace: "/w".into(),
+            metadata: None,
+        };
+        store.create_session(info).await.unwrap();
+        store
+            .append_live_text("s", 4, r#"[{"text":"a"}]"#.into())
+            .await
+            .unwrap();
+        drop(store);
+        let live = dir.path().join("events/s.live");
+        let mut file = OpenOptions::new().append(true).open(&live).unwrap();
+        file.write_all(b"9 [{\"te").unwrap();
+        drop(file);
+
+        let store = FileStorage::open(dir.path()).unwrap();
+        let seqs = |records: Vec<StoredEvent>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(store.live_text_after("s", 0).await.unwrap()), [4]);
+        store
+            .append_live_text("s", 9, r#"[{"text":"b"}]"#.into())
+            .await
+            .unwrap();
+        assert_eq!(seqs(store.live_text_after("s", 0).await.unwrap()), [4, 9]);
     }
 
     #[tokio::test]

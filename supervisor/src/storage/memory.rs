@@ -17,6 +17,7 @@ struct Entry {
     info: SessionInfo,
     events: Vec<StoredEvent>,
     reserved: u64,
+    live_text: Vec<StoredEvent>,
 }
 
 impl MemoryStorage {
@@ -49,6 +50,7 @@ impl Storage for MemoryStorage {
                 info: info.clone(),
                 events: Vec::new(),
                 reserved: 0,
+                live_text: Vec::new(),
             },
         );
         Ok(info)
@@ -141,5 +143,48 @@ impl Storage for MemoryStorage {
         Ok(self.map().get(id).map_or(0, |e| {
             e.events.last().map_or(0, |last| last.seq).max(e.reserved)
         }))
+    }
+
+    async fn append_live_text(
+        &self,
+        id: &str,
+        seq: u64,
+        record: Arc<str>,
+    ) -> Result<(), StorageError> {
+        let mut map = self.map();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+        if entry.live_text.last().is_some_and(|last| last.seq >= seq) {
+            return Err(StorageError::OutOfOrder {
+                session: id.to_owned(),
+                seq,
+            });
+        }
+        entry.live_text.push(StoredEvent { seq, json: record });
+        Ok(())
+    }
+
+    async fn live_text_after(
+        &self,
+        id: &str,
+        after: u64,
+    ) -> Result<Vec<StoredEvent>, StorageError> {
+        let map = self.map();
+        let Some(entry) = map.get(id) else {
+            return Ok(Vec::new());
+        };
+        let start = entry.live_text.partition_point(|r| r.seq <= after);
+        Ok(entry.live_text[start..].to_vec())
+    }
+
+    async fn clear_live_text(&self, id: &str, upto: u64) -> Result<(), StorageError> {
+        if let Some(entry) = self.map().get_mut(id) {
+            let keep = entry.live_text.partition_point(|r| r.seq <= upto);
+            entry.live_text.drain(..keep);
+            // A long run's records are dead weight once it ended; an idle session holds none.
+            entry.live_text.shrink_to_fit();
+        }
+        Ok(())
     }
 }

@@ -156,6 +156,26 @@ pub trait Storage: Send + Sync {
     /// The highest `seq` the session has stored or reserved (0 when none), so numbering
     /// continues after a restart.
     async fn last_seq(&self, id: &str) -> Result<u64, StorageError>;
+
+    /// Keeps one record of the live run's streamed text, covering its streaming deltas up to
+    /// `seq`; `seq` must be above every record kept for the session. Deltas are not events and
+    /// never enter the log, but what a client was shown of them must survive a crash: the
+    /// records are read back only to turn a crashed run's text into history (`live_text.rs`
+    /// owns their content; storage keeps them as opaque JSON).
+    async fn append_live_text(
+        &self,
+        id: &str,
+        seq: u64,
+        record: Arc<str>,
+    ) -> Result<(), StorageError>;
+
+    /// The live-text records with `seq > after`, in order (none for an unknown session).
+    async fn live_text_after(&self, id: &str, after: u64)
+    -> Result<Vec<StoredEvent>, StorageError>;
+
+    /// Drops the live-text records with `seq <= upto`: their run has ended in the log, so they
+    /// will never be needed.
+    async fn clear_live_text(&self, id: &str, upto: u64) -> Result<(), StorageError>;
 }
 
 /// Storage as the rest of the supervisor holds it.
@@ -315,6 +335,71 @@ mod conformance {
         );
     }
 
+    fn live(n: u64) -> Arc<str> {
+        format!("[{{\"kind\":\"text\",\"messageId\":\"m\",\"text\":\"piece {n}\"}}]").into()
+    }
+
+    async fn live_seqs(store: &dyn Storage, id: &str, after: u64) -> Vec<u64> {
+        store
+            .live_text_after(id, after)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    }
+
+    async fn live_text(store: &dyn Storage) {
+        store.create_session(info("l", 1)).await.unwrap();
+        assert!(live_seqs(store, "l", 0).await.is_empty());
+        store.append_event("l", 1, event(1), 2).await.unwrap();
+        for seq in [3, 4, 8] {
+            store.append_live_text("l", seq, live(seq)).await.unwrap();
+        }
+        assert!(matches!(
+            store.append_live_text("l", 8, live(8)).await,
+            Err(StorageError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            store.append_live_text("nope", 9, live(9)).await,
+            Err(StorageError::NotFound(_))
+        ));
+        assert_eq!(live_seqs(store, "l", 0).await, [3, 4, 8]);
+        assert_eq!(live_seqs(store, "l", 3).await, [4, 8]);
+        let records = store.live_text_after("l", 7).await.unwrap();
+        assert_eq!(&*records[0].json, &*live(8), "records come back byte for byte");
+        assert_eq!(
+            seqs(store, "l", 0, 10).await,
+            [1],
+            "live text is not part of the event log"
+        );
+        assert_eq!(
+            store.session("l").await.unwrap().unwrap().updated_at,
+            2,
+            "live text does not bump updatedAt"
+        );
+        assert!(store.live_text_after("nope", 0).await.unwrap().is_empty());
+
+        store.clear_live_text("l", 4).await.unwrap();
+        assert_eq!(live_seqs(store, "l", 0).await, [8]);
+        store.append_live_text("l", 9, live(9)).await.unwrap();
+        store.clear_live_text("l", 9).await.unwrap();
+        assert!(live_seqs(store, "l", 0).await.is_empty());
+        store.clear_live_text("l", 9).await.unwrap();
+        store.clear_live_text("nope", 9).await.unwrap();
+        store.append_live_text("l", 12, live(12)).await.unwrap();
+        assert_eq!(live_seqs(store, "l", 0).await, [12]);
+
+        assert!(store.delete_session("l").await.unwrap());
+        assert!(live_seqs(store, "l", 0).await.is_empty());
+        store.create_session(info("l", 2)).await.unwrap();
+        assert!(
+            live_seqs(store, "l", 0).await.is_empty(),
+            "a new session with an old id starts without live text"
+        );
+        store.append_live_text("l", 1, live(1)).await.unwrap();
+    }
+
     async fn concurrent_writers(store: Arc<dyn Storage>) {
         let sessions = 8u64;
         let per_session = 50u64;
@@ -365,6 +450,7 @@ mod conformance {
                             .unwrap();
                     }
                     store.reserve_seq("r", 50).await.unwrap();
+                    store.append_live_text("r", 7, live(7)).await.unwrap();
                 }
                 let store: Arc<dyn Storage> = ($open)(dir.path());
                 let record = store.session("r").await.unwrap().unwrap();
@@ -378,6 +464,13 @@ mod conformance {
                 assert_eq!(seqs(&*store, "r", 0, 10).await, [1, 2, 3]);
                 store.append_event("r", 51, event(51), 20).await.unwrap();
                 assert_eq!(seqs(&*store, "r", 3, 10).await, [51]);
+                assert_eq!(
+                    live_seqs(&*store, "r", 0).await,
+                    [7],
+                    "live text survives"
+                );
+                store.append_live_text("r", 52, live(52)).await.unwrap();
+                assert_eq!(live_seqs(&*store, "r", 0).await, [7, 52]);
             }
         };
     }
@@ -399,6 +492,13 @@ mod conformance {
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::events(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn live_text() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::live_text(&*store).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

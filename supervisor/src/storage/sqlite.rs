@@ -41,6 +41,17 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 ";
 
+/// Added to schema version 1 without bumping it: a server that does not know the table never
+/// reads it, and an older binary can still open the database.
+const LIVE_TEXT_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS liveText (
+    sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (sessionId, seq)
+) WITHOUT ROWID;
+";
+
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 enum Write {
@@ -60,6 +71,17 @@ enum Write {
         reply: Reply<()>,
     },
     Reserve {
+        id: String,
+        upto: u64,
+        reply: Reply<()>,
+    },
+    LiveText {
+        id: String,
+        seq: u64,
+        record: Arc<str>,
+        reply: Reply<()>,
+    },
+    ClearLiveText {
         id: String,
         upto: u64,
         reply: Reply<()>,
@@ -155,6 +177,8 @@ fn migrate(conn: &Connection) -> Result<(), StorageError> {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(StorageError::sqlite)?;
     }
+    conn.execute_batch(LIVE_TEXT_SCHEMA)
+        .map_err(StorageError::sqlite)?;
     Ok(())
 }
 
@@ -265,6 +289,19 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
                 }
             }),
         ),
+        Write::LiveText {
+            id,
+            seq,
+            record,
+            reply,
+        } => Outcome::Unit(reply, append_live_text(conn, &id, seq, &record)),
+        Write::ClearLiveText { id, upto, reply } => Outcome::Unit(
+            reply,
+            conn.prepare_cached("DELETE FROM liveText WHERE sessionId = ?1 AND seq <= ?2")
+                .and_then(|mut statement| statement.execute(params![id, upto as i64]))
+                .map(drop)
+                .map_err(StorageError::sqlite),
+        ),
     }
 }
 
@@ -334,6 +371,34 @@ fn append(conn: &Connection, id: &str, seq: u64, json: &str, now: u64) -> Result
         params![id, seq as i64, now as i64, json],
     )
     .map_err(StorageError::sqlite)?;
+    Ok(())
+}
+
+fn append_live_text(
+    conn: &Connection,
+    id: &str,
+    seq: u64,
+    record: &str,
+) -> Result<(), StorageError> {
+    let last: Option<i64> = conn
+        .prepare_cached("SELECT MAX(seq) FROM liveText WHERE sessionId = ?1")
+        .and_then(|mut statement| statement.query_row([id], |r| r.get(0)))
+        .map_err(StorageError::sqlite)?;
+    if last.is_some_and(|last| last as u64 >= seq) {
+        return Err(StorageError::OutOfOrder {
+            session: id.to_owned(),
+            seq,
+        });
+    }
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO liveText (sessionId, seq, record) SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?1)",
+        )
+        .and_then(|mut statement| statement.execute(params![id, seq as i64, record]))
+        .map_err(StorageError::sqlite)?;
+    if inserted == 0 {
+        return Err(StorageError::NotFound(id.to_owned()));
+    }
     Ok(())
 }
 
@@ -477,5 +542,53 @@ impl Storage for SqliteStorage {
             .map_err(StorageError::sqlite)
         })
         .await
+    }
+
+    async fn append_live_text(
+        &self,
+        id: &str,
+        seq: u64,
+        record: Arc<str>,
+    ) -> Result<(), StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::LiveText {
+            id,
+            seq,
+            record,
+            reply,
+        })
+        .await
+    }
+
+    async fn live_text_after(
+        &self,
+        id: &str,
+        after: u64,
+    ) -> Result<Vec<StoredEvent>, StorageError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT seq, record FROM liveText WHERE sessionId = ?1 AND seq > ?2 ORDER BY seq",
+                )
+                .map_err(StorageError::sqlite)?;
+            let rows = statement
+                .query_map(params![id, after as i64], |row| {
+                    Ok(StoredEvent {
+                        seq: row.get::<_, i64>(0)? as u64,
+                        json: row.get::<_, String>(1)?.into(),
+                    })
+                })
+                .map_err(StorageError::sqlite)?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn clear_live_text(&self, id: &str, upto: u64) -> Result<(), StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::ClearLiveText { id, upto, reply })
+            .await
     }
 }
