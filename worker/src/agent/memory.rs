@@ -32,6 +32,25 @@ const IMAGE_TOKENS: u64 = 1000;
 
 const IMAGE_OMITTED: &str = "[Image omitted to conserve context]";
 
+/// The `finishReason` the supervisor gives an answer a crash cut short, stored with what had
+/// streamed of it.
+const INTERRUPTED: &str = "interrupted";
+
+/// The tool calls of an answer a crash cut short: their arguments stopped wherever streaming
+/// did, so those that are not JSON yet go to the model as `{}`, which every provider accepts.
+fn with_complete_arguments(calls: &[ToolCall]) -> Vec<ToolCall> {
+    calls
+        .iter()
+        .cloned()
+        .map(|mut call| {
+            if serde_json::from_str::<serde::de::IgnoredAny>(&call.function.arguments).is_err() {
+                call.function.arguments = "{}".into();
+            }
+            call
+        })
+        .collect()
+}
+
 /// The system prompt of agent.md §1.11 (without the clock line: the request must be
 /// reproducible for a given history).
 fn system_prompt(settings: &AgentSettings) -> String {
@@ -218,9 +237,11 @@ impl Converter<'_> {
                 content,
                 tool_calls,
                 message_id,
+                finish_reason,
                 ..
             } => {
                 let calls = tool_calls.as_deref().unwrap_or_default();
+                let interrupted = finish_reason.as_deref() == Some(INTERRUPTED);
                 let mut message = Map::new();
                 message.insert("role".into(), json!("assistant"));
                 if calls.is_empty() {
@@ -232,7 +253,12 @@ impl Converter<'_> {
                         json!(content)
                     };
                     message.insert("content".into(), text);
-                    message.insert("tool_calls".into(), json!(calls));
+                    let calls = if interrupted {
+                        json!(with_complete_arguments(calls))
+                    } else {
+                        json!(calls)
+                    };
+                    message.insert("tool_calls".into(), calls);
                 }
                 if let Some(reasoning) = message_id.as_deref().and_then(|id| self.reasoning.get(id))
                 {
@@ -643,6 +669,32 @@ mod tests {
                 .contains("no result was recorded")
         );
         assert_eq!(messages[4]["content"], "again");
+    }
+
+    #[test]
+    fn an_interrupted_call_goes_to_the_model_with_valid_arguments() {
+        let mut cut = call("c1");
+        cut.function.arguments = "{\"path\": \"no".into();
+        let mut whole = call("c2");
+        whole.function.arguments = "{\"path\":\"a\"}".into();
+        let mut interrupted = assistant("half", Some(vec![cut.clone(), whole]));
+        if let EventBody::AssistantMessage { finish_reason, .. } = &mut interrupted.body {
+            *finish_reason = Some(INTERRUPTED.into());
+        }
+        let history = vec![user(json!("go")), interrupted, user(json!("again"))];
+        let messages = build(&history);
+        assert_eq!(messages[2]["content"], "half");
+        let calls = &messages[2]["tool_calls"];
+        assert_eq!(calls[0]["function"]["arguments"], "{}");
+        assert_eq!(calls[1]["function"]["arguments"], "{\"path\":\"a\"}");
+        assert_eq!((messages[3]["role"].clone(), messages[4]["role"].clone()), (json!("tool"), json!("tool")));
+
+        // A completed answer keeps what the model wrote, valid or not.
+        let history = vec![user(json!("go")), assistant("", Some(vec![cut]))];
+        assert_eq!(
+            build(&history)[2]["tool_calls"][0]["function"]["arguments"],
+            "{\"path\": \"no"
+        );
     }
 
     #[test]
