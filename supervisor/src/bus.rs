@@ -57,15 +57,25 @@ impl Bus {
     /// Adds an event (its `seq` is assigned by the session's single publisher) and wakes
     /// followers.
     pub fn publish(&self, event: BusEvent) {
-        let seq = event.seq;
+        self.publish_all(std::iter::once(event));
+    }
+
+    /// Adds events in order and wakes followers once for all of them.
+    pub fn publish_all(&self, events: impl IntoIterator<Item = BusEvent>) {
+        let mut latest = None;
         {
             let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-            if ring.len() == RING_CAPACITY {
-                ring.pop_front();
+            for event in events {
+                if ring.len() == RING_CAPACITY {
+                    ring.pop_front();
+                }
+                latest = Some(event.seq);
+                ring.push_back(event);
             }
-            ring.push_back(event);
         }
-        self.latest.send_replace(seq);
+        if let Some(seq) = latest {
+            self.latest.send_replace(seq);
+        }
     }
 
     /// A cursor positioned after `after`.

@@ -4,7 +4,8 @@
 //! - [`server`]: runtime, listener and orderly shutdown.
 //! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing, Socket.IO.
 //! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
-//! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends.
+//! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends;
+//!   `live_text`: streamed text kept durable before followers see it, and recovered after a crash.
 //! - `workers`: spawning, handshaking with and supervising one worker process per session.
 //! - `gateway`: model calls on behalf of workers (they hold no keys and no network);
 //!   `catalogue`: the configured models, resolved with their keys; `agio`: AGIO export.
@@ -26,6 +27,7 @@ pub mod error;
 mod gateway;
 pub mod import;
 pub mod isolation;
+mod live_text;
 mod metrics;
 mod ops;
 pub mod server;

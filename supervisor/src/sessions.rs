@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use serde::Deserialize;
 use serde_json::Value;
-use shared::events::{Event, EventBody, RunStatus, SystemLevel, is_streaming_type};
+use shared::events::{Event, EventBody, RunStatus, SystemLevel};
 use shared::ids::now_ms;
 use shared::protocol::{Query, ToWorker};
 use tokio::sync::oneshot;
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusEvent, Cursor, Lagged};
 use crate::error::ApiError;
+use crate::live_text;
 use crate::metrics::METRICS;
 use crate::state::AppState;
 use crate::storage::{SharedStorage, StorageError};
@@ -191,10 +192,16 @@ impl Activity {
 }
 
 /// A session's sequence numbers: the last one handed out, and how far storage has promised
-/// that none will be reused.
+/// that none will be reused; and the streamed text of its running run (see `live_text`).
 struct Numbering {
     last: u64,
     reserved: u64,
+    /// Deltas numbered but not yet shown: their text is stored first.
+    staged: live_text::Staged,
+    /// The seq of the running run's `agent_run_start`: its live text is what comes after.
+    run_start: Option<u64>,
+    /// Live text of the running run was stored; it is dropped when the run ends.
+    live_text_stored: bool,
 }
 
 /// Why an event from a worker was not published.
@@ -229,6 +236,9 @@ impl Session {
             publisher: tokio::sync::Mutex::new(Numbering {
                 last: last_seq,
                 reserved: last_seq,
+                staged: live_text::Staged::default(),
+                run_start: None,
+                live_text_stored: false,
             }),
             inner: tokio::sync::Mutex::new(Inner {
                 worker: None,
@@ -426,7 +436,9 @@ impl Session {
             .map(|r| r.run_id.clone())
     }
 
-    /// Numbers, stores and fans out one event from the worker.
+    /// Numbers, stores and fans out one event from the worker. A streaming delta is only staged:
+    /// followers get it once its text is stored (see `live_text`), at the latest before the next
+    /// stored event.
     ///
     /// # Errors
     /// An invalid event, an event outside any run, or a storage failure; the event is then
@@ -435,21 +447,52 @@ impl Session {
         if !json.starts_with('{') {
             return Err(PublishError::Invalid("not a JSON object".into()));
         }
-        let kind = serde_json::from_str::<EventHead<'_>>(&json)
-            .map_err(|e| PublishError::Invalid(e.to_string()))?
-            .kind
-            .into_owned();
-        let mut last_seq = self.publisher.lock().await;
+        let invalid = |e: serde_json::Error| PublishError::Invalid(e.to_string());
+        let head = live_text::EventHead::parse(&json).map_err(invalid)?;
+        let delta = if head.is_delta() {
+            Some(head.delta().map_err(invalid)?)
+        } else {
+            None
+        };
+        let kind = head.kind.into_owned();
+        let mut numbering = self.publisher.lock().await;
         if self.inner.lock().await.run.is_none() {
             return Err(PublishError::NoRun);
         }
+        if let Some(delta) = delta {
+            let seq = self.next_seq(&mut numbering, &state.storage).await?;
+            numbering.last = seq;
+            if let Some(delta) = &delta {
+                numbering.staged.add_text(delta);
+            }
+            drop(delta);
+            let json: Arc<str> = json.into();
+            if let Some(agio) = &state.agio {
+                agio.observe(&self.id, &kind, &json);
+            }
+            numbering.staged.hold(BusEvent {
+                seq,
+                json,
+                ends_run: false,
+            });
+            if numbering.staged.len() >= live_text::MAX_STAGED {
+                self.flush(&mut numbering, &state.storage).await;
+            }
+            return Ok(());
+        }
+        // Followers get the deltas before the event that follows them.
+        self.flush(&mut numbering, &state.storage).await;
+        let ends_run = kind == "agent_run_end";
         let event = self
-            .record(&mut last_seq, &state.storage, json.into(), &kind)
+            .record(&mut numbering, &state.storage, json.into(), ends_run)
             .await?;
+        if kind == "agent_run_start" {
+            numbering.run_start = Some(event.seq);
+        }
         if let Some(agio) = &state.agio {
             agio.observe(&self.id, &kind, &event.json);
         }
-        let ends_run = event.ends_run;
+        let end_seq = event.seq;
         if ends_run {
             let status = serde_json::from_str::<RunEndStatus>(&event.json)
                 .map_or(RunStatus::Error, |e| e.status);
@@ -458,19 +501,52 @@ impl Session {
         self.bus.publish(event);
         if ends_run {
             self.bus.trim(RING_KEEP_AFTER_RUN);
+            numbering.run_start = None;
+            if std::mem::take(&mut numbering.live_text_stored) {
+                // The run is closed in the log, so its live text will never be read: a failure
+                // here only leaves records behind that recovery ignores.
+                if let Err(e) = state.storage.clear_live_text(&self.id, end_seq).await {
+                    tracing::warn!(session_id = %self.id, error = %e, "could not drop the live text of an ended run");
+                }
+            }
         }
         Ok(())
     }
 
-    /// Gives `json` the next `seq` and stores it unless it is a streaming delta. The caller holds
-    /// the publisher lock (`last_seq`) and hands the returned event to the bus.
-    async fn record(
+    /// Writes the text of the staged deltas, then shows them to followers. Deltas whose text
+    /// could not be stored are dropped, never shown: a follower must not see what a crash would
+    /// take away. (Their seqs stay unused, as those of missed deltas may.)
+    async fn flush(&self, numbering: &mut Numbering, storage: &SharedStorage) {
+        let Some(batch) = numbering.staged.take() else {
+            return;
+        };
+        if let Some(record) = batch.record {
+            if let Err(e) = storage
+                .append_live_text(&self.id, batch.upto, record)
+                .await
+            {
+                tracing::warn!(session_id = %self.id, error = %e, deltas = batch.events.len(), "streamed text could not be stored; its deltas are dropped");
+                return;
+            }
+            numbering.live_text_stored = true;
+        }
+        self.bus.publish_all(batch.events);
+    }
+
+    /// Shows the staged deltas once their text is stored. The worker's connection calls this
+    /// whenever it has no further frame queued, so a burst of deltas costs one write.
+    pub async fn flush_deltas(&self, storage: &SharedStorage) {
+        let mut numbering = self.publisher.lock().await;
+        self.flush(&mut numbering, storage).await;
+    }
+
+    /// The next sequence number (not yet taken: the caller sets `last`), reserving a block in
+    /// storage when the reservation is used up.
+    async fn next_seq(
         &self,
         numbering: &mut Numbering,
         storage: &SharedStorage,
-        json: Arc<str>,
-        kind: &str,
-    ) -> Result<BusEvent, StorageError> {
+    ) -> Result<u64, StorageError> {
         let seq = numbering.last + 1;
         METRICS.events_published.inc();
         if seq > numbering.reserved {
@@ -478,59 +554,100 @@ impl Session {
             storage.reserve_seq(&self.id, upto).await?;
             numbering.reserved = upto;
         }
-        if !is_streaming_type(kind) {
-            storage
-                .append_event(&self.id, seq, json.clone(), now_ms())
-                .await?;
-            METRICS.events_stored.inc();
-        }
+        Ok(seq)
+    }
+
+    /// Gives a stored event the next `seq` and stores it. The caller holds the publisher lock
+    /// (`numbering`) and hands the returned event to the bus.
+    async fn record(
+        &self,
+        numbering: &mut Numbering,
+        storage: &SharedStorage,
+        json: Arc<str>,
+        ends_run: bool,
+    ) -> Result<BusEvent, StorageError> {
+        let seq = self.next_seq(numbering, storage).await?;
+        storage
+            .append_event(&self.id, seq, json.clone(), now_ms())
+            .await?;
+        METRICS.events_stored.inc();
         numbering.last = seq;
         Ok(BusEvent {
             seq,
             json,
-            ends_run: kind == "agent_run_end",
+            ends_run,
         })
     }
 
     /// A run whose `agent_run_start` has no `agent_run_end` in the log was cut short by a crash
     /// of the server. It is closed the way a crashed worker's run is, so the log stays
-    /// well-bracketed and the model context stays valid.
+    /// well-bracketed and the model context stays valid; what it had streamed becomes history
+    /// first.
     async fn close_interrupted_run(&self, storage: &SharedStorage) -> Result<(), StorageError> {
-        let mut last_seq = self.publisher.lock().await;
-        let mut open: Option<(u64, u32)> = None;
-        for event in storage.events_after(&self.id, 0, usize::MAX).await? {
+        let mut numbering = self.publisher.lock().await;
+        let events = storage.events_after(&self.id, 0, usize::MAX).await?;
+        // (index and seq of its agent_run_start, its timestamp, iterations so far)
+        let mut open: Option<(usize, u64, u64, u32)> = None;
+        for (index, event) in events.iter().enumerate() {
             let Ok(head) = serde_json::from_str::<EventHeadTimed<'_>>(&event.json) else {
                 continue;
             };
             match head.kind.as_ref() {
-                "agent_run_start" => open = Some((head.timestamp, 0)),
+                "agent_run_start" => open = Some((index, event.seq, head.timestamp, 0)),
                 "agent_run_end" => open = None,
                 "assistant_message" => {
-                    if let Some((_, iterations)) = open.as_mut() {
+                    if let Some((.., iterations)) = open.as_mut() {
                         *iterations += 1;
                     }
                 }
                 _ => {}
             }
         }
-        let Some((started, iterations)) = open else {
+        let Some((index, start_seq, started, mut iterations)) = open else {
             return Ok(());
         };
         tracing::warn!(session_id = %self.id, "closing a run the server stopped in the middle of");
+        let records = storage.live_text_after(&self.id, start_seq).await?;
+        let mut history = live_text::interrupted_events(&events[index + 1..], &records);
+        iterations += history
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::AssistantMessage { .. }))
+            .count() as u32;
         let elapsed = Duration::from_millis(now_ms().saturating_sub(started));
-        for event in closing_events(
+        history.extend(closing_events(
             &self.id,
             "the server stopped during the run",
             iterations,
             elapsed,
-        ) {
-            let kind = if matches!(event.body, EventBody::AgentRunEnd { .. }) {
-                "agent_run_end"
-            } else {
-                "system"
-            };
+        ));
+        let mut end_seq = numbering.last;
+        for event in history {
+            let ends_run = matches!(event.body, EventBody::AgentRunEnd { .. });
             let recorded = self
-                .record(&mut last_seq, storage, event.to_json().into(), kind)
+                .record(&mut numbering, storage, event.to_json().into(), ends_run)
+                .await?;
+            end_seq = recorded.seq;
+            self.bus.publish(recorded);
+        }
+        if !records.is_empty() {
+            storage.clear_live_text(&self.id, end_seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Turns what a lost run streamed, and no final event superseded, into history: it goes
+    /// into the log before the run's closing events.
+    async fn record_interrupted_text(&self, storage: &SharedStorage) -> Result<(), StorageError> {
+        let mut numbering = self.publisher.lock().await;
+        self.flush(&mut numbering, storage).await;
+        let Some(start) = numbering.run_start.filter(|_| numbering.live_text_stored) else {
+            return Ok(());
+        };
+        let records = storage.live_text_after(&self.id, start).await?;
+        let run = storage.events_after(&self.id, start, usize::MAX).await?;
+        for event in live_text::interrupted_events(&run, &records) {
+            let recorded = self
+                .record(&mut numbering, storage, event.to_json().into(), false)
                 .await?;
             self.bus.publish(recorded);
         }
@@ -600,6 +717,9 @@ impl Session {
             return;
         };
         tracing::warn!(session_id = %self.id, %reason, "worker exited during a run");
+        if let Err(e) = self.record_interrupted_text(&state.storage).await {
+            tracing::warn!(session_id = %self.id, error = %e, "could not record the streamed text of the lost run");
+        }
         let reason = format!("worker process exited unexpectedly: {reason}");
         for event in closing_events(&self.id, &reason, iterations, elapsed) {
             if let Err(e) = self.publish(state, event.to_json()).await {

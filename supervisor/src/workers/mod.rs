@@ -374,6 +374,11 @@ impl Connection {
                             let _ = child.start_kill();
                             break format!("protocol violation: {violation}");
                         }
+                        // Deltas reach followers once their text is stored: write when the
+                        // worker has nothing more queued, so a burst costs one write.
+                        if frames.is_empty() {
+                            self.session.flush_deltas(&self.state.storage).await;
+                        }
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "bad frame; killing the worker");
