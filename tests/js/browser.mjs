@@ -3,6 +3,7 @@
 //   node browser.mjs official <baseUrl> <artifactsDir>
 //   node browser.mjs builtin  <baseUrl> <artifactsDir>
 //   node browser.mjs replay   <htmlFile> <artifactsDir> <name> <text>...
+//   node browser.mjs interrupted <baseUrl> <artifactsDir> <serverPid>
 //
 // Each scenario prints one JSON report as its last line; the Rust tests (tests/tests/browser.rs,
 // tests/tests/share.rs) assert on it. Screenshots go to <artifactsDir>/<scenario>-*.png.
@@ -264,7 +265,70 @@ async function replay() {
   return report;
 }
 
-const scenarios = { official, builtin, replay };
+/** The longest `t0 t1 ... tN` (the echo model's `SLOW` answer) the page shows, and how many
+ * times the page shows one. */
+async function slowAnswer(page) {
+  return page.evaluate(() => {
+    const found = document.body.innerText.match(/\bt0( t\d+)*/g) || [];
+    return {
+      text: found.reduce((a, b) => (b.length > a.length ? b : a), ''),
+      occurrences: found.length,
+    };
+  });
+}
+
+/** Polls the server until it answers (again). */
+async function waitForServer(base) {
+  const deadline = Date.now() + LIMIT_MS;
+  while (Date.now() < deadline) {
+    try {
+      const response = await fetch(`${base}/api/v1/sessions`);
+      if (response.ok) return;
+    } catch { /* not listening yet */ }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error(`${base} did not come back`);
+}
+
+/** The official UI streams an answer; the server is killed (SIGKILL) in the middle and a new
+ * one takes over on the same port (the Rust test starts it); then the page is reloaded. */
+async function interrupted() {
+  const [pid] = rest;
+  const { page, close } = await launch();
+  const errors = [];
+  page.on('pageerror', (error) => errors.push(String(error)));
+  await page.goto(`${target}/`);
+  await page.locator('textarea').first().fill('SLOW 200');
+  await page.keyboard.press('Control+Enter');
+  await page.waitForURL(/\/[A-Za-z0-9_-]{21}$/);
+  const sessionId = new URL(page.url()).pathname.slice(1);
+  await page.getByText(/t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12/).first().waitFor();
+  const before = await slowAnswer(page);
+  process.kill(Number(pid), 'SIGKILL');
+  await waitForServer(target);
+  // Losing its server, the UI leaves the session for its home page; the user comes back to the
+  // session's address (a reload of the session page).
+  const urlAfterCrash = page.url();
+  // Its failed requests while the server was down are not what this checks.
+  errors.length = 0;
+  await page.goto(`${target}/${sessionId}`);
+  await page.getByText('The server stopped during the run').first().waitFor();
+  await page.getByText(/t0 t1 t2/).first().waitFor();
+  await page.waitForFunction((stop) => !document.querySelector(stop), OFFICIAL_STOP);
+  await shot(page, 'official-interrupted');
+  const report = {
+    sessionId,
+    before,
+    after: await slowAnswer(page),
+    notes: await page.getByText('The server stopped during the run').count(),
+    urlAfterCrash,
+    pageErrors: errors,
+  };
+  await close();
+  return report;
+}
+
+const scenarios = { official, builtin, replay, interrupted };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

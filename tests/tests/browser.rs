@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result, ensure};
 use e2e::clients::{Needs, arg, artifacts_dir, available, official_ui_dir, run_node};
-use e2e::{Server, ServerOpts, event_types};
+use e2e::{LONG, Server, ServerOpts, event_types, free_port};
 use serde_json::Value;
 
 /// The count of `kind` frames in one query stream the page read.
@@ -243,4 +243,88 @@ async fn builtin_ui_chat_history_sessions_share_and_workers() -> Result<()> {
         "builtin-replay",
         "builtin-workers",
     ])
+}
+
+/// The official UI streams an answer; the server dies (`kill -9`) in the middle and a new one
+/// takes over the store and the port; reloaded, the page shows the partial answer once (the
+/// stored `assistant_message` carries the deltas' `messageId`), with the error that says why it
+/// stops there. The official UI has no mark of its own for `finishReason: "interrupted"`: that
+/// error message is what marks the answer as cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_ui_shows_an_answer_cut_by_kill9_once_after_reload() -> Result<()> {
+    if !available(Needs::OfficialUi)? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?.to_string();
+    let opts = || -> Result<ServerOpts> {
+        Ok(ServerOpts::new()
+            .without_port_flag()
+            .without_workspace_flag()
+            .arg("--port")
+            .arg(port.as_str())
+            .arg("--webui-static-path")
+            .arg(arg(&official_ui_dir())?)
+            .arg("--workspace")
+            .arg(arg(&dir.path().join("ws"))?)
+            .arg("--storage-type")
+            .arg("sqlite")
+            .arg("--storage-path")
+            .arg(arg(&dir.path().join("sessions.db"))?))
+    };
+    let mut first = Server::start(opts()?).await?;
+    let script_args = vec![
+        "interrupted".to_owned(),
+        first.base_url().to_owned(),
+        arg(&artifacts_dir()?)?,
+        first.pid().to_string(),
+    ];
+    let page = tokio::spawn(async move {
+        let args: Vec<&str> = script_args.iter().map(String::as_str).collect();
+        run_node("browser.mjs", &args).await
+    });
+    // The page kills the server once it shows part of the answer.
+    first
+        .wait_exit(e2e::clients::SCRIPT_TIMEOUT)
+        .await
+        .context("the page never killed the server")?;
+    drop(first);
+    let second = Server::start(opts()?).await?;
+    let report = page.await??;
+    ensure!(
+        report["pageErrors"].as_array().is_some_and(Vec::is_empty),
+        "{report}"
+    );
+    let before = report["before"]["text"].as_str().unwrap_or_default();
+    let after = &report["after"];
+    ensure!(
+        before.split(' ').count() >= 13,
+        "the page showed {before:?} before the crash"
+    );
+    ensure!(
+        after["occurrences"] == 1,
+        "the answer is shown {} times after reload: {report}",
+        after["occurrences"]
+    );
+    let shown = after["text"].as_str().unwrap_or_default();
+    ensure!(
+        shown.starts_with(before),
+        "shown before {before:?}, after {shown:?}"
+    );
+    ensure!(report["notes"].as_u64() >= Some(1), "{report}");
+    let sid = report["sessionId"].as_str().context("sessionId")?;
+    let events = second.events(sid).await?;
+    let answer = events
+        .iter()
+        .find(|e| e["type"] == "assistant_message")
+        .context("no stored answer")?;
+    ensure!(
+        answer["finishReason"] == "interrupted" && answer["content"] == shown,
+        "stored {answer}, shown {shown:?}"
+    );
+    ensure!(
+        tokio::time::timeout(LONG, second.status(sid)).await??["isProcessing"] == false,
+        "the run is over"
+    );
+    ensure_screenshots(&["official-interrupted"])
 }

@@ -628,3 +628,472 @@ async fn an_upstream_database_is_not_opened_as_our_own() -> Result<()> {
     );
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// Streamed text through a crash: what a follower was shown of a run's answer, reasoning and
+// tool-call arguments is history after the crash, once, marked interrupted.
+// ------------------------------------------------------------------------------------------------
+
+/// What a follower was shown of one message, its deltas concatenated in arrival order.
+#[derive(Debug, Default)]
+struct Shown {
+    text: String,
+    thinking: String,
+    /// Tool-call id → (name, arguments).
+    calls: BTreeMap<String, (String, String)>,
+}
+
+/// The streamed text in `frames`, by `messageId`.
+fn shown(frames: &[Frame]) -> Result<BTreeMap<String, Shown>> {
+    let mut by_message: BTreeMap<String, Shown> = BTreeMap::new();
+    for frame in frames.iter().filter(|f| STREAMING.contains(&f.ty())) {
+        let message = frame.data["messageId"]
+            .as_str()
+            .with_context(|| format!("delta without messageId: {}", frame.data))?;
+        let entry = by_message.entry(message.to_owned()).or_default();
+        let text = |key: &str| frame.data[key].as_str().unwrap_or_default().to_owned();
+        match frame.ty() {
+            "assistant_streaming_message" => entry.text.push_str(&text("content")),
+            "assistant_streaming_thinking_message" => entry.thinking.push_str(&text("content")),
+            _ => {
+                let call = entry.calls.entry(text("toolCallId")).or_default();
+                if !text("toolName").is_empty() {
+                    call.0 = text("toolName");
+                }
+                call.1.push_str(&text("arguments"));
+            }
+        }
+    }
+    Ok(by_message)
+}
+
+/// Everything `shown` is in the history, once per message: one `assistant_message` (and at most
+/// one `assistant_thinking_message`) per `messageId`, holding at least what the follower saw.
+fn ensure_kept(shown: &BTreeMap<String, Shown>, history: &BTreeMap<u64, Value>) -> Result<()> {
+    for (message, seen) in shown {
+        let of = |kind: &str| -> Vec<&Value> {
+            history
+                .values()
+                .filter(|e| ty(e) == kind && e["messageId"] == message.as_str())
+                .collect()
+        };
+        let thoughts = of("assistant_thinking_message");
+        ensure!(
+            thoughts.len() <= 1,
+            "{message} has thinking twice: {thoughts:?}"
+        );
+        if !seen.thinking.is_empty() {
+            let thought = thoughts
+                .first()
+                .with_context(|| format!("the reasoning shown of {message} was lost"))?;
+            ensure!(
+                thought["content"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&seen.thinking)),
+                "shown {:?}, kept {thought}",
+                seen.thinking
+            );
+        }
+        let answers = of("assistant_message");
+        ensure!(
+            answers.len() <= 1,
+            "{message} is in the history twice: {answers:?}"
+        );
+        if seen.text.is_empty() && seen.calls.is_empty() {
+            continue;
+        }
+        let answer = answers
+            .first()
+            .with_context(|| format!("the text shown of {message} was lost"))?;
+        ensure!(
+            answer["content"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(&seen.text)),
+            "shown {:?}, kept {answer}",
+            seen.text
+        );
+        for (id, (name, arguments)) in &seen.calls {
+            let call = answer["toolCalls"]
+                .as_array()
+                .and_then(|calls| calls.iter().find(|c| c["id"] == id.as_str()))
+                .with_context(|| format!("tool call {id} was lost: {answer}"))?;
+            ensure!(
+                call["function"]["arguments"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(arguments.as_str()))
+                    && (name.is_empty() || call["function"]["name"] == name.as_str()),
+                "shown {name} {arguments:?}, kept {call}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The run's last stored events: what it streamed without a final form (`interrupted`), then
+/// the error `system` event and `agent_run_end`, in that order.
+fn ensure_closed_after(history: &BTreeMap<u64, Value>, interrupted: &[&str]) -> Result<()> {
+    let tail: Vec<&Value> = history
+        .values()
+        .rev()
+        .take(interrupted.len() + 2)
+        .rev()
+        .collect();
+    let kinds: Vec<&str> = tail.iter().map(|e| ty(e)).collect();
+    let mut want = interrupted.to_vec();
+    want.extend(["system", "agent_run_end"]);
+    ensure!(kinds == want, "the run ends with {kinds:?}, not {want:?}");
+    for event in &tail[..interrupted.len()] {
+        match ty(event) {
+            "assistant_message" => ensure!(event["finishReason"] == "interrupted", "{event}"),
+            _ => ensure!(event["isComplete"] == false, "{event}"),
+        }
+    }
+    let (error, end) = (tail[interrupted.len()], tail[interrupted.len() + 1]);
+    ensure!(error["level"] == "error", "{error}");
+    ensure!(end["status"] == "error", "{end}");
+    Ok(())
+}
+
+/// A client resuming from the seq of a `kind` delta it received (the last one, and one from the
+/// middle) gets exactly what it lacks.
+async fn ensure_resumes_exact(
+    server: &Server,
+    sid: &str,
+    frames: &[Frame],
+    kind: &str,
+    history: &BTreeMap<u64, Value>,
+) -> Result<()> {
+    let seqs: Vec<u64> = frames
+        .iter()
+        .filter(|f| f.ty() == kind)
+        .filter_map(|f| f.id)
+        .collect();
+    ensure!(!seqs.is_empty(), "no {kind} was received");
+    for from in [seqs[seqs.len() - 1], seqs[seqs.len() / 2]] {
+        ensure_resume_exact(server, sid, from, history)
+            .await
+            .with_context(|| format!("resuming after {from}"))?;
+    }
+    Ok(())
+}
+
+/// A client resuming after `last` gets every stored event after it, in order, once, and
+/// nothing it already had; what else it gets are deltas it had missed.
+async fn ensure_resume_exact(
+    server: &Server,
+    sid: &str,
+    last: u64,
+    history: &BTreeMap<u64, Value>,
+) -> Result<()> {
+    let path = format!("/api/v1/sessions/events/stream?sessionId={sid}&after={last}");
+    let mut resumed = server.get_sse(&path, &[]).await?;
+    resumed.expect_event_stream()?;
+    let frames = resumed.read_until_type("agent_run_end", LONG).await?;
+    let seqs = e2e::check_seq(&frames)?;
+    ensure!(
+        seqs.first().is_some_and(|first| *first > last),
+        "resumed after {last} with {seqs:?}"
+    );
+    let want: Vec<u64> = history.range(last + 1..).map(|(seq, _)| *seq).collect();
+    let got: Vec<u64> = frames
+        .iter()
+        .filter(|f| !STREAMING.contains(&f.ty()))
+        .filter_map(|f| f.id)
+        .collect();
+    ensure!(
+        got == want,
+        "resumed stored events {got:?}, stored {want:?}"
+    );
+    for frame in &frames {
+        let seq = frame.id.unwrap_or_default();
+        match history.get(&seq) {
+            Some(event) => ensure!(event["id"] == frame.data["id"], "seq {seq} differs"),
+            None => ensure!(
+                STREAMING.contains(&frame.ty()),
+                "seq {seq} is not stored: {frame:?}"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what is left of a stream whose server just died: frames already on their way still
+/// count as received.
+async fn drain_after_crash(stream: &mut e2e::SseStream, into: &mut Vec<Frame>) {
+    while let Ok(Some(frame)) = stream.next_frame(Duration::from_secs(2)).await {
+        into.push(frame);
+    }
+}
+
+/// How the crash happens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    /// `kill -9` of the supervisor, then a new one on the same store.
+    Server,
+    /// `kill -9` of the session's worker alone.
+    Worker,
+}
+
+/// Starts `query` in a session followed from `after=0`, crashes as `crash` says once the
+/// follower has been shown `deltas` deltas of type `kind`, and returns the server that carries
+/// on, the session, and every frame the follower received (for a worker crash, up to the run's
+/// end).
+async fn crash_mid_stream(
+    opts: impl Fn() -> ServerOpts,
+    crash: Crash,
+    query: &str,
+    kind: &str,
+    deltas: usize,
+) -> Result<(Server, String, Vec<Frame>)> {
+    let mut server = Server::start(opts()).await?;
+    let sid = server.create_session().await?;
+    server.query(&sid, "first turn").await?;
+    let path = format!("/api/v1/sessions/events/stream?sessionId={sid}&after=0");
+    let mut follower = server.get_sse(&path, &[]).await?;
+    follower.expect_event_stream()?;
+    let _query = server.stream(&sid, query).await?;
+    let mut count = 0;
+    let mut frames = follower
+        .read_until(LONG, |f| {
+            count += usize::from(f.ty() == kind);
+            count >= deltas
+        })
+        .await?;
+    match crash {
+        Crash::Server => {
+            server.kill9()?;
+            server
+                .wait_exit(LONG)
+                .await
+                .context("supervisor did not die")?;
+            drain_after_crash(&mut follower, &mut frames).await;
+            drop(server);
+            Ok((Server::start(opts()).await?, sid, frames))
+        }
+        Crash::Worker => {
+            let pid = server.wait_worker_pid(&sid).await?;
+            e2e::kill9_pid(pid)?;
+            frames.extend(follower.read_until_type("agent_run_end", LONG).await?);
+            Ok((server, sid, frames))
+        }
+    }
+}
+
+async fn kill9_keeps_the_streamed_answer(kind: &str, crash: Crash) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let opts = || {
+        if kind == "memory" {
+            ServerOpts::new()
+        } else {
+            durable(dir.path(), kind)
+        }
+    };
+    let (server, sid, frames) =
+        crash_mid_stream(opts, crash, "SLOW 200", "assistant_streaming_message", 30).await?;
+    let shown = shown(&frames)?;
+    ensure!(shown.len() == 1, "one answer streamed: {shown:?}");
+    let history = stored(&server, &sid).await?;
+    ensure_kept(&shown, &history)?;
+    ensure_closed_after(&history, &["assistant_message"])?;
+    let (message_id, seen) = shown
+        .iter()
+        .find(|(_, s)| s.text.starts_with("t0"))
+        .context("the SLOW answer was not shown")?;
+    ensure!(
+        seen.text.split(' ').count() >= 30,
+        "only {:?} was shown before the crash",
+        seen.text
+    );
+    let interrupted = history
+        .values()
+        .find(|e| ty(e) == "assistant_message" && e["messageId"] == message_id.as_str())
+        .context("no answer")?;
+    ensure!(
+        e2e::slow_text(200).starts_with(interrupted["content"].as_str().unwrap_or_default()),
+        "{interrupted}"
+    );
+    if crash == Crash::Worker {
+        // The follower stayed: it got the history form of the text live, equal to its deltas.
+        ensure!(
+            interrupted["content"] == seen.text.as_str(),
+            "shown {:?}, kept {interrupted}",
+            seen.text
+        );
+        let live = frames
+            .iter()
+            .find(|f| f.ty() == "assistant_message" && f.data["messageId"] == message_id.as_str())
+            .context("the follower did not get the interrupted answer")?;
+        ensure!(live.data["id"] == interrupted["id"]);
+    }
+    ensure_resumes_exact(
+        &server,
+        &sid,
+        &frames,
+        "assistant_streaming_message",
+        &history,
+    )
+    .await?;
+    // The conversation goes on, with the interrupted turn in it.
+    let recall = server.query(&sid, "RECALL").await?;
+    ensure!(
+        recall["content"] == "recall: first turn | SLOW 200",
+        "{recall}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_kill9_keeps_the_streamed_answer_as_interrupted_history() -> Result<()> {
+    kill9_keeps_the_streamed_answer("sqlite", Crash::Server).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_kill9_keeps_the_streamed_answer_as_interrupted_history() -> Result<()> {
+    kill9_keeps_the_streamed_answer("file", Crash::Server).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_kill9_keeps_the_streamed_answer_as_interrupted_history() -> Result<()> {
+    kill9_keeps_the_streamed_answer("memory", Crash::Worker).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_worker_kill9_keeps_the_streamed_answer_as_interrupted_history() -> Result<()> {
+    kill9_keeps_the_streamed_answer("sqlite", Crash::Worker).await
+}
+
+/// A model (the scripted fake) that reasons, says a few words, then calls a tool, one token
+/// every 40 ms; and the whole of the call's arguments.
+async fn slow_tool_call_model() -> Result<(e2e::fake_llm::FakeLlm, String)> {
+    let reasoning: Vec<String> = (0..40).map(|i| format!("r{i} ")).collect();
+    let arguments = json!({"path": "notes.md", "content": "x".repeat(200)}).to_string();
+    let script = json!({"scripts": {"slowcall": {"steps": [{
+        "reasoning": reasoning,
+        "text": ["I", " will", " write", " it", " down"],
+        "toolCalls": [{"name": "write_file", "arguments": arguments, "fragment": 4}],
+        "tokenDelayMs": 40,
+    }]}}});
+    Ok((
+        e2e::fake_llm::FakeLlm::start_with_scripts(&script).await?,
+        arguments,
+    ))
+}
+
+fn with_model(opts: ServerOpts, fake: &e2e::fake_llm::FakeLlm) -> ServerOpts {
+    opts.env("OPENAI_API_KEY", "sk-test")
+        .env("OPENAI_BASE_URL", fake.openai_base_url())
+        .env("MODEL_PROVIDER", "openai")
+        .env("MODEL_ID", "fake-model")
+}
+
+async fn kill9_keeps_streamed_reasoning_and_arguments(
+    kind: &str,
+    crash: Crash,
+    during: &str,
+) -> Result<()> {
+    let (fake, full_arguments) = slow_tool_call_model().await?;
+    let dir = tempfile::tempdir()?;
+    let opts = || {
+        let opts = if kind == "memory" {
+            ServerOpts::new()
+        } else {
+            durable(dir.path(), kind)
+        };
+        with_model(opts, &fake)
+    };
+    let (server, sid, frames) =
+        crash_mid_stream(opts, crash, "[[fake:slowcall]] take notes", during, 8).await?;
+    let shown = shown(&frames)?;
+    let history = stored(&server, &sid).await?;
+    ensure_kept(&shown, &history)?;
+    let cut = shown
+        .values()
+        .find(|s| !s.thinking.is_empty())
+        .context("no reasoning was shown")?;
+    if during == "assistant_streaming_thinking_message" {
+        ensure!(cut.text.is_empty() && cut.calls.is_empty(), "{cut:?}");
+        ensure_closed_after(&history, &["assistant_thinking_message"])?;
+    } else {
+        let (name, arguments) = cut.calls.values().next().context("no call was shown")?;
+        ensure!(
+            name == "write_file"
+                && !arguments.is_empty()
+                && full_arguments.starts_with(arguments.as_str()),
+            "{cut:?}"
+        );
+        ensure!(cut.text == "I will write it down", "{cut:?}");
+        // The reasoning was complete before the answer started: it is the worker's own event.
+        ensure_closed_after(&history, &["assistant_message"])?;
+        let answer = history
+            .values()
+            .rev()
+            .find(|e| ty(e) == "assistant_message")
+            .context("no answer")?;
+        ensure!(
+            history
+                .values()
+                .any(|e| ty(e) == "assistant_thinking_message"
+                    && e["isComplete"] == true
+                    && e["messageId"] == answer["messageId"]),
+            "{history:?}"
+        );
+        ensure!(
+            !history.values().any(|e| ty(e) == "tool_call"),
+            "the cut call never ran"
+        );
+    }
+    ensure_resumes_exact(&server, &sid, &frames, during, &history).await?;
+    // The next model call carries the interrupted turn, in a shape providers accept.
+    server.query(&sid, "go on").await?;
+    let request = fake.model_requests().pop().context("no model request")?;
+    let messages = request["body"]["messages"]
+        .as_array()
+        .context("messages")?
+        .clone();
+    let calling = messages
+        .iter()
+        .position(|m| m["role"] == "assistant" && m["tool_calls"].is_array());
+    if during == "assistant_streaming_tool_call" {
+        let at = calling.context("the interrupted call is not in the context")?;
+        let message = &messages[at];
+        ensure!(message["content"] == "I will write it down", "{message}");
+        ensure!(
+            message["tool_calls"][0]["function"]["arguments"] == "{}",
+            "arguments cut mid-JSON go to the model as {{}}: {message}"
+        );
+        ensure!(messages[at + 1]["role"] == "tool", "{messages:?}");
+    } else {
+        ensure!(calling.is_none(), "{messages:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_kill9_during_reasoning_keeps_it_as_incomplete_thinking() -> Result<()> {
+    kill9_keeps_streamed_reasoning_and_arguments(
+        "file",
+        Crash::Server,
+        "assistant_streaming_thinking_message",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_kill9_during_tool_arguments_keeps_the_call_as_streamed() -> Result<()> {
+    kill9_keeps_streamed_reasoning_and_arguments(
+        "sqlite",
+        Crash::Server,
+        "assistant_streaming_tool_call",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_kill9_during_tool_arguments_keeps_the_call_as_streamed() -> Result<()> {
+    kill9_keeps_streamed_reasoning_and_arguments(
+        "memory",
+        Crash::Worker,
+        "assistant_streaming_tool_call",
+    )
+    .await
+}
