@@ -521,10 +521,7 @@ impl Session {
             return;
         };
         if let Some(record) = batch.record {
-            if let Err(e) = storage
-                .append_live_text(&self.id, batch.upto, record)
-                .await
-            {
+            if let Err(e) = storage.append_live_text(&self.id, batch.upto, record).await {
                 tracing::warn!(session_id = %self.id, error = %e, deltas = batch.events.len(), "streamed text could not be stored; its deltas are dropped");
                 return;
             }

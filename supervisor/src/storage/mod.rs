@@ -367,7 +367,11 @@ mod conformance {
         assert_eq!(live_seqs(store, "l", 0).await, [3, 4, 8]);
         assert_eq!(live_seqs(store, "l", 3).await, [4, 8]);
         let records = store.live_text_after("l", 7).await.unwrap();
-        assert_eq!(&*records[0].json, &*live(8), "records come back byte for byte");
+        assert_eq!(
+            &*records[0].json,
+            &*live(8),
+            "records come back byte for byte"
+        );
         assert_eq!(
             seqs(store, "l", 0, 10).await,
             [1],
@@ -464,11 +468,7 @@ mod conformance {
                 assert_eq!(seqs(&*store, "r", 0, 10).await, [1, 2, 3]);
                 store.append_event("r", 51, event(51), 20).await.unwrap();
                 assert_eq!(seqs(&*store, "r", 3, 10).await, [51]);
-                assert_eq!(
-                    live_seqs(&*store, "r", 0).await,
-                    [7],
-                    "live text survives"
-                );
+                assert_eq!(live_seqs(&*store, "r", 0).await, [7], "live text survives");
                 store.append_live_text("r", 52, live(52)).await.unwrap();
                 assert_eq!(live_seqs(&*store, "r", 0).await, [7, 52]);
             }

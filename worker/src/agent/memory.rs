@@ -687,7 +687,10 @@ mod tests {
         let calls = &messages[2]["tool_calls"];
         assert_eq!(calls[0]["function"]["arguments"], "{}");
         assert_eq!(calls[1]["function"]["arguments"], "{\"path\":\"a\"}");
-        assert_eq!((messages[3]["role"].clone(), messages[4]["role"].clone()), (json!("tool"), json!("tool")));
+        assert_eq!(
+            (messages[3]["role"].clone(), messages[4]["role"].clone()),
+            (json!("tool"), json!("tool"))
+        );
 
         // A completed answer keeps what the model wrote, valid or not.
         let history = vec![user(json!("go")), assistant("", Some(vec![cut]))];
