@@ -108,6 +108,8 @@ pub struct Metrics {
     runs_error: Counter,
     pub events_published: Counter,
     pub events_stored: Counter,
+    /// Writes of streamed text: one per burst of deltas, before they are delivered.
+    pub live_text_writes: Counter,
     /// Followers that fell out of a session's ring and were replayed from storage.
     pub follower_lags: Counter,
     pub model_requests: Counter,
@@ -136,6 +138,7 @@ impl Metrics {
             runs_error: Counter::new(),
             events_published: Counter::new(),
             events_stored: Counter::new(),
+            live_text_writes: Counter::new(),
             follower_lags: Counter::new(),
             model_requests: Counter::new(),
             model_failures: Counter::new(),
@@ -260,6 +263,12 @@ pub async fn render(state: &AppState) -> String {
         "agent_events_stored_total",
         "Events written to storage.",
         m.events_stored.get(),
+    );
+    counter(
+        &mut out,
+        "agent_live_text_writes_total",
+        "Writes of streamed text (one per burst of deltas), each before its deltas are delivered.",
+        m.live_text_writes.get(),
     );
     counter(
         &mut out,

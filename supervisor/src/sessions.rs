@@ -525,6 +525,7 @@ impl Session {
                 tracing::warn!(session_id = %self.id, error = %e, deltas = batch.events.len(), "streamed text could not be stored; its deltas are dropped");
                 return;
             }
+            METRICS.live_text_writes.inc();
             numbering.live_text_stored = true;
         }
         self.bus.publish_all(batch.events);

@@ -184,6 +184,7 @@ async fn main() -> Result<()> {
         "worker_pss_kib_median": median_u64(&worker_pss),
         "sqlite_query_warm_session_ms": durable["sqlite_query_ms"],
         "sqlite_durable_cost_per_query_ms_p50": durable["durable_cost_ms_p50"],
+        "sqlite_sse_events_per_second_one_session": durable["sse_events_per_second_one_session"],
                 "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
         "sqlite_appends_per_second_8_writers": durable["appends_per_second"],
                 "restart_10000_sessions": restart,
@@ -413,6 +414,21 @@ async fn soak(binary: &Path) -> Result<Value> {
     }))
 }
 
+/// One counter of `GET /metrics` (0 when the server does not export it).
+async fn metric(client: &reqwest::Client, base: &str, name: &str) -> Result<f64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .next()
+        .unwrap_or(0.0))
+}
+
 async fn get_json(client: &reqwest::Client, url: String) -> Result<Value> {
     Ok(client.get(url).send().await?.json().await?)
 }
@@ -472,6 +488,26 @@ async fn durable_figures(binary: &Path, client: &reqwest::Client) -> Result<Valu
     let p50 = |d: &[Duration]| summary(d)["p50"].as_f64().unwrap_or(0.0);
     let cost = ((p50(&sqlite_ms) - p50(&memory_ms)) * 1000.0).round() / 1000.0;
 
+    // One session streaming as fast as it can to an SSE client on each store, interleaved; the
+    // median of three. On SQLite every delta's text is stored before the client gets it.
+    let mut memory_rates = Vec::new();
+    let mut sqlite_rates = Vec::new();
+    let writes_before = metric(client, &sqlite.base, "agent_live_text_writes_total").await?;
+    let mut sqlite_events = 0;
+    for _ in 0..3 {
+        for (base, session, rates) in [
+            (&memory.base, &memory_session, &mut memory_rates),
+            (&sqlite.base, &sqlite_session, &mut sqlite_rates),
+        ] {
+            let (events, elapsed) = flood(client, base, session, 100_000).await?;
+            rates.push((events as f64 / elapsed.as_secs_f64()).round() as u64);
+            if base == &sqlite.base {
+                sqlite_events += events;
+            }
+        }
+    }
+    let writes = metric(client, &sqlite.base, "agent_live_text_writes_total").await? - writes_before;
+
     // Throughput: 8 sessions, each running queries back to back; every query stores 4 events.
     let sessions = 8;
     let per_session = 50;
@@ -502,6 +538,9 @@ async fn durable_figures(binary: &Path, client: &reqwest::Client) -> Result<Valu
     Ok(json!({
         "sqlite_query_ms": summary(&sqlite_ms),
         "durable_cost_ms_p50": cost,
+        "sse_events_per_second_one_session": median_u64(&sqlite_rates),
+        "memory_sse_events_per_second_one_session": median_u64(&memory_rates),
+        "deltas_per_live_text_write": (sqlite_events as f64 / writes.max(1.0)).round(),
         "stored_events_per_second": stored_per_second.round(),
         "appends_per_second": sqlite_appends_per_second().await?,
     }))
@@ -746,6 +785,7 @@ fn print_table(report: &Value) {
     }
     for key in [
         "sqlite_durable_cost_per_query_ms_p50",
+        "sqlite_sse_events_per_second_one_session",
         "sqlite_stored_events_per_second_8_sessions",
         "sqlite_appends_per_second_8_writers",
         "sse_events_per_second_one_session",
