@@ -219,6 +219,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_arrives_whole_and_in_order() {
+        let bus = Bus::new(0);
+        let mut cursor = bus.follow_after(0);
+        bus.publish_all([ev(1), ev(2), ev(3)]);
+        bus.publish_all([]);
+        assert_eq!(bus.latest(), 3);
+        let batch = cursor.next_batch(&bus).await.unwrap().unwrap();
+        assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[tokio::test]
     async fn a_follower_waits_for_the_next_event() {
         let bus = Arc::new(Bus::new(5));
         let mut cursor = bus.follow_after(5);

@@ -506,7 +506,8 @@ async fn durable_figures(binary: &Path, client: &reqwest::Client) -> Result<Valu
             }
         }
     }
-    let writes = metric(client, &sqlite.base, "agent_live_text_writes_total").await? - writes_before;
+    let writes =
+        metric(client, &sqlite.base, "agent_live_text_writes_total").await? - writes_before;
 
     // Throughput: 8 sessions, each running queries back to back; every query stores 4 events.
     let sessions = 8;
