@@ -273,7 +273,7 @@ async fn official_ui_shows_an_answer_cut_by_kill9_once_after_reload() -> Result<
             .arg(arg(&dir.path().join("sessions.db"))?))
     };
     let mut first = Server::start(opts()?).await?;
-    let script_args = vec![
+    let script_args = [
         "interrupted".to_owned(),
         first.base_url().to_owned(),
         arg(&artifacts_dir()?)?,
