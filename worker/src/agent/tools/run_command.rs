@@ -75,6 +75,10 @@ const REAP_WAIT: Duration = Duration::from_secs(5);
 /// without pause cannot keep the loop from its other checks.
 const BURST_BYTES: usize = 1024 * 1024;
 
+/// `close_range` flag: mark the range close-on-exec instead of closing it (closing would also
+/// close std's own pipe that reports a failed exec).
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
 /// One command at a time per worker, its stop included (agent.md §3.5). Tools run one after the
 /// other anyway; this matters when an aborted call is still stopping its command (it runs on a
 /// blocking thread the run no longer waits for) while the next run starts one: the
@@ -214,8 +218,9 @@ fn shell(line: &str, cwd: RawFd) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
-    // allowed: setsid and fchdir are raw syscalls, and `cwd` is an open descriptor owned by the
-    // caller until the spawn has returned (O_CLOEXEC closes the child's copy at exec).
+    // allowed: setsid, fchdir and close_range are raw syscalls, and `cwd` is an open
+    // descriptor owned by the caller until the spawn has returned (O_CLOEXEC closes the
+    // child's copy at exec).
     unsafe {
         command.pre_exec(move || {
             // Its own session and process group, so the whole group can be signalled and no
@@ -226,6 +231,11 @@ fn shell(line: &str, cwd: RawFd) -> Command {
             if libc::fchdir(cwd) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
+            // A command gets fds 0-2 and nothing else. Everything the worker opens is
+            // close-on-exec already (the channel included); this keeps it so for anything
+            // opened later without the flag. Kernels before 5.11 lack the flag (EINVAL): there
+            // the per-descriptor flags are all there is.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
             Ok(())
         });
     }
