@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
 
 pub use crate::catalogue::Catalogue;
+use crate::isolation::ByteSize;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +89,85 @@ pub struct ServerConfig {
     /// The per-session runtime settings the UI offers (api.md §7.4): `{schema}`.
     #[serde(default)]
     pub runtime_settings: Option<RuntimeSettingsConfig>,
+    /// What one session may send through its worker.
+    #[serde(default)]
+    pub session_limits: SessionLimits,
+    /// How long a connection may take to send a request, or sit idle between requests.
+    #[serde(default)]
+    pub http: HttpTimeouts,
+}
+
+/// `server.sessionLimits`: what one session may send through its worker, checked by the
+/// supervisor on every event (a worker runs the session's commands and is not trusted). Past a
+/// limit the run ends with an error naming it and the worker is stopped.
+///
+/// The defaults leave room for everything a legitimate session does: a model streams at most
+/// a few thousand tokens a second and the echo model's `FLOOD` benchmark a few hundred
+/// thousand events in one burst; one event can carry a 20 MiB query or a 4 MiB file echoed
+/// (JSON-escaped) in a tool call, and no event can exceed the 32 MiB frame anyway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionLimits {
+    /// Events a session's worker may send per second, sustained; bursts of up to one second's
+    /// worth pass.
+    #[serde(default = "default_events_per_second")]
+    pub events_per_second: u64,
+    /// The largest single event (its JSON), streaming deltas included.
+    #[serde(default = "default_event_bytes")]
+    pub event_bytes: ByteSize,
+    /// The bytes of stored events one session may hold; past it its runs are refused.
+    #[serde(default = "default_stored_bytes")]
+    pub stored_bytes: ByteSize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            events_per_second: default_events_per_second(),
+            event_bytes: default_event_bytes(),
+            stored_bytes: default_stored_bytes(),
+        }
+    }
+}
+
+fn default_events_per_second() -> u64 {
+    250_000
+}
+fn default_event_bytes() -> ByteSize {
+    ByteSize(shared::frame::MAX_FRAME_LEN as u64)
+}
+fn default_stored_bytes() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+
+/// `server.http`: connection timeouts. Neither touches a request in progress: an SSE stream,
+/// a long poll or a WebSocket stays open however quiet it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpTimeouts {
+    /// A connection must deliver a whole request head within this many seconds of its first
+    /// byte (or of being opened), or it is closed: a half-sent request holds nothing for long.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in progress is closed after this many idle seconds.
+    #[serde(default = "default_http_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_secs: default_header_read_timeout(),
+            idle_timeout_secs: default_http_idle_timeout(),
+        }
+    }
+}
+
+fn default_header_read_timeout() -> u64 {
+    20
+}
+fn default_http_idle_timeout() -> u64 {
+    75
 }
 
 /// Where `supervisor ctl` finds the server by default.
@@ -147,6 +227,8 @@ impl Default for ServerConfig {
             shutdown_grace_secs: default_shutdown_grace(),
             control_socket: default_control_socket(),
             runtime_settings: None,
+            session_limits: SessionLimits::default(),
+            http: HttpTimeouts::default(),
         }
     }
 }
@@ -570,6 +652,14 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             "server.workers.max must be at least 1".into(),
         ));
     }
+    validate_session_limits(&config.server.session_limits)?;
+    let http = &config.server.http;
+    if http.header_read_timeout_secs == 0 || http.idle_timeout_secs == 0 {
+        return Err(ConfigError::Invalid(
+            "server.http.headerReadTimeoutSecs and server.http.idleTimeoutSecs must be at least 1"
+                .into(),
+        ));
+    }
     if config.max_iterations == 0 {
         return Err(ConfigError::Invalid(
             "maxIterations must be at least 1".into(),
@@ -616,6 +706,29 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     }
     if let Some(webui) = &config.webui {
         validate_webui(webui)?;
+    }
+    Ok(())
+}
+
+/// Limits low enough to stop ordinary runs are refused at start rather than discovered later:
+/// every run sends a few events of a few hundred bytes each.
+fn validate_session_limits(limits: &SessionLimits) -> Result<(), ConfigError> {
+    const MIN_EVENT_BYTES: u64 = 4 * 1024;
+    const MIN_STORED_BYTES: u64 = 16 * 1024;
+    if limits.events_per_second < 10 {
+        return Err(ConfigError::Invalid(
+            "server.sessionLimits.eventsPerSecond must be at least 10".into(),
+        ));
+    }
+    if limits.event_bytes.0 < MIN_EVENT_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "server.sessionLimits.eventBytes must be at least {MIN_EVENT_BYTES} bytes"
+        )));
+    }
+    if limits.stored_bytes.0 < MIN_STORED_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "server.sessionLimits.storedBytes must be at least {MIN_STORED_BYTES} bytes"
+        )));
     }
     Ok(())
 }
@@ -776,6 +889,52 @@ mod tests {
         };
         let c = load_str("toml", toml, &[("PORT", "5000")], &flags).unwrap();
         assert_eq!(c.server.port, 6000);
+    }
+
+    #[test]
+    fn session_limits_and_http_timeouts_are_read_and_checked() {
+        let c = load_with_env(None, &Overrides::default(), |_| None).unwrap();
+        let limits = &c.server.session_limits;
+        assert_eq!(limits.events_per_second, 250_000);
+        assert_eq!(limits.event_bytes.0, 32 * 1024 * 1024);
+        assert_eq!(limits.stored_bytes.0, 256 * 1024 * 1024);
+        assert_eq!(c.server.http.header_read_timeout_secs, 20);
+        assert_eq!(c.server.http.idle_timeout_secs, 75);
+
+        let toml = "[server.sessionLimits]\neventsPerSecond = 100\neventBytes = \"16KiB\"\nstoredBytes = \"1MiB\"\n[server.http]\nheaderReadTimeoutSecs = 5\nidleTimeoutSecs = 30\n";
+        let c = load_str("toml", toml, &[], &Overrides::default()).unwrap();
+        let limits = &c.server.session_limits;
+        assert_eq!(limits.events_per_second, 100);
+        assert_eq!(limits.event_bytes.0, 16 * 1024);
+        assert_eq!(limits.stored_bytes.0, 1024 * 1024);
+        assert_eq!(c.server.http.header_read_timeout_secs, 5);
+        assert_eq!(c.server.http.idle_timeout_secs, 30);
+
+        for (bad, key) in [
+            (
+                "[server.sessionLimits]\neventsPerSecond = 0\n",
+                "eventsPerSecond",
+            ),
+            ("[server.sessionLimits]\neventBytes = 100\n", "eventBytes"),
+            (
+                "[server.sessionLimits]\nstoredBytes = \"1k\"\n",
+                "storedBytes",
+            ),
+            (
+                "[server.sessionLimits]\neventBytes = \"lots\"\n",
+                "eventBytes",
+            ),
+            (
+                "[server.http]\nheaderReadTimeoutSecs = 0\n",
+                "headerReadTimeoutSecs",
+            ),
+            ("[server.http]\nidleTimeoutSecs = 0\n", "idleTimeoutSecs"),
+        ] {
+            let err = load_str("toml", bad, &[], &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

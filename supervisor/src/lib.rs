@@ -1,7 +1,8 @@
 //! The agent server's supervisor: the trusted process.
 //!
 //! - [`config`]: settings from file, environment and flags, with their defaults.
-//! - [`server`]: runtime, listener and orderly shutdown.
+//! - [`server`]: runtime, listener and orderly shutdown; `connections`: serving each HTTP
+//!   connection, with its header-read and idle timeouts.
 //! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing, Socket.IO.
 //! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
 //! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends.
@@ -21,6 +22,7 @@ mod api;
 mod bus;
 mod catalogue;
 pub mod config;
+mod connections;
 pub mod ctl;
 pub mod error;
 mod gateway;

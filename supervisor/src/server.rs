@@ -162,15 +162,13 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     tokio::spawn(stop_idle_workers(state.clone()));
     tokio::spawn(release_freed_memory(state.shutdown.clone()));
     tokio::spawn(crate::ctl::serve(control, state.clone()));
-    // Streams are many small writes; without TCP_NODELAY each can wait for the client's
-    // delayed ACK (about 40 ms) behind the previous one.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let timeouts = crate::connections::Timeouts::from_config(&state.config.server.http);
+    let server = tokio::spawn(crate::connections::serve(
+        listener,
+        app,
+        timeouts,
+        stop.clone(),
+    ));
     stop.cancelled().await;
     finish_runs(&state).await;
     stop_workers(&state).await;

@@ -1,12 +1,12 @@
 // Socket.IO scenarios against the server, with the real npm socket.io-client.
 //
-//   node socketio.mjs <scenario> <baseUrl> <sessionId>
+//   node socketio.mjs <scenario> <baseUrl> <sessionId> [pauseMs]
 //
 // Each scenario prints one JSON report as its last line; the Rust test (tests/tests/socketio.rs)
 // asserts on it. Waits have generous limits only so that a broken server cannot hang the test.
 import { io } from 'socket.io-client';
 
-const [scenario, base, sessionId] = process.argv.slice(2);
+const [scenario, base, sessionId, pauseMs] = process.argv.slice(2);
 const LIMIT_MS = 30000;
 
 function connect(options = {}) {
@@ -207,7 +207,39 @@ async function restore() {
   return report;
 }
 
-const scenarios = { basics, closed, room, late, restore };
+/**
+ * One socket per transport sits quiet for `pauseMs` (longer than the server's connection
+ * timeouts), then both still receive a run: a WebSocket and a long poll are not idle
+ * connections to be closed.
+ */
+async function quiet() {
+  const ws = await connect({ transports: ['websocket'] });
+  const poll = await connect({ transports: ['polling'] });
+  const report = {
+    transports: [ws.io.engine.transport.name, poll.io.engine.transport.name],
+    disconnects: [],
+  };
+  ws.on('disconnect', (reason) => report.disconnects.push(['websocket', reason]));
+  poll.on('disconnect', (reason) => report.disconnects.push(['polling', reason]));
+  await join(ws, sessionId);
+  await join(poll, sessionId);
+  await new Promise((resolve) => setTimeout(resolve, Number(pauseMs)));
+  const runWs = collectRun(ws);
+  const runPoll = collectRun(poll);
+  poll.emit('send-query', { sessionId, query: 'after the pause' });
+  const [eventsWs, eventsPoll] = await Promise.all([runWs, runPoll]);
+  const answers = (events) => events.filter((e) => e.type === 'answer').map((e) => e.data.text);
+  report.answers = [answers(eventsWs), answers(eventsPoll)];
+  report.connected = [ws.connected, poll.connected];
+  // Our own close below is not a cut.
+  ws.off('disconnect');
+  poll.off('disconnect');
+  ws.close();
+  poll.close();
+  return report;
+}
+
+const scenarios = { basics, closed, room, late, restore, quiet };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

@@ -291,3 +291,36 @@ async fn joining_restores_a_stored_session() -> Result<()> {
     );
     Ok(())
 }
+
+/// A WebSocket and a long-polling socket that stay quiet longer than the server's header-read
+/// and idle timeouts are not cut: both are still connected and both receive the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_sockets_outlive_the_connection_timeouts() -> Result<()> {
+    if !available(Needs::SocketIo)? {
+        return Ok(());
+    }
+    let config =
+        serde_json::json!({"server": {"http": {"headerReadTimeoutSecs": 1, "idleTimeoutSecs": 2}}});
+    let server =
+        Server::start(ServerOpts::new().config_file("http.json", config.to_string())).await?;
+    let sid = server.create_session().await?;
+    let report = run_node("socketio.mjs", &["quiet", server.base_url(), &sid, "5000"]).await?;
+    ensure!(
+        report["transports"] == serde_json::json!(["websocket", "polling"]),
+        "{report}"
+    );
+    ensure!(
+        report["disconnects"] == serde_json::json!([]),
+        "a socket was cut: {report}"
+    );
+    ensure!(
+        report["connected"] == serde_json::json!([true, true]),
+        "{report}"
+    );
+    let answer = serde_json::json!(["echo: after the pause"]);
+    ensure!(
+        report["answers"] == serde_json::json!([answer, answer]),
+        "both sockets got the run: {report}"
+    );
+    Ok(())
+}
