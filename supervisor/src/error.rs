@@ -54,6 +54,10 @@ pub enum ApiError {
     WorkerUnavailable { session: String, reason: String },
     #[error("The worker of session {session} exited during the run: {reason}")]
     WorkerCrashed { session: String, reason: String },
+    #[error(
+        "Session {session} has stored {limit} bytes of events, its limit (server.sessionLimits.storedBytes); delete it or start a new session"
+    )]
+    SessionStorageFull { session: String, limit: u64 },
     #[error("The server cannot take this now: {reason}")]
     Overloaded {
         reason: String,
@@ -87,6 +91,7 @@ impl ApiError {
             Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
             Self::WorkerUnavailable { .. } | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::SessionStorageFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
             Self::WorkerCrashed { .. }
             | Self::Storage(_)
@@ -118,6 +123,7 @@ impl ApiError {
             Self::SessionBusy(_) => "SESSION_BUSY",
             Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
             Self::Overloaded { .. } => "SERVER_OVERLOADED",
+            Self::SessionStorageFull { .. } => "SESSION_STORAGE_FULL",
             Self::Draining => "SERVER_DRAINING",
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
             Self::Storage(_) => "STORAGE_ERROR",
@@ -153,6 +159,7 @@ impl ApiError {
             Self::SessionBusy(_) => "Agent is already executing a task".into(),
             Self::WorkerUnavailable { .. } => "Worker unavailable".into(),
             Self::Overloaded { .. } => "Server overloaded".into(),
+            Self::SessionStorageFull { .. } => "Session storage full".into(),
             Self::Draining => "Server draining".into(),
             Self::WorkerCrashed { .. } => "Worker crashed".into(),
             Self::Storage(_) => "Storage error".into(),
@@ -169,6 +176,10 @@ impl ApiError {
             | Self::WorkerUnavailable { session: id, .. }
             | Self::WorkerCrashed { session: id, .. } => details["sessionId"] = json!(id),
             Self::ExclusiveModeBusy { running } => details["runningSessionId"] = json!(running),
+            Self::SessionStorageFull { session, limit } => {
+                details["sessionId"] = json!(session);
+                details["limit"] = json!(limit);
+            }
             Self::InvalidModel { provider, id } => {
                 details["provider"] = json!(provider);
                 details["id"] = json!(id);

@@ -242,7 +242,9 @@ async fn finish_runs(state: &AppState) {
         "aborting runs still going after the shutdown grace period"
     );
     for session in &late {
-        session.abort().await;
+        session
+            .abort(shared::protocol::AbortReason::ServerShutdown)
+            .await;
     }
     let deadline = tokio::time::Instant::now() + ABORT_WAIT;
     while !running().is_empty() && tokio::time::Instant::now() < deadline {
@@ -338,5 +340,6 @@ async fn stop_on_signal(stop: CancellationToken, already_stopping: CancellationT
 
 async fn stop_workers(state: &AppState) {
     let sessions = state.sessions.all();
-    futures::future::join_all(sessions.iter().map(|s| s.stop_worker())).await;
+    let cause = || Some(crate::workers::StopCause::ServerShutdown);
+    futures::future::join_all(sessions.iter().map(|s| s.stop_worker_for(cause()))).await;
 }

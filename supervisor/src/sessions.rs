@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use shared::events::{Event, EventBody, RunStatus, SystemLevel, is_streaming_type};
 use shared::ids::now_ms;
-use shared::protocol::{Query, ToWorker};
+use shared::protocol::{AbortReason, Query, ToWorker};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::metrics::METRICS;
 use crate::state::AppState;
 use crate::storage::{SharedStorage, StorageError};
-use crate::workers::{self, WorkerHandle};
+use crate::workers::{self, StopCause, WorkerHandle};
 
 /// How long a worker gets to wind a run down after an abort before it is killed.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
@@ -158,6 +158,10 @@ pub struct Session {
     run_ended: tokio::sync::Notify,
     /// Cancelled when the session is deleted.
     closed: CancellationToken,
+    /// Bytes of the session's stored events (their JSON), checked against
+    /// `server.sessionLimits.storedBytes`: counted from the log when the session is restored,
+    /// then as events are stored.
+    stored_bytes: AtomicU64,
     /// What admission control and the idle reaper need to know, readable without the session's
     /// lock (one session may stop another's worker to make room).
     pub activity: Activity,
@@ -238,6 +242,7 @@ impl Session {
             generations: AtomicU64::new(0),
             run_ended: tokio::sync::Notify::new(),
             closed: CancellationToken::new(),
+            stored_bytes: AtomicU64::new(0),
             activity: Activity::default(),
         }
     }
@@ -298,6 +303,14 @@ impl Session {
         }
         if inner.run.is_some() {
             return Err(ApiError::SessionBusy(self.id.clone()));
+        }
+        // A full session starts nothing it could not record.
+        let cap = state.config.server.session_limits.stored_bytes.0;
+        if self.stored_bytes() >= cap {
+            return Err(ApiError::SessionStorageFull {
+                session: self.id.clone(),
+                limit: cap,
+            });
         }
         let worker = match inner.worker.clone().filter(WorkerHandle::is_alive) {
             Some(worker) => worker,
@@ -387,9 +400,10 @@ impl Session {
         self.closed.is_cancelled()
     }
 
-    /// Asks the worker to abort the current run. `false` when nothing is running. If the worker
-    /// does not end the run within [`ABORT_GRACE`], it is killed and the run ends as an error.
-    pub async fn abort(self: &Arc<Self>) -> bool {
+    /// Asks the worker to abort the current run for `reason`, which its closing events name.
+    /// `false` when nothing is running. If the worker does not end the run within
+    /// [`ABORT_GRACE`], it is killed and the run ends as an error.
+    pub async fn abort(self: &Arc<Self>, reason: AbortReason) -> bool {
         let (run_id, worker) = {
             let inner = self.inner.lock().await;
             match (&inner.run, &inner.worker) {
@@ -400,18 +414,19 @@ impl Session {
         if worker
             .send(ToWorker::Abort {
                 run_id: run_id.clone(),
+                reason,
             })
             .await
             .is_err()
         {
-            worker.kill();
+            kill_for(&worker, reason);
         }
         let session = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(ABORT_GRACE).await;
             if session.current_run_id().await.as_deref() == Some(run_id.as_str()) {
                 tracing::warn!(session_id = %session.id, run_id, "worker ignored the abort; killing it");
-                worker.kill();
+                kill_for(&worker, reason);
             }
         });
         true
@@ -426,19 +441,32 @@ impl Session {
             .map(|r| r.run_id.clone())
     }
 
-    /// Numbers, stores and fans out one event from the worker.
+    /// Bytes of this session's stored events.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Acquire)
+    }
+
+    /// Numbers, stores and fans out one event.
     ///
     /// # Errors
     /// An invalid event, an event outside any run, or a storage failure; the event is then
     /// neither stored nor delivered.
     pub async fn publish(&self, state: &AppState, json: String) -> Result<(), PublishError> {
-        if !json.starts_with('{') {
-            return Err(PublishError::Invalid("not a JSON object".into()));
-        }
-        let kind = serde_json::from_str::<EventHead<'_>>(&json)
-            .map_err(|e| PublishError::Invalid(e.to_string()))?
-            .kind
-            .into_owned();
+        let kind = event_kind(&json).map_err(PublishError::Invalid)?;
+        self.publish_as(state, json, kind).await
+    }
+
+    /// [`Session::publish`] for an event whose `type` the caller has read already
+    /// ([`event_kind`]).
+    ///
+    /// # Errors
+    /// As [`Session::publish`].
+    pub async fn publish_as(
+        &self,
+        state: &AppState,
+        json: String,
+        kind: String,
+    ) -> Result<(), PublishError> {
         let mut last_seq = self.publisher.lock().await;
         if self.inner.lock().await.run.is_none() {
             return Err(PublishError::NoRun);
@@ -482,6 +510,8 @@ impl Session {
             storage
                 .append_event(&self.id, seq, json.clone(), now_ms())
                 .await?;
+            self.stored_bytes
+                .fetch_add(json.len() as u64, Ordering::AcqRel);
             METRICS.events_stored.inc();
         }
         numbering.last = seq;
@@ -494,11 +524,15 @@ impl Session {
 
     /// A run whose `agent_run_start` has no `agent_run_end` in the log was cut short by a crash
     /// of the server. It is closed the way a crashed worker's run is, so the log stays
-    /// well-bracketed and the model context stays valid.
+    /// well-bracketed and the model context stays valid. The same reading of the log counts the
+    /// session's stored bytes.
     async fn close_interrupted_run(&self, storage: &SharedStorage) -> Result<(), StorageError> {
         let mut last_seq = self.publisher.lock().await;
         let mut open: Option<(u64, u32)> = None;
-        for event in storage.events_after(&self.id, 0, usize::MAX).await? {
+        let events = storage.events_after(&self.id, 0, usize::MAX).await?;
+        let bytes: u64 = events.iter().map(|e| e.json.len() as u64).sum();
+        self.stored_bytes.store(bytes, Ordering::Release);
+        for event in events {
             let Ok(head) = serde_json::from_str::<EventHeadTimed<'_>>(&event.json) else {
                 continue;
             };
@@ -518,12 +552,9 @@ impl Session {
         };
         tracing::warn!(session_id = %self.id, "closing a run the server stopped in the middle of");
         let elapsed = Duration::from_millis(now_ms().saturating_sub(started));
-        for event in closing_events(
-            &self.id,
-            "the server stopped during the run",
-            iterations,
-            elapsed,
-        ) {
+        let reason = "the server stopped during the run";
+        let details = serde_json::json!({"kind": "run_interrupted", "reason": reason});
+        for event in closing_events(&self.id, reason, details, iterations, elapsed) {
             let kind = if matches!(event.body, EventBody::AgentRunEnd { .. }) {
                 "agent_run_end"
             } else {
@@ -574,7 +605,15 @@ impl Session {
 
     /// Called once when a worker's process is gone. If it died during a run, the run is closed
     /// in the log the way every run is: an error `system` event, then `agent_run_end` (error).
-    pub async fn worker_exited(&self, state: &AppState, generation: u64, reason: String) {
+    /// `cause` is why the supervisor stopped it, when it did so on purpose for a reason the
+    /// run's client must hear (a session limit, the server shutting down).
+    pub async fn worker_exited(
+        &self,
+        state: &AppState,
+        generation: u64,
+        reason: String,
+        cause: Option<StopCause>,
+    ) {
         if !reason.starts_with("stopped by the supervisor") {
             METRICS.worker_crashes.inc();
         }
@@ -600,8 +639,22 @@ impl Session {
             return;
         };
         tracing::warn!(session_id = %self.id, %reason, "worker exited during a run");
-        let reason = format!("worker process exited unexpectedly: {reason}");
-        for event in closing_events(&self.id, &reason, iterations, elapsed) {
+        let (reason, details) = match cause {
+            Some(StopCause::Limit(limit)) => (
+                format!("{limit}; the run was stopped"),
+                serde_json::json!({"kind": "session_limit", "limit": limit.key(), "value": limit.limit()}),
+            ),
+            Some(StopCause::ServerShutdown) => (
+                "the server is shutting down: the run was stopped".to_owned(),
+                serde_json::json!({"kind": "server_shutdown"}),
+            ),
+            None => {
+                let reason = format!("worker process exited unexpectedly: {reason}");
+                let details = serde_json::json!({"kind": "run_interrupted", "reason": reason});
+                (reason, details)
+            }
+        };
+        for event in closing_events(&self.id, &reason, details, iterations, elapsed) {
             if let Err(e) = self.publish(state, event.to_json()).await {
                 tracing::warn!(session_id = %self.id, error = %e, "could not record the end of the lost run");
                 // Without the events the run must still end, or the session stays busy forever.
@@ -612,9 +665,17 @@ impl Session {
 
     /// Stops the worker (if any) and waits for its process to be gone.
     pub async fn stop_worker(&self) {
+        self.stop_worker_for(None).await;
+    }
+
+    /// [`Session::stop_worker`], naming `cause` in the closing events of a run it cuts short.
+    pub async fn stop_worker_for(&self, cause: Option<StopCause>) {
         let worker = self.inner.lock().await.worker.clone();
         if let Some(worker) = worker {
-            worker.kill();
+            match cause {
+                Some(cause) => worker.kill_for(cause),
+                None => worker.kill(),
+            }
             if tokio::time::timeout(STOP_TIMEOUT, worker.exited())
                 .await
                 .is_err()
@@ -701,6 +762,7 @@ impl Session {
 fn closing_events(
     session_id: &str,
     reason: &str,
+    details: Value,
     iterations: u32,
     elapsed: Duration,
 ) -> [Event; 2] {
@@ -712,7 +774,7 @@ fn closing_events(
         Event::new(EventBody::System {
             level: SystemLevel::Error,
             message,
-            details: Some(serde_json::json!({"kind": "run_interrupted", "reason": reason})),
+            details: Some(details),
         }),
         Event::new(EventBody::AgentRunEnd {
             session_id: session_id.to_owned(),
@@ -721,6 +783,28 @@ fn closing_events(
             status: RunStatus::Error,
         }),
     ]
+}
+
+/// The `type` of an event (a JSON object) from a worker, which decides whether it is stored.
+///
+/// # Errors
+/// Not a JSON object with a string `type`.
+pub fn event_kind(json: &str) -> Result<String, String> {
+    if !json.starts_with('{') {
+        return Err("not a JSON object".into());
+    }
+    serde_json::from_str::<EventHead<'_>>(json)
+        .map(|head| head.kind.into_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Kills `worker` because a run aborted for `reason` did not end; a shutdown says so in the
+/// run's closing events.
+fn kill_for(worker: &WorkerHandle, reason: AbortReason) {
+    match reason {
+        AbortReason::ServerShutdown => worker.kill_for(StopCause::ServerShutdown),
+        AbortReason::Requested => worker.kill(),
+    }
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use shared::ids::now_ms;
+use shared::protocol::AbortReason;
 
 use super::body::{JsonObject, Params, query_input, session_id};
 use super::sessions::check_exclusive;
@@ -90,7 +91,7 @@ pub(super) async fn abort(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let session = state.session(&session_id(&params, Some(&body))?).await?;
-    let success = session.abort().await;
+    let success = session.abort(AbortReason::Requested).await;
     Ok(axum::Json(json!({"success": success})).into_response())
 }
 

@@ -1493,6 +1493,71 @@ pub async fn t51_bad_frames(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// T54: a hostile worker pouring well-formed events into its session through the real channel
+/// is stopped at the session limits: first at the stored-bytes cap (the log stops growing
+/// there), then, in another session, at the event rate. Each time only the flooding session's
+/// run ends, with an error naming the limit; the supervisor and other sessions carry on.
+pub async fn t54_event_flood(mode: Mode) -> Result<()> {
+    const CAP: usize = 256 * 1024;
+    let server = start_with(
+        mode,
+        json!({"server": {"sessionLimits": {"eventsPerSecond": 1000, "storedBytes": CAP}}}),
+    )
+    .await?;
+    let bystander = session(&server).await?;
+    for (args, limit) in [
+        (json!({"count": 400, "bytes": 1024}), "storedBytes"),
+        (json!({"count": 100_000, "bytes": 10}), "eventsPerSecond"),
+    ] {
+        let sid = session(&server).await?;
+        let (_, launcher) = jail(&server, &sid).await?;
+        let mut stream = server.stream(&sid, "SLOW 400").await?;
+        stream.read_deltas(1, T).await?;
+        // The probe's own answer may or may not make it out before the kill.
+        let _ = server
+            .post_json(
+                "/api/v1/debug/probe",
+                &json!({"sessionId": sid, "name": "events", "args": args}),
+            )
+            .await?;
+        let frames = stream
+            .collect_until_end(LONG)
+            .await
+            .map_err(|e| with_logs(&server, e))?;
+        let n = frames.len();
+        ensure!(n >= 2, "frames: {:?}", e2e::types(&frames));
+        let (system, end) = (&frames[n - 2].data, &frames[n - 1].data);
+        ensure!(
+            system["type"] == "system"
+                && system["level"] == "error"
+                && system["details"]["limit"] == limit,
+            "the run ends naming {limit}: {system}"
+        );
+        ensure!(
+            end["type"] == "agent_run_end" && end["status"] == "error",
+            "{end}"
+        );
+        wait_until(T, "the flooding worker is stopped", async || {
+            !pid_alive(launcher)
+        })
+        .await?;
+        let stored = server.events(&sid).await?;
+        let bytes: usize = stored.iter().map(|e| e.to_string().len()).sum();
+        ensure!(
+            bytes <= CAP + 2048,
+            "{bytes} bytes stored past the cap of {CAP}"
+        );
+        if limit == "storedBytes" {
+            ensure!(
+                bytes > CAP / 2,
+                "the flood was stored up to the cap ({bytes} bytes)"
+            );
+        }
+        still_fine(&server, &bystander).await?;
+    }
+    Ok(())
+}
+
 /// T55: SIGKILL of the supervisor takes every launcher and worker with it.
 pub async fn t55_supervisor_killed(mode: Mode) -> Result<()> {
     let mut server = start(mode).await?;
@@ -1562,6 +1627,7 @@ macro_rules! catalogue {
     t43_file_api_race,
     t48_deep_tree,
     t51_bad_frames,
+    t54_event_flood,
     t55_supervisor_killed,
         );
     };

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
+use shared::protocol::AbortReason;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::{SendError, SocketError, SocketIo};
@@ -351,7 +352,7 @@ async fn abort_query(socket: SocketRef, state: Arc<AppState>, payload: Option<Va
     let Some(session) = find_session(&socket, &state, payload.as_ref()).await else {
         return;
     };
-    let success = session.abort().await;
+    let success = session.abort(AbortReason::Requested).await;
     if success {
         notify_room(
             &socket,
