@@ -126,6 +126,7 @@ async fn serve_connection(
         .keep_alive_timeout(timeouts.header_read);
     let mut conn = pin!(builder.serve_connection_with_upgrades(io, service));
     let mut stopping = pin!(stop.cancelled());
+    // hyper is asked to close the connection once at most, for whichever reason comes first.
     let mut asked_to_close = false;
     // Set once the connection has been asked to close for being idle: it gets as long again as
     // a request head would to do so, then it is dropped.
@@ -142,7 +143,10 @@ async fn serve_connection(
                 }
                 Check::Expired(Expiry::Idle) => {
                     tracing::debug!("closing an idle connection");
-                    conn.as_mut().graceful_shutdown();
+                    if !asked_to_close {
+                        asked_to_close = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                     let until = now + timeouts.header_read;
                     closing_until = Some(until);
                     until
