@@ -1,6 +1,7 @@
 //! The agent server's supervisor: the trusted process.
 //!
 //! - [`config`]: settings from file, environment and flags, with their defaults.
+//! - [`data_dir`]: the server's own files (control socket, default stores, jail stage), private.
 //! - [`server`]: runtime, listener and orderly shutdown.
 //! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing, Socket.IO.
 //! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
@@ -22,6 +23,7 @@ mod bus;
 mod catalogue;
 pub mod config;
 pub mod ctl;
+pub mod data_dir;
 pub mod error;
 mod gateway;
 pub mod import;
