@@ -671,7 +671,8 @@ fn describe(error: figment::Error) -> ConfigError {
 }
 
 /// The known key a misspelt one most likely meant: the same letters in another case or
-/// spelling (`max_iterations`), or one within a couple of edits (`prot`, `storge`).
+/// spelling (`max_iterations`), one within a couple of edits (`prot`, `storge`), or one it
+/// begins (`idleTimeout`).
 fn nearest<'a>(typed: &str, known: &[&'a str]) -> Option<&'a str> {
     let fold = |k: &str| k.replace(['_', '-'], "").to_ascii_lowercase();
     let typed_folded = fold(typed);
@@ -685,6 +686,13 @@ fn nearest<'a>(typed: &str, known: &[&'a str]) -> Option<&'a str> {
         .filter(|(distance, _)| *distance <= budget)
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, k)| k)
+        // A key with its unit left off (`idleTimeout` for `idleTimeoutSecs`).
+        .or_else(|| {
+            known
+                .iter()
+                .find(|k| typed_folded.len() >= 4 && fold(k).starts_with(&typed_folded))
+                .copied()
+        })
 }
 
 fn validate(config: &Config) -> Result<(), ConfigError> {
@@ -1346,6 +1354,10 @@ mod tests {
         assert_eq!(nearest("data_dir", &known), Some("dataDir"));
         assert_eq!(nearest("Host", &known), Some("host"));
         assert_eq!(nearest("colour", &known), None);
+        assert_eq!(
+            nearest("idleTimeout", &["idleTimeoutSecs", "max"]),
+            Some("idleTimeoutSecs")
+        );
     }
 
     #[test]

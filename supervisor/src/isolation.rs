@@ -481,7 +481,9 @@ impl Isolation {
         iso.reserved.insert(own_ids().0);
         iso.reserved.insert(0);
         iso.stage = stage.to_owned();
-        prepare_dir(&iso.stage, 0o755)?;
+        // Private like the rest of the data directory: only launchers, still holding the
+        // server's ids when they mount on it, ever look it up.
+        prepare_dir(&iso.stage, 0o700)?;
 
         if requested == RequestedLevel::None {
             if !config.allow_insecure {
