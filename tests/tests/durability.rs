@@ -977,17 +977,46 @@ async fn import_leaves_out_records_over_the_limits() -> Result<()> {
     });
     let from = fixtures.path().join("tarko.json");
     std::fs::write(&from, serde_json::to_vec(&document)?)?;
-    let report = import(&from, dir.path(), "sqlite")?;
+    // `import --data-dir` finds the store where a server with the same data directory keeps it.
+    let data = dir.path().join("data");
+    let output = std::process::Command::new(supervisor_bin()?)
+        .env_clear()
+        .arg("import")
+        .arg("--from")
+        .arg(&from)
+        .arg("--workspace")
+        .arg(dir.path().join("ws"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--storage-type", "sqlite"])
+        .output()?;
+    let report = String::from_utf8_lossy(&output.stdout);
     ensure!(
-        report.contains("imported 1 sessions with 4 events")
+        output.status.success()
+            && report.contains("imported 1 sessions with 4 events")
             && report.contains("1 sessions over the record size limits"),
-        "{report}"
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        data.join("sessions.db").is_file(),
+        "the store is in the data directory"
     );
     ensure!(
         !dir.path().join("ws").join(big).exists(),
         "no workspace for it"
     );
-    let server = Server::start(durable(dir.path(), "sqlite")).await?;
+    let server = Server::start(
+        ServerOpts::new()
+            .without_workspace_flag()
+            .arg("--workspace")
+            .arg(dir.path().join("ws").display().to_string())
+            .arg("--data-dir")
+            .arg(data.display().to_string())
+            .arg("--storage-type")
+            .arg("sqlite"),
+    )
+    .await?;
     let listed = listed_ids(&server.get_ok("/api/v1/sessions").await?)?;
     ensure!(listed == [small], "{listed:?}");
     Ok(())
