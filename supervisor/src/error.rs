@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use shared::ids::now_ms;
 
-use crate::storage::StorageError;
+use crate::storage::{StorageError, TooLarge};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -16,6 +16,9 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("Request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A session record would be over one of its limits; `details.field` names which.
+    #[error("{0}")]
+    RecordTooLarge(TooLarge),
     #[error("{0}")]
     InvalidRequest(String),
     #[error("Session ID is required")]
@@ -66,9 +69,18 @@ pub enum ApiError {
     #[error("The server is shutting down or draining and starts no new runs")]
     Draining,
     #[error("Storage failed: {0}")]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     #[error("Internal error: {0}")]
     Internal(String),
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::TooLarge(too_large) => Self::RecordTooLarge(too_large),
+            other => Self::Storage(other),
+        }
+    }
 }
 
 impl ApiError {
@@ -82,7 +94,7 @@ impl ApiError {
             | Self::InvalidParameters(_)
             | Self::InvalidModel { .. }
             | Self::RuntimeSettingsRequired => StatusCode::BAD_REQUEST,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SessionNotFound(_)
             | Self::SessionNotFoundInStorage(_)
             | Self::NotFound { .. }
@@ -104,7 +116,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidJson(_) => "INVALID_JSON",
-            Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Self::InvalidRequest(_) => "INVALID_REQUEST",
             Self::SessionIdRequired => "SESSION_ID_REQUIRED",
             Self::QueryRequired => "QUERY_REQUIRED",
@@ -135,7 +147,7 @@ impl ApiError {
     fn short(&self) -> String {
         match self {
             Self::InvalidJson(_) => "Invalid JSON".into(),
-            Self::PayloadTooLarge { .. } => "Payload too large".into(),
+            Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => "Payload too large".into(),
             Self::InvalidRequest(m) => m.clone(),
             Self::SessionIdRequired => "Session ID is required".into(),
             Self::QueryRequired => "Query is required".into(),
@@ -183,6 +195,16 @@ impl ApiError {
             Self::InvalidModel { provider, id } => {
                 details["provider"] = json!(provider);
                 details["id"] = json!(id);
+            }
+            Self::PayloadTooLarge { limit } => {
+                details["limit"] = json!(limit);
+                details["unit"] = json!("bytes");
+            }
+            Self::RecordTooLarge(t) => {
+                details["field"] = json!(t.field);
+                details["size"] = json!(t.size);
+                details["limit"] = json!(t.limit);
+                details["unit"] = json!(t.unit);
             }
             Self::NotFound { method, path } | Self::MethodNotAllowed { method, path } => {
                 details["method"] = json!(method);

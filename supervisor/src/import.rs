@@ -46,14 +46,21 @@ pub struct ImportReport {
     pub existing: usize,
     pub invalid_sessions: usize,
     pub skipped_events: usize,
+    /// Sessions whose metadata is over this server's record limits, left out whole.
+    pub too_large: usize,
 }
 
 impl std::fmt::Display for ImportReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "imported {} sessions with {} events; {} already present, {} with unusable ids, {} events skipped",
-            self.sessions, self.events, self.existing, self.invalid_sessions, self.skipped_events
+            "imported {} sessions with {} events; {} already present, {} with unusable ids, {} events skipped, {} sessions over the record size limits",
+            self.sessions,
+            self.events,
+            self.existing,
+            self.invalid_sessions,
+            self.skipped_events,
+            self.too_large
         )
     }
 }
@@ -78,7 +85,7 @@ pub fn run(config: &Config, from: &Path) -> Result<ImportReport, ImportError> {
         .build()
         .map_err(ImportError::Runtime)?;
     runtime.block_on(async {
-        let storage = crate::storage::open(&config.server.storage)?;
+        let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
         std::fs::create_dir_all(&config.workspace).map_err(|source| ImportError::Workspace {
             path: config.workspace.clone(),
             source,
@@ -111,6 +118,7 @@ impl ImportReport {
         self.existing += other.existing;
         self.invalid_sessions += other.invalid_sessions;
         self.skipped_events += other.skipped_events;
+        self.too_large += other.too_large;
     }
 }
 
@@ -142,6 +150,11 @@ async fn import_one(
         "importedFrom".into(),
         json!({"path": from, "workspace": original}),
     );
+    if let Err(too_large) = crate::storage::check_metadata(&metadata) {
+        tracing::warn!(session_id = %id, %too_large, "session not imported: its record is over the limits");
+        report.too_large += 1;
+        return Ok(report);
+    }
     let workspace = root.join(&id);
     match std::fs::create_dir(&workspace) {
         Ok(()) => {}

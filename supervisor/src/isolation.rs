@@ -58,7 +58,7 @@ impl RequestedLevel {
         }
     }
 
-    fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(Self::Auto),
             "strict" => Some(Self::Strict),
@@ -116,7 +116,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 /// Per-session limits (isolation.md §2.4), all configurable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// cgroup memory cap (RSS, page cache and `/tmp` pages together).
     pub memory: ByteSize,
@@ -155,7 +155,7 @@ impl Default for LimitsConfig {
 
 /// Test builds only: hooks the isolation tests use (isolation.md §4.2).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct TestHooks {
     /// Run the in-jail probe server next to each session's agent.
     pub probe_server: bool,
@@ -171,7 +171,7 @@ pub struct TestHooks {
 
 /// The `isolation` section of the configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct IsolationConfig {
     pub level: RequestedLevel,
     /// Required for `none` (`--allow-insecure-isolation`, `AGENTD_ALLOW_INSECURE=1`).
@@ -205,53 +205,12 @@ impl Default for IsolationConfig {
     }
 }
 
-/// Isolation settings given on the command line.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub level: Option<String>,
-    pub allow_insecure: bool,
-    pub allow_insecure_remote: bool,
-}
-
-fn truthy(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
-}
-
-/// Applies `AGENTD_ISOLATION`, `AGENTD_ALLOW_INSECURE`, `AGENTD_ALLOW_INSECURE_REMOTE`, then the
-/// command-line flags, over the file's `isolation` section, and validates the result.
+/// Checks the section once every source (file, `AGENTD_*`, flags) is layered in by
+/// `config::load`.
 ///
 /// # Errors
-/// An unknown level or an impossible value, naming the source.
-pub fn apply_overrides(
-    config: &mut IsolationConfig,
-    flags: &Overrides,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<(), String> {
-    if let Some(level) = env("AGENTD_ISOLATION") {
-        config.level = RequestedLevel::parse(&level).ok_or_else(|| {
-            format!("invalid environment variable AGENTD_ISOLATION={level:?}: use auto, strict, chroot or none")
-        })?;
-    }
-    if env("AGENTD_ALLOW_INSECURE").is_some_and(|v| truthy(&v)) {
-        config.allow_insecure = true;
-    }
-    if env("AGENTD_ALLOW_INSECURE_REMOTE").is_some_and(|v| truthy(&v)) {
-        config.allow_insecure_remote = true;
-    }
-    if let Some(level) = &flags.level {
-        config.level = RequestedLevel::parse(level).ok_or_else(|| {
-            format!("invalid --isolation {level:?}: use auto, strict, chroot or none")
-        })?;
-    }
-    config.allow_insecure |= flags.allow_insecure;
-    config.allow_insecure_remote |= flags.allow_insecure_remote;
-    validate(config)
-}
-
-fn validate(config: &IsolationConfig) -> Result<(), String> {
+/// An impossible value, naming the key.
+pub(crate) fn validate(config: &IsolationConfig) -> Result<(), String> {
     if config.uid_base == 0 || config.uid_count < 2 {
         return Err("isolation.uidBase must be above 0 and isolation.uidCount at least 2".into());
     }
@@ -504,6 +463,7 @@ impl Isolation {
     pub async fn establish(
         config: &IsolationConfig,
         workspace_root: &Path,
+        stage: &Path,
         listen_host: &str,
         spawner: &Spawner,
     ) -> Result<Self, IsolationError> {
@@ -520,8 +480,10 @@ impl Isolation {
         iso.reserved = host_database_ids();
         iso.reserved.insert(own_ids().0);
         iso.reserved.insert(0);
-        iso.stage = workspace_root.join(".jail-stage");
-        prepare_dir(&iso.stage, 0o755)?;
+        iso.stage = stage.to_owned();
+        // Private like the rest of the data directory: only launchers, still holding the
+        // server's ids when they mount on it, ever look it up.
+        prepare_dir(&iso.stage, 0o700)?;
 
         if requested == RequestedLevel::None {
             if !config.allow_insecure {
@@ -1154,29 +1116,6 @@ mod tests {
         assert_eq!(ByteSize::parse("64 k"), Some(ByteSize(64 * KIB)));
         assert_eq!(ByteSize::parse("100"), Some(ByteSize(100)));
         assert_eq!(ByteSize::parse("12 parsecs"), None);
-    }
-
-    #[test]
-    fn overrides_env_then_flags() {
-        let mut c = IsolationConfig::default();
-        let env = |k: &str| (k == "AGENTD_ISOLATION").then(|| "chroot".to_owned());
-        apply_overrides(&mut c, &Overrides::default(), env).unwrap();
-        assert_eq!(c.level, RequestedLevel::Chroot);
-        let flags = Overrides {
-            level: Some("strict".into()),
-            ..Overrides::default()
-        };
-        apply_overrides(&mut c, &flags, env).unwrap();
-        assert_eq!(c.level, RequestedLevel::Strict);
-        let bad = Overrides {
-            level: Some("sandboxed".into()),
-            ..Overrides::default()
-        };
-        assert!(
-            apply_overrides(&mut c, &bad, |_| None)
-                .unwrap_err()
-                .contains("--isolation")
-        );
     }
 
     #[test]

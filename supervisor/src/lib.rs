@@ -1,6 +1,7 @@
 //! The agent server's supervisor: the trusted process.
 //!
 //! - [`config`]: settings from file, environment and flags, with their defaults.
+//! - [`data_dir`]: the server's own files (control socket, default stores, jail stage), private.
 //! - [`server`]: runtime, listener and orderly shutdown; `connections`: serving each HTTP
 //!   connection, with its header-read and idle timeouts.
 //! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing, Socket.IO.
@@ -24,6 +25,7 @@ mod catalogue;
 pub mod config;
 mod connections;
 pub mod ctl;
+pub mod data_dir;
 pub mod error;
 mod gateway;
 pub mod import;

@@ -46,23 +46,23 @@ pub async fn workers(state: &AppState) -> Vec<Value> {
 /// # Errors
 /// Storage failure.
 pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
-    Ok(state
-        .storage
-        .sessions()
-        .await?
-        .into_iter()
-        .map(|info| {
+    let ids = state.storage.ids_by_recency().await?;
+    let mut rows = Vec::with_capacity(ids.len());
+    // A page of records at a time: each row keeps only a few small fields of its record.
+    for page in ids.chunks(64) {
+        for info in state.storage.sessions_by_ids(page).await? {
             let live = state.sessions.get(&info.id);
-            json!({
+            rows.push(json!({
                 "sessionId": info.id,
                 "name": info.metadata.as_ref().and_then(|m| m.get("name")).cloned().unwrap_or(Value::Null),
                 "updatedAt": info.updated_at,
                 "loaded": live.is_some(),
                 "worker": live.as_ref().is_some_and(|s| s.activity.has_worker()),
                 "running": live.as_ref().is_some_and(|s| s.activity.is_running()),
-            })
-        })
-        .collect())
+            }));
+        }
+    }
+    Ok(rows)
 }
 
 /// Replaces one session's worker; the others are not touched.

@@ -29,6 +29,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    DataDir(#[from] crate::data_dir::DataDirError),
     #[error("could not find our own executable to start workers from: {0}")]
     Executable(std::io::Error),
     #[error("could not start the runtime: {0}")]
@@ -59,7 +61,10 @@ pub enum ServeError {
 impl ServeError {
     /// Configuration problems (exit status 78, EX_CONFIG), as opposed to runtime failures.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Isolation(_) | Self::Workspace { .. })
+        matches!(
+            self,
+            Self::Isolation(_) | Self::Workspace { .. } | Self::DataDir(_)
+        )
     }
 }
 
@@ -96,9 +101,11 @@ fn raise_descriptor_limit() {
     }
 }
 
-async fn serve(config: Config) -> Result<(), ServeError> {
+async fn serve(mut config: Config) -> Result<(), ServeError> {
     raise_descriptor_limit();
     let workspace_root = prepare_workspace_root(&config.workspace)?;
+    // Absolute from here on: the jail stage inside it is handed to workers.
+    config.server.data_dir = crate::data_dir::prepare(&config.server.data_dir)?;
     let exe = std::env::current_exe().map_err(ServeError::Executable)?;
     let spawner =
         Spawner::start(exe, tokio::runtime::Handle::current()).map_err(ServeError::Executable)?;
@@ -107,6 +114,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let isolation = Isolation::establish(
         &config.isolation,
         &workspace_root,
+        &config.server.jail_stage(),
         &config.server.host,
         &spawner,
     )
@@ -118,8 +126,8 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
-    let storage = crate::storage::open(&config.server.storage)?;
-    let control = crate::ctl::bind(&config.server.control_socket).await?;
+    let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
+    let control = crate::ctl::bind(&config.server.control_socket()).await?;
     for entry in config.catalogue.listed() {
         if let Some(problem) = &entry.unusable {
             tracing::warn!(provider = %entry.provider, model = %entry.id, %problem, "model cannot be called until this is fixed");

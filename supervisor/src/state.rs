@@ -110,11 +110,6 @@ impl AppState {
         &self,
         extra_metadata: Map<String, Value>,
     ) -> Result<(Arc<Session>, SessionInfo), ApiError> {
-        let id = new_session_id();
-        let workspace = self.workspace_root.join(&id);
-        create_private_dir(&workspace).map_err(|e| {
-            ApiError::Internal(format!("could not create the session workspace: {e}"))
-        })?;
         let now = now_ms();
         let model = self.config.default_model();
         let mut metadata = Map::new();
@@ -128,6 +123,14 @@ impl AppState {
         }
         metadata.insert("modelConfig".into(), model_config);
         metadata.extend(extra_metadata);
+        // Before the workspace exists: a refused record leaves nothing behind. The storage
+        // checks again, as it does for every write.
+        crate::storage::check_metadata(&metadata).map_err(ApiError::RecordTooLarge)?;
+        let id = new_session_id();
+        let workspace = self.workspace_root.join(&id);
+        create_private_dir(&workspace).map_err(|e| {
+            ApiError::Internal(format!("could not create the session workspace: {e}"))
+        })?;
         let info = SessionInfo {
             id: id.clone(),
             created_at: now,

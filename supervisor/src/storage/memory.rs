@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::{Map, Value};
 
-use super::{SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+use super::{
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
+    recency_key,
+};
 
 #[derive(Default)]
 pub struct MemoryStorage {
@@ -39,6 +42,9 @@ impl Storage for MemoryStorage {
     }
 
     async fn create_session(&self, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+        if let Some(metadata) = &info.metadata {
+            check_metadata(metadata)?;
+        }
         let mut map = self.map();
         if map.contains_key(&info.id) {
             return Err(StorageError::AlreadyExists(info.id));
@@ -58,14 +64,44 @@ impl Storage for MemoryStorage {
         Ok(self.map().get(id).map(|e| e.info.clone()))
     }
 
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError> {
-        let mut all: Vec<SessionInfo> = self.map().values().map(|e| e.info.clone()).collect();
-        all.sort_by(|a, b| {
-            b.updated_at
-                .cmp(&a.updated_at)
-                .then_with(|| b.created_at.cmp(&a.created_at))
+    async fn sessions_page(
+        &self,
+        after: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        let map = self.map();
+        let mut keys: Vec<(u64, &str)> = map
+            .values()
+            .map(|e| (e.info.created_at, e.info.id.as_str()))
+            .filter(|(created, id)| after.is_none_or(|c| c.precedes(*created, id)))
+            .collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(keys
+            .into_iter()
+            .take(limit)
+            .filter_map(|(_, id)| map.get(id).map(|e| e.info.clone()))
+            .collect())
+    }
+
+    async fn ids_by_recency(&self) -> Result<Vec<String>, StorageError> {
+        let map = self.map();
+        let mut infos: Vec<&SessionInfo> = map.values().map(|e| &e.info).collect();
+        infos.sort_unstable_by(|a, b| {
+            recency_key(a.updated_at, a.created_at, &a.id).cmp(&recency_key(
+                b.updated_at,
+                b.created_at,
+                &b.id,
+            ))
         });
-        Ok(all)
+        Ok(infos.into_iter().map(|i| i.id.clone()).collect())
+    }
+
+    async fn sessions_by_ids(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError> {
+        let map = self.map();
+        Ok(ids
+            .iter()
+            .filter_map(|id| map.get(id).map(|e| e.info.clone()))
+            .collect())
     }
 
     async fn count_sessions(&self) -> Result<usize, StorageError> {
@@ -82,8 +118,10 @@ impl Storage for MemoryStorage {
         let entry = map
             .get_mut(id)
             .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
-        let metadata = entry.info.metadata.get_or_insert_with(Map::new);
+        let mut metadata = entry.info.metadata.clone().unwrap_or_default();
         metadata.extend(patch);
+        check_metadata(&metadata)?;
+        entry.info.metadata = Some(metadata);
         entry.info.updated_at = now;
         Ok(entry.info.clone())
     }

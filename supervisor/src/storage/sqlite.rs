@@ -7,6 +7,9 @@
 //!
 //! `synchronous = NORMAL`: a committed transaction survives a crash of the process; the last
 //! ones may be lost on power failure (WAL is still consistent then).
+//!
+//! The database file is created 0600 before SQLite opens it; SQLite gives its `-wal` and
+//! `-shm` files the database file's mode, so they are 0600 too.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
@@ -15,7 +18,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use super::{SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+use super::{
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
+};
+use crate::data_dir;
 
 /// Version of our schema, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
@@ -32,6 +38,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     seqReserved INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS idx_sessions_updatedAt ON sessions(updatedAt DESC, createdAt DESC);
+CREATE INDEX IF NOT EXISTS idx_sessions_createdAt ON sessions(createdAt DESC, id DESC);
 CREATE TABLE IF NOT EXISTS events (
     sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -89,8 +96,9 @@ impl SqliteStorage {
     /// instead), or comes from a newer version of this server.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
+            data_dir::create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
         }
+        create_private(path)?;
         let writer = open_connection(path)?;
         migrate(&writer)?;
         let reader = open_connection(path)?;
@@ -128,6 +136,25 @@ impl SqliteStorage {
     }
 }
 
+/// Creates the database file 0600 if it is missing (SQLite would create it with the umask's
+/// mode, and its `-wal` and `-shm` files after it), and tightens the files of a database an
+/// older version left readable to others.
+fn create_private(path: &Path) -> Result<(), StorageError> {
+    data_dir::file_options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StorageError::io(path, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = PathBuf::from(file);
+        data_dir::tighten_file(&file).map_err(|e| StorageError::io(&file, e))?;
+    }
+    Ok(())
+}
+
 fn migrate(conn: &Connection) -> Result<(), StorageError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -155,6 +182,13 @@ fn migrate(conn: &Connection) -> Result<(), StorageError> {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(StorageError::sqlite)?;
     }
+    // The creation-order index for paged listings came after schema version 1 was out. An
+    // extra index changes nothing an older server reads, so it is added in place rather
+    // than by a version bump that would lock older servers out of the file.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS idx_sessions_createdAt ON sessions(createdAt DESC, id DESC);",
+    )
+    .map_err(StorageError::sqlite)?;
     Ok(())
 }
 
@@ -269,6 +303,9 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
 }
 
 fn create(conn: &Connection, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+    if let Some(metadata) = &info.metadata {
+        check_metadata(metadata)?;
+    }
     let metadata = info
         .metadata
         .as_ref()
@@ -292,7 +329,10 @@ fn merge(
     now: u64,
 ) -> Result<SessionInfo, StorageError> {
     let mut info = load(conn, id)?.ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
-    info.metadata.get_or_insert_with(Map::new).extend(patch);
+    let mut metadata = info.metadata.take().unwrap_or_default();
+    metadata.extend(patch);
+    check_metadata(&metadata)?;
+    info.metadata = Some(metadata);
     info.updated_at = now;
     let metadata = info
         .metadata
@@ -349,12 +389,10 @@ fn row_to_info(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionInfo> {
 }
 
 fn load(conn: &Connection, id: &str) -> Result<Option<SessionInfo>, StorageError> {
-    conn.query_row(
+    conn.prepare_cached(
         "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions WHERE id = ?1",
-        [id],
-        row_to_info,
     )
-    .optional()
+    .and_then(|mut statement| statement.query_row([id], row_to_info).optional())
     .map_err(StorageError::sqlite)
 }
 
@@ -376,15 +414,71 @@ impl Storage for SqliteStorage {
         self.read(move |conn| load(conn, &id)).await
     }
 
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError> {
+    async fn sessions_page(
+        &self,
+        after: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        let after = after.cloned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let rows = match &after {
+                Some(cursor) => conn
+                    .prepare_cached(
+                        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions
+                         WHERE (createdAt, id) < (?1, ?2)
+                         ORDER BY createdAt DESC, id DESC LIMIT ?3",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_map(
+                                params![cursor.created_at as i64, cursor.id, limit],
+                                row_to_info,
+                            )?
+                            .collect::<Result<Vec<_>, _>>()
+                    }),
+                None => conn
+                    .prepare_cached(
+                        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions
+                         ORDER BY createdAt DESC, id DESC LIMIT ?1",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_map([limit], row_to_info)?
+                            .collect::<Result<Vec<_>, _>>()
+                    }),
+            };
+            rows.map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn ids_by_recency(&self) -> Result<Vec<String>, StorageError> {
         self.read(|conn| {
             let mut statement = conn
                 .prepare_cached(
-                    "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions ORDER BY updatedAt DESC, createdAt DESC",
+                    "SELECT id FROM sessions ORDER BY updatedAt DESC, createdAt DESC, id DESC",
                 )
                 .map_err(StorageError::sqlite)?;
-            let rows = statement.query_map([], row_to_info).map_err(StorageError::sqlite)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(StorageError::sqlite)
+            let rows = statement
+                .query_map([], |row| row.get::<_, String>(0))
+                .map_err(StorageError::sqlite)?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn sessions_by_ids(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError> {
+        let ids = ids.to_vec();
+        self.read(move |conn| {
+            let mut records = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(info) = load(conn, id)? {
+                    records.push(info);
+                }
+            }
+            Ok(records)
         })
         .await
     }
@@ -477,5 +571,53 @@ impl Storage for SqliteStorage {
             .map_err(StorageError::sqlite)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The database, its WAL and its shared-memory file are 0600 even under umask 000, and a
+    /// database an older version left 0644 is tightened when it is opened.
+    #[tokio::test]
+    async fn files_are_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/sessions.db");
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let store = SqliteStorage::open(&path).unwrap();
+        let info = SessionInfo {
+            id: "s".into(),
+            created_at: 1,
+            updated_at: 1,
+            workspace: "/w".into(),
+            metadata: None,
+        };
+        store.create_session(info).await.unwrap();
+        store
+            .append_event("s", 1, r#"{"a":1}"#.into(), 2)
+            .await
+            .unwrap();
+        nix::sys::stat::umask(old);
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", path.display()));
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        drop(store);
+
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", path.display()));
+            if file.exists() {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let _store = SqliteStorage::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600, "an old 0644 database is tightened");
     }
 }
