@@ -387,6 +387,11 @@ async function builtinStates() {
     chatHidden: await page.locator('#view-chat').isHidden(),
   };
   await shot(page, 'builtin-not-found');
+  // Playwright reports responses on its own schedule: wait until the 404s have arrived.
+  const started = Date.now();
+  while (seen.apiErrors.length === report.apiErrorsBefore.length && Date.now() - started < LIMIT_MS) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
   report.apiErrorsMissing = seen.apiErrors.slice(report.apiErrorsBefore.length);
   await page.close();
 

@@ -612,7 +612,7 @@ fn steps_are_read_as_a_reader_reads_them() -> Result<()> {
     );
     let script = prepared(&steps[1].script, "127.0.0.1:4321", Some("ID"))?;
     ensure!(script == "S=ID   # the id you got", "{script}");
-    ensure!(assignments(&script) == [script.clone()]);
+    ensure!(assignments(&script) == std::slice::from_ref(&script));
     let script = prepared(&steps[0].script, "127.0.0.1:4321", None)?;
     ensure!(
         script.contains("http://127.0.0.1:4321/api/v1/a"),
