@@ -223,11 +223,18 @@ impl ApiError {
     }
 
     /// The body of the query family (`/sessions/query`, `/oneshot/query`), where upstream's
-    /// `error` is an object: `{"success": false, "error": {code, message, details}, ...}`.
+    /// `error` is an object: `{"success": false, "error": {code, message, details}, ...}`, with
+    /// `code`, `message` and `details` repeated at the top like every other error body.
     pub fn query_body(&self) -> Value {
-        let inner =
-            json!({"code": self.code(), "message": self.to_string(), "details": self.details()});
-        json!({"success": false, "error": inner, "code": self.code(), "message": self.to_string()})
+        let details = self.details();
+        let inner = json!({"code": self.code(), "message": self.to_string(), "details": details});
+        json!({
+            "success": false,
+            "error": inner,
+            "code": self.code(),
+            "message": self.to_string(),
+            "details": details,
+        })
     }
 
     fn body(&self) -> Value {

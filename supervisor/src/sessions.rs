@@ -120,6 +120,16 @@ impl Sessions {
     }
 }
 
+/// What [`Session::abort`] did. Nothing running is an expected outcome, not an error: upstream
+/// answers it with `success: false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// The worker was told to stop the run.
+    Aborted,
+    /// No run was in progress; the session's state, which the abort left as it was.
+    NothingRunning(RunStatus),
+}
+
 /// What a non-streaming caller gets when its run ends.
 #[derive(Debug)]
 pub struct RunOutcome {
@@ -401,14 +411,15 @@ impl Session {
     }
 
     /// Asks the worker to abort the current run for `reason`, which its closing events name.
-    /// `false` when nothing is running. If the worker does not end the run within
+    /// With nothing running, says so and what the session's state is, so that a client can tell
+    /// the user why nothing happened. If the worker does not end the run within
     /// [`ABORT_GRACE`], it is killed and the run ends as an error.
-    pub async fn abort(self: &Arc<Self>, reason: AbortReason) -> bool {
+    pub async fn abort(self: &Arc<Self>, reason: AbortReason) -> AbortOutcome {
         let (run_id, worker) = {
             let inner = self.inner.lock().await;
             match (&inner.run, &inner.worker) {
                 (Some(run), Some(worker)) => (run.run_id.clone(), worker.clone()),
-                _ => return false,
+                _ => return AbortOutcome::NothingRunning(inner.status),
             }
         };
         if worker
@@ -429,7 +440,7 @@ impl Session {
                 kill_for(&worker, reason);
             }
         });
-        true
+        AbortOutcome::Aborted
     }
 
     async fn current_run_id(&self) -> Option<String> {

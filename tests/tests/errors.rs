@@ -441,3 +441,81 @@ async fn oversized_records_are_413_naming_the_field_and_change_nothing() -> Resu
     );
     Ok(())
 }
+
+/// `/sessions/query` and `/oneshot/query` answer every failure in the query family's shape, as
+/// the README promises: `error` is an object `{code, message, details}` (with `code`, `message`
+/// and `details` also at the top), a malformed body and a missing field included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_family_errors_are_objects() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/api/v1/sessions/query",
+            br#"{"sessionId":"#.to_vec(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "/api/v1/sessions/query",
+            b"[1]".to_vec(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "/api/v1/sessions/query",
+            json!({"query": "hi"}).to_string().into_bytes(),
+            400,
+            "SESSION_ID_REQUIRED",
+        ),
+        (
+            "/api/v1/sessions/query",
+            json!({"sessionId": sid}).to_string().into_bytes(),
+            400,
+            "QUERY_REQUIRED",
+        ),
+        (
+            "/api/v1/sessions/query",
+            json!({"sessionId": UNKNOWN, "query": "hi"})
+                .to_string()
+                .into_bytes(),
+            404,
+            "SESSION_NOT_FOUND",
+        ),
+        ("/api/v1/oneshot/query", b"{".to_vec(), 400, "INVALID_JSON"),
+        (
+            "/api/v1/oneshot/query",
+            json!({"sessionName": "x"}).to_string().into_bytes(),
+            400,
+            "QUERY_REQUIRED",
+        ),
+        (
+            "/api/v1/oneshot/query",
+            json!({"query": "hi", "sessionTags": "not a list"})
+                .to_string()
+                .into_bytes(),
+            400,
+            "INVALID_REQUEST",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let r = server.post_raw(path, body, "application/json").await?;
+        let what = format!("{path} -> {status} {code}");
+        r.expect_error(status, code, &what)?;
+        let error = &r.json["error"];
+        ensure!(
+            error.is_object()
+                && error["code"] == code
+                && error["message"].is_string()
+                && error["details"].is_object(),
+            "{what}: `error` is not the object {{code, message, details}}: {}",
+            r.text
+        );
+        ensure!(
+            r.json["success"] == false && r.json["details"].is_object(),
+            "{what}: {}",
+            r.text
+        );
+    }
+    Ok(())
+}

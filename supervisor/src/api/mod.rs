@@ -255,6 +255,20 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["code"], "INVALID_JSON");
+        // The query family's shape: `error` is an object, for a malformed body too.
+        assert!(body["message"].is_string() && body["details"].is_object());
+        assert_eq!(body["error"]["code"], "INVALID_JSON");
+        assert!(body["error"]["message"].is_string() && body["error"]["details"].is_object());
+        // Everywhere else `error` is the short string.
+        let (status, body) = call(
+            app.clone(),
+            Method::POST,
+            "/api/v1/sessions/update",
+            "{\"x\":",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "INVALID_JSON");
         assert!(
             body["message"].is_string() && body["details"].is_object() && body["error"].is_string()
         );

@@ -476,7 +476,10 @@ impl Run {
         let message = self
             .emit(EventBody::AssistantMessage {
                 content: response.text.clone(),
-                raw_content: Some(String::new()),
+                // Upstream's native engine sends `rawContent: ""` on every answer, which reads
+                // as if the answer had been lost; the field is optional (it only matters to an
+                // engine that parses tool calls out of the text), so it is left out.
+                raw_content: None,
                 tool_calls: (!response.calls.is_empty()).then(|| response.calls.clone()),
                 finish_reason: Some(
                     response
