@@ -119,6 +119,13 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
     let storage = crate::storage::open(&config.server.storage)?;
+    // Root mode: the host uid each stored session's files belong to, so none is handed out
+    // twice and each session keeps its own.
+    if let Some(ids) = spawner.isolation().host_ids() {
+        for problem in ids.load(storage.host_ids().await?) {
+            tracing::warn!(%problem, "stored host uids");
+        }
+    }
     let control = crate::ctl::bind(&config.server.control_socket).await?;
     for entry in config.catalogue.listed() {
         if let Some(problem) = &entry.unusable {
@@ -151,6 +158,8 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         draining: Default::default(),
+        starting: Default::default(),
+        admission: Default::default(),
     });
     tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
