@@ -70,6 +70,8 @@ pub(crate) enum FsError {
     IntoItself(String),
     #[error("Directory tree too deep to delete: {0}")]
     TooDeep(String),
+    #[error("{}: {path}", no_space())]
+    NoSpace { path: String },
     #[error("{path}: {}", errno.desc())]
     Io { path: String, errno: Errno },
     #[error("aborted")]
@@ -91,6 +93,8 @@ impl FsError {
             Errno::ELOOP => Self::Loop(path),
             // A socket, or a FIFO opened for writing without a reader.
             Errno::ENXIO => Self::NotRegular(path),
+            // A full workspace: its filesystem (an image per session) or its project quota.
+            Errno::ENOSPC | Errno::EDQUOT => Self::NoSpace { path },
             errno => Self::Io { path, errno },
         }
     }
@@ -193,7 +197,27 @@ pub(crate) struct Workspace {
     prefixes: Vec<PathBuf>,
 }
 
+/// What a tool says when the workspace is full: which quota, when the jail has one.
+pub(crate) fn no_space() -> String {
+    match crate::jail::limits().and_then(|l| l.disk) {
+        Some(quota) => format!(
+            "No space left on device: the session's disk quota of {} is reached",
+            shared::jail::human_bytes(quota)
+        ),
+        None => "No space left on device".to_owned(),
+    }
+}
+
 impl Workspace {
+    /// Whether the workspace's filesystem (or project quota, which `statfs` reports for a
+    /// workspace that has one) has less than 1 MiB or no inode left.
+    pub(crate) fn is_full(&self) -> bool {
+        nix::sys::statvfs::fstatvfs(&self.root).is_ok_and(|st| {
+            st.blocks_available() as u64 * st.fragment_size() as u64 <= 1024 * 1024
+                || (st.files() > 0 && st.files_available() == 0)
+        })
+    }
+
     /// Opens the workspace directory `path` (absolute).
     ///
     /// # Errors
