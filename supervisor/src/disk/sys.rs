@@ -238,9 +238,9 @@ pub fn attach_loop(image: &File, name: &Path) -> io::Result<(OwnedFd, PathBuf)> 
             reserved: [0; 8],
         };
         // SAFETY: LOOP_CONFIGURE reads a struct loop_config, which `config` is; its fd is open.
-        match check(
-            unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CONFIGURE, &raw const config) }.into(),
-        ) {
+        let configured =
+            unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CONFIGURE, &raw const config) };
+        match check(configured.into()) {
             Ok(_) => return Ok((OwnedFd::from(device), path)),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = e,
             Err(e) => return Err(e),

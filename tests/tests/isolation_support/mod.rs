@@ -1410,7 +1410,7 @@ pub async fn t35_workspace_quota(mode: Mode) -> Result<()> {
         "filling stopped with {errno:?} after {written} bytes"
     );
     ensure!(
-        written >= 60 << 20 && written <= 68 << 20,
+        ((60 << 20)..=(68 << 20)).contains(&written),
         "the quota is 64 MiB, {written} bytes were written"
     );
     // The file tool says which quota it ran into.

@@ -213,7 +213,7 @@ impl Workspace {
     /// workspace that has one) has less than 1 MiB or no inode left.
     pub(crate) fn is_full(&self) -> bool {
         nix::sys::statvfs::fstatvfs(&self.root).is_ok_and(|st| {
-            st.blocks_available() as u64 * st.fragment_size() as u64 <= 1024 * 1024
+            st.blocks_available().saturating_mul(st.fragment_size()) <= 1024 * 1024
                 || (st.files() > 0 && st.files_available() == 0)
         })
     }
