@@ -166,6 +166,14 @@ impl Disk {
         workspace: &Path,
         project: Option<u32>,
     ) -> std::io::Result<bool> {
+        if !matches!(self.backend, Backend::None(_)) && !workspace.exists() {
+            // A restored session whose directory went missing starts with an empty one.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(workspace)?;
+        }
         match &self.backend {
             Backend::None(_) => Ok(true),
             Backend::Project(projects) => {

@@ -723,6 +723,18 @@ pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
+    #[test]
+    fn a_full_disk_or_quota_is_said_so() {
+        for errno in [Errno::ENOSPC, Errno::EDQUOT] {
+            assert_eq!(
+                FsError::from_errno(errno, "big.bin").to_string(),
+                "No space left on device: big.bin"
+            );
+        }
+        let f = Fixture::new();
+        assert!(!f.ws.is_full(), "a temporary directory on a roomy disk");
+    }
+
     /// A workspace in a fresh temporary directory, with a sibling directory outside it.
     pub(crate) struct Fixture {
         pub(crate) tmp: tempfile::TempDir,
