@@ -114,6 +114,9 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     isolation.log();
     let level = isolation.level.as_str();
     spawner.set_isolation(Arc::new(isolation));
+    // Whatever ends this function, a start-up step failing below included, this server's
+    // parent cgroups and image pool go with it.
+    let _cleanup = CleanupIsolation(spawner.isolation());
     let model = config.default_model();
     if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
@@ -196,6 +199,14 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+struct CleanupIsolation(Arc<Isolation>);
+
+impl Drop for CleanupIsolation {
+    fn drop(&mut self) {
+        self.0.cleanup();
+    }
 }
 
 /// The base directory of all workspaces (S2): owned by the server and not writable by any
