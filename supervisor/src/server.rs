@@ -122,11 +122,21 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     isolation.log();
     let level = isolation.level.as_str();
     spawner.set_isolation(Arc::new(isolation));
+    // Whatever ends this function, a start-up step failing below included, this server's
+    // parent cgroups and image pool go with it.
+    let _cleanup = CleanupIsolation(spawner.isolation());
     let model = config.default_model();
     if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
     let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
+    // Root mode: the host uid each stored session's files belong to, so none is handed out
+    // twice and each session keeps its own.
+    if let Some(ids) = spawner.isolation().host_ids() {
+        for problem in ids.load(storage.host_ids().await?) {
+            tracing::warn!(%problem, "stored host uids");
+        }
+    }
     let control = crate::ctl::bind(&config.server.control_socket()).await?;
     for entry in config.catalogue.listed() {
         if let Some(problem) = &entry.unusable {
@@ -159,6 +169,8 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         draining: Default::default(),
+        starting: Default::default(),
+        admission: Default::default(),
     });
     tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
@@ -193,6 +205,14 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+struct CleanupIsolation(Arc<Isolation>);
+
+impl Drop for CleanupIsolation {
+    fn drop(&mut self) {
+        self.0.cleanup();
+    }
 }
 
 /// The base directory of all workspaces (S2): owned by the server and not writable by any

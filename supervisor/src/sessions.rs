@@ -306,7 +306,8 @@ impl Session {
         input: &Value,
         stream: bool,
     ) -> Result<oneshot::Receiver<RunOutcome>, ApiError> {
-        state.admit(self).await?;
+        // Held until the worker below is live: the slot counts as taken meanwhile.
+        let _admission = state.admit(self).await?;
         let mut inner = self.inner.lock().await;
         if self.closed.is_cancelled() {
             return Err(ApiError::SessionNotFound(self.id.clone()));
@@ -396,7 +397,7 @@ impl Session {
             return Err(ApiError::SessionNotFound(self.id.clone()));
         }
         self.stop_worker().await;
-        state.admit(self).await?;
+        let _admission = state.admit(self).await?;
         let mut inner = self.inner.lock().await;
         match inner.worker.clone().filter(WorkerHandle::is_alive) {
             // A query raced us and started one already: that is a fresh worker too.

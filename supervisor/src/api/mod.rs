@@ -218,6 +218,8 @@ mod tests {
             started: std::time::Instant::now(),
             shutdown: Default::default(),
             draining: Default::default(),
+            starting: Default::default(),
+            admission: Default::default(),
         })
     }
 

@@ -4,6 +4,7 @@
 //! <dir>/sessions/<id>.json   one record per session, replaced atomically (write, then rename)
 //! <dir>/events/<id>.log      append-only, one event per line: "<seq> <event json>\n"
 //! <dir>/events/<id>.seq      the highest sequence number reserved (see Storage::reserve_seq)
+//! <dir>/sessions/<id>.uid    the session's host uid (root mode), replaced atomically
 //! ```
 //!
 //! Only an index (id, `createdAt`, `updatedAt`) is kept in memory, built when the directory is
@@ -129,6 +130,10 @@ impl FileStorage {
 
     fn reservation_path(&self, id: &str) -> PathBuf {
         self.dir.join("events").join(format!("{id}.seq"))
+    }
+
+    fn host_id_path(&self, id: &str) -> PathBuf {
+        self.dir.join("sessions").join(format!("{id}.uid"))
     }
 
     fn reserved(&self, id: &str) -> u64 {
@@ -400,7 +405,11 @@ impl Storage for FileStorage {
         // The record goes first: without it the session does not exist, whatever is left.
         let record = self.record_path(id);
         std::fs::remove_file(&record).map_err(|e| StorageError::io(&record, e))?;
-        for file in [self.log_path(id), self.reservation_path(id)] {
+        for file in [
+            self.log_path(id),
+            self.reservation_path(id),
+            self.host_id_path(id),
+        ] {
             match std::fs::remove_file(&file) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(StorageError::io(&file, e));
@@ -484,6 +493,41 @@ impl Storage for FileStorage {
             .log(&mut state.logs, id)?
             .last_seq
             .max(self.reserved(id)))
+    }
+
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError> {
+        // Under the lock: a concurrent delete cannot remove the record between the check and
+        // the write and leave a stray id file behind.
+        let state = self.state();
+        if !state.sessions.contains_key(id) {
+            return Err(StorageError::NotFound(id.to_owned()));
+        }
+        let path = self.host_id_path(id);
+        let tmp = path.with_extension("uid.tmp");
+        std::fs::write(&tmp, host_id.to_string()).map_err(|e| StorageError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
+    }
+
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError> {
+        let state = self.state();
+        let mut ids = Vec::new();
+        for id in state.sessions.keys() {
+            let path = self.host_id_path(id);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => match text.trim().parse() {
+                    Ok(host_id) => ids.push((id.clone(), host_id)),
+                    Err(_) => {
+                        return Err(StorageError::Corrupt(format!(
+                            "{} does not hold a uid",
+                            path.display()
+                        )));
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io(&path, e)),
+            }
+        }
+        Ok(ids)
     }
 }
 

@@ -20,6 +20,7 @@ struct Entry {
     info: SessionInfo,
     events: Vec<StoredEvent>,
     reserved: u64,
+    host_id: Option<u32>,
 }
 
 impl MemoryStorage {
@@ -55,6 +56,7 @@ impl Storage for MemoryStorage {
                 info: info.clone(),
                 events: Vec::new(),
                 reserved: 0,
+                host_id: None,
             },
         );
         Ok(info)
@@ -179,5 +181,22 @@ impl Storage for MemoryStorage {
         Ok(self.map().get(id).map_or(0, |e| {
             e.events.last().map_or(0, |last| last.seq).max(e.reserved)
         }))
+    }
+
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError> {
+        let mut map = self.map();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+        entry.host_id = Some(host_id);
+        Ok(())
+    }
+
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError> {
+        Ok(self
+            .map()
+            .iter()
+            .filter_map(|(id, e)| e.host_id.map(|h| (id.clone(), h)))
+            .collect())
     }
 }

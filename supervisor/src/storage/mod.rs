@@ -211,6 +211,14 @@ pub trait Storage: Send + Sync {
     /// The highest `seq` the session has stored or reserved (0 when none), so numbering
     /// continues after a restart.
     async fn last_seq(&self, id: &str) -> Result<u64, StorageError>;
+
+    /// Records the host uid/gid a session's worker runs as (root mode), so that a restarted
+    /// server gives it the same identity (its workspace files belong to it) and never hands the
+    /// id to another session. Kept with the record, gone with it.
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError>;
+
+    /// Every stored session's recorded host id, read once at start.
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError>;
 }
 
 /// Storage as the rest of the supervisor holds it.
@@ -365,6 +373,34 @@ mod conformance {
             store.last_seq("s").await.unwrap(),
             0,
             "and with no reservation"
+        );
+    }
+
+    async fn host_ids(store: &dyn Storage) {
+        store.create_session(info("h1", 1)).await.unwrap();
+        store.create_session(info("h2", 2)).await.unwrap();
+        assert!(store.host_ids().await.unwrap().is_empty());
+        store.set_host_id("h1", 200_007).await.unwrap();
+        store.set_host_id("h2", 200_009).await.unwrap();
+        store.set_host_id("h2", 200_011).await.unwrap();
+        assert!(matches!(
+            store.set_host_id("nope", 1).await,
+            Err(StorageError::NotFound(_))
+        ));
+        let mut ids = store.host_ids().await.unwrap();
+        ids.sort();
+        assert_eq!(ids, [("h1".into(), 200_007), ("h2".into(), 200_011)]);
+        assert_eq!(
+            store.session("h1").await.unwrap().unwrap(),
+            info("h1", 1),
+            "the record as the API shows it is unchanged"
+        );
+        assert!(store.delete_session("h1").await.unwrap());
+        store.create_session(info("h1", 3)).await.unwrap();
+        assert_eq!(
+            store.host_ids().await.unwrap(),
+            [("h2".into(), 200_011)],
+            "a deleted session's id goes with it"
         );
     }
 
@@ -594,6 +630,7 @@ mod conformance {
                             .unwrap();
                     }
                     store.reserve_seq("r", 50).await.unwrap();
+                    store.set_host_id("r", 200_123).await.unwrap();
                 }
                 let store: Arc<dyn Storage> = ($open)(dir.path());
                 assert_eq!(
@@ -611,6 +648,11 @@ mod conformance {
                     "the reservation survives"
                 );
                 assert_eq!(seqs(&*store, "r", 0, 10).await, [1, 2, 3]);
+                assert_eq!(
+                    store.host_ids().await.unwrap(),
+                    [("r".into(), 200_123)],
+                    "the host id survives"
+                );
                 store.append_event("r", 51, event(51), 20).await.unwrap();
                 assert_eq!(seqs(&*store, "r", 3, 10).await, [51]);
             }
@@ -654,6 +696,13 @@ mod conformance {
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::record_limits(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn host_ids() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::host_ids(&*store).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,8 +23,9 @@ use super::{
 };
 use crate::data_dir;
 
-/// Version of our schema, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Version of our schema, kept in `PRAGMA user_version`: the base schema is version 1, and each
+/// entry of [`MIGRATIONS`] takes the database one version up.
+const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -48,6 +49,15 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 ";
 
+/// Additive steps from version 1 upwards, applied in order in one transaction; never edited once
+/// released (a database records how far it got).
+const MIGRATIONS: &[&str] = &[
+    // 2: the host uid of each session's worker (root mode), so a restart keeps it.
+    "ALTER TABLE sessions ADD COLUMN hostUid INTEGER;",
+    // 3: creation order, for paged listings (`GET /sessions?limit=&cursor=`).
+    "CREATE INDEX IF NOT EXISTS idx_sessions_createdAt ON sessions(createdAt DESC, id DESC);",
+];
+
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 enum Write {
@@ -69,6 +79,11 @@ enum Write {
     Reserve {
         id: String,
         upto: u64,
+        reply: Reply<()>,
+    },
+    HostId {
+        id: String,
+        host_id: u32,
         reply: Reply<()>,
     },
 }
@@ -164,6 +179,10 @@ fn migrate(conn: &Connection) -> Result<(), StorageError> {
             "database schema version {version} is newer than this server's ({SCHEMA_VERSION})"
         )));
     }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let mut steps = String::from("BEGIN;");
     if version == 0 {
         let upstream: bool = conn
             .query_row(
@@ -178,18 +197,15 @@ fn migrate(conn: &Connection) -> Result<(), StorageError> {
                 "this is an upstream Tarko database; bring its sessions over with `supervisor import --from <file>`".into(),
             ));
         }
-        conn.execute_batch(SCHEMA).map_err(StorageError::sqlite)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(StorageError::sqlite)?;
+        steps.push_str(SCHEMA);
     }
-    // The creation-order index for paged listings came after schema version 1 was out. An
-    // extra index changes nothing an older server reads, so it is added in place rather
-    // than by a version bump that would lock older servers out of the file.
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS idx_sessions_createdAt ON sessions(createdAt DESC, id DESC);",
-    )
-    .map_err(StorageError::sqlite)?;
-    Ok(())
+    let done = usize::try_from(version.max(1) - 1).unwrap_or_default();
+    for step in &MIGRATIONS[done..] {
+        steps.push_str(step);
+    }
+    // All or nothing: a crash half-way leaves the old version, which migrates again.
+    steps.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
+    conn.execute_batch(&steps).map_err(StorageError::sqlite)
 }
 
 fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
@@ -284,6 +300,21 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
             now,
             reply,
         } => Outcome::Unit(reply, append(conn, &id, seq, &json, now)),
+        Write::HostId { id, host_id, reply } => Outcome::Unit(
+            reply,
+            conn.execute(
+                "UPDATE sessions SET hostUid = ?2 WHERE id = ?1",
+                params![id, i64::from(host_id)],
+            )
+            .map_err(StorageError::sqlite)
+            .and_then(|n| {
+                if n == 0 {
+                    Err(StorageError::NotFound(id))
+                } else {
+                    Ok(())
+                }
+            }),
+        ),
         Write::Reserve { id, upto, reply } => Outcome::Unit(
             reply,
             conn.execute(
@@ -572,11 +603,80 @@ impl Storage for SqliteStorage {
         })
         .await
     }
+
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::HostId { id, host_id, reply })
+            .await
+    }
+
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT id, hostUid FROM sessions WHERE hostUid IS NOT NULL")
+                .map_err(StorageError::sqlite)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .map_err(StorageError::sqlite)?;
+            rows.map(|row| {
+                let (id, host_id) = row.map_err(StorageError::sqlite)?;
+                u32::try_from(host_id)
+                    .map(|h| (id, h))
+                    .map_err(|_| StorageError::Corrupt(format!("host uid {host_id} out of range")))
+            })
+            .collect()
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database written by the first schema (no host uid column) opens, keeps its sessions,
+    /// and records host ids from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_one_database_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO sessions (id, createdAt, updatedAt, workspace) VALUES ('old', 1, 2, '/w/old')",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteStorage::open(&path).unwrap();
+        assert_eq!(
+            store.session("old").await.unwrap().unwrap().workspace,
+            "/w/old"
+        );
+        assert!(store.host_ids().await.unwrap().is_empty());
+        store.set_host_id("old", 200_001).await.unwrap();
+        assert_eq!(store.host_ids().await.unwrap(), [("old".into(), 200_001)]);
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(SCHEMA_VERSION, 3);
+        let indexed: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'idx_sessions_createdAt'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 1, "the creation-order index is added by migration");
+    }
+
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &Path) -> u32 {

@@ -182,6 +182,14 @@ pub async fn start(
         .map(|e| e.json.to_string())
         .collect();
     let stored = state.storage.session(&session.id).await?;
+    // Its identity and its disk quota are in place before its process exists.
+    let prepared = async {
+        state.host_id(&session.id).await?;
+        state.ensure_workspace(session).await
+    };
+    prepared
+        .await
+        .map_err(|e| WorkerError::Spawn(e.to_string()))?;
     let spawning = std::time::Instant::now();
     let spawn::Spawned {
         mut child,

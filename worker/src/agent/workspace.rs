@@ -70,6 +70,8 @@ pub(crate) enum FsError {
     IntoItself(String),
     #[error("Directory tree too deep to delete: {0}")]
     TooDeep(String),
+    #[error("{}: {path}", no_space())]
+    NoSpace { path: String },
     #[error("{path}: {}", errno.desc())]
     Io { path: String, errno: Errno },
     #[error("aborted")]
@@ -91,6 +93,8 @@ impl FsError {
             Errno::ELOOP => Self::Loop(path),
             // A socket, or a FIFO opened for writing without a reader.
             Errno::ENXIO => Self::NotRegular(path),
+            // A full workspace: its filesystem (an image per session) or its project quota.
+            Errno::ENOSPC | Errno::EDQUOT => Self::NoSpace { path },
             errno => Self::Io { path, errno },
         }
     }
@@ -193,7 +197,27 @@ pub(crate) struct Workspace {
     prefixes: Vec<PathBuf>,
 }
 
+/// What a tool says when the workspace is full: which quota, when the jail has one.
+pub(crate) fn no_space() -> String {
+    match crate::jail::limits().and_then(|l| l.disk) {
+        Some(quota) => format!(
+            "No space left on device: the session's disk quota of {} is reached",
+            shared::jail::human_bytes(quota)
+        ),
+        None => "No space left on device".to_owned(),
+    }
+}
+
 impl Workspace {
+    /// Whether the workspace's filesystem (or project quota, which `statfs` reports for a
+    /// workspace that has one) has less than 1 MiB or no inode left.
+    pub(crate) fn is_full(&self) -> bool {
+        nix::sys::statvfs::fstatvfs(&self.root).is_ok_and(|st| {
+            st.blocks_available().saturating_mul(st.fragment_size()) <= 1024 * 1024
+                || (st.files() > 0 && st.files_available() == 0)
+        })
+    }
+
     /// Opens the workspace directory `path` (absolute).
     ///
     /// # Errors
@@ -698,6 +722,18 @@ fn normalise_absolute(path: &Path) -> PathBuf {
 pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_full_disk_or_quota_is_said_so() {
+        for errno in [Errno::ENOSPC, Errno::EDQUOT] {
+            assert_eq!(
+                FsError::from_errno(errno, "big.bin").to_string(),
+                "No space left on device: big.bin"
+            );
+        }
+        let f = Fixture::new();
+        assert!(!f.ws.is_full(), "a temporary directory on a roomy disk");
+    }
 
     /// A workspace in a fresh temporary directory, with a sibling directory outside it.
     pub(crate) struct Fixture {

@@ -172,7 +172,9 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
             // Whatever the shell and its foreground jobs wrote is in the pipes by now; a
             // background job still holding them is not waited for.
             output.drain();
-            Ok(result_parts(&output, status))
+            // A command that failed on a full workspace is told which quota it hit.
+            let full = status != 0 && cx.ws.is_full();
+            Ok(result_parts(&output, status, full))
         }
         Ending::Aborted => {
             stop(&watched, &mut output, ABORT_TERM_GRACE);
@@ -283,7 +285,7 @@ impl Drop for KillOnUnwind {
 /// The result parts of a command that ended on its own (agent.md §3.5): STDOUT, STDERR, ERROR
 /// for a non-zero exit or a signal, `(no output)` when there is nothing else. A non-zero exit is
 /// not a tool error: the model reads the ERROR part.
-fn result_parts(output: &Output, status: libc::c_int) -> Value {
+fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value {
     let mut parts = Vec::new();
     for (name, capture) in [
         ("STDOUT", &output.streams[0]),
@@ -293,7 +295,10 @@ fn result_parts(output: &Output, status: libc::c_int) -> Value {
             parts.push(json!({"type": "text", "name": name, "text": capture.capture.text()}));
         }
     }
-    if let Some(error) = describe_status(status) {
+    if let Some(mut error) = describe_status(status) {
+        if disk_full {
+            error = format!("{error} ({})", crate::agent::workspace::no_space());
+        }
         parts.push(json!({"type": "text", "name": "ERROR", "text": error}));
     }
     if parts.is_empty() {
