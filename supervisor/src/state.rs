@@ -171,6 +171,17 @@ impl AppState {
         }
     }
 
+    /// A session record as its clients see it: the workspace is the path inside the session's
+    /// jail (`/workspace` at strict, `/` at chroot; the host path only at `none`, where the
+    /// worker sees that), never where it lives on the host.
+    pub fn shown(&self, mut info: SessionInfo) -> SessionInfo {
+        info.workspace = self
+            .spawner
+            .isolation()
+            .workspace_inside(std::path::Path::new(&info.workspace));
+        info
+    }
+
     /// The model as the API shows it: never a key or a URL.
     pub fn model_json(&self) -> Value {
         let model = self.config.default_model();

@@ -20,7 +20,13 @@ use crate::state::AppState;
 use crate::storage::{SessionInfo, StoredEvent};
 
 pub(super) async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let sessions = state.storage.sessions().await?;
+    let sessions: Vec<SessionInfo> = state
+        .storage
+        .sessions()
+        .await?
+        .into_iter()
+        .map(|info| state.shown(info))
+        .collect();
     Ok(Json(json!({"sessions": sessions})))
 }
 
@@ -51,7 +57,7 @@ pub(super) async fn create(
         }
     }
     let (session, info) = state.create_session(extra).await?;
-    let body = json!({"sessionId": session.id, "session": info, "events": []});
+    let body = json!({"sessionId": session.id, "session": state.shown(info), "events": []});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -68,7 +74,7 @@ pub(super) async fn details(
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
     let session = state.session(&session_id(&params, None)?).await?;
-    let info = stored_info(&state, &session).await?;
+    let info = state.shown(stored_info(&state, &session).await?);
     let mut value = serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?;
     value["active"] = json!(state.sessions.get(&session.id).is_some());
     Ok(Json(json!({"session": value})))
@@ -176,7 +182,8 @@ pub(super) async fn latest_events(
         return Err(ApiError::NoSessions);
     };
     let events = events_json(&state.storage.events_after(&info.id, 0, usize::MAX).await?);
-    let info_json = serde_json::to_string(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let info_json = serde_json::to_string(&state.shown(info.clone()))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let id = serde_json::to_string(&info.id).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(raw_json(format!(
         "{{\"sessionId\":{id},\"sessionInfo\":{info_json},\"events\":{events}}}"
@@ -248,7 +255,7 @@ pub(super) async fn update(
             .merge_metadata(&session.id, patch, now_ms())
             .await?
     };
-    Ok(Json(json!({"session": info})))
+    Ok(Json(json!({"session": state.shown(info)})))
 }
 
 pub(super) async fn delete(
@@ -272,7 +279,7 @@ pub(super) async fn restore(
     Ok(Json(json!({
         "success": true,
         "sessionId": session.id,
-        "session": info,
+        "session": state.shown(info),
         "status": status_json(&session).await,
     })))
 }
