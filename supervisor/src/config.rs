@@ -107,6 +107,64 @@ pub struct ServerConfig {
     /// How long a connection may take to send a request, or sit idle between requests.
     #[serde(default)]
     pub http: HttpTimeouts,
+    /// A second origin (`scheme://host[:port]`) that reaches this same server, for workspace
+    /// files: requests arriving under it get agent-written pages (HTML, SVG, ...) inline, still
+    /// sandboxed. Absent, such files are always downloads, so none renders on the API's origin.
+    #[serde(default)]
+    pub workspace_origin: Option<String>,
+}
+
+impl ServerConfig {
+    /// `workspaceOrigin`, parsed (it was checked at load time).
+    pub fn workspace_origin(&self) -> Option<WorkspaceOrigin> {
+        self.workspace_origin
+            .as_deref()
+            .and_then(|o| WorkspaceOrigin::parse(o).ok())
+    }
+}
+
+/// The host and port of `server.workspaceOrigin`, to recognise requests made under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceOrigin {
+    /// Lower case; an IPv6 address in brackets.
+    host: String,
+    port: u16,
+    /// What a `Host` without a port means: the default port of the origin's scheme.
+    scheme_port: u16,
+}
+
+impl WorkspaceOrigin {
+    /// # Errors
+    /// Not an http(s) origin: a scheme, a host, an optional port, nothing else.
+    pub fn parse(origin: &str) -> Result<Self, String> {
+        let url = reqwest::Url::parse(origin).map_err(|e| e.to_string())?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("the scheme must be http or https".into());
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err("an origin has no path, query or fragment".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("an origin has no user name or password".into());
+        }
+        let host = url.host_str().ok_or("no host")?.to_ascii_lowercase();
+        let port = url.port_or_known_default().ok_or("no port")?;
+        let scheme_port = if url.scheme() == "https" { 443 } else { 80 };
+        Ok(Self {
+            host,
+            port,
+            scheme_port,
+        })
+    }
+
+    /// Whether a request's `Host` header (`host`, `host:port`, `[v6]:port`) names this origin.
+    pub fn matches_host(&self, header: &str) -> bool {
+        let (host, port) = match header.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (host, port.parse::<u16>().ok()),
+            _ => (header, None),
+        };
+        host.eq_ignore_ascii_case(&self.host) && port.unwrap_or(self.scheme_port) == self.port
+    }
 }
 
 /// `server.sessionLimits`: what one session may send through its worker, checked by the
@@ -281,6 +339,7 @@ impl Default for ServerConfig {
             runtime_settings: None,
             session_limits: SessionLimits::default(),
             http: HttpTimeouts::default(),
+            workspace_origin: None,
         }
     }
 }
@@ -854,6 +913,14 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     if let Some(webui) = &config.webui {
         validate_webui(webui)?;
     }
+    if let Some(origin) = &config.server.workspace_origin
+        && let Err(reason) = WorkspaceOrigin::parse(origin)
+    {
+        return Err(ConfigError::Invalid(format!(
+            "server.workspaceOrigin must be an http(s) origin like \"https://files.example.com\", \
+             got {origin:?}: {reason}"
+        )));
+    }
     Ok(())
 }
 
@@ -1058,6 +1125,38 @@ mod tests {
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect();
         load_with_env(Some(&path), flags, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn workspace_origins() {
+        let origin = WorkspaceOrigin::parse("https://Files.Example.com").unwrap();
+        assert!(origin.matches_host("files.example.com"));
+        assert!(origin.matches_host("files.example.com:443"));
+        assert!(!origin.matches_host("files.example.com:80"));
+        assert!(!origin.matches_host("example.com"));
+        let local = WorkspaceOrigin::parse("http://localhost:8080").unwrap();
+        assert!(local.matches_host("localhost:8080") && !local.matches_host("localhost"));
+        let v6 = WorkspaceOrigin::parse("http://[::1]:9000").unwrap();
+        assert!(v6.matches_host("[::1]:9000") && !v6.matches_host("[::1]"));
+        for bad in [
+            "files.example.com",
+            "ftp://a",
+            "https://a/path",
+            "https://a?x=1",
+            "https://u@a",
+        ] {
+            assert!(WorkspaceOrigin::parse(bad).is_err(), "{bad}");
+        }
+        let refused = load_str(
+            "json",
+            r#"{"server": {"workspaceOrigin": "https://a/x"}}"#,
+            &[],
+            &Overrides::default(),
+        );
+        assert!(
+            matches!(&refused, Err(ConfigError::Invalid(m)) if m.contains("server.workspaceOrigin")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -146,9 +146,12 @@ async fn import_one(
     let original = upstream.info["workspace"]
         .as_str()
         .or_else(|| upstream.info["workingDirectory"].as_str());
+    // The store's file name, not its path: session records are shown to clients, and where
+    // the operator keeps files on this host is none of theirs.
+    let store = from.file_name().map(|n| n.to_string_lossy().into_owned());
     metadata.insert(
         "importedFrom".into(),
-        json!({"path": from, "workspace": original}),
+        json!({"store": store, "workspace": original}),
     );
     if let Err(too_large) = crate::storage::check_metadata(&metadata) {
         tracing::warn!(session_id = %id, %too_large, "session not imported: its record is over the limits");
@@ -165,6 +168,14 @@ async fn import_one(
                 source,
             });
         }
+    }
+    // What was there already must be a real directory: a symlink in its place would become
+    // the session's workspace, and the server would then work on wherever it points.
+    if let Err(e) = crate::workspace::SessionDir::open(&workspace) {
+        return Err(ImportError::Workspace {
+            path: workspace,
+            source: std::io::Error::other(format!("not a directory of its own: {e}")),
+        });
     }
     let info = SessionInfo {
         id: id.clone(),

@@ -17,6 +17,8 @@
 //! - [`isolation`]: the isolation level in force, its limits, probes and report.
 //! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
 //!   `share`: replay pages of sessions, downloaded or uploaded.
+//! - `workspace`: every host-side access to a session's workspace (reads, listings, removal),
+//!   beneath a handle of the session directory.
 
 mod agio;
 mod api;
@@ -41,3 +43,4 @@ mod state;
 pub mod storage;
 mod webui;
 mod workers;
+mod workspace;

@@ -11,7 +11,8 @@ use shared::ids::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Every live worker: session, pid, state, uptime, memory, CPU time and events published.
+/// Every live worker: session, pid, state, uptime, memory, CPU time, events published and the
+/// workspace's host path.
 pub async fn workers(state: &AppState) -> Vec<Value> {
     let mut report = Vec::new();
     for session in state.sessions.all() {
@@ -28,6 +29,8 @@ pub async fn workers(state: &AppState) -> Vec<Value> {
             // Microsecond resolution: a jailed start takes a few milliseconds.
             "startMs": (worker.start_duration.as_secs_f64() * 1e6).round() / 1e3,
             "events": session.bus.latest(),
+            // Where it lives on the host: for operators; session clients see the jail's path.
+            "workspace": session.workspace,
         });
         if let Some(rss) = proc_status_kib(worker.pid, "VmRSS:") {
             entry["rssKib"] = json!(rss);
@@ -41,7 +44,8 @@ pub async fn workers(state: &AppState) -> Vec<Value> {
     report
 }
 
-/// Every stored session, with whether it is loaded and has a worker.
+/// Every stored session, with whether it is loaded and has a worker, and its workspace's host
+/// path.
 ///
 /// # Errors
 /// Storage failure.
@@ -59,6 +63,7 @@ pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
                 "loaded": live.is_some(),
                 "worker": live.as_ref().is_some_and(|s| s.activity.has_worker()),
                 "running": live.as_ref().is_some_and(|s| s.activity.is_running()),
+                "workspace": info.workspace,
             }));
         }
     }

@@ -259,7 +259,8 @@ impl AppState {
         let info = match self.storage.create_session(info).await {
             Ok(info) => info,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&workspace);
+                // Just created by us, so still empty.
+                let _ = std::fs::remove_dir(&workspace);
                 return Err(e.into());
             }
         };
@@ -316,18 +317,24 @@ impl AppState {
         if let Some(ids) = isolation.host_ids() {
             ids.release(&session.id);
         }
-        // std's remove_dir_all does not follow symlinks planted inside (CVE-2022-21658 fixed).
-        if let Err(e) = std::fs::remove_dir_all(&session.workspace)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(session_id = %session.id, error = %e, "could not remove the workspace");
-        }
+        remove_workspace(&session.id, session.workspace.clone()).await;
         tracing::info!(session_id = %session.id, "session deleted");
         if existed {
             Ok(())
         } else {
             Err(ApiError::SessionNotFoundInStorage(session.id.clone()))
         }
+    }
+
+    /// A session record as its clients see it: the workspace is the path inside the session's
+    /// jail (`/workspace` at strict, `/` at chroot; the host path only at `none`, where the
+    /// worker sees that), never where it lives on the host.
+    pub fn shown(&self, mut info: SessionInfo) -> SessionInfo {
+        info.workspace = self
+            .spawner
+            .isolation()
+            .workspace_inside(std::path::Path::new(&info.workspace));
+        info
     }
 
     /// The model as the API shows it: never a key or a URL.
@@ -338,6 +345,27 @@ impl AppState {
             value["displayName"] = json!(name);
         }
         value
+    }
+}
+
+/// Removes a session's workspace on a blocking thread: the tree may be of any shape and size,
+/// and nothing of it may block the runtime (see `workspace::remove`). A failure is logged; what
+/// could not be removed stays on disk.
+async fn remove_workspace(session_id: &str, workspace: std::path::PathBuf) {
+    let removal = tokio::task::spawn_blocking(move || crate::workspace::remove(&workspace)).await;
+    match removal {
+        Ok(Ok(removed)) => tracing::debug!(
+            session_id,
+            files = removed.files,
+            directories = removed.directories,
+            "workspace removed"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(session_id, error = %e, "could not remove the workspace");
+        }
+        Err(e) => {
+            tracing::warn!(session_id, error = %e, "the workspace removal did not finish");
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //   node browser.mjs builtin  <baseUrl> <artifactsDir>
 //   node browser.mjs builtin-states <baseUrl> <artifactsDir> <serverPid>   (kills the server)
 //   node browser.mjs replay   <htmlFile> <artifactsDir> <name> <text>...
+//   node browser.mjs workspace <pageUrl> <artifactsDir> <name>
 //
 // Each scenario prints one JSON report as its last line; the Rust tests (tests/tests/browser.rs,
 // tests/tests/share.rs) assert on it. Screenshots go to <artifactsDir>/<scenario>-*.png.
@@ -440,7 +441,42 @@ async function replay() {
   return report;
 }
 
-const scenarios = { official, builtin, 'builtin-states': builtinStates, replay };
+/** Opens a workspace file served by the server, as a user following a link would, and
+ * reports what the page could do: the requests it made, whether it was downloaded instead of
+ * shown, its title and text. */
+async function workspace() {
+  const [name] = rest;
+  const { page, close } = await launch();
+  const requests = [];
+  page.on('request', (request) => requests.push(new URL(request.url()).pathname));
+  const downloads = [];
+  page.on('download', (download) => downloads.push(download.suggestedFilename()));
+  const errors = [];
+  page.on('pageerror', (error) => errors.push(String(error)));
+  let shown = true;
+  let failure = null;
+  try {
+    // Network idle: a script that fetches (and reports what it read) has had its chance.
+    await page.goto(target, { waitUntil: 'networkidle' });
+  } catch (error) {
+    shown = false;
+    failure = String(error).split('\n')[0];
+  }
+  // A download starts asynchronously; give its event a moment to arrive.
+  if (!shown) await page.waitForTimeout(500);
+  let title = '';
+  let text = '';
+  if (shown) {
+    title = await page.title();
+    text = await page.evaluate(() => (document.body ? document.body.innerText : ''));
+    await shot(page, name);
+  }
+  const report = { shown, failure, downloads, requests, title, text, pageErrors: errors };
+  await close();
+  return report;
+}
+
+const scenarios = { official, builtin, 'builtin-states': builtinStates, replay, workspace };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

@@ -158,7 +158,13 @@ async fn restart_and_continue(kind: &str) -> Result<()> {
     let details = server.details(&sid).await?;
     ensure!(details["metadata"]["name"] == "kept", "{details}");
     ensure!(server.workers().await?.is_empty());
-    ensure!(Path::new(details["workspace"].as_str().unwrap_or_default()).is_dir());
+    // Its own workspace directory on the host, shown to clients as the path inside its jail.
+    ensure!(dir.path().join("ws").join(&sid).is_dir());
+    let health = server.get_ok("/api/v1/system/health").await?;
+    ensure!(
+        details["workspace"] == health["isolation"]["workspaceInside"],
+        "{details}"
+    );
 
     let frames = server.stream_all(&sid, "RECALL").await?;
     let first = frames.first().and_then(|f| f.id).context("no ids")?;
@@ -580,7 +586,17 @@ async fn import_upstream(kind: &str) -> Result<()> {
         details["metadata"]["importedFrom"]["workspace"] == "/home/user/project",
         "{details}"
     );
-    ensure!(Path::new(details["workspace"].as_str().unwrap_or_default()).is_dir());
+    // Its own workspace directory on the host, shown to clients as the path inside its jail.
+    ensure!(dir.path().join("ws").join(sid).is_dir());
+    let health = server.get_ok("/api/v1/system/health").await?;
+    ensure!(
+        details["workspace"] == health["isolation"]["workspaceInside"],
+        "{details}"
+    );
+    ensure!(
+        details["metadata"]["importedFrom"]["store"] == "tarko.db",
+        "{details}"
+    );
     // The imported conversation is this server's memory now.
     let recall = server.query(sid, "RECALL").await?;
     ensure!(

@@ -311,7 +311,12 @@ mod tests {
             call(app.clone(), Method::POST, "/api/v1/sessions/create", "").await;
         assert_eq!(status, StatusCode::CREATED);
         let id = created["sessionId"].as_str().unwrap().to_owned();
-        assert!(std::path::Path::new(created["session"]["workspace"].as_str().unwrap()).is_dir());
+        let host = state.workspace_root.join(&id);
+        assert!(host.is_dir());
+        assert_eq!(
+            created["session"]["workspace"],
+            state.spawner.isolation().workspace_inside(&host)
+        );
 
         let update = format!(
             "{{\"sessionId\":\"{id}\",\"name\":\"n\",\"tags\":[\"t\"],\"metadata\":{{\"x\":1}}}}"
@@ -358,7 +363,7 @@ mod tests {
         );
         let (status, _) = call(app, Method::POST, "/api/v1/sessions/delete", &delete).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        assert!(!std::path::Path::new(created["session"]["workspace"].as_str().unwrap()).exists());
+        assert!(!host.exists());
     }
 
     #[tokio::test]

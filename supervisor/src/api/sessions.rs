@@ -19,7 +19,7 @@ use super::raw_json;
 use crate::error::ApiError;
 use crate::sessions::Session;
 use crate::state::AppState;
-use crate::storage::{PageCursor, SessionInfo, SharedStorage, StorageError, StoredEvent};
+use crate::storage::{PageCursor, SessionInfo, StorageError, StoredEvent};
 
 /// The largest page `GET /sessions?limit=` gives; a larger `limit` gets this many.
 const MAX_PAGE: usize = 100;
@@ -43,7 +43,7 @@ pub(super) async fn list(
         .map(parse_cursor)
         .transpose()?;
     if limit.is_none() && cursor.is_none() {
-        return full_listing(state.storage.clone()).await;
+        return full_listing(state).await;
     }
     let limit = match limit {
         Some(0) => {
@@ -63,6 +63,7 @@ pub(super) async fn list(
         .last()
         .filter(|_| more)
         .map(|last| format_cursor(&PageCursor::after(last)));
+    let page: Vec<SessionInfo> = page.into_iter().map(|info| state.shown(info)).collect();
     Ok(Json(json!({"sessions": page, "nextCursor": next})).into_response())
 }
 
@@ -85,15 +86,19 @@ fn parse_cursor(text: &str) -> Result<PageCursor, ApiError> {
         })
 }
 
-/// `records` as the items of a JSON array, each preceded by a comma unless it is the very
-/// first of the array.
-fn array_items(records: &[SessionInfo], first: &mut bool) -> Result<Vec<u8>, StorageError> {
+/// `records`, as clients see them, as the items of a JSON array, each preceded by a comma
+/// unless it is the very first of the array.
+fn array_items(
+    state: &AppState,
+    records: Vec<SessionInfo>,
+    first: &mut bool,
+) -> Result<Vec<u8>, StorageError> {
     let mut out = Vec::new();
     for record in records {
         if !std::mem::take(first) {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, record)
+        serde_json::to_writer(&mut out, &state.shown(record))
             .map_err(|e| StorageError::Corrupt(e.to_string()))?;
     }
     Ok(out)
@@ -104,24 +109,23 @@ fn array_items(records: &[SessionInfo], first: &mut bool) -> Result<Vec<u8>, Sto
 /// however many sessions there are. A session updated meanwhile is listed once, at the place
 /// it had when the listing began; one deleted meanwhile is left out. A storage failure before
 /// the first records is an error answer; after it, the body is cut short.
-async fn full_listing(storage: SharedStorage) -> Result<Response, ApiError> {
-    let ids = storage.ids_by_recency().await?;
+async fn full_listing(state: Arc<AppState>) -> Result<Response, ApiError> {
+    let ids = state.storage.ids_by_recency().await?;
     let first_end = ids.len().min(STREAM_PAGE);
-    let first_page = storage.sessions_by_ids(&ids[..first_end]).await?;
+    let first_page = state.storage.sessions_by_ids(&ids[..first_end]).await?;
     let mut first = true;
     let mut head = b"{\"sessions\":[".to_vec();
-    head.extend(array_items(&first_page, &mut first)?);
-    drop(first_page);
+    head.extend(array_items(&state, first_page, &mut first)?);
     let rest = futures::stream::try_unfold(
-        (storage, ids, first_end, first),
-        |(storage, ids, at, mut first)| async move {
+        (state, ids, first_end, first),
+        |(state, ids, at, mut first)| async move {
             if at >= ids.len() {
                 return Ok(None);
             }
             let end = (at + STREAM_PAGE).min(ids.len());
-            let page = storage.sessions_by_ids(&ids[at..end]).await?;
-            let chunk = Bytes::from(array_items(&page, &mut first)?);
-            Ok(Some((chunk, (storage, ids, end, first))))
+            let page = state.storage.sessions_by_ids(&ids[at..end]).await?;
+            let chunk = Bytes::from(array_items(&state, page, &mut first)?);
+            Ok(Some((chunk, (state, ids, end, first))))
         },
     )
     .inspect(|item: &Result<Bytes, StorageError>| {
@@ -168,7 +172,7 @@ pub(super) async fn create(
         }
     }
     let (session, info) = state.create_session(extra).await?;
-    let body = json!({"sessionId": session.id, "session": info, "events": []});
+    let body = json!({"sessionId": session.id, "session": state.shown(info), "events": []});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -185,7 +189,7 @@ pub(super) async fn details(
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
     let session = state.session(&session_id(&params, None)?).await?;
-    let info = stored_info(&state, &session).await?;
+    let info = state.shown(stored_info(&state, &session).await?);
     let mut value = serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?;
     value["active"] = json!(state.sessions.get(&session.id).is_some());
     Ok(Json(json!({"session": value})))
@@ -296,7 +300,8 @@ pub(super) async fn latest_events(
         return Err(ApiError::NoSessions);
     };
     let events = events_json(&state.storage.events_after(&info.id, 0, usize::MAX).await?);
-    let info_json = serde_json::to_string(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let info_json = serde_json::to_string(&state.shown(info.clone()))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let id = serde_json::to_string(&info.id).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(raw_json(format!(
         "{{\"sessionId\":{id},\"sessionInfo\":{info_json},\"events\":{events}}}"
@@ -368,7 +373,7 @@ pub(super) async fn update(
             .merge_metadata(&session.id, patch, now_ms())
             .await?
     };
-    Ok(Json(json!({"session": info})))
+    Ok(Json(json!({"session": state.shown(info)})))
 }
 
 pub(super) async fn delete(
@@ -392,7 +397,7 @@ pub(super) async fn restore(
     Ok(Json(json!({
         "success": true,
         "sessionId": session.id,
-        "session": info,
+        "session": state.shown(info),
         "status": status_json(&session).await,
     })))
 }
