@@ -101,6 +101,13 @@ impl Setup {
         };
         let server = Server::start(
             ServerOpts::new()
+                // The shapes are built straight into the workspace directory on the tmpfs, and
+                // its removal is what is under test: no per-session disk image (a million hard
+                // links is more than ext4 allows on one inode anyway).
+                .config_file(
+                    "disk.json",
+                    r#"{"isolation": {"limits": {"diskBackend": "none"}}}"#.to_owned(),
+                )
                 .without_workspace_flag()
                 .arg("--workspace")
                 .arg(root.path.to_str().context("UTF-8 path")?),

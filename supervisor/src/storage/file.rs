@@ -503,9 +503,11 @@ impl Storage for FileStorage {
             return Err(StorageError::NotFound(id.to_owned()));
         }
         let path = self.host_id_path(id);
-        let tmp = path.with_extension("uid.tmp");
-        std::fs::write(&tmp, host_id.to_string()).map_err(|e| StorageError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
+        replace_file(
+            &path,
+            &path.with_extension("uid.tmp"),
+            host_id.to_string().as_bytes(),
+        )
     }
 
     async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError> {

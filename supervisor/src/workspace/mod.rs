@@ -130,7 +130,21 @@ pub fn open_beneath(dir: &Dir, relative: &Path) -> Result<Entry, AccessError> {
     options
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC);
-    let file = dir.open_with(relative, &options)?;
+    let file = match dir.open_with(relative, &options) {
+        Ok(file) => file,
+        // A device on a `nodev` mount (a session's disk image) cannot be opened at all: say
+        // what it is rather than calling it outside. Only the type of the entry itself is read
+        // here (its last component not followed), never its contents.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(match dir.symlink_metadata(relative) {
+                Ok(meta) if !meta.is_file() && !meta.is_dir() && !meta.is_symlink() => {
+                    AccessError::NotRegular
+                }
+                _ => e.into(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
     // The type of what was opened, not of what a path pointed at a moment earlier.
     let meta = file.metadata()?;
     if meta.is_dir() {
