@@ -32,6 +32,8 @@ if [ "$(cat tests/js/node_modules/.installed-lock 2>/dev/null)" != "$lock_sum" ]
   echo "$lock_sum" > tests/js/node_modules/.installed-lock
 fi
 scripts/fetch-webui.sh
+# The built-in UI's committed third-party code must be what its script builds.
+scripts/build-ui-vendor.sh --check
 # A missing client is a failure here, not a skipped test.
 export E2E_REQUIRE_CLIENTS=1
 

@@ -90,6 +90,9 @@ pub struct JailLimits {
     /// cap). A program the kernel kills is then reported as possibly stopped by this limit; the
     /// worker cannot read the cgroup's OOM counter itself.
     pub memory_cgroup: Option<u64>,
+    /// The workspace's disk quota, when the kernel enforces one: a full workspace is then
+    /// reported as this quota being reached.
+    pub disk: Option<u64>,
 }
 
 /// A byte count as the limit messages show it: whole GiB or MiB when it is one, else bytes.

@@ -16,7 +16,7 @@ use crate::jail::{JailAudit, JailFailure};
 
 /// Bumped whenever a message below changes shape. Supervisor and worker ship in one binary, so a
 /// mismatch means a stale executable on disk, which the handshake reports instead of misparsing.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// A model as the worker may name it: a selector, never a URL or a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,9 +36,20 @@ pub enum ToWorker {
     /// Abort the run with this id, if it is still the current one.
     Abort {
         run_id: String,
+        reason: AbortReason,
     },
     /// A reply from the model gateway to one of the worker's [`ModelRequest`]s.
     Model(ModelReply),
+}
+
+/// Why a run is aborted: the run's closing events say it, so a client that did not ask for the
+/// abort learns what stopped its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AbortReason {
+    /// A client asked (`/sessions/abort`, Socket.IO `abort-query`).
+    Requested,
+    /// The server is shutting down and the run outlived the shutdown grace period.
+    ServerShutdown,
 }
 
 /// First message on a fresh channel: everything the worker needs to be this session's agent.
@@ -313,5 +324,16 @@ mod tests {
         let bytes = encode(&reply).unwrap();
         let back: ToWorker = decode(&bytes[4..]).unwrap();
         assert!(matches!(back, ToWorker::Model(r) if r.request_id() == "m"));
+
+        let abort = ToWorker::Abort {
+            run_id: "r".into(),
+            reason: AbortReason::ServerShutdown,
+        };
+        let bytes = encode(&abort).unwrap();
+        let back: ToWorker = decode(&bytes[4..]).unwrap();
+        assert!(matches!(
+            back,
+            ToWorker::Abort { run_id, reason: AbortReason::ServerShutdown } if run_id == "r"
+        ));
     }
 }

@@ -15,11 +15,19 @@ use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
 
 pub use crate::catalogue::Catalogue;
+use crate::isolation::ByteSize;
 
 /// The whole configuration.
+///
+/// Every section refuses keys it does not know (a typo must not be silently ignored); the
+/// objects that are open by design are `webui` (extra keys go to the browser),
+/// `server.runtimeSettings.schema`, and a model's `headers`, `params` and `thinking`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
+    /// The seed's agent implementation: absent or `"builtin"`, the only agent this server has.
+    #[serde(default)]
+    pub agent: Option<String>,
     /// Root directory under which each session gets its own workspace directory.
     #[serde(default = "default_workspace")]
     pub workspace: PathBuf,
@@ -62,7 +70,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServerConfig {
     #[serde(default = "default_host")]
     pub host: String,
@@ -82,22 +90,203 @@ pub struct ServerConfig {
     /// Seconds running runs get to finish after SIGTERM before they are aborted.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
-    /// The control socket of `supervisor ctl`; its directory is created with mode 0700.
-    #[serde(default = "default_control_socket")]
-    pub control_socket: PathBuf,
+    /// The server's own files: the control socket, the `file` and `sqlite` stores unless
+    /// their paths are set, and the jail stage. Created 0700; relative to the working directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The control socket of `supervisor ctl`; `<dataDir>/ctl.sock` unless set. Its directory
+    /// is created with mode 0700.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
     /// The per-session runtime settings the UI offers (api.md §7.4): `{schema}`.
     #[serde(default)]
     pub runtime_settings: Option<RuntimeSettingsConfig>,
+    /// What one session may send through its worker.
+    #[serde(default)]
+    pub session_limits: SessionLimits,
+    /// How long a connection may take to send a request, or sit idle between requests.
+    #[serde(default)]
+    pub http: HttpTimeouts,
+    /// A second origin (`scheme://host[:port]`) that reaches this same server, for workspace
+    /// files: requests arriving under it get agent-written pages (HTML, SVG, ...) inline, still
+    /// sandboxed. Absent, such files are always downloads, so none renders on the API's origin.
+    #[serde(default)]
+    pub workspace_origin: Option<String>,
 }
 
-/// Where `supervisor ctl` finds the server by default.
-pub fn default_control_socket() -> PathBuf {
-    PathBuf::from("./data/ctl.sock")
+impl ServerConfig {
+    /// `workspaceOrigin`, parsed (it was checked at load time).
+    pub fn workspace_origin(&self) -> Option<WorkspaceOrigin> {
+        self.workspace_origin
+            .as_deref()
+            .and_then(|o| WorkspaceOrigin::parse(o).ok())
+    }
+}
+
+/// The host and port of `server.workspaceOrigin`, to recognise requests made under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceOrigin {
+    /// Lower case; an IPv6 address in brackets.
+    host: String,
+    port: u16,
+    /// What a `Host` without a port means: the default port of the origin's scheme.
+    scheme_port: u16,
+}
+
+impl WorkspaceOrigin {
+    /// # Errors
+    /// Not an http(s) origin: a scheme, a host, an optional port, nothing else.
+    pub fn parse(origin: &str) -> Result<Self, String> {
+        let url = reqwest::Url::parse(origin).map_err(|e| e.to_string())?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("the scheme must be http or https".into());
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err("an origin has no path, query or fragment".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("an origin has no user name or password".into());
+        }
+        let host = url.host_str().ok_or("no host")?.to_ascii_lowercase();
+        let port = url.port_or_known_default().ok_or("no port")?;
+        let scheme_port = if url.scheme() == "https" { 443 } else { 80 };
+        Ok(Self {
+            host,
+            port,
+            scheme_port,
+        })
+    }
+
+    /// Whether a request's `Host` header (`host`, `host:port`, `[v6]:port`) names this origin.
+    pub fn matches_host(&self, header: &str) -> bool {
+        let (host, port) = match header.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (host, port.parse::<u16>().ok()),
+            _ => (header, None),
+        };
+        host.eq_ignore_ascii_case(&self.host) && port.unwrap_or(self.scheme_port) == self.port
+    }
+}
+
+/// `server.sessionLimits`: what one session may send through its worker, checked by the
+/// supervisor on every event (a worker runs the session's commands and is not trusted). Past a
+/// limit the run ends with an error naming it and the worker is stopped.
+///
+/// The defaults leave room for everything a legitimate session does: a model streams at most
+/// a few thousand tokens a second and the echo model's `FLOOD` benchmark a few hundred
+/// thousand events in one burst; one event can carry a 20 MiB query or a 4 MiB file echoed
+/// (JSON-escaped) in a tool call, and no event can exceed the 32 MiB frame anyway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionLimits {
+    /// Events a session's worker may send per second, sustained; bursts of up to one second's
+    /// worth pass.
+    #[serde(default = "default_events_per_second")]
+    pub events_per_second: u64,
+    /// The largest single event (its JSON), streaming deltas included.
+    #[serde(default = "default_event_bytes")]
+    pub event_bytes: ByteSize,
+    /// The bytes of stored events one session may hold; past it its runs are refused.
+    #[serde(default = "default_stored_bytes")]
+    pub stored_bytes: ByteSize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            events_per_second: default_events_per_second(),
+            event_bytes: default_event_bytes(),
+            stored_bytes: default_stored_bytes(),
+        }
+    }
+}
+
+fn default_events_per_second() -> u64 {
+    250_000
+}
+fn default_event_bytes() -> ByteSize {
+    ByteSize(shared::frame::MAX_FRAME_LEN as u64)
+}
+fn default_stored_bytes() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+
+/// `server.http`: connection timeouts. Neither touches a request in progress: an SSE stream,
+/// a long poll or a WebSocket stays open however quiet it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpTimeouts {
+    /// A connection must deliver a whole request head within this many seconds of its first
+    /// byte (or of being opened), or it is closed: a half-sent request holds nothing for long.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in progress is closed after this many idle seconds.
+    #[serde(default = "default_http_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_secs: default_header_read_timeout(),
+            idle_timeout_secs: default_http_idle_timeout(),
+        }
+    }
+}
+
+fn default_header_read_timeout() -> u64 {
+    20
+}
+fn default_http_idle_timeout() -> u64 {
+    75
+}
+
+/// `server.dataDir` when nothing sets it.
+pub fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+/// The control socket inside a data directory.
+pub fn control_socket_in(data_dir: &Path) -> PathBuf {
+    data_dir.join("ctl.sock")
+}
+
+/// Where `supervisor ctl` looks for the server: `--socket`, else the socket in `--data-dir`,
+/// else in `DATA_DIR`, else in the default data directory, as the server decides it.
+pub fn ctl_socket(
+    socket: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    env: impl Fn(&str) -> Option<String>,
+) -> PathBuf {
+    socket.unwrap_or_else(|| {
+        let dir = data_dir
+            .or_else(|| env("DATA_DIR").map(PathBuf::from))
+            .unwrap_or_else(default_data_dir);
+        control_socket_in(&dir)
+    })
+}
+
+impl ServerConfig {
+    /// The control socket: `server.controlSocket`, or `ctl.sock` in the data directory.
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| control_socket_in(&self.data_dir))
+    }
+
+    /// Where the `file` or `sqlite` backend keeps its data.
+    pub fn storage_path(&self) -> PathBuf {
+        self.storage.resolved_path(&self.data_dir)
+    }
+
+    /// The directory each strict jail mounts its new root on (it must be the server's own).
+    pub fn jail_stage(&self) -> PathBuf {
+        self.data_dir.join("jail-stage")
+    }
 }
 
 /// Worker lifecycle under load (`server.workers`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkerPolicy {
     /// An idle worker is stopped after this many seconds (0: never); the next query starts a
     /// new one, which rebuilds the conversation from the log.
@@ -145,8 +334,12 @@ impl Default for ServerConfig {
             models: Vec::new(),
             workers: WorkerPolicy::default(),
             shutdown_grace_secs: default_shutdown_grace(),
-            control_socket: default_control_socket(),
+            data_dir: default_data_dir(),
+            control_socket: None,
             runtime_settings: None,
+            session_limits: SessionLimits::default(),
+            http: HttpTimeouts::default(),
+            workspace_origin: None,
         }
     }
 }
@@ -155,7 +348,7 @@ impl Default for ServerConfig {
 /// carry. Upstream also takes a `transform` function, which a declarative config cannot hold:
 /// settings are stored and shown, and reach no agent option.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuntimeSettingsConfig {
     pub schema: Value,
 }
@@ -197,12 +390,14 @@ impl WebUiConfig {
 
 /// `share`: where shared sessions are uploaded (api.md §10); unset, they are only downloaded.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShareConfig {
     #[serde(default)]
     pub provider: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     #[serde(rename = "type", default)]
     pub kind: StorageKind,
@@ -211,13 +406,13 @@ pub struct StorageConfig {
 }
 
 impl StorageConfig {
-    /// Where the backend keeps its data: the configured path, or `./data/sessions` (a
-    /// directory, for `file`) or `./data/sessions.db` (for `sqlite`).
-    pub fn resolved_path(&self) -> PathBuf {
+    /// Where the backend keeps its data: the configured path, or `sessions` (a directory, for
+    /// `file`) or `sessions.db` (for `sqlite`) in the data directory.
+    pub fn resolved_path(&self, data_dir: &Path) -> PathBuf {
         match (&self.path, self.kind) {
             (Some(path), _) => path.clone(),
-            (None, StorageKind::Sqlite) => PathBuf::from("./data/sessions.db"),
-            (None, _) => PathBuf::from("./data/sessions"),
+            (None, StorageKind::Sqlite) => data_dir.join("sessions.db"),
+            (None, _) => data_dir.join("sessions"),
         }
     }
 }
@@ -234,7 +429,7 @@ pub enum StorageKind {
 /// One model as configured (`model`, each of `server.models[]`): upstream's `AgentModel` plus
 /// our per-model settings (agent.md §4.7). Only `provider`, `id` and `displayName` are ever shown.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelConfig {
     #[serde(default)]
     pub provider: Option<String>,
@@ -289,7 +484,7 @@ pub struct ModelConfig {
 
 /// An entry of the seed's `model.providers[]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProviderConfig {
     pub name: String,
     #[serde(default, rename = "baseURL", alias = "baseUrl")]
@@ -342,7 +537,7 @@ impl Serialize for Secret {
 
 /// `gateway`: how model calls are retried and timed out (agent.md §4.11).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Attempts per call in total (1 = no retry).
     #[serde(default = "default_max_attempts")]
@@ -366,7 +561,7 @@ impl Default for GatewayConfig {
 
 /// Per-attempt timeouts in milliseconds; unset means the default of agent.md §4.11.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TimeoutsConfig {
     /// TCP (and TLS) connect: 10 s.
     #[serde(default)]
@@ -384,7 +579,7 @@ pub struct TimeoutsConfig {
 
 /// `agio`: where AGIO events go (agent.md §6).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgioConfig {
     /// The collector URL; unset turns AGIO off.
     #[serde(default)]
@@ -471,12 +666,13 @@ impl Config {
     }
 }
 
-/// Values given on the command line; `None` means "not given".
+/// Values given on the command line; `None` (or `false`) means "not given".
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub workspace: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
     pub storage_type: Option<String>,
     pub storage_path: Option<PathBuf>,
     pub exclusive: bool,
@@ -486,6 +682,12 @@ pub struct Overrides {
     /// `webui.staticPath`: serve this UI directory (the official UI's `static/`) instead of the
     /// built-in one.
     pub webui_static_path: Option<PathBuf>,
+    /// `isolation.level` (`--isolation`).
+    pub isolation: Option<String>,
+    /// `isolation.allowInsecure` (`--allow-insecure-isolation`).
+    pub allow_insecure_isolation: bool,
+    /// `isolation.allowInsecureRemote` (`--allow-insecure-remote`).
+    pub allow_insecure_remote: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -496,12 +698,34 @@ pub enum ConfigError {
     UnknownFormat { path: PathBuf },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error("invalid configuration: unknown key `{key}`{}", suggestion_text(.suggestion, .known))]
+    UnknownKey {
+        key: String,
+        /// The known key closest to the misspelt one, if any is close.
+        suggestion: Option<String>,
+        /// The keys the section does know.
+        known: Vec<String>,
+    },
     #[error("invalid environment variable {name}={value:?}: {problem}")]
     Env {
         name: &'static str,
         value: String,
         problem: String,
     },
+    #[error("invalid {flag} {value:?}: {problem}")]
+    Flag {
+        flag: &'static str,
+        value: String,
+        problem: String,
+    },
+}
+
+fn suggestion_text(suggestion: &Option<String>, known: &[String]) -> String {
+    match suggestion {
+        Some(near) => format!(" (did you mean `{near}`?)"),
+        None if known.is_empty() => String::new(),
+        None => format!(" (known keys here: {})", known.join(", ")),
+    }
 }
 
 /// Reads the configuration from `file` (if any), the process environment and `flags`.
@@ -513,6 +737,10 @@ pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigErro
 }
 
 /// [`load`] with the environment injected, so tests need not touch the process environment.
+///
+/// This is the one place where the sources are layered: the file, then the environment
+/// (the seed's variables, `DATA_DIR` and the `AGENTD_*` isolation switches), then the flags,
+/// each later source winning (ARCHITECTURE decision 10).
 pub fn load_with_env(
     file: Option<&Path>,
     flags: &Overrides,
@@ -520,54 +748,122 @@ pub fn load_with_env(
 ) -> Result<Config, ConfigError> {
     let mut figment = Figment::new();
     if let Some(path) = file {
-        if !path.is_file() {
-            return Err(ConfigError::MissingFile {
-                path: path.to_owned(),
-            });
-        }
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        figment = match ext.as_deref() {
-            Some("toml") => figment.merge(Toml::file_exact(path)),
-            Some("yaml" | "yml") => figment.merge(Yaml::file_exact(path)),
-            Some("json") => figment.merge(Json::file_exact(path)),
-            _ => {
-                return Err(ConfigError::UnknownFormat {
-                    path: path.to_owned(),
-                });
-            }
-        };
+        figment = figment.merge(file_source(path)?);
+        // The file is checked on its own first: a later layer can hide a mistake in it (the
+        // flags' `server.port` would replace a scalar `server` without a word).
+        figment.extract::<Config>().map_err(describe)?;
     }
     figment = figment.merge(Serialized::defaults(env_layer(&env)?));
-    figment = figment.merge(Serialized::defaults(flag_layer(flags)));
-    let mut config: Config = figment
-        .extract()
-        .map_err(|e| ConfigError::Invalid(describe(&e)))?;
+    figment = figment.merge(Serialized::defaults(flag_layer(flags)?));
+    let mut config: Config = figment.extract().map_err(describe)?;
     validate(&config)?;
+    crate::isolation::validate(&config.isolation).map_err(ConfigError::Invalid)?;
     config.catalogue = crate::catalogue::resolve(&config, &env)?;
     Ok(config)
 }
 
-/// figment names the failing key as `default.server.port`; the profile prefix means nothing to
-/// our users, so it is dropped.
-fn describe(error: &figment::Error) -> String {
-    error
-        .clone()
-        .into_iter()
-        .map(|e| e.to_string().replace("key \"default.", "key \""))
-        .collect::<Vec<_>>()
-        .join("; ")
+/// The file as a figment source, by its extension.
+fn file_source(path: &Path) -> Result<Figment, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::MissingFile {
+            path: path.to_owned(),
+        });
+    }
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let figment = Figment::new();
+    Ok(match ext.as_deref() {
+        Some("toml") => figment.merge(Toml::file_exact(path)),
+        Some("yaml" | "yml") => figment.merge(Yaml::file_exact(path)),
+        Some("json") => figment.merge(Json::file_exact(path)),
+        _ => {
+            return Err(ConfigError::UnknownFormat {
+                path: path.to_owned(),
+            });
+        }
+    })
+}
+
+/// A figment error as our users should read it: an unknown key with its full path and the
+/// nearest known one; otherwise figment's message, whose `default.` profile prefix means
+/// nothing to them and is dropped.
+fn describe(error: figment::Error) -> ConfigError {
+    if let figment::error::Kind::UnknownField(field, expected) = &error.kind {
+        // figment's path ends with the unknown key itself.
+        let mut path: Vec<&str> = error.path.iter().map(String::as_str).collect();
+        if path.last() != Some(&field.as_str()) {
+            path.push(field);
+        }
+        return ConfigError::UnknownKey {
+            key: path.join("."),
+            suggestion: nearest(field, expected).map(str::to_owned),
+            known: expected.iter().map(|k| (*k).to_owned()).collect(),
+        };
+    }
+    ConfigError::Invalid(
+        error
+            .into_iter()
+            .map(|e| e.to_string().replace("key \"default.", "key \""))
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
+
+/// The known key a misspelt one most likely meant: the same letters in another case or
+/// spelling (`max_iterations`), one within a couple of edits (`prot`, `storge`), or one it
+/// begins (`idleTimeout`).
+fn nearest<'a>(typed: &str, known: &[&'a str]) -> Option<&'a str> {
+    let fold = |k: &str| k.replace(['_', '-'], "").to_ascii_lowercase();
+    let typed_folded = fold(typed);
+    if let Some(same) = known.iter().find(|k| fold(k) == typed_folded) {
+        return Some(same);
+    }
+    let budget = (typed.chars().count() / 3).clamp(1, 3);
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(&typed_folded, &fold(k)), *k))
+        .filter(|(distance, _)| *distance <= budget)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, k)| k)
+        // A key with its unit left off (`idleTimeout` for `idleTimeoutSecs`).
+        .or_else(|| {
+            known
+                .iter()
+                .find(|k| typed_folded.len() >= 4 && fold(k).starts_with(&typed_folded))
+                .copied()
+        })
 }
 
 fn validate(config: &Config) -> Result<(), ConfigError> {
+    if let Some(agent) = config.agent.as_deref()
+        && agent != BUILTIN_AGENT
+    {
+        return Err(ConfigError::Invalid(format!(
+            "agent {agent:?} is not available: this server runs its built-in agent only; leave \
+             `agent` out or set it to \"{BUILTIN_AGENT}\""
+        )));
+    }
+    if config.server.data_dir.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid(
+            "server.dataDir must not be empty".into(),
+        ));
+    }
     if config.server.host.trim().is_empty() {
         return Err(ConfigError::Invalid("server.host must not be empty".into()));
     }
     if config.server.workers.max == 0 {
         return Err(ConfigError::Invalid(
             "server.workers.max must be at least 1".into(),
+        ));
+    }
+    validate_session_limits(&config.server.session_limits)?;
+    let http = &config.server.http;
+    if http.header_read_timeout_secs == 0 || http.idle_timeout_secs == 0 {
+        return Err(ConfigError::Invalid(
+            "server.http.headerReadTimeoutSecs and server.http.idleTimeoutSecs must be at least 1"
+                .into(),
         ));
     }
     if config.max_iterations == 0 {
@@ -617,6 +913,37 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     if let Some(webui) = &config.webui {
         validate_webui(webui)?;
     }
+    if let Some(origin) = &config.server.workspace_origin
+        && let Err(reason) = WorkspaceOrigin::parse(origin)
+    {
+        return Err(ConfigError::Invalid(format!(
+            "server.workspaceOrigin must be an http(s) origin like \"https://files.example.com\", \
+             got {origin:?}: {reason}"
+        )));
+    }
+    Ok(())
+}
+
+/// Limits low enough to stop ordinary runs are refused at start rather than discovered later:
+/// every run sends a few events of a few hundred bytes each.
+fn validate_session_limits(limits: &SessionLimits) -> Result<(), ConfigError> {
+    const MIN_EVENT_BYTES: u64 = 4 * 1024;
+    const MIN_STORED_BYTES: u64 = 16 * 1024;
+    if limits.events_per_second < 10 {
+        return Err(ConfigError::Invalid(
+            "server.sessionLimits.eventsPerSecond must be at least 10".into(),
+        ));
+    }
+    if limits.event_bytes.0 < MIN_EVENT_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "server.sessionLimits.eventBytes must be at least {MIN_EVENT_BYTES} bytes"
+        )));
+    }
+    if limits.stored_bytes.0 < MIN_STORED_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "server.sessionLimits.storedBytes must be at least {MIN_STORED_BYTES} bytes"
+        )));
+    }
     Ok(())
 }
 
@@ -649,7 +976,26 @@ fn validate_webui(webui: &WebUiConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The seed's environment variables, as a partial config tree.
+/// The one agent this server has; the seed's `agent` key may name it.
+pub const BUILTIN_AGENT: &str = "builtin";
+
+/// `1`, `true`, `yes` or `on`: an environment switch that is set.
+fn truthy(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+/// The isolation level a variable or flag names, as the config file spells it.
+fn isolation_level(text: &str) -> Option<&'static str> {
+    crate::isolation::RequestedLevel::parse(text).map(|level| level.as_str())
+}
+
+const LEVELS: &str = "use auto, strict, chroot or none";
+
+/// The environment's settings, as a partial config tree: the seed's variables, `DATA_DIR`, and
+/// the isolation switches.
 fn env_layer(env: &impl Fn(&str) -> Option<String>) -> Result<Value, ConfigError> {
     let mut layer = json!({});
     if let Some(port) = env("PORT") {
@@ -665,6 +1011,9 @@ fn env_layer(env: &impl Fn(&str) -> Option<String>) -> Result<Value, ConfigError
     }
     if let Some(workspace) = env("WORKSPACE_PATH") {
         layer["workspace"] = json!(workspace);
+    }
+    if let Some(dir) = env("DATA_DIR") {
+        layer["server"]["dataDir"] = json!(dir);
     }
     if let Some(kind) = env("STORAGE_TYPE") {
         let kind = kind.trim().to_ascii_lowercase();
@@ -686,10 +1035,25 @@ fn env_layer(env: &impl Fn(&str) -> Option<String>) -> Result<Value, ConfigError
     if let Some(id) = env("MODEL_ID") {
         layer["model"]["id"] = json!(id);
     }
+    if let Some(level) = env("AGENTD_ISOLATION") {
+        layer["isolation"]["level"] = json!(isolation_level(&level).ok_or_else(|| {
+            ConfigError::Env {
+                name: "AGENTD_ISOLATION",
+                value: level.clone(),
+                problem: LEVELS.into(),
+            }
+        })?);
+    }
+    if env("AGENTD_ALLOW_INSECURE").is_some_and(|v| truthy(&v)) {
+        layer["isolation"]["allowInsecure"] = json!(true);
+    }
+    if env("AGENTD_ALLOW_INSECURE_REMOTE").is_some_and(|v| truthy(&v)) {
+        layer["isolation"]["allowInsecureRemote"] = json!(true);
+    }
     Ok(layer)
 }
 
-fn flag_layer(flags: &Overrides) -> Value {
+fn flag_layer(flags: &Overrides) -> Result<Value, ConfigError> {
     let mut layer = json!({});
     if let Some(host) = &flags.host {
         layer["server"]["host"] = json!(host);
@@ -699,6 +1063,9 @@ fn flag_layer(flags: &Overrides) -> Value {
     }
     if let Some(workspace) = &flags.workspace {
         layer["workspace"] = json!(workspace);
+    }
+    if let Some(dir) = &flags.data_dir {
+        layer["server"]["dataDir"] = json!(dir);
     }
     if let Some(kind) = &flags.storage_type {
         layer["server"]["storage"]["type"] = json!(kind);
@@ -721,12 +1088,27 @@ fn flag_layer(flags: &Overrides) -> Value {
     if let Some(path) = &flags.webui_static_path {
         layer["webui"]["staticPath"] = json!(path);
     }
-    layer
+    if let Some(level) = &flags.isolation {
+        layer["isolation"]["level"] =
+            json!(isolation_level(level).ok_or_else(|| ConfigError::Flag {
+                flag: "--isolation",
+                value: level.clone(),
+                problem: LEVELS.into(),
+            })?);
+    }
+    if flags.allow_insecure_isolation {
+        layer["isolation"]["allowInsecure"] = json!(true);
+    }
+    if flags.allow_insecure_remote {
+        layer["isolation"]["allowInsecureRemote"] = json!(true);
+    }
+    Ok(layer)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::isolation::RequestedLevel;
     use std::collections::HashMap;
 
     fn load_str(
@@ -743,6 +1125,38 @@ mod tests {
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect();
         load_with_env(Some(&path), flags, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn workspace_origins() {
+        let origin = WorkspaceOrigin::parse("https://Files.Example.com").unwrap();
+        assert!(origin.matches_host("files.example.com"));
+        assert!(origin.matches_host("files.example.com:443"));
+        assert!(!origin.matches_host("files.example.com:80"));
+        assert!(!origin.matches_host("example.com"));
+        let local = WorkspaceOrigin::parse("http://localhost:8080").unwrap();
+        assert!(local.matches_host("localhost:8080") && !local.matches_host("localhost"));
+        let v6 = WorkspaceOrigin::parse("http://[::1]:9000").unwrap();
+        assert!(v6.matches_host("[::1]:9000") && !v6.matches_host("[::1]"));
+        for bad in [
+            "files.example.com",
+            "ftp://a",
+            "https://a/path",
+            "https://a?x=1",
+            "https://u@a",
+        ] {
+            assert!(WorkspaceOrigin::parse(bad).is_err(), "{bad}");
+        }
+        let refused = load_str(
+            "json",
+            r#"{"server": {"workspaceOrigin": "https://a/x"}}"#,
+            &[],
+            &Overrides::default(),
+        );
+        assert!(
+            matches!(&refused, Err(ConfigError::Invalid(m)) if m.contains("server.workspaceOrigin")),
+            "{refused:?}"
+        );
     }
 
     #[test]
@@ -776,6 +1190,52 @@ mod tests {
         };
         let c = load_str("toml", toml, &[("PORT", "5000")], &flags).unwrap();
         assert_eq!(c.server.port, 6000);
+    }
+
+    #[test]
+    fn session_limits_and_http_timeouts_are_read_and_checked() {
+        let c = load_with_env(None, &Overrides::default(), |_| None).unwrap();
+        let limits = &c.server.session_limits;
+        assert_eq!(limits.events_per_second, 250_000);
+        assert_eq!(limits.event_bytes.0, 32 * 1024 * 1024);
+        assert_eq!(limits.stored_bytes.0, 256 * 1024 * 1024);
+        assert_eq!(c.server.http.header_read_timeout_secs, 20);
+        assert_eq!(c.server.http.idle_timeout_secs, 75);
+
+        let toml = "[server.sessionLimits]\neventsPerSecond = 100\neventBytes = \"16KiB\"\nstoredBytes = \"1MiB\"\n[server.http]\nheaderReadTimeoutSecs = 5\nidleTimeoutSecs = 30\n";
+        let c = load_str("toml", toml, &[], &Overrides::default()).unwrap();
+        let limits = &c.server.session_limits;
+        assert_eq!(limits.events_per_second, 100);
+        assert_eq!(limits.event_bytes.0, 16 * 1024);
+        assert_eq!(limits.stored_bytes.0, 1024 * 1024);
+        assert_eq!(c.server.http.header_read_timeout_secs, 5);
+        assert_eq!(c.server.http.idle_timeout_secs, 30);
+
+        for (bad, key) in [
+            (
+                "[server.sessionLimits]\neventsPerSecond = 0\n",
+                "eventsPerSecond",
+            ),
+            ("[server.sessionLimits]\neventBytes = 100\n", "eventBytes"),
+            (
+                "[server.sessionLimits]\nstoredBytes = \"1k\"\n",
+                "storedBytes",
+            ),
+            (
+                "[server.sessionLimits]\neventBytes = \"lots\"\n",
+                "eventBytes",
+            ),
+            (
+                "[server.http]\nheaderReadTimeoutSecs = 0\n",
+                "headerReadTimeoutSecs",
+            ),
+            ("[server.http]\nidleTimeoutSecs = 0\n", "idleTimeoutSecs"),
+        ] {
+            let err = load_str("toml", bad, &[], &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -845,6 +1305,327 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("invalid configuration"), "{err}");
+    }
+
+    /// One typo per section, the seed's appConfig shape included: each is refused, naming the
+    /// key's full path and the key that was meant.
+    #[test]
+    fn a_typo_in_any_section_is_refused() {
+        let cases = [
+            ("agnt = \"builtin\"\n", "agnt", Some("agent")),
+            ("workspce = \"/w\"\n", "workspce", Some("workspace")),
+            ("maxIteration = 3\n", "maxIteration", Some("maxIterations")),
+            ("log_level = \"info\"\n", "log_level", Some("logLevel")),
+            ("[server]\nprot = 3000\n", "server.prot", Some("port")),
+            (
+                "[server]\ndatadir = \"/d\"\n",
+                "server.datadir",
+                Some("dataDir"),
+            ),
+            (
+                "[server.storage]\ntyp = \"file\"\n",
+                "server.storage.typ",
+                Some("type"),
+            ),
+            (
+                "[server.http]\nidleTimeout = 3\n",
+                "server.http.idleTimeout",
+                Some("idleTimeoutSecs"),
+            ),
+            (
+                "[server.sessionLimits]\neventPerSecond = 3\n",
+                "server.sessionLimits.eventPerSecond",
+                Some("eventsPerSecond"),
+            ),
+            (
+                "[server.workers]\nmaxx = 3\n",
+                "server.workers.maxx",
+                Some("max"),
+            ),
+            (
+                "[server.runtimeSettings]\nschem = {}\n",
+                "server.runtimeSettings.schem",
+                Some("schema"),
+            ),
+            (
+                "[[server.models]]\nidd = \"x\"\n",
+                "server.models.0.idd",
+                Some("id"),
+            ),
+            (
+                "[model]\nprovder = \"openai\"\n",
+                "model.provder",
+                Some("provider"),
+            ),
+            (
+                "[model]\nbaseurl = \"http://x\"\n",
+                "model.baseurl",
+                Some("baseURL"),
+            ),
+            (
+                "[[model.providers]]\nname = \"openai\"\nmodles = []\n",
+                "model.providers.0.modles",
+                Some("models"),
+            ),
+            (
+                "[model.timeouts]\nidelMs = 5\n",
+                "model.timeouts.idelMs",
+                Some("idleMs"),
+            ),
+            (
+                "[gateway]\nmaxAtempts = 2\n",
+                "gateway.maxAtempts",
+                Some("maxAttempts"),
+            ),
+            (
+                "[gateway.timeouts]\nconectMs = 2\n",
+                "gateway.timeouts.conectMs",
+                Some("connectMs"),
+            ),
+            (
+                "[agio]\nprovder = \"http://a\"\n",
+                "agio.provder",
+                Some("provider"),
+            ),
+            (
+                "[share]\nprovder = \"http://s\"\n",
+                "share.provder",
+                Some("provider"),
+            ),
+            (
+                "[isolation]\nlevl = \"auto\"\n",
+                "isolation.levl",
+                Some("level"),
+            ),
+            (
+                "[isolation.limits]\nmemroy = \"1GiB\"\n",
+                "isolation.limits.memroy",
+                Some("memory"),
+            ),
+            ("[isolation]\nsandbox = true\n", "isolation.sandbox", None),
+        ];
+        for (text, key, meant) in cases {
+            let err = load_str("toml", text, &[], &Overrides::default()).unwrap_err();
+            match &err {
+                ConfigError::UnknownKey {
+                    key: k, suggestion, ..
+                } => {
+                    assert_eq!(k, key, "{text}");
+                    assert_eq!(suggestion.as_deref(), meant, "{text}");
+                }
+                other => panic!("{text}: {other}"),
+            }
+            let message = err.to_string();
+            assert!(message.contains(&format!("`{key}`")), "{message}");
+            if let Some(meant) = meant {
+                assert!(
+                    message.contains(&format!("did you mean `{meant}`?")),
+                    "{message}"
+                );
+            } else {
+                assert!(message.contains("known keys here: level,"), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_type_is_refused_even_where_a_flag_sets_the_section() {
+        let flags = Overrides {
+            port: Some(0),
+            ..Overrides::default()
+        };
+        let err = load_str("toml", "server = 5\n", &[], &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key \"server\""), "{err}");
+        let err = load_str(
+            "json",
+            r#"{"model": "gpt-4o"}"#,
+            &[("MODEL_ID", "x")],
+            &flags,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key \"model\""), "{err}");
+    }
+
+    /// The objects that are open by design take any key.
+    #[test]
+    fn open_objects_stay_open() {
+        let text = r#"{
+            "webui": {"title": "T", "welcomTitle": "W", "layout": {"x": 1}},
+            "model": {"provider": "openai", "id": "gpt-4o", "apiKey": "k",
+                      "headers": {"X-Title": "t"}, "params": {"top_p": 0.5, "any": [1]},
+                      "thinking": {"type": "enabled", "budgetTokens": 1024}},
+            "server": {"runtimeSettings": {"schema": {"type": "object", "whatever": true}}}
+        }"#;
+        let c = load_str("json", text, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.webui.unwrap().0["welcomTitle"], "W");
+    }
+
+    /// The seed's `appConfig` example, as written there (with our built-in agent named).
+    #[test]
+    fn the_seed_app_config_is_accepted() {
+        let text = r#"{
+            "agent": "builtin",
+            "workspace": "./workspace",
+            "server": {"port": 3000, "exclusive": false,
+                       "storage": {"type": "sqlite", "path": "./sessions.db"}},
+            "model": {"provider": "openai", "id": "gpt-4", "apiKey": "k",
+                      "providers": [{"name": "openai", "models": ["gpt-4", "gpt-3.5-turbo"],
+                                     "baseURL": "https://api.openai.com/v1"}]},
+            "agio": {"provider": "https://agio.example.com/api/events"},
+            "share": {"provider": "https://share.example.com/api/upload"},
+            "logLevel": "debug"
+        }"#;
+        let c = load_str("json", text, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.agent.as_deref(), Some(BUILTIN_AGENT));
+        assert_eq!(c.server.storage.kind, StorageKind::Sqlite);
+    }
+
+    #[test]
+    fn only_the_builtin_agent_is_accepted() {
+        assert!(
+            load_str("toml", "", &[], &Overrides::default())
+                .unwrap()
+                .agent
+                .is_none()
+        );
+        let err = load_str(
+            "json",
+            r#"{"agent": "my-agent"}"#,
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("agent \"my-agent\"") && err.contains("built-in agent"),
+            "{err}"
+        );
+        let err = load_str(
+            "json",
+            r#"{"agent": {"name": "x"}}"#,
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key \"agent\""), "{err}");
+    }
+
+    /// The isolation switches are layered with the rest: file < `AGENTD_*` < flags.
+    #[test]
+    fn isolation_overrides_env_then_flags() {
+        let file = "[isolation]\nlevel = \"strict\"\n";
+        let c = load_str("toml", file, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.isolation.level, RequestedLevel::Strict);
+        let env = [
+            ("AGENTD_ISOLATION", "Chroot"),
+            ("AGENTD_ALLOW_INSECURE", "1"),
+        ];
+        let c = load_str("toml", file, &env, &Overrides::default()).unwrap();
+        assert_eq!(c.isolation.level, RequestedLevel::Chroot);
+        assert!(c.isolation.allow_insecure && !c.isolation.allow_insecure_remote);
+        let flags = Overrides {
+            isolation: Some("none".into()),
+            allow_insecure_remote: true,
+            ..Overrides::default()
+        };
+        let c = load_str("toml", file, &env, &flags).unwrap();
+        assert_eq!(c.isolation.level, RequestedLevel::None);
+        assert!(c.isolation.allow_insecure && c.isolation.allow_insecure_remote);
+        let c = load_str(
+            "toml",
+            file,
+            &[("AGENTD_ALLOW_INSECURE", "0")],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!c.isolation.allow_insecure);
+
+        let bad = Overrides {
+            isolation: Some("sandboxed".into()),
+            ..Overrides::default()
+        };
+        let err = load_str("toml", "", &[], &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("--isolation") && err.contains("sandboxed"),
+            "{err}"
+        );
+        let err = load_str(
+            "toml",
+            "",
+            &[("AGENTD_ISOLATION", "jail")],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("AGENTD_ISOLATION"), "{err}");
+        let err = load_str(
+            "toml",
+            "[isolation]\nuidCount = 1\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("isolation.uidCount"), "{err}");
+    }
+
+    /// The data directory holds the control socket and the default stores, from the file,
+    /// `DATA_DIR` or `--data-dir`; explicit paths still win.
+    #[test]
+    fn the_data_directory_holds_the_defaults() {
+        let c = load_with_env(None, &Overrides::default(), |_| None).unwrap();
+        assert_eq!(c.server.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.server.control_socket(), PathBuf::from("./data/ctl.sock"));
+        let file = "[server]\ndataDir = \"/f\"\n[server.storage]\ntype = \"sqlite\"\n";
+        let c = load_str("toml", file, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.server.storage_path(), PathBuf::from("/f/sessions.db"));
+        assert_eq!(c.server.jail_stage(), PathBuf::from("/f/jail-stage"));
+        let c = load_str("toml", file, &[("DATA_DIR", "/e")], &Overrides::default()).unwrap();
+        assert_eq!(c.server.control_socket(), PathBuf::from("/e/ctl.sock"));
+        let flags = Overrides {
+            data_dir: Some("/g".into()),
+            storage_type: Some("file".into()),
+            ..Overrides::default()
+        };
+        let c = load_str("toml", file, &[("DATA_DIR", "/e")], &flags).unwrap();
+        assert_eq!(c.server.storage_path(), PathBuf::from("/g/sessions"));
+        let explicit = "[server]\ndataDir = \"/f\"\ncontrolSocket = \"/s/c.sock\"\n\
+                        [server.storage]\ntype = \"file\"\npath = \"/p\"\n";
+        let c = load_str("toml", explicit, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.server.control_socket(), PathBuf::from("/s/c.sock"));
+        assert_eq!(c.server.storage_path(), PathBuf::from("/p"));
+
+        let env = |k: &str| (k == "DATA_DIR").then(|| "/e".to_owned());
+        assert_eq!(ctl_socket(None, None, env), PathBuf::from("/e/ctl.sock"));
+        assert_eq!(
+            ctl_socket(None, Some("/d".into()), env),
+            PathBuf::from("/d/ctl.sock")
+        );
+        assert_eq!(
+            ctl_socket(Some("/x.sock".into()), Some("/d".into()), env),
+            PathBuf::from("/x.sock")
+        );
+        assert_eq!(
+            ctl_socket(None, None, |_| None),
+            PathBuf::from("./data/ctl.sock")
+        );
+    }
+
+    #[test]
+    fn nearest_key() {
+        let known = ["host", "port", "exclusive", "storage", "dataDir"];
+        assert_eq!(nearest("prot", &known), Some("port"));
+        assert_eq!(nearest("data_dir", &known), Some("dataDir"));
+        assert_eq!(nearest("Host", &known), Some("host"));
+        assert_eq!(nearest("colour", &known), None);
+        assert_eq!(
+            nearest("idleTimeout", &["idleTimeoutSecs", "max"]),
+            Some("idleTimeoutSecs")
+        );
     }
 
     #[test]

@@ -64,12 +64,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CtlError + '_ {
 /// The directory or socket cannot be created, or a live server owns the path.
 pub(crate) async fn bind(path: &Path) -> Result<Listener, CtlError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
+        crate::data_dir::create_dir_all(dir).map_err(io(dir))?;
     }
     if path.exists() {
         let name = path.to_fs_name::<GenericFilePath>().map_err(io(path))?;
@@ -81,7 +76,7 @@ pub(crate) async fn bind(path: &Path) -> Result<Listener, CtlError> {
     let name = path.to_fs_name::<GenericFilePath>().map_err(io(path))?;
     ListenerOptions::new()
         .name(name)
-        .mode(0o600)
+        .mode(crate::data_dir::FILE_MODE)
         .create_tokio()
         .map_err(io(path))
 }

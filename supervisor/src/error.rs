@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use shared::ids::now_ms;
 
-use crate::storage::StorageError;
+use crate::storage::{StorageError, TooLarge};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -16,6 +16,9 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("Request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A session record would be over one of its limits; `details.field` names which.
+    #[error("{0}")]
+    RecordTooLarge(TooLarge),
     #[error("{0}")]
     InvalidRequest(String),
     #[error("Session ID is required")]
@@ -54,6 +57,10 @@ pub enum ApiError {
     WorkerUnavailable { session: String, reason: String },
     #[error("The worker of session {session} exited during the run: {reason}")]
     WorkerCrashed { session: String, reason: String },
+    #[error(
+        "Session {session} has stored {limit} bytes of events, its limit (server.sessionLimits.storedBytes); delete it or start a new session"
+    )]
+    SessionStorageFull { session: String, limit: u64 },
     #[error("The server cannot take this now: {reason}")]
     Overloaded {
         reason: String,
@@ -62,9 +69,18 @@ pub enum ApiError {
     #[error("The server is shutting down or draining and starts no new runs")]
     Draining,
     #[error("Storage failed: {0}")]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     #[error("Internal error: {0}")]
     Internal(String),
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::TooLarge(too_large) => Self::RecordTooLarge(too_large),
+            other => Self::Storage(other),
+        }
+    }
 }
 
 impl ApiError {
@@ -78,7 +94,7 @@ impl ApiError {
             | Self::InvalidParameters(_)
             | Self::InvalidModel { .. }
             | Self::RuntimeSettingsRequired => StatusCode::BAD_REQUEST,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SessionNotFound(_)
             | Self::SessionNotFoundInStorage(_)
             | Self::NotFound { .. }
@@ -87,6 +103,7 @@ impl ApiError {
             Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
             Self::WorkerUnavailable { .. } | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::SessionStorageFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
             Self::WorkerCrashed { .. }
             | Self::Storage(_)
@@ -99,7 +116,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidJson(_) => "INVALID_JSON",
-            Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Self::InvalidRequest(_) => "INVALID_REQUEST",
             Self::SessionIdRequired => "SESSION_ID_REQUIRED",
             Self::QueryRequired => "QUERY_REQUIRED",
@@ -118,6 +135,7 @@ impl ApiError {
             Self::SessionBusy(_) => "SESSION_BUSY",
             Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
             Self::Overloaded { .. } => "SERVER_OVERLOADED",
+            Self::SessionStorageFull { .. } => "SESSION_STORAGE_FULL",
             Self::Draining => "SERVER_DRAINING",
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
             Self::Storage(_) => "STORAGE_ERROR",
@@ -129,7 +147,7 @@ impl ApiError {
     fn short(&self) -> String {
         match self {
             Self::InvalidJson(_) => "Invalid JSON".into(),
-            Self::PayloadTooLarge { .. } => "Payload too large".into(),
+            Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => "Payload too large".into(),
             Self::InvalidRequest(m) => m.clone(),
             Self::SessionIdRequired => "Session ID is required".into(),
             Self::QueryRequired => "Query is required".into(),
@@ -153,6 +171,7 @@ impl ApiError {
             Self::SessionBusy(_) => "Agent is already executing a task".into(),
             Self::WorkerUnavailable { .. } => "Worker unavailable".into(),
             Self::Overloaded { .. } => "Server overloaded".into(),
+            Self::SessionStorageFull { .. } => "Session storage full".into(),
             Self::Draining => "Server draining".into(),
             Self::WorkerCrashed { .. } => "Worker crashed".into(),
             Self::Storage(_) => "Storage error".into(),
@@ -169,9 +188,23 @@ impl ApiError {
             | Self::WorkerUnavailable { session: id, .. }
             | Self::WorkerCrashed { session: id, .. } => details["sessionId"] = json!(id),
             Self::ExclusiveModeBusy { running } => details["runningSessionId"] = json!(running),
+            Self::SessionStorageFull { session, limit } => {
+                details["sessionId"] = json!(session);
+                details["limit"] = json!(limit);
+            }
             Self::InvalidModel { provider, id } => {
                 details["provider"] = json!(provider);
                 details["id"] = json!(id);
+            }
+            Self::PayloadTooLarge { limit } => {
+                details["limit"] = json!(limit);
+                details["unit"] = json!("bytes");
+            }
+            Self::RecordTooLarge(t) => {
+                details["field"] = json!(t.field);
+                details["size"] = json!(t.size);
+                details["limit"] = json!(t.limit);
+                details["unit"] = json!(t.unit);
             }
             Self::NotFound { method, path } | Self::MethodNotAllowed { method, path } => {
                 details["method"] = json!(method);
@@ -190,11 +223,18 @@ impl ApiError {
     }
 
     /// The body of the query family (`/sessions/query`, `/oneshot/query`), where upstream's
-    /// `error` is an object: `{"success": false, "error": {code, message, details}, ...}`.
+    /// `error` is an object: `{"success": false, "error": {code, message, details}, ...}`, with
+    /// `code`, `message` and `details` repeated at the top like every other error body.
     pub fn query_body(&self) -> Value {
-        let inner =
-            json!({"code": self.code(), "message": self.to_string(), "details": self.details()});
-        json!({"success": false, "error": inner, "code": self.code(), "message": self.to_string()})
+        let details = self.details();
+        let inner = json!({"code": self.code(), "message": self.to_string(), "details": details});
+        json!({
+            "success": false,
+            "error": inner,
+            "code": self.code(),
+            "message": self.to_string(),
+            "details": details,
+        })
     }
 
     fn body(&self) -> Value {

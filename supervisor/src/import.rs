@@ -46,14 +46,21 @@ pub struct ImportReport {
     pub existing: usize,
     pub invalid_sessions: usize,
     pub skipped_events: usize,
+    /// Sessions whose metadata is over this server's record limits, left out whole.
+    pub too_large: usize,
 }
 
 impl std::fmt::Display for ImportReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "imported {} sessions with {} events; {} already present, {} with unusable ids, {} events skipped",
-            self.sessions, self.events, self.existing, self.invalid_sessions, self.skipped_events
+            "imported {} sessions with {} events; {} already present, {} with unusable ids, {} events skipped, {} sessions over the record size limits",
+            self.sessions,
+            self.events,
+            self.existing,
+            self.invalid_sessions,
+            self.skipped_events,
+            self.too_large
         )
     }
 }
@@ -78,7 +85,7 @@ pub fn run(config: &Config, from: &Path) -> Result<ImportReport, ImportError> {
         .build()
         .map_err(ImportError::Runtime)?;
     runtime.block_on(async {
-        let storage = crate::storage::open(&config.server.storage)?;
+        let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
         std::fs::create_dir_all(&config.workspace).map_err(|source| ImportError::Workspace {
             path: config.workspace.clone(),
             source,
@@ -111,6 +118,7 @@ impl ImportReport {
         self.existing += other.existing;
         self.invalid_sessions += other.invalid_sessions;
         self.skipped_events += other.skipped_events;
+        self.too_large += other.too_large;
     }
 }
 
@@ -138,10 +146,18 @@ async fn import_one(
     let original = upstream.info["workspace"]
         .as_str()
         .or_else(|| upstream.info["workingDirectory"].as_str());
+    // The store's file name, not its path: session records are shown to clients, and where
+    // the operator keeps files on this host is none of theirs.
+    let store = from.file_name().map(|n| n.to_string_lossy().into_owned());
     metadata.insert(
         "importedFrom".into(),
-        json!({"path": from, "workspace": original}),
+        json!({"store": store, "workspace": original}),
     );
+    if let Err(too_large) = crate::storage::check_metadata(&metadata) {
+        tracing::warn!(session_id = %id, %too_large, "session not imported: its record is over the limits");
+        report.too_large += 1;
+        return Ok(report);
+    }
     let workspace = root.join(&id);
     match std::fs::create_dir(&workspace) {
         Ok(()) => {}
@@ -152,6 +168,14 @@ async fn import_one(
                 source,
             });
         }
+    }
+    // What was there already must be a real directory: a symlink in its place would become
+    // the session's workspace, and the server would then work on wherever it points.
+    if let Err(e) = crate::workspace::SessionDir::open(&workspace) {
+        return Err(ImportError::Workspace {
+            path: workspace,
+            source: std::io::Error::other(format!("not a directory of its own: {e}")),
+        });
     }
     let info = SessionInfo {
         id: id.clone(),

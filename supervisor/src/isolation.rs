@@ -26,6 +26,9 @@ use shared::jail::{
     INSIDE_ID, JailAudit, JailLevel, JailLimits, JailSpec, WORKSPACE_INSIDE, human_bytes,
 };
 
+use crate::disk::Disk;
+pub use crate::disk::DiskBackend;
+use crate::host_ids::HostIds;
 use crate::state::AppState;
 use crate::workers::cgroup::{CgroupRoot, GroupLimits};
 use crate::workers::{ProbeOutcome, Spawner, TestHooks as TestSpawnHooks};
@@ -33,6 +36,9 @@ use crate::workers::{ProbeOutcome, Spawner, TestHooks as TestSpawnHooks};
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
+
+/// The largest `pids.max` the kernel accepts.
+const MAX_PIDS: u64 = 4 * 1024 * 1024;
 
 /// How long one start-up probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -58,7 +64,7 @@ impl RequestedLevel {
         }
     }
 
-    fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(Self::Auto),
             "strict" => Some(Self::Strict),
@@ -116,7 +122,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 /// Per-session limits (isolation.md §2.4), all configurable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// cgroup memory cap (RSS, page cache and `/tmp` pages together).
     pub memory: ByteSize,
@@ -135,6 +141,18 @@ pub struct LimitsConfig {
     pub cpu_seconds: u64,
     /// Wall-clock limit of one `run_command` call, in seconds (it caps the call's `timeout`).
     pub command_timeout: u64,
+    /// The workspace's disk quota, enforced by the kernel (see [`crate::disk`]).
+    pub disk: ByteSize,
+    /// How the disk quota is enforced: `auto` (project quotas, else an image per session),
+    /// `project`, `image`, or `none`.
+    pub disk_backend: DiskBackend,
+    /// Memory of all sessions together: the cap of their parent cgroup, and what admission
+    /// counts the sessions' memory limits against. Default: the host's memory less a reserve
+    /// for the supervisor and the OS.
+    pub total_memory: Option<ByteSize>,
+    /// Processes of all sessions together (parent cgroup `pids.max`, and admission). Default:
+    /// three quarters of the host's process ids.
+    pub total_pids: Option<u64>,
 }
 
 impl Default for LimitsConfig {
@@ -149,13 +167,17 @@ impl Default for LimitsConfig {
             address_space: ByteSize(4 * GIB),
             cpu_seconds: 3600,
             command_timeout: 600,
+            disk: ByteSize(2 * GIB),
+            disk_backend: DiskBackend::Auto,
+            total_memory: None,
+            total_pids: None,
         }
     }
 }
 
 /// Test builds only: hooks the isolation tests use (isolation.md §4.2).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct TestHooks {
     /// Run the in-jail probe server next to each session's agent.
     pub probe_server: bool,
@@ -171,7 +193,7 @@ pub struct TestHooks {
 
 /// The `isolation` section of the configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct IsolationConfig {
     pub level: RequestedLevel,
     /// Required for `none` (`--allow-insecure-isolation`, `AGENTD_ALLOW_INSECURE=1`).
@@ -205,53 +227,12 @@ impl Default for IsolationConfig {
     }
 }
 
-/// Isolation settings given on the command line.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub level: Option<String>,
-    pub allow_insecure: bool,
-    pub allow_insecure_remote: bool,
-}
-
-fn truthy(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
-}
-
-/// Applies `AGENTD_ISOLATION`, `AGENTD_ALLOW_INSECURE`, `AGENTD_ALLOW_INSECURE_REMOTE`, then the
-/// command-line flags, over the file's `isolation` section, and validates the result.
+/// Checks the section once every source (file, `AGENTD_*`, flags) is layered in by
+/// `config::load`.
 ///
 /// # Errors
-/// An unknown level or an impossible value, naming the source.
-pub fn apply_overrides(
-    config: &mut IsolationConfig,
-    flags: &Overrides,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<(), String> {
-    if let Some(level) = env("AGENTD_ISOLATION") {
-        config.level = RequestedLevel::parse(&level).ok_or_else(|| {
-            format!("invalid environment variable AGENTD_ISOLATION={level:?}: use auto, strict, chroot or none")
-        })?;
-    }
-    if env("AGENTD_ALLOW_INSECURE").is_some_and(|v| truthy(&v)) {
-        config.allow_insecure = true;
-    }
-    if env("AGENTD_ALLOW_INSECURE_REMOTE").is_some_and(|v| truthy(&v)) {
-        config.allow_insecure_remote = true;
-    }
-    if let Some(level) = &flags.level {
-        config.level = RequestedLevel::parse(level).ok_or_else(|| {
-            format!("invalid --isolation {level:?}: use auto, strict, chroot or none")
-        })?;
-    }
-    config.allow_insecure |= flags.allow_insecure;
-    config.allow_insecure_remote |= flags.allow_insecure_remote;
-    validate(config)
-}
-
-fn validate(config: &IsolationConfig) -> Result<(), String> {
+/// An impossible value, naming the key.
+pub(crate) fn validate(config: &IsolationConfig) -> Result<(), String> {
     if config.uid_base == 0 || config.uid_count < 2 {
         return Err("isolation.uidBase must be above 0 and isolation.uidCount at least 2".into());
     }
@@ -272,6 +253,17 @@ fn validate(config: &IsolationConfig) -> Result<(), String> {
         return Err(
             "isolation.limits: addressSpace ≥ 256MiB, fileSize and cpuSeconds above 0".into(),
         );
+    }
+    if l.disk.0 < 16 * MIB {
+        return Err("isolation.limits.disk must be at least 16MiB".into());
+    }
+    if l.total_memory.is_some_and(|t| t.0 < l.memory.0) {
+        return Err("isolation.limits.totalMemory must hold at least one session's memory".into());
+    }
+    if l.total_pids.is_some_and(|t| t < l.pids || t > MAX_PIDS) {
+        return Err(format!(
+            "isolation.limits.totalPids must be between one session's pids and {MAX_PIDS}"
+        ));
     }
     Ok(())
 }
@@ -371,8 +363,12 @@ pub struct Isolation {
     user_namespace: bool,
     system_root: bool,
     config: IsolationConfig,
-    /// Host ids that are taken (passwd/group database, the server's own).
-    reserved: HashSet<u32>,
+    /// Each session's host uid (root mode).
+    host_ids: HostIds,
+    /// The workspaces' disk quota.
+    disk: Disk,
+    /// What all sessions together may use.
+    totals: Totals,
     stage: PathBuf,
     cgroup: Option<CgroupRoot>,
     probes: Vec<Probe>,
@@ -391,7 +387,9 @@ impl Default for Isolation {
             user_namespace: false,
             system_root: false,
             config: IsolationConfig::default(),
-            reserved: HashSet::new(),
+            host_ids: HostIds::default(),
+            disk: Disk::default(),
+            totals: Totals::default(),
             stage: PathBuf::new(),
             cgroup: None,
             probes: Vec::new(),
@@ -412,11 +410,51 @@ fn own_ids() -> (u32, u32) {
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
-/// FNV-1a: a stable hash, so a restarted server maps a session id to the same uid slot.
-fn stable_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// Memory and processes of all sessions together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub memory: u64,
+    pub pids: u64,
+}
+
+impl Totals {
+    /// The configured totals, or the defaults: the host's memory less an eighth (at least
+    /// 1 GiB) for the supervisor and the OS, and three quarters of the host's process ids.
+    fn from_config(limits: &LimitsConfig) -> Self {
+        let read =
+            |path: &str| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+        let mem_total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(u64::MAX / 2, |kib| kib * KIB);
+        let memory = limits.total_memory.map_or_else(
+            || {
+                mem_total
+                    .saturating_sub((mem_total / 8).max(GIB))
+                    .max(limits.memory.0)
+            },
+            |t| t.0,
+        );
+        let host_pids = [
+            read("/proc/sys/kernel/pid_max"),
+            read("/proc/sys/kernel/threads-max"),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(32_768);
+        let pids = limits
+            .total_pids
+            .unwrap_or_else(|| (host_pids / 4 * 3).clamp(limits.pids, MAX_PIDS));
+        Self { memory, pids }
+    }
 }
 
 /// Ids in the host passwd and group databases: never handed to a session (S1).
@@ -504,6 +542,7 @@ impl Isolation {
     pub async fn establish(
         config: &IsolationConfig,
         workspace_root: &Path,
+        stage: &Path,
         listen_host: &str,
         spawner: &Spawner,
     ) -> Result<Self, IsolationError> {
@@ -517,11 +556,15 @@ impl Isolation {
             warnings: Vec::new(),
             ..Self::default()
         };
-        iso.reserved = host_database_ids();
-        iso.reserved.insert(own_ids().0);
-        iso.reserved.insert(0);
-        iso.stage = workspace_root.join(".jail-stage");
-        prepare_dir(&iso.stage, 0o755)?;
+        let mut reserved = host_database_ids();
+        reserved.insert(own_ids().0);
+        reserved.insert(0);
+        iso.host_ids = HostIds::new(config.uid_base, config.uid_count, reserved);
+        iso.totals = Totals::from_config(&config.limits);
+        iso.stage = stage.to_owned();
+        // Private like the rest of the data directory: only launchers, still holding the
+        // server's ids when they mount on it, ever look it up.
+        prepare_dir(&iso.stage, 0o700)?;
 
         if requested == RequestedLevel::None {
             if !config.allow_insecure {
@@ -534,6 +577,7 @@ impl Isolation {
             }
             iso.level = JailLevel::None;
             iso.uid_mode = UidMode::Server;
+            iso.disk = Disk::none(config.limits.disk.0, "isolation level 'none'");
             let probe = iso
                 .run_probe(spawner, workspace_root, "none", JailLevel::None, false)
                 .await;
@@ -548,7 +592,16 @@ impl Isolation {
 
         // cgroups are optional at every level; probing them needs no child process.
         match CgroupRoot::prepare() {
-            Ok(cgroup) => iso.cgroup = Some(cgroup),
+            Ok(cgroup) => {
+                // The totals go on the parent of all session groups before any exists; the
+                // supervisor itself is not in that parent, so it is never capped by them.
+                if let Err(e) = cgroup.set_totals(iso.totals.memory, iso.totals.pids) {
+                    iso.warnings.push(format!(
+                        "the sessions' totals could not be set on their parent cgroup ({e}): only admission counts them"
+                    ));
+                }
+                iso.cgroup = Some(cgroup);
+            }
             Err(reason) => iso.warnings.push(format!(
                 "cgroups unavailable ({reason}): rlimits are the only resource caps"
             )),
@@ -634,6 +687,20 @@ impl Isolation {
                 "rootless: all sessions share the server's uid on the host; the namespaces are the barrier between them"
                     .into(),
             );
+        }
+        iso.disk = Disk::establish(
+            config.limits.disk_backend,
+            config.limits.disk.0,
+            workspace_root,
+            root,
+            config.uid_base,
+        )
+        .map_err(IsolationError::Unavailable)?;
+        if iso.disk.enforced_limit().is_none() {
+            iso.warnings.push(format!(
+                "no disk quota: {}",
+                iso.disk.report()["reason"].as_str().unwrap_or_default()
+            ));
         }
         iso.finish_report();
         Ok(iso)
@@ -752,6 +819,7 @@ impl Isolation {
             tmp_size: l.tmp_size.0,
             command_timeout: l.command_timeout,
             memory_cgroup: self.cgroup.as_ref().map(|_| l.memory.0),
+            disk: self.disk.enforced_limit(),
         }
     }
 
@@ -811,23 +879,38 @@ impl Isolation {
     }
 
     /// S1: the host uid/gid of a session in root mode; `None` when sessions use the server's.
+    /// The id was assigned and recorded in storage before (see [`crate::host_ids`]).
     ///
-    /// The slot is a stable hash of the session id, so a restarted server (or a restored
-    /// session) finds the files it created. Two sessions can share a slot (a birthday collision
-    /// in the configured range); they are still apart by their namespaces and mounts, but would
-    /// share DAC identity and `RLIMIT_NPROC`. Slot 0 is kept for the start-up probes; ids that
-    /// exist in the host's passwd/group databases are skipped.
-    pub fn session_ids(&self, session_id: &str) -> Option<(u32, u32)> {
+    /// # Errors
+    /// Root mode, and the session has no id: it must never fall back to any other identity.
+    pub fn session_ids(&self, session_id: &str) -> std::io::Result<Option<(u32, u32)>> {
         if self.uid_mode != UidMode::PerSession {
-            return None;
+            return Ok(None);
         }
-        let slots = u64::from(self.config.uid_count - 1);
-        let start = stable_hash(session_id) % slots;
-        (0..slots).find_map(|i| {
-            let slot = 1 + (start + i) % slots;
-            let id = self.config.uid_base + slot as u32;
-            (!self.reserved.contains(&id)).then_some((id, id))
-        })
+        self.host_ids
+            .get(session_id)
+            .map(|id| Some((id, id)))
+            .ok_or_else(|| std::io::Error::other(format!("session {session_id} has no host uid")))
+    }
+
+    /// The allocator of per-session host uids, in root mode.
+    pub fn host_ids(&self) -> Option<&HostIds> {
+        (self.uid_mode == UidMode::PerSession).then_some(&self.host_ids)
+    }
+
+    /// The workspaces' disk quota.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Memory and processes of all sessions together.
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    /// One session's `(memory, pids)` limits, as admission commits them.
+    pub fn session_commitment(&self) -> (u64, u64) {
+        (self.config.limits.memory.0, self.config.limits.pids)
     }
 
     /// The jail spec of one session's launcher.
@@ -967,6 +1050,17 @@ impl Isolation {
                 "addressSpace": l.address_space.0,
                 "cpuSeconds": l.cpu_seconds,
                 "commandTimeout": l.command_timeout,
+                "disk": l.disk.0,
+                "totalMemory": self.totals.memory,
+                "totalPids": self.totals.pids,
+            },
+            "disk": self.disk.report(),
+            "totals": {
+                "memory": self.totals.memory,
+                "pids": self.totals.pids,
+                // The kernel caps the sum on the sessions' parent cgroup where there is one;
+                // admission counts the sessions' limits against the totals everywhere.
+                "cgroup": self.cgroup.as_ref().map(CgroupRoot::totals),
             },
             "commands": self.system_root,
             "workspaceInside": match self.level {
@@ -1013,6 +1107,7 @@ impl Isolation {
         if let Some(cgroup) = &self.cgroup {
             cgroup.remove();
         }
+        self.disk.shutdown();
     }
 }
 
@@ -1157,42 +1252,54 @@ mod tests {
     }
 
     #[test]
-    fn overrides_env_then_flags() {
-        let mut c = IsolationConfig::default();
-        let env = |k: &str| (k == "AGENTD_ISOLATION").then(|| "chroot".to_owned());
-        apply_overrides(&mut c, &Overrides::default(), env).unwrap();
-        assert_eq!(c.level, RequestedLevel::Chroot);
-        let flags = Overrides {
-            level: Some("strict".into()),
-            ..Overrides::default()
+    fn a_session_without_a_recorded_uid_is_refused_in_root_mode() {
+        let mut iso = Isolation {
+            uid_mode: UidMode::PerSession,
+            host_ids: HostIds::new(200_000, 65_536, HashSet::from([0])),
+            ..Isolation::default()
         };
-        apply_overrides(&mut c, &flags, env).unwrap();
-        assert_eq!(c.level, RequestedLevel::Strict);
-        let bad = Overrides {
-            level: Some("sandboxed".into()),
-            ..Overrides::default()
-        };
-        assert!(
-            apply_overrides(&mut c, &bad, |_| None)
-                .unwrap_err()
-                .contains("--isolation")
+        assert!(iso.session_ids("V1StGXR8_Z5jdHi6B-myT").is_err());
+        let id = iso
+            .host_ids()
+            .unwrap()
+            .assign("V1StGXR8_Z5jdHi6B-myT")
+            .unwrap();
+        assert_eq!(
+            iso.session_ids("V1StGXR8_Z5jdHi6B-myT").unwrap(),
+            Some((id, id))
         );
+        assert!(id > 200_000 && id < 265_536);
+        iso.uid_mode = UidMode::Shared;
+        assert_eq!(iso.session_ids("x").unwrap(), None);
+        assert!(iso.host_ids().is_none());
     }
 
     #[test]
-    fn session_uids_are_stable_and_skip_reserved() {
-        let mut iso = Isolation {
-            uid_mode: UidMode::PerSession,
-            ..Isolation::default()
+    fn totals_default_below_the_host_and_above_one_session() {
+        let limits = LimitsConfig::default();
+        let t = Totals::from_config(&limits);
+        assert!(
+            t.memory >= limits.memory.0 && t.pids >= limits.pids,
+            "{t:?}"
+        );
+        let configured = LimitsConfig {
+            total_memory: Some(ByteSize(3 * GIB)),
+            total_pids: Some(1000),
+            ..LimitsConfig::default()
         };
-        let a = iso.session_ids("V1StGXR8_Z5jdHi6B-myT").unwrap();
-        assert_eq!(iso.session_ids("V1StGXR8_Z5jdHi6B-myT"), Some(a));
-        assert!(a.0 > 200_000 && a.0 < 265_536);
-        iso.reserved.insert(a.0);
-        let b = iso.session_ids("V1StGXR8_Z5jdHi6B-myT").unwrap();
-        assert_ne!(a, b);
-        iso.uid_mode = UidMode::Shared;
-        assert_eq!(iso.session_ids("x"), None);
+        assert_eq!(
+            Totals::from_config(&configured),
+            Totals {
+                memory: 3 * GIB,
+                pids: 1000
+            }
+        );
+        let mut c = IsolationConfig::default();
+        c.limits.total_memory = Some(ByteSize(MIB));
+        assert!(validate(&c).unwrap_err().contains("totalMemory"));
+        c.limits.total_memory = None;
+        c.limits.disk = ByteSize(MIB);
+        assert!(validate(&c).unwrap_err().contains("disk"));
     }
 
     #[test]
@@ -1204,5 +1311,14 @@ mod tests {
         assert_eq!(c.limits.memory, ByteSize(2 * GIB));
         assert_eq!(c.limits.pids, 64);
         assert_eq!(c.limits.open_files, 1024);
+        assert_eq!(c.limits.disk, ByteSize(2 * GIB));
+        let c: IsolationConfig = serde_json::from_str(
+            r#"{"limits":{"disk":"64MiB","diskBackend":"image","totalMemory":"8GiB","totalPids":4096}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.limits.disk, ByteSize(64 * MIB));
+        assert_eq!(c.limits.disk_backend, DiskBackend::Image);
+        assert_eq!(c.limits.total_memory, Some(ByteSize(8 * GIB)));
+        assert_eq!(c.limits.total_pids, Some(4096));
     }
 }

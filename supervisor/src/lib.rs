@@ -1,7 +1,9 @@
 //! The agent server's supervisor: the trusted process.
 //!
 //! - [`config`]: settings from file, environment and flags, with their defaults.
-//! - [`server`]: runtime, listener and orderly shutdown.
+//! - [`data_dir`]: the server's own files (control socket, default stores, jail stage), private.
+//! - [`server`]: runtime, listener and orderly shutdown; `connections`: serving each HTTP
+//!   connection, with its header-read and idle timeouts.
 //! - `api`: the HTTP routes (Tarko `/api/v1`), request bodies, SSE framing, Socket.IO.
 //! - `state`: what handlers share; `sessions`: live sessions, their runs and the event bridge.
 //! - `bus`: per-session fan-out to followers; `storage`: the storage trait and its backends;
@@ -16,15 +18,21 @@
 //! - [`isolation`]: the isolation level in force, its limits, probes and report.
 //! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
 //!   `share`: replay pages of sessions, downloaded or uploaded.
+//! - `workspace`: every host-side access to a session's workspace (reads, listings, removal),
+//!   beneath a handle of the session directory.
 
 mod agio;
 mod api;
 mod bus;
 mod catalogue;
 pub mod config;
+mod connections;
 pub mod ctl;
+pub mod data_dir;
+mod disk;
 pub mod error;
 mod gateway;
+mod host_ids;
 pub mod import;
 pub mod isolation;
 mod live_text;
@@ -37,3 +45,4 @@ mod state;
 pub mod storage;
 mod webui;
 mod workers;
+mod workspace;

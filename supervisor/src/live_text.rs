@@ -37,7 +37,7 @@ pub const MAX_STAGED: usize = 512;
 /// The `finishReason` of an answer that a crash cut short.
 pub const INTERRUPTED: &str = "interrupted";
 
-/// The fields of an event the bridge looks at, read in one pass over the worker's JSON.
+/// The fields of an event the publisher looks at, read in one pass over the worker's JSON.
 /// Everything else is skipped unparsed; the delta fields are kept raw and only read for deltas.
 #[derive(Deserialize)]
 pub struct EventHead<'a> {
@@ -147,6 +147,8 @@ impl Piece {
 pub struct Staged {
     events: Vec<BusEvent>,
     pieces: Vec<Piece>,
+    /// Bytes of text the pieces hold.
+    text_bytes: u64,
 }
 
 /// A batch of staged deltas ready to be written, then shown.
@@ -155,6 +157,8 @@ pub struct Batch {
     pub upto: u64,
     /// Their text as one live-text record; `None` when they carry none.
     pub record: Option<Arc<str>>,
+    /// Bytes of text in the record (what [`Staged::add_text`] reported for its deltas).
+    pub text_bytes: u64,
     pub events: Vec<BusEvent>,
 }
 
@@ -163,8 +167,9 @@ impl Staged {
         self.events.len()
     }
 
-    /// Adds what `delta` says to the text of its message.
-    pub fn add_text(&mut self, delta: &Delta<'_>) {
+    /// Adds what `delta` says to the text of its message, and says how many bytes of text that
+    /// is.
+    pub fn add_text(&mut self, delta: &Delta<'_>) -> u64 {
         match self.pieces.last_mut() {
             Some(piece) if piece.continues(delta) => piece.text.push_str(&delta.text),
             _ => self.pieces.push(Piece {
@@ -180,6 +185,9 @@ impl Staged {
         {
             piece.tool_name = Some(name.clone().into_owned());
         }
+        let added = delta.text.len() as u64;
+        self.text_bytes += added;
+        added
     }
 
     /// Holds the delta's event back until its batch is written.
@@ -200,6 +208,7 @@ impl Staged {
         Some(Batch {
             upto,
             record,
+            text_bytes: std::mem::take(&mut self.text_bytes),
             events: std::mem::take(&mut self.events),
         })
     }
@@ -381,6 +390,10 @@ mod tests {
         assert_eq!(staged.len(), 5);
         let batch = staged.take().unwrap();
         assert_eq!(batch.upto, 9);
+        assert_eq!(
+            batch.text_bytes,
+            ("hm".len() + "a \"quoted\" b".len() + "{\"path\":1".len()) as u64
+        );
         assert_eq!(batch.events.len(), 5);
         let record: Value = serde_json::from_str(&batch.record.unwrap()).unwrap();
         assert_eq!(

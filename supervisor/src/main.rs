@@ -34,9 +34,13 @@ enum Command {
     },
     /// Operate a running server through its control socket.
     Ctl {
-        /// The control socket (the server's `server.controlSocket`).
-        #[arg(long, default_value_os_t = supervisor::config::default_control_socket())]
-        socket: PathBuf,
+        /// The control socket (the server's `server.controlSocket`) [default: ctl.sock in the
+        /// data directory].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The server's data directory (`server.dataDir`) [env: DATA_DIR] [default: ./data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// Print the server's JSON answer instead of a table.
         #[arg(long)]
         json: bool,
@@ -87,6 +91,9 @@ struct ServeArgs {
     /// Root directory for session workspaces [default: ./workspace].
     #[arg(long)]
     workspace: Option<PathBuf>,
+    /// The server's own files: control socket, default storage, jail stage [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Storage backend: memory, file or sqlite [default: memory].
     #[arg(long)]
     storage_type: Option<String>,
@@ -135,9 +142,14 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Import { from, target }) => run_import(&from, *target),
         Some(Command::Ctl {
             socket,
+            data_dir,
             json,
             action,
-        }) => run_ctl(&socket, json, action),
+        }) => {
+            let socket =
+                supervisor::config::ctl_socket(socket, data_dir, |name| std::env::var(name).ok());
+            run_ctl(&socket, json, action)
+        }
         None => run_server(cli.serve),
     }
 }
@@ -236,15 +248,11 @@ fn run_import(from: &std::path::Path, target: ServeArgs) -> anyhow::Result<()> {
 
 /// The configuration, or exit 78 (EX_CONFIG) with a message naming what is wrong.
 fn load_config(args: ServeArgs) -> supervisor::config::Config {
-    let isolation = supervisor::isolation::Overrides {
-        level: args.isolation.clone(),
-        allow_insecure: args.allow_insecure_isolation,
-        allow_insecure_remote: args.allow_insecure_remote,
-    };
     let flags = supervisor::config::Overrides {
         host: args.host,
         port: args.port,
         workspace: args.workspace,
+        data_dir: args.data_dir,
         storage_type: args.storage_type,
         storage_path: args.storage_path,
         exclusive: args.exclusive,
@@ -252,16 +260,11 @@ fn load_config(args: ServeArgs) -> supervisor::config::Config {
         model_id: args.model_id,
         log_level: args.log_level,
         webui_static_path: args.webui_static_path,
+        isolation: args.isolation,
+        allow_insecure_isolation: args.allow_insecure_isolation,
+        allow_insecure_remote: args.allow_insecure_remote,
     };
-    let loaded = supervisor::config::load(args.config.as_deref(), &flags)
-        .map_err(|e| e.to_string())
-        .and_then(|mut config| {
-            supervisor::isolation::apply_overrides(&mut config.isolation, &isolation, |name| {
-                std::env::var(name).ok()
-            })?;
-            Ok(config)
-        });
-    match loaded {
+    match supervisor::config::load(args.config.as_deref(), &flags) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("supervisor: {e}");

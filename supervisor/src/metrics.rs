@@ -93,7 +93,7 @@ pub struct Metrics {
     pub worker_crashes: Counter,
     /// Sessions whose worker the kernel's OOM killer stopped at their memory limit.
     pub oom_kills: Counter,
-    /// Sessions stopped by another resource limit (processes, CPU time).
+    /// Sessions stopped by another resource limit (processes, CPU time, `server.sessionLimits`).
     pub limit_kills: Counter,
     pub worker_start_seconds: Histogram,
     /// Idle workers stopped to make room for another session's.

@@ -11,7 +11,8 @@ use shared::ids::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Every live worker: session, pid, state, uptime, memory, CPU time and events published.
+/// Every live worker: session, pid, state, uptime, memory, CPU time, events published and the
+/// workspace's host path.
 pub async fn workers(state: &AppState) -> Vec<Value> {
     let mut report = Vec::new();
     for session in state.sessions.all() {
@@ -28,6 +29,8 @@ pub async fn workers(state: &AppState) -> Vec<Value> {
             // Microsecond resolution: a jailed start takes a few milliseconds.
             "startMs": (worker.start_duration.as_secs_f64() * 1e6).round() / 1e3,
             "events": session.bus.latest(),
+            // Where it lives on the host: for operators; session clients see the jail's path.
+            "workspace": session.workspace,
         });
         if let Some(rss) = proc_status_kib(worker.pid, "VmRSS:") {
             entry["rssKib"] = json!(rss);
@@ -41,28 +44,30 @@ pub async fn workers(state: &AppState) -> Vec<Value> {
     report
 }
 
-/// Every stored session, with whether it is loaded and has a worker.
+/// Every stored session, with whether it is loaded and has a worker, and its workspace's host
+/// path.
 ///
 /// # Errors
 /// Storage failure.
 pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
-    Ok(state
-        .storage
-        .sessions()
-        .await?
-        .into_iter()
-        .map(|info| {
+    let ids = state.storage.ids_by_recency().await?;
+    let mut rows = Vec::with_capacity(ids.len());
+    // A page of records at a time: each row keeps only a few small fields of its record.
+    for page in ids.chunks(64) {
+        for info in state.storage.sessions_by_ids(page).await? {
             let live = state.sessions.get(&info.id);
-            json!({
+            rows.push(json!({
                 "sessionId": info.id,
                 "name": info.metadata.as_ref().and_then(|m| m.get("name")).cloned().unwrap_or(Value::Null),
                 "updatedAt": info.updated_at,
                 "loaded": live.is_some(),
                 "worker": live.as_ref().is_some_and(|s| s.activity.has_worker()),
                 "running": live.as_ref().is_some_and(|s| s.activity.is_running()),
-            })
-        })
-        .collect())
+                "workspace": info.workspace,
+            }));
+        }
+    }
+    Ok(rows)
 }
 
 /// Replaces one session's worker; the others are not touched.

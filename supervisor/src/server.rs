@@ -29,6 +29,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    DataDir(#[from] crate::data_dir::DataDirError),
     #[error("could not find our own executable to start workers from: {0}")]
     Executable(std::io::Error),
     #[error("could not start the runtime: {0}")]
@@ -59,7 +61,10 @@ pub enum ServeError {
 impl ServeError {
     /// Configuration problems (exit status 78, EX_CONFIG), as opposed to runtime failures.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Isolation(_) | Self::Workspace { .. })
+        matches!(
+            self,
+            Self::Isolation(_) | Self::Workspace { .. } | Self::DataDir(_)
+        )
     }
 }
 
@@ -96,9 +101,11 @@ fn raise_descriptor_limit() {
     }
 }
 
-async fn serve(config: Config) -> Result<(), ServeError> {
+async fn serve(mut config: Config) -> Result<(), ServeError> {
     raise_descriptor_limit();
     let workspace_root = prepare_workspace_root(&config.workspace)?;
+    // Absolute from here on: the jail stage inside it is handed to workers.
+    config.server.data_dir = crate::data_dir::prepare(&config.server.data_dir)?;
     let exe = std::env::current_exe().map_err(ServeError::Executable)?;
     let spawner =
         Spawner::start(exe, tokio::runtime::Handle::current()).map_err(ServeError::Executable)?;
@@ -107,6 +114,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let isolation = Isolation::establish(
         &config.isolation,
         &workspace_root,
+        &config.server.jail_stage(),
         &config.server.host,
         &spawner,
     )
@@ -114,12 +122,22 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     isolation.log();
     let level = isolation.level.as_str();
     spawner.set_isolation(Arc::new(isolation));
+    // Whatever ends this function, a start-up step failing below included, this server's
+    // parent cgroups and image pool go with it.
+    let _cleanup = CleanupIsolation(spawner.isolation());
     let model = config.default_model();
     if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
-    let storage = crate::storage::open(&config.server.storage)?;
-    let control = crate::ctl::bind(&config.server.control_socket).await?;
+    let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
+    // Root mode: the host uid each stored session's files belong to, so none is handed out
+    // twice and each session keeps its own.
+    if let Some(ids) = spawner.isolation().host_ids() {
+        for problem in ids.load(storage.host_ids().await?) {
+            tracing::warn!(%problem, "stored host uids");
+        }
+    }
+    let control = crate::ctl::bind(&config.server.control_socket()).await?;
     for entry in config.catalogue.listed() {
         if let Some(problem) = &entry.unusable {
             tracing::warn!(provider = %entry.provider, model = %entry.id, %problem, "model cannot be called until this is fixed");
@@ -151,6 +169,8 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         draining: Default::default(),
+        starting: Default::default(),
+        admission: Default::default(),
     });
     tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
@@ -162,15 +182,13 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     tokio::spawn(stop_idle_workers(state.clone()));
     tokio::spawn(release_freed_memory(state.shutdown.clone()));
     tokio::spawn(crate::ctl::serve(control, state.clone()));
-    // Streams are many small writes; without TCP_NODELAY each can wait for the client's
-    // delayed ACK (about 40 ms) behind the previous one.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let timeouts = crate::connections::Timeouts::from_config(&state.config.server.http);
+    let server = tokio::spawn(crate::connections::serve(
+        listener,
+        app,
+        timeouts,
+        stop.clone(),
+    ));
     stop.cancelled().await;
     finish_runs(&state).await;
     stop_workers(&state).await;
@@ -187,6 +205,14 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+struct CleanupIsolation(Arc<Isolation>);
+
+impl Drop for CleanupIsolation {
+    fn drop(&mut self) {
+        self.0.cleanup();
+    }
 }
 
 /// The base directory of all workspaces (S2): owned by the server and not writable by any
@@ -244,7 +270,9 @@ async fn finish_runs(state: &AppState) {
         "aborting runs still going after the shutdown grace period"
     );
     for session in &late {
-        session.abort().await;
+        session
+            .abort(shared::protocol::AbortReason::ServerShutdown)
+            .await;
     }
     let deadline = tokio::time::Instant::now() + ABORT_WAIT;
     while !running().is_empty() && tokio::time::Instant::now() < deadline {
@@ -340,5 +368,6 @@ async fn stop_on_signal(stop: CancellationToken, already_stopping: CancellationT
 
 async fn stop_workers(state: &AppState) {
     let sessions = state.sessions.all();
-    futures::future::join_all(sessions.iter().map(|s| s.stop_worker())).await;
+    let cause = || Some(crate::workers::StopCause::ServerShutdown);
+    futures::future::join_all(sessions.iter().map(|s| s.stop_worker_for(cause()))).await;
 }

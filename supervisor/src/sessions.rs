@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use shared::events::{Event, EventBody, RunStatus, SystemLevel};
 use shared::ids::now_ms;
-use shared::protocol::{Query, ToWorker};
+use shared::protocol::{AbortReason, Query, ToWorker};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +25,7 @@ use crate::live_text;
 use crate::metrics::METRICS;
 use crate::state::AppState;
 use crate::storage::{SharedStorage, StorageError};
-use crate::workers::{self, WorkerHandle};
+use crate::workers::{self, StopCause, WorkerHandle};
 
 /// How long a worker gets to wind a run down after an abort before it is killed.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
@@ -121,6 +121,16 @@ impl Sessions {
     }
 }
 
+/// What [`Session::abort`] did. Nothing running is an expected outcome, not an error: upstream
+/// answers it with `success: false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// The worker was told to stop the run.
+    Aborted,
+    /// No run was in progress; the session's state, which the abort left as it was.
+    NothingRunning(RunStatus),
+}
+
 /// What a non-streaming caller gets when its run ends.
 #[derive(Debug)]
 pub struct RunOutcome {
@@ -159,6 +169,14 @@ pub struct Session {
     run_ended: tokio::sync::Notify,
     /// Cancelled when the session is deleted.
     closed: CancellationToken,
+    /// Bytes the session has in storage, checked against `server.sessionLimits.storedBytes`:
+    /// its events (their JSON), counted from the log when the session is restored, then as
+    /// events are stored; and its live run's streamed text (see `live_text`). The live text
+    /// counts too, though it is dropped when the run ends: a run may stream for as long as it
+    /// likes, and what it streams is written to disk, so leaving it out would let one run fill
+    /// the disk. It is counted from the moment a delta is staged, before its batch is written,
+    /// so the limit sees every delta already admitted.
+    stored_bytes: AtomicU64,
     /// What admission control and the idle reaper need to know, readable without the session's
     /// lock (one session may stop another's worker to make room).
     pub activity: Activity,
@@ -200,8 +218,9 @@ struct Numbering {
     staged: live_text::Staged,
     /// The seq of the running run's `agent_run_start`: its live text is what comes after.
     run_start: Option<u64>,
-    /// Live text of the running run was stored; it is dropped when the run ends.
-    live_text_stored: bool,
+    /// Bytes of live-text records stored and not yet dropped (they count toward the session's
+    /// stored total until they are). Dropped when the run ends; a failed drop is retried then.
+    live_text_bytes: u64,
 }
 
 /// Why an event from a worker was not published.
@@ -238,7 +257,7 @@ impl Session {
                 reserved: last_seq,
                 staged: live_text::Staged::default(),
                 run_start: None,
-                live_text_stored: false,
+                live_text_bytes: 0,
             }),
             inner: tokio::sync::Mutex::new(Inner {
                 worker: None,
@@ -248,6 +267,7 @@ impl Session {
             generations: AtomicU64::new(0),
             run_ended: tokio::sync::Notify::new(),
             closed: CancellationToken::new(),
+            stored_bytes: AtomicU64::new(0),
             activity: Activity::default(),
         }
     }
@@ -301,13 +321,22 @@ impl Session {
         input: &Value,
         stream: bool,
     ) -> Result<oneshot::Receiver<RunOutcome>, ApiError> {
-        state.admit(self).await?;
+        // Held until the worker below is live: the slot counts as taken meanwhile.
+        let _admission = state.admit(self).await?;
         let mut inner = self.inner.lock().await;
         if self.closed.is_cancelled() {
             return Err(ApiError::SessionNotFound(self.id.clone()));
         }
         if inner.run.is_some() {
             return Err(ApiError::SessionBusy(self.id.clone()));
+        }
+        // A full session starts nothing it could not record.
+        let cap = state.config.server.session_limits.stored_bytes.0;
+        if self.stored_bytes() >= cap {
+            return Err(ApiError::SessionStorageFull {
+                session: self.id.clone(),
+                limit: cap,
+            });
         }
         let worker = match inner.worker.clone().filter(WorkerHandle::is_alive) {
             Some(worker) => worker,
@@ -383,7 +412,7 @@ impl Session {
             return Err(ApiError::SessionNotFound(self.id.clone()));
         }
         self.stop_worker().await;
-        state.admit(self).await?;
+        let _admission = state.admit(self).await?;
         let mut inner = self.inner.lock().await;
         match inner.worker.clone().filter(WorkerHandle::is_alive) {
             // A query raced us and started one already: that is a fresh worker too.
@@ -397,34 +426,37 @@ impl Session {
         self.closed.is_cancelled()
     }
 
-    /// Asks the worker to abort the current run. `false` when nothing is running. If the worker
-    /// does not end the run within [`ABORT_GRACE`], it is killed and the run ends as an error.
-    pub async fn abort(self: &Arc<Self>) -> bool {
+    /// Asks the worker to abort the current run for `reason`, which its closing events name.
+    /// With nothing running, says so and what the session's state is, so that a client can tell
+    /// the user why nothing happened. If the worker does not end the run within
+    /// [`ABORT_GRACE`], it is killed and the run ends as an error.
+    pub async fn abort(self: &Arc<Self>, reason: AbortReason) -> AbortOutcome {
         let (run_id, worker) = {
             let inner = self.inner.lock().await;
             match (&inner.run, &inner.worker) {
                 (Some(run), Some(worker)) => (run.run_id.clone(), worker.clone()),
-                _ => return false,
+                _ => return AbortOutcome::NothingRunning(inner.status),
             }
         };
         if worker
             .send(ToWorker::Abort {
                 run_id: run_id.clone(),
+                reason,
             })
             .await
             .is_err()
         {
-            worker.kill();
+            kill_for(&worker, reason);
         }
         let session = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(ABORT_GRACE).await;
             if session.current_run_id().await.as_deref() == Some(run_id.as_str()) {
                 tracing::warn!(session_id = %session.id, run_id, "worker ignored the abort; killing it");
-                worker.kill();
+                kill_for(&worker, reason);
             }
         });
-        true
+        AbortOutcome::Aborted
     }
 
     async fn current_run_id(&self) -> Option<String> {
@@ -436,25 +468,42 @@ impl Session {
             .map(|r| r.run_id.clone())
     }
 
-    /// Numbers, stores and fans out one event from the worker. A streaming delta is only staged:
-    /// followers get it once its text is stored (see `live_text`), at the latest before the next
-    /// stored event.
+    /// Bytes this session has in storage (see the field).
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Acquire)
+    }
+
+    /// Numbers, stores and fans out one event. A streaming delta is only staged: followers get
+    /// it once its text is stored (see `live_text`), at the latest before the next stored event.
     ///
     /// # Errors
     /// An invalid event, an event outside any run, or a storage failure; the event is then
     /// neither stored nor delivered.
     pub async fn publish(&self, state: &AppState, json: String) -> Result<(), PublishError> {
-        if !json.starts_with('{') {
-            return Err(PublishError::Invalid("not a JSON object".into()));
-        }
-        let invalid = |e: serde_json::Error| PublishError::Invalid(e.to_string());
-        let head = live_text::EventHead::parse(&json).map_err(invalid)?;
+        let head = event_head(&json).map_err(PublishError::Invalid)?;
+        self.publish_as(state, &json, head).await
+    }
+
+    /// [`Session::publish`] for an event whose head the caller has read already
+    /// ([`event_head`]).
+    ///
+    /// # Errors
+    /// As [`Session::publish`].
+    pub async fn publish_as(
+        &self,
+        state: &AppState,
+        json: &str,
+        head: live_text::EventHead<'_>,
+    ) -> Result<(), PublishError> {
         let delta = if head.is_delta() {
-            Some(head.delta().map_err(invalid)?)
+            Some(
+                head.delta()
+                    .map_err(|e| PublishError::Invalid(e.to_string()))?,
+            )
         } else {
             None
         };
-        let kind = head.kind.into_owned();
+        let kind = head.kind;
         let mut numbering = self.publisher.lock().await;
         if self.inner.lock().await.run.is_none() {
             return Err(PublishError::NoRun);
@@ -463,7 +512,8 @@ impl Session {
             let seq = self.next_seq(&mut numbering, &state.storage).await?;
             numbering.last = seq;
             if let Some(delta) = &delta {
-                numbering.staged.add_text(delta);
+                let added = numbering.staged.add_text(delta);
+                self.stored_bytes.fetch_add(added, Ordering::AcqRel);
             }
             drop(delta);
             let json: Arc<str> = json.into();
@@ -502,15 +552,28 @@ impl Session {
         if ends_run {
             self.bus.trim(RING_KEEP_AFTER_RUN);
             numbering.run_start = None;
-            if std::mem::take(&mut numbering.live_text_stored) {
-                // The run is closed in the log, so its live text will never be read: a failure
-                // here only leaves records behind that recovery ignores.
-                if let Err(e) = state.storage.clear_live_text(&self.id, end_seq).await {
-                    tracing::warn!(session_id = %self.id, error = %e, "could not drop the live text of an ended run");
-                }
-            }
+            self.drop_live_text(&mut numbering, &state.storage, end_seq)
+                .await;
         }
         Ok(())
+    }
+
+    /// Drops the live text of a run the log has closed (records up to `upto`): it will never be
+    /// read again. A failure only leaves records behind that recovery ignores; they stay
+    /// counted, and the next run's end tries again.
+    async fn drop_live_text(&self, numbering: &mut Numbering, storage: &SharedStorage, upto: u64) {
+        if numbering.live_text_bytes == 0 {
+            return;
+        }
+        match storage.clear_live_text(&self.id, upto).await {
+            Ok(()) => {
+                let dropped = std::mem::take(&mut numbering.live_text_bytes);
+                self.stored_bytes.fetch_sub(dropped, Ordering::AcqRel);
+            }
+            Err(e) => {
+                tracing::warn!(session_id = %self.id, error = %e, "could not drop the live text of an ended run");
+            }
+        }
     }
 
     /// Writes the text of the staged deltas, then shows them to followers. Deltas whose text
@@ -521,12 +584,18 @@ impl Session {
             return;
         };
         if let Some(record) = batch.record {
+            let len = record.len() as u64;
             if let Err(e) = storage.append_live_text(&self.id, batch.upto, record).await {
                 tracing::warn!(session_id = %self.id, error = %e, deltas = batch.events.len(), "streamed text could not be stored; its deltas are dropped");
+                self.stored_bytes
+                    .fetch_sub(batch.text_bytes, Ordering::AcqRel);
                 return;
             }
             METRICS.live_text_writes.inc();
-            numbering.live_text_stored = true;
+            // The text was counted when it was staged; the record's framing is counted now.
+            self.stored_bytes
+                .fetch_add(len.saturating_sub(batch.text_bytes), Ordering::AcqRel);
+            numbering.live_text_bytes += len;
         }
         self.bus.publish_all(batch.events);
     }
@@ -568,6 +637,8 @@ impl Session {
         storage
             .append_event(&self.id, seq, json.clone(), now_ms())
             .await?;
+        self.stored_bytes
+            .fetch_add(json.len() as u64, Ordering::AcqRel);
         METRICS.events_stored.inc();
         numbering.last = seq;
         Ok(BusEvent {
@@ -580,10 +651,12 @@ impl Session {
     /// A run whose `agent_run_start` has no `agent_run_end` in the log was cut short by a crash
     /// of the server. It is closed the way a crashed worker's run is, so the log stays
     /// well-bracketed and the model context stays valid; what it had streamed becomes history
-    /// first.
+    /// first. The same reading of the log counts the session's stored bytes.
     async fn close_interrupted_run(&self, storage: &SharedStorage) -> Result<(), StorageError> {
         let mut numbering = self.publisher.lock().await;
         let events = storage.events_after(&self.id, 0, usize::MAX).await?;
+        let bytes: u64 = events.iter().map(|e| e.json.len() as u64).sum();
+        self.stored_bytes.store(bytes, Ordering::Release);
         // (index and seq of its agent_run_start, its timestamp, iterations so far)
         let mut open: Option<(usize, u64, u64, u32)> = None;
         for (index, event) in events.iter().enumerate() {
@@ -606,17 +679,19 @@ impl Session {
         };
         tracing::warn!(session_id = %self.id, "closing a run the server stopped in the middle of");
         let records = storage.live_text_after(&self.id, start_seq).await?;
+        numbering.live_text_bytes = records.iter().map(|r| r.json.len() as u64).sum();
+        self.stored_bytes
+            .fetch_add(numbering.live_text_bytes, Ordering::AcqRel);
         let mut history = live_text::interrupted_events(&events[index + 1..], &records);
         iterations += history
             .iter()
             .filter(|e| matches!(e.body, EventBody::AssistantMessage { .. }))
             .count() as u32;
         let elapsed = Duration::from_millis(now_ms().saturating_sub(started));
+        let reason = "the server stopped during the run";
+        let details = serde_json::json!({"kind": "run_interrupted", "reason": reason});
         history.extend(closing_events(
-            &self.id,
-            "the server stopped during the run",
-            iterations,
-            elapsed,
+            &self.id, reason, details, iterations, elapsed,
         ));
         let mut end_seq = numbering.last;
         for event in history {
@@ -627,9 +702,7 @@ impl Session {
             end_seq = recorded.seq;
             self.bus.publish(recorded);
         }
-        if !records.is_empty() {
-            storage.clear_live_text(&self.id, end_seq).await?;
-        }
+        self.drop_live_text(&mut numbering, storage, end_seq).await;
         Ok(())
     }
 
@@ -638,7 +711,10 @@ impl Session {
     async fn record_interrupted_text(&self, storage: &SharedStorage) -> Result<(), StorageError> {
         let mut numbering = self.publisher.lock().await;
         self.flush(&mut numbering, storage).await;
-        let Some(start) = numbering.run_start.filter(|_| numbering.live_text_stored) else {
+        let Some(start) = numbering
+            .run_start
+            .filter(|_| numbering.live_text_bytes > 0)
+        else {
             return Ok(());
         };
         let records = storage.live_text_after(&self.id, start).await?;
@@ -689,7 +765,15 @@ impl Session {
 
     /// Called once when a worker's process is gone. If it died during a run, the run is closed
     /// in the log the way every run is: an error `system` event, then `agent_run_end` (error).
-    pub async fn worker_exited(&self, state: &AppState, generation: u64, reason: String) {
+    /// `cause` is why the supervisor stopped it, when it did so on purpose for a reason the
+    /// run's client must hear (a session limit, the server shutting down).
+    pub async fn worker_exited(
+        &self,
+        state: &AppState,
+        generation: u64,
+        reason: String,
+        cause: Option<StopCause>,
+    ) {
         if !reason.starts_with("stopped by the supervisor") {
             METRICS.worker_crashes.inc();
         }
@@ -718,8 +802,22 @@ impl Session {
         if let Err(e) = self.record_interrupted_text(&state.storage).await {
             tracing::warn!(session_id = %self.id, error = %e, "could not record the streamed text of the lost run");
         }
-        let reason = format!("worker process exited unexpectedly: {reason}");
-        for event in closing_events(&self.id, &reason, iterations, elapsed) {
+        let (reason, details) = match cause {
+            Some(StopCause::Limit(limit)) => (
+                format!("{limit}; the run was stopped"),
+                serde_json::json!({"kind": "session_limit", "limit": limit.key(), "value": limit.limit()}),
+            ),
+            Some(StopCause::ServerShutdown) => (
+                "the server is shutting down: the run was stopped".to_owned(),
+                serde_json::json!({"kind": "server_shutdown"}),
+            ),
+            None => {
+                let reason = format!("worker process exited unexpectedly: {reason}");
+                let details = serde_json::json!({"kind": "run_interrupted", "reason": reason});
+                (reason, details)
+            }
+        };
+        for event in closing_events(&self.id, &reason, details, iterations, elapsed) {
             if let Err(e) = self.publish(state, event.to_json()).await {
                 tracing::warn!(session_id = %self.id, error = %e, "could not record the end of the lost run");
                 // Without the events the run must still end, or the session stays busy forever.
@@ -730,9 +828,17 @@ impl Session {
 
     /// Stops the worker (if any) and waits for its process to be gone.
     pub async fn stop_worker(&self) {
+        self.stop_worker_for(None).await;
+    }
+
+    /// [`Session::stop_worker`], naming `cause` in the closing events of a run it cuts short.
+    pub async fn stop_worker_for(&self, cause: Option<StopCause>) {
         let worker = self.inner.lock().await.worker.clone();
         if let Some(worker) = worker {
-            worker.kill();
+            match cause {
+                Some(cause) => worker.kill_for(cause),
+                None => worker.kill(),
+            }
             if tokio::time::timeout(STOP_TIMEOUT, worker.exited())
                 .await
                 .is_err()
@@ -819,6 +925,7 @@ impl Session {
 fn closing_events(
     session_id: &str,
     reason: &str,
+    details: Value,
     iterations: u32,
     elapsed: Duration,
 ) -> [Event; 2] {
@@ -830,7 +937,7 @@ fn closing_events(
         Event::new(EventBody::System {
             level: SystemLevel::Error,
             message,
-            details: Some(serde_json::json!({"kind": "run_interrupted", "reason": reason})),
+            details: Some(details),
         }),
         Event::new(EventBody::AgentRunEnd {
             session_id: session_id.to_owned(),
@@ -839,6 +946,28 @@ fn closing_events(
             status: RunStatus::Error,
         }),
     ]
+}
+
+/// What publishing reads of an event (a JSON object) before numbering it, in one pass: its
+/// `type`, which decides whether it is stored, and for a streaming delta the fields of its text
+/// (see `live_text`).
+///
+/// # Errors
+/// Not a JSON object with a string `type`.
+pub fn event_head(json: &str) -> Result<live_text::EventHead<'_>, String> {
+    if !json.starts_with('{') {
+        return Err("not a JSON object".into());
+    }
+    live_text::EventHead::parse(json).map_err(|e| e.to_string())
+}
+
+/// Kills `worker` because a run aborted for `reason` did not end; a shutdown says so in the
+/// run's closing events.
+fn kill_for(worker: &WorkerHandle, reason: AbortReason) {
+    match reason {
+        AbortReason::ServerShutdown => worker.kill_for(StopCause::ServerShutdown),
+        AbortReason::Requested => worker.kill(),
+    }
 }
 
 #[derive(Deserialize)]

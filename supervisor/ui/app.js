@@ -1,11 +1,15 @@
 // The built-in UI of the agent server: sessions, chat with streamed answers, tool calls and
 // their results, the session's workspace files, and the live workers. Plain DOM code, no build
-// step. Text from the agent is only ever set with textContent, never parsed as HTML.
+// step of its own. The agent's answers are Markdown, rendered by `marked` and sanitized by
+// `DOMPurify` (vendor.js, inlined before this script; see scripts/build-ui-vendor.sh); every
+// other text from the agent or the server is only ever set with textContent.
 //
 // Streams use the server's SSE framing (supervisor/src/api/sse.rs): a query stream sends each
 // event as a `data:` block followed by an `id: <seq>` block; the follow stream
-// (/sessions/events/stream) sends `id:` and `data:` in one block. Every event's seq is
-// remembered, so a stream that breaks mid-run resumes from the follow stream without a gap.
+// (/sessions/events/stream) sends `id:` and `data:` in one block. An open session is always
+// followed live, so events from other clients appear, a run survives a broken query stream,
+// and the end of that stream is how the UI learns, at once, that the server went away.
+// Every event is applied once, by its seq, whichever stream brings it first.
 'use strict';
 
 (() => {
@@ -70,15 +74,17 @@
   }
 
   /**
-   * Reads an SSE response. `onEvent(event, seq|null)` for each `data:` block (seq when the
-   * block carries its own `id:`), `onSeq(seq)` for an `id:`-only block, which names the event
-   * just before it.
+   * Reads an SSE response, calling `onEvent(event, seq)` for each event: `seq` is the event's
+   * own `id:` (in its block, or in the `id:`-only block that follows it on a query stream), or
+   * null for a server-made pseudo-event. `onEvent` returning false stops reading.
    */
-  async function readSse(response, onEvent, onSeq) {
+  async function readSse(response, onEvent) {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = '';
+    let pending = null;  // a data block waiting for the id block that may follow it
     const separator = /\r\n\r\n|\n\n|\r\r/;
+    const deliver = (event, seq) => onEvent(event, Number.isFinite(seq) ? seq : null) !== false;
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -93,18 +99,32 @@
           if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
           else if (line.startsWith('id:')) id = Number(line.slice(3).trim());
         }
+        let event = null;
         if (data.length) {
-          let event;
           try { event = JSON.parse(data.join('\n')); } catch { continue; }
-          if (onEvent(event, Number.isFinite(id) ? id : null) === false) {
-            await reader.cancel();
-            return;
+        }
+        if (event === null) {
+          // An id-only block names the data block before it.
+          if (pending !== null && Number.isFinite(id)) {
+            const held = pending;
+            pending = null;
+            if (!deliver(held, id)) { await reader.cancel(); return; }
           }
-        } else if (Number.isFinite(id)) {
-          onSeq(id);
+          continue;
+        }
+        if (pending !== null) {
+          const held = pending;
+          pending = null;
+          if (!deliver(held, null)) { await reader.cancel(); return; }
+        }
+        if (Number.isFinite(id)) {
+          if (!deliver(event, id)) { await reader.cancel(); return; }
+        } else {
+          pending = event;
         }
       }
     }
+    if (pending !== null) deliver(pending, null);
   }
 
   // ----------------------------------------------------------------------------------------
@@ -119,22 +139,79 @@
     return content == null ? '' : JSON.stringify(content, null, 2);
   }
 
-  /** Text with ``` fences shown as code blocks and `inline code` marked; everything as text. */
-  function renderText(target, text) {
-    target.replaceChildren();
-    const parts = String(text).split(/```/);
-    parts.forEach((part, index) => {
-      if (index % 2 === 1) {
-        const code = part.replace(/^[\w+-]*\n/, '');
-        target.append(el('pre', { text: code.replace(/\n$/, '') }));
-        return;
+  // ----------------------------------------------------------------------------------------
+  // Markdown: marked renders, DOMPurify sanitizes (no scripts, no event handlers, no
+  // javascript: URLs), and links open in a new tab without access to this one.
+  // ----------------------------------------------------------------------------------------
+
+  const markdown = (() => {
+    const marked = window.marked;
+    const purify = window.DOMPurify;
+    if (!marked || typeof marked.parse !== 'function' || !purify || typeof purify.sanitize !== 'function') {
+      return null;
+    }
+    purify.addHook('afterSanitizeAttributes', (node) => {
+      if (node.tagName === 'A' && node.hasAttribute('href')) {
+        node.setAttribute('target', '_blank');
+        node.setAttribute('rel', 'noopener noreferrer');
       }
-      const inline = part.split(/`([^`\n]+)`/);
-      inline.forEach((piece, i) => {
-        if (i % 2 === 1) target.append(el('code', { text: piece }));
-        else if (piece) target.append(document.createTextNode(piece));
-      });
     });
+    return (text) => purify.sanitize(marked.parse(text, { gfm: true, breaks: true, async: false }), {
+      USE_PROFILE: { html: true },
+      FORBID_TAGS: ['style', 'form', 'input', 'button', 'textarea', 'select'],
+    });
+  })();
+
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return;
+    }
+    // Plain http on another host has no clipboard API: the old way still works.
+    const area = el('textarea', { 'aria-hidden': 'true' });
+    area.value = text;
+    area.style.position = 'fixed';
+    area.style.opacity = '0';
+    document.body.append(area);
+    area.select();
+    const copied = document.execCommand('copy');
+    area.remove();
+    if (!copied) throw new Error('copy refused');
+  }
+
+  /** A copy button for each code block, and a scroll box around each table. */
+  function enhance(target) {
+    for (const pre of target.querySelectorAll('pre')) {
+      const code = pre.querySelector('code') || pre;
+      const button = el('button', { type: 'button', className: 'copy', text: 'Copy', title: 'Copy the code' });
+      button.addEventListener('click', async () => {
+        try {
+          await copyText(code.textContent);
+          button.textContent = 'Copied';
+        } catch {
+          button.textContent = 'Copy failed';
+        }
+        setTimeout(() => { button.textContent = 'Copy'; }, 1500);
+      });
+      const box = el('div', { className: 'code-block' });
+      pre.replaceWith(box);
+      box.append(button, pre);
+    }
+    for (const table of target.querySelectorAll('table')) {
+      const box = el('div', { className: 'table-scroll' });
+      table.replaceWith(box);
+      box.append(table);
+    }
+  }
+
+  /** An answer's text as Markdown (plain text if the renderer is missing). */
+  function renderMarkdown(target, text) {
+    if (!markdown) {
+      target.textContent = String(text);
+      return;
+    }
+    target.innerHTML = markdown(String(text));
+    enhance(target);
   }
 
   function formatJson(value) {
@@ -240,7 +317,7 @@
       const key = messageId || (this.lastAssistant && this.lastAssistant.key) || `m${this.messages.size}`;
       let message = this.messages.get(key);
       if (!message) {
-        const bubble = el('div', { className: 'bubble' });
+        const bubble = el('div', { className: 'bubble markdown' });
         const node = el('div', { className: 'msg assistant' });
         const meta = el('div', { className: 'meta' });
         node.append(bubble, meta);
@@ -256,14 +333,31 @@
       const message = this.message(event.messageId);
       message.text += event.content || '';
       message.node.classList.toggle('streaming', !event.isComplete);
-      renderText(message.bubble, message.text);
+      this.scheduleRender(message);
+    }
+
+    /**
+     * Renders a streaming message at most once a frame: a fast answer brings hundreds of
+     * deltas a second, and rendering the whole text again for each would be quadratic.
+     */
+    scheduleRender(message) {
+      if (message.renderQueued) return;
+      message.renderQueued = true;
+      const render = () => {
+        message.renderQueued = false;
+        const stick = this.nearBottom();
+        renderMarkdown(message.bubble, message.text);
+        this.keepScrolled(stick);
+      };
+      if (document.hidden) setTimeout(render, 100);
+      else requestAnimationFrame(render);
     }
 
     assistant(event) {
       const message = this.message(event.messageId || event.id);
       if (typeof event.content === 'string' && (event.content || !message.text)) {
         message.text = event.content;
-        renderText(message.bubble, message.text);
+        renderMarkdown(message.bubble, message.text);
       }
       message.node.classList.remove('streaming');
       for (const call of event.toolCalls || []) {
@@ -398,7 +492,8 @@
     conversation: null,
     running: false,
     lastSeq: 0,           // highest seq seen for the open session
-    follow: null,         // AbortController of an open follow stream
+    watch: null,          // AbortController of the open session's follow stream
+    reconnectTimer: null, // the next attempt to reach a server that went away
     shareProvider: false,
     filesPath: '/',
     workersTimer: null,
@@ -445,7 +540,7 @@
       state.sessions = data.sessions || [];
       setOnline(true);
     } catch (error) {
-      setOnline(false);
+      if (!(error instanceof ApiError)) setOnline(false);
       return;
     }
     // A rename in progress keeps its input; the list is redrawn when it ends.
@@ -455,8 +550,9 @@
   function setOnline(online) {
     state.online = online;
     const box = $('connection');
-    box.textContent = online ? 'Connected' : 'Server unreachable';
+    box.textContent = online ? 'Connected' : 'Disconnected: the server is not answering';
     box.classList.toggle('down', !online);
+    box.dataset.state = online ? 'connected' : 'disconnected';
   }
 
   function renderSessions() {
@@ -515,10 +611,14 @@
 
   async function deleteSession(info) {
     if (!confirm(`Delete "${sessionName(info)}" and its workspace?`)) return;
+    const open = state.current && state.current.id === info.id;
+    // The delete ends the session's live stream; that end is expected, not a loss to look into.
+    if (open) stopWatching();
     try {
       await api('/sessions/delete', { method: 'POST', body: { sessionId: info.id } });
     } catch (error) {
       toast(`Delete failed: ${error.message}`, true);
+      if (open && state.current && state.current.id === info.id) watch(info.id);
       return;
     }
     state.sessions = state.sessions.filter((s) => s.id !== info.id);
@@ -537,9 +637,14 @@
   // Chat
   // ----------------------------------------------------------------------------------------
 
-  function stopFollowing() {
-    if (state.follow) state.follow.abort();
-    state.follow = null;
+  /** How long to wait between attempts to reach a server that went away. */
+  const RECONNECT_MS = 2000;
+
+  function stopWatching() {
+    if (state.watch) state.watch.abort();
+    state.watch = null;
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = null;
   }
 
   function renderHeader() {
@@ -557,8 +662,26 @@
     });
   }
 
+  /** Applies an event of the open session `id` from any stream; false once it is not open. */
+  function applyEvent(id, event, seq) {
+    if (!state.current || state.current.id !== id) return false;
+    state.conversation.apply(event, seq);
+    if (seq) state.lastSeq = Math.max(state.lastSeq, seq);
+    return true;
+  }
+
+  /** The page for a session id that the server does not know (a stale link, a deleted one). */
+  function showMissing(id) {
+    stopWatching();
+    state.current = null;
+    renderSessions();
+    showView('missing');
+    $('missing-id').textContent = id;
+    document.title = `Session not found · ${CONFIG.title || 'Agent Server'}`;
+  }
+
   async function openSession(id) {
-    stopFollowing();
+    stopWatching();
     showView('chat');
     $('share-result').hidden = true;
     let info = state.sessions.find((s) => s.id === id) || { id };
@@ -581,60 +704,106 @@
       replaceSession(info);
       renderHeader();
       renderSessions();
-      for (const event of events.events || []) {
-        state.conversation.apply(event, event.seq);
-        state.lastSeq = Math.max(state.lastSeq, event.seq || 0);
-      }
+      for (const event of events.events || []) applyEvent(id, event, event.seq);
       const processing = status.status && status.status.isProcessing;
       setRunning(Boolean(processing), status.status && status.status.state);
-      // A run in progress (another tab, a socket client): follow it live from where the
-      // stored history ends; the bus still holds its streamed deltas.
-      if (processing) follow(id, state.lastSeq);
     } catch (error) {
+      if (!state.current || state.current.id !== id) return;
+      if (error.status === 404) {
+        showMissing(id);
+        return;
+      }
       toast(`Could not open the session: ${error.message}`, true);
+      if (!(error instanceof ApiError)) setOnline(false);
     }
+    // From where the stored history ends: a run in progress (another tab, a socket client)
+    // continues live, with its streamed deltas.
+    watch(id);
     loadFiles();
     $('prompt').focus();
   }
 
-  /** Follows the session's events after `after` until the run ends. */
-  async function follow(id, after) {
-    stopFollowing();
+  /**
+   * Follows the open session's events from the last one seen, for as long as it is open. The
+   * stream only ends by itself when the server goes away (or drains, or the session is
+   * deleted), so its end is checked at once.
+   */
+  async function watch(id) {
+    stopWatching();
     const controller = new AbortController();
-    state.follow = controller;
+    state.watch = controller;
     try {
-      const response = await fetch(`${API}/sessions/events/stream?${new URLSearchParams({ sessionId: id, after: String(after) })}`, {
+      const response = await fetch(`${API}/sessions/events/stream?${new URLSearchParams({ sessionId: id, after: String(state.lastSeq) })}`, {
         signal: controller.signal, headers: { Accept: 'text/event-stream' },
       });
+      if (response.status === 404) {
+        if (state.watch === controller) showMissing(id);
+        return;
+      }
       if (!response.ok) throw new Error(`follow: ${response.status}`);
-      await readSse(response, (event, seq) => {
-        if (!state.current || state.current.id !== id) return false;
-        state.conversation.apply(event, seq);
-        if (seq) state.lastSeq = Math.max(state.lastSeq, seq);
-        return event.type !== 'agent_run_end';
-      }, () => {});
+      setOnline(true);
+      await readSse(response, (event, seq) => applyEvent(id, event, seq));
     } catch (error) {
-      if (error.name !== 'AbortError') toast(`Live updates stopped: ${error.message}`, true);
+      if (controller.signal.aborted) return;
     } finally {
-      if (state.follow === controller) state.follow = null;
+      if (state.watch === controller) state.watch = null;
     }
+    if (controller.signal.aborted || !state.current || state.current.id !== id) return;
+    streamLost(id);
   }
 
-  async function send(text) {
+  /** The open session's stream ended without the UI ending it: find out why, then recover. */
+  async function streamLost(id) {
+    try {
+      await api('/health');
+    } catch {
+      setOnline(false);
+      reconnect(id);
+      return;
+    }
+    try {
+      await api('/sessions/details', { params: { sessionId: id } });
+    } catch (error) {
+      if (error.status === 404 && state.current && state.current.id === id) {
+        showMissing(id);
+        return;
+      }
+    }
+    reconnect(id);
+  }
+
+  /** Tries again every RECONNECT_MS until the server answers, then follows from the last seq. */
+  function reconnect(id) {
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = setTimeout(async () => {
+      if (!state.current || state.current.id !== id) return;
+      try {
+        const status = await api('/sessions/status', { params: { sessionId: id } });
+        setOnline(true);
+        if (status && status.status) setRunning(Boolean(status.status.isProcessing), status.status.state);
+      } catch (error) {
+        if (error.status === 404) { showMissing(id); return; }
+        setOnline(false);
+        reconnect(id);
+        return;
+      }
+      watch(id);
+    }, RECONNECT_MS);
+  }
+
+  /**
+   * Sends a query. `fromComposer`: the text is in the composer, which is emptied only once the
+   * server has taken the query, so a failed send leaves it there to send again. Resolves to
+   * whether the query was taken.
+   */
+  async function send(text, { fromComposer = false } = {}) {
     const info = state.current;
-    if (!info || !text.trim() || state.running) return;
+    if (!info || !text.trim() || state.running) return false;
     const id = info.id;
     setRunning(true, 'executing');
-    if (!info.metadata || !info.metadata.name) {
-      // Like the official UI: the first prompt names the session.
-      const name = text.length > 50 ? `${text.slice(0, 47)}...` : text;
-      api('/sessions/update', { method: 'POST', body: { sessionId: id, metadata: { name } } })
-        .then((data) => { replaceSession(data.session); renderSessions(); renderHeader(); })
-        .catch(() => {});
-    }
-    let ended = false;
+    let response;
     try {
-      const response = await fetch(`${API}/sessions/query/stream`, {
+      response = await fetch(`${API}/sessions/query/stream`, {
         method: 'POST',
         headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
         body: JSON.stringify({ sessionId: id, query: text }),
@@ -644,29 +813,29 @@
         try { body = await response.json(); } catch { body = null; }
         throw new ApiError(response.status, body, response.statusText);
       }
-      await readSse(response, (event, seq) => {
-        if (!state.current || state.current.id !== id) return false;
-        state.conversation.apply(event, seq);
-        if (event.type === 'agent_run_end') ended = true;
-        return true;
-      }, (seq) => {
-        if (!state.current || state.current.id !== id) return;
-        state.lastSeq = Math.max(state.lastSeq, seq);
-        state.conversation.markSeq(seq);
-      });
     } catch (error) {
-      toast(`Failed to send: ${error.message}`, true);
-      setRunning(false, 'error');
-      return;
+      const offline = !(error instanceof ApiError);
+      toast(`Failed to send: ${offline ? 'the server is not answering' : error.message}`, true);
+      setRunning(false, 'idle');
+      if (offline) setOnline(false);
+      return false;
     }
-    // The stream closed before the run ended (network trouble, an error frame): pick it up
-    // from the last event seen.
-    if (!ended && state.current && state.current.id === id) {
-      const status = await api('/sessions/status', { params: { sessionId: id } }).catch(() => null);
-      if (status && status.status && status.status.isProcessing) follow(id, state.lastSeq);
-      else setRunning(false, status && status.status ? status.status.state : 'idle');
+    if (fromComposer && $('prompt').value === text) $('prompt').value = '';
+    if (!info.metadata || !info.metadata.name) {
+      // Like the official UI: the first prompt names the session.
+      const name = text.length > 50 ? `${text.slice(0, 47)}...` : text;
+      api('/sessions/update', { method: 'POST', body: { sessionId: id, metadata: { name } } })
+        .then((data) => { replaceSession(data.session); renderSessions(); renderHeader(); })
+        .catch(() => {});
+    }
+    try {
+      // The follow stream brings the same events; each is applied once, by its seq.
+      await readSse(response, (event, seq) => applyEvent(id, event, seq));
+    } catch {
+      // The follow stream carries the run on (and notices if the server went away).
     }
     loadSessions();
+    return true;
   }
 
   async function abortRun() {
@@ -674,6 +843,7 @@
     try {
       const data = await api('/sessions/abort', { method: 'POST', body: { sessionId: state.current.id } });
       if (data && data.success) setRunning(false, 'aborted');
+      else if (data && data.reason) toast(data.reason);
     } catch (error) {
       toast(`Stop failed: ${error.message}`, true);
     }
@@ -833,7 +1003,9 @@
   // ----------------------------------------------------------------------------------------
 
   function showView(name) {
-    for (const view of ['home', 'chat', 'workers']) $(`view-${view}`).hidden = view !== name;
+    for (const view of ['home', 'chat', 'workers', 'missing']) $(`view-${view}`).hidden = view !== name;
+    // On a narrow screen the session list folds away once a view is chosen.
+    $('sidebar').classList.remove('open');
     $('tab-chat').classList.toggle('active', name !== 'workers');
     $('tab-workers').classList.toggle('active', name === 'workers');
     clearInterval(state.workersTimer);
@@ -851,7 +1023,7 @@
       if (!state.current || state.current.id !== session[1] || $('view-chat').hidden) openSession(session[1]);
       return;
     }
-    stopFollowing();
+    stopWatching();
     state.current = null;
     renderSessions();
     if (hash.startsWith('#/workers')) showView('workers');
@@ -891,11 +1063,9 @@
     });
     $('composer').addEventListener('submit', (e) => {
       e.preventDefault();
-      const prompt = $('prompt');
-      const text = prompt.value;
+      const text = $('prompt').value;
       if (!text.trim() || state.running) return;
-      prompt.value = '';
-      send(text);
+      send(text, { fromComposer: true });
     });
     $('prompt').addEventListener('keydown', (e) => {
       if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
@@ -904,6 +1074,10 @@
       }
     });
     $('stop').addEventListener('click', abortRun);
+    $('menu').addEventListener('click', () => {
+      const open = $('sidebar').classList.toggle('open');
+      $('menu').setAttribute('aria-expanded', String(open));
+    });
     $('share-download').addEventListener('click', () => share(false));
     $('share-upload').addEventListener('click', () => share(true));
     $('files-refresh').addEventListener('click', loadFiles);

@@ -2,8 +2,10 @@
 //
 //   node browser.mjs official <baseUrl> <artifactsDir>
 //   node browser.mjs builtin  <baseUrl> <artifactsDir>
+//   node browser.mjs builtin-states <baseUrl> <artifactsDir> <serverPid>   (kills the server)
 //   node browser.mjs replay   <htmlFile> <artifactsDir> <name> <text>...
 //   node browser.mjs interrupted <baseUrl> <artifactsDir> <serverPid>
+//   node browser.mjs workspace <pageUrl> <artifactsDir> <name>
 //
 // Each scenario prints one JSON report as its last line; the Rust tests (tests/tests/browser.rs,
 // tests/tests/share.rs) assert on it. Screenshots go to <artifactsDir>/<scenario>-*.png.
@@ -250,6 +252,181 @@ async function builtin() {
   return report;
 }
 
+/** An answer with every Markdown feature the built-in UI renders, and two attacks. The echo
+ * model answers `echo: <this>`, so the first line is a plain paragraph. */
+const MARKDOWN = [
+  'Report',
+  '',
+  '# Heading one',
+  '## Heading two',
+  '',
+  '- first item',
+  '- second item',
+  '',
+  '1. step one',
+  '2. step two',
+  '',
+  '| name | value |',
+  '|------|-------|',
+  '| alpha | 1 |',
+  '| beta | 2 |',
+  '',
+  'Visit [the docs](https://example.com/docs) or [click me](javascript:window.__pwned=true).',
+  '',
+  '```js',
+  'const answer = 42;',
+  '```',
+  '',
+  '<img src="x" onerror="window.__pwned=true"><script>window.__pwned=true</script>',
+].join('\n');
+const UNKNOWN_SESSION = 'NoSuchSession_0000000';
+const UNSENT = 'This text must survive a failed send';
+
+/** Layout facts at the current viewport: horizontal overflow of the page and of the chat. */
+function layout(page) {
+  return page.evaluate(() => {
+    const root = document.documentElement;
+    const messages = document.getElementById('messages');
+    const right = (id) => {
+      const node = document.getElementById(id);
+      const rect = node.getBoundingClientRect();
+      return node.offsetParent === null ? null : Math.ceil(rect.right);
+    };
+    return {
+      width: window.innerWidth,
+      pageOverflow: Math.max(root.scrollWidth - root.clientWidth, document.body.scrollWidth - document.body.clientWidth),
+      messagesOverflow: messages.offsetParent === null ? 0 : messages.scrollWidth - messages.clientWidth,
+      promptRight: right('prompt'),
+      sendRight: right('send'),
+      sessionsShown: getComputedStyle(document.getElementById('sessions')).display !== 'none',
+    };
+  });
+}
+
+/** The computed colours that make a scheme. */
+function colours(page) {
+  return page.evaluate(() => ({
+    body: getComputedStyle(document.body).backgroundColor,
+    text: getComputedStyle(document.body).color,
+    bubble: getComputedStyle([...document.querySelectorAll('.msg.assistant .bubble')].pop()).backgroundColor,
+  }));
+}
+
+/**
+ * The built-in UI's states, each asserted by the Rust test from this report and each left as a
+ * screenshot: rendered Markdown (with its attacks defused and a working copy button), the
+ * dark scheme, a 390 px wide phone, an unknown session in the URL, then the server killed: the
+ * "disconnected" indicator, and a failed send that keeps its text.
+ */
+async function builtinStates() {
+  const [serverPid] = rest;
+  const { context, page, close } = await launch();
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: target });
+  const seen = watch(page);
+  const report = {};
+
+  await page.goto(`${target}/`);
+  await page.locator('#new-session').click();
+  await page.waitForURL(/#\/session\//);
+  const sessionId = new URL(page.url()).hash.replace('#/session/', '');
+  report.sessionId = sessionId;
+  await page.locator('#prompt').fill(MARKDOWN);
+  await page.keyboard.press('Enter');
+  await page.locator('.msg.assistant .bubble table').waitFor();
+  await page.locator('#chat-status[data-state="idle"]').waitFor();
+  // Give the image time to fail to load: an onerror that survived would run then.
+  await page.waitForFunction(() => [...document.querySelectorAll('.msg.assistant img')].every((i) => i.complete));
+  report.markdown = await page.evaluate(() => {
+    const bubble = [...document.querySelectorAll('.msg.assistant .bubble')].pop();
+    const texts = (selector) => [...bubble.querySelectorAll(selector)].map((n) => n.textContent.trim());
+    return {
+      headings: [...bubble.querySelectorAll('h1, h2, h3')].map((h) => [h.tagName, h.textContent]),
+      items: texts('ul > li'),
+      steps: texts('ol > li'),
+      cells: texts('table th, table td'),
+      tableScrolls: bubble.querySelectorAll('.table-scroll > table').length,
+      links: [...bubble.querySelectorAll('a')].map((a) => ({
+        text: a.textContent, href: a.getAttribute('href'), target: a.getAttribute('target'), rel: a.getAttribute('rel'),
+      })),
+      code: [...bubble.querySelectorAll('.code-block')].map((b) => ({
+        text: b.querySelector('pre').textContent, copy: Boolean(b.querySelector('button.copy')),
+      })),
+      images: [...bubble.querySelectorAll('img')].map((i) => ({ src: i.getAttribute('src'), onerror: i.getAttribute('onerror') })),
+      scripts: bubble.querySelectorAll('script').length,
+      pwned: window.__pwned === true,
+    };
+  });
+  await page.locator('.msg.assistant .code-block button.copy').first().click();
+  await page.locator('.msg.assistant .code-block button.copy', { hasText: 'Copied' }).first().waitFor();
+  report.markdown.clipboard = await page.evaluate(() => navigator.clipboard.readText());
+  await shot(page, 'builtin-markdown');
+
+  await page.emulateMedia({ colorScheme: 'dark' });
+  report.dark = await colours(page);
+  await shot(page, 'builtin-dark');
+  await page.emulateMedia({ colorScheme: 'light' });
+  report.light = await colours(page);
+
+  await page.setViewportSize({ width: 390, height: 844 });
+  report.narrow = await layout(page);
+  await shot(page, 'builtin-narrow');
+  await page.locator('#menu').click();
+  report.narrowMenu = await layout(page);
+  await shot(page, 'builtin-narrow-menu');
+  await page.locator('#tab-workers').click();
+  await page.locator('#server-cards .card').first().waitFor();
+  report.narrowWorkers = await layout(page);
+  await page.setViewportSize({ width: 1400, height: 900 });
+  report.apiErrorsBefore = [...seen.apiErrors];
+
+  // An unknown session in the URL, loaded fresh.
+  await page.goto('about:blank');
+  await page.goto(`${target}/#/session/${UNKNOWN_SESSION}`);
+  await page.locator('#view-missing:not([hidden])').waitFor();
+  report.missing = {
+    heading: await page.locator('#view-missing h1').textContent(),
+    id: await page.locator('#missing-id').textContent(),
+    chatHidden: await page.locator('#view-chat').isHidden(),
+  };
+  await shot(page, 'builtin-not-found');
+  // Playwright reports responses on its own schedule: wait until the 404s have arrived.
+  const started = Date.now();
+  while (seen.apiErrors.length === report.apiErrorsBefore.length && Date.now() - started < LIMIT_MS) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  report.apiErrorsMissing = seen.apiErrors.slice(report.apiErrorsBefore.length);
+  await page.close();
+
+  // The server goes away. The page's clock is paused first, so no timer (the 30 s health
+  // poll, a retry) can fire: only the end of the session's live stream can tell the page.
+  const live = await context.newPage();
+  const liveErrors = [];
+  live.on('pageerror', (error) => liveErrors.push(String(error)));
+  await live.clock.install();
+  await live.goto(`${target}/#/session/${sessionId}`);
+  await live.locator('.msg.assistant .bubble table').waitFor();
+  await live.locator('#connection[data-state="connected"]').waitFor();
+  await live.clock.pauseAt(await live.evaluate(() => Date.now() + 1));
+  process.kill(Number(serverPid), 'SIGKILL');
+  await live.locator('#connection[data-state="disconnected"]').waitFor();
+  report.disconnected = await live.locator('#connection').textContent();
+  await shot(live, 'builtin-disconnected');
+
+  // A send while the server is gone fails, and the text stays for another try.
+  await live.locator('#prompt').fill(UNSENT);
+  await live.keyboard.press('Enter');
+  await live.locator('#toast.error:not([hidden])').waitFor();
+  report.failedSend = {
+    prompt: await live.locator('#prompt').inputValue(),
+    toast: await live.locator('#toast').textContent(),
+    sendShown: await live.locator('#send').isVisible(),
+  };
+  await shot(live, 'builtin-send-failed');
+  report.pageErrors = [...seen.pageErrors, ...liveErrors];
+  await close();
+  return report;
+}
+
 async function replay() {
   const [name, ...texts] = rest;
   const { page, close } = await launch();
@@ -328,7 +505,49 @@ async function interrupted() {
   return report;
 }
 
-const scenarios = { official, builtin, replay, interrupted };
+/** Opens a workspace file served by the server, as a user following a link would, and
+ * reports what the page could do: the requests it made, whether it was downloaded instead of
+ * shown, its title and text. */
+async function workspace() {
+  const [name] = rest;
+  const { page, close } = await launch();
+  const requests = [];
+  page.on('request', (request) => requests.push(new URL(request.url()).pathname));
+  const downloads = [];
+  page.on('download', (download) => downloads.push(download.suggestedFilename()));
+  const errors = [];
+  page.on('pageerror', (error) => errors.push(String(error)));
+  let shown = true;
+  let failure = null;
+  try {
+    // Network idle: a script that fetches (and reports what it read) has had its chance.
+    await page.goto(target, { waitUntil: 'networkidle' });
+  } catch (error) {
+    shown = false;
+    failure = String(error).split('\n')[0];
+  }
+  // A download starts asynchronously; give its event a moment to arrive.
+  if (!shown) await page.waitForTimeout(500);
+  let title = '';
+  let text = '';
+  if (shown) {
+    title = await page.title();
+    text = await page.evaluate(() => (document.body ? document.body.innerText : ''));
+    await shot(page, name);
+  }
+  const report = { shown, failure, downloads, requests, title, text, pageErrors: errors };
+  await close();
+  return report;
+}
+
+const scenarios = {
+  official,
+  builtin,
+  'builtin-states': builtinStates,
+  replay,
+  workspace,
+  interrupted,
+};
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

@@ -1,12 +1,15 @@
 // Socket.IO scenarios against the server, with the real npm socket.io-client.
 //
-//   node socketio.mjs <scenario> <baseUrl> <sessionId>
+//   node socketio.mjs <scenario> <baseUrl> <sessionId> [pauseMs]
 //
 // Each scenario prints one JSON report as its last line; the Rust test (tests/tests/socketio.rs)
 // asserts on it. Waits have generous limits only so that a broken server cannot hang the test.
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { io } from 'socket.io-client';
 
-const [scenario, base, sessionId] = process.argv.slice(2);
+const [scenario, base, sessionId, pauseMs] = process.argv.slice(2);
 const LIMIT_MS = 30000;
 
 function connect(options = {}) {
@@ -25,30 +28,38 @@ function once(socket, event, what = event) {
 }
 
 /**
- * Collects `agent-event`s from now until the run ends (the `agent-status` with
- * isProcessing:false that `agent_run_end` becomes; the one that follows an `aborted` notice
- * has the same seq as that notice and is not the end). `onEvent` sees each payload as it comes.
+ * Collects `agent-event`s (the agent events themselves, each with its `seq`) from now until the
+ * run's `agent_run_end` and the `agent-status` that follows it, and every `agent-status` sent
+ * meanwhile (as `.statuses` of the result). `onEvent` sees each event as it comes.
  */
 function collectRun(socket, onEvent = () => {}) {
   const events = [];
-  let abortedSeq = null;
+  const statuses = [];
+  let ended = false;
   return new Promise((resolve, reject) => {
+    const stop = () => {
+      clearTimeout(timer);
+      socket.off('agent-event', onAgentEvent);
+      socket.off('agent-status', onStatus);
+    };
     const timer = setTimeout(() => {
-      socket.off('agent-event', handler);
+      stop();
       reject(new Error(`run did not end within ${LIMIT_MS} ms; got ${JSON.stringify(events.map((e) => e.type))}`));
     }, LIMIT_MS);
-    function handler(payload) {
-      events.push(payload);
-      onEvent(payload);
-      if (payload.type === 'aborted' && payload.seq !== undefined) abortedSeq = payload.seq;
-      if (payload.type === 'agent-status' && payload.data && payload.data.isProcessing === false
-          && payload.seq !== undefined && payload.seq !== abortedSeq) {
-        clearTimeout(timer);
-        socket.off('agent-event', handler);
-        resolve(events);
+    function onAgentEvent(event) {
+      events.push(event);
+      onEvent(event);
+      if (event.type === 'agent_run_end') ended = true;
+    }
+    function onStatus(status) {
+      statuses.push(status);
+      if (ended) {
+        stop();
+        resolve(Object.assign(events, { statuses }));
       }
     }
-    socket.on('agent-event', handler);
+    socket.on('agent-event', onAgentEvent);
+    socket.on('agent-status', onStatus);
   });
 }
 
@@ -59,6 +70,7 @@ async function join(socket, payload) {
 }
 
 const brief = (events) => events.filter((e) => e.seq !== undefined).map((e) => [e.seq, e.type]);
+const contents = (events, type) => events.filter((e) => e.type === type).map((e) => e.content);
 
 async function basics() {
   const a = await connect();
@@ -78,7 +90,9 @@ async function basics() {
 
   let run = collectRun(a);
   a.emit('send-query', { sessionId, query: 'hello socket' });
-  report.query = await run;
+  const query = await run;
+  report.query = query;
+  report.queryStatuses = query.statuses;
 
   run = collectRun(a);
   a.emit('send-query', {
@@ -88,21 +102,17 @@ async function basics() {
   });
   report.tool = await run;
 
-  // The aborted notice goes to the room beside the event log, so it may come after the run's
-  // end: it is watched on its own.
-  const abortedNotice = new Promise((resolve) => {
-    a.on('agent-event', (payload) => { if (payload.type === 'aborted') resolve(payload); });
-  });
   let sawDelta;
   const firstDelta = new Promise((resolve) => { sawDelta = resolve; });
-  run = collectRun(a, (payload) => { if (payload.type === 'streaming_message') sawDelta(); });
+  run = collectRun(a, (event) => { if (event.type === 'assistant_streaming_message') sawDelta(); });
   a.emit('send-query', { sessionId, stream: true, query: 'SLOW 400' });
   await firstDelta;
   const abortResult = once(a, 'abort-result');
   a.emit('abort-query', { sessionId });
   report.abortResult = await abortResult;
-  report.aborted = await run;
-  report.abortedNotice = await abortedNotice;
+  const aborted = await run;
+  report.aborted = aborted;
+  report.abortedStatuses = aborted.statuses;
 
   error = once(a, 'error', 'error for a query without text');
   a.emit('send-query', { sessionId });
@@ -123,8 +133,8 @@ async function closed() {
   report.joinStatus = await join(a, sessionId);
   const notice = new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('no closed notice')), LIMIT_MS);
-    a.on('agent-event', (payload) => {
-      if (payload.type === 'closed') { clearTimeout(timer); resolve(payload); }
+    a.on('agent-event', (event) => {
+      if (event.type === 'closed') { clearTimeout(timer); resolve(event); }
     });
   });
   const deleted = await fetch(`${base}/api/v1/sessions/delete`, {
@@ -150,8 +160,8 @@ async function room() {
   const [eventsA, eventsB] = await Promise.all([runA, runB]);
   report.a = brief(eventsA);
   report.b = brief(eventsB);
-  report.answerA = eventsA.filter((e) => e.type === 'answer').map((e) => e.data.text);
-  report.answerB = eventsB.filter((e) => e.type === 'answer').map((e) => e.data.text);
+  report.answerA = contents(eventsA, 'assistant_message');
+  report.answerB = contents(eventsB, 'assistant_message');
   a.close();
   b.close();
   return report;
@@ -165,9 +175,9 @@ async function late() {
   let deltasAtLateJoin = null;
   let lateJoin;
   const joinedLate = new Promise((resolve) => { lateJoin = resolve; });
-  const runA = collectRun(a, (payload) => {
-    if (firstSeq === null && payload.seq !== undefined) firstSeq = payload.seq;
-    if (payload.type === 'streaming_message' && ++deltas === 5) lateJoin();
+  const runA = collectRun(a, (event) => {
+    if (firstSeq === null && event.seq !== undefined) firstSeq = event.seq;
+    if (event.type === 'assistant_streaming_message' && ++deltas === 5) lateJoin();
   });
   // Long enough never to end by itself: it is aborted once everyone has joined.
   a.emit('send-query', { sessionId, stream: true, query: 'SLOW 2000' });
@@ -199,15 +209,130 @@ async function restore() {
   const report = {};
   const history = collectRun(a);
   report.joinStatus = await join(a, { sessionId, after: 0 });
-  report.history = (await history).map((e) => ({ type: e.type, seq: e.seq, data: e.data }));
+  report.history = (await history).map((e) => ({ type: e.type, seq: e.seq, content: e.content }));
   const run = collectRun(a);
   a.emit('send-query', { sessionId, query: 'RECALL' });
-  report.recall = (await run).filter((e) => e.type === 'answer').map((e) => e.data.text);
+  report.recall = contents(await run, 'assistant_message');
   a.close();
   return report;
 }
 
-const scenarios = { basics, closed, room, late, restore };
+/**
+ * One socket per transport sits quiet for `pauseMs` (longer than the server's connection
+ * timeouts), then both still receive a run: a WebSocket and a long poll are not idle
+ * connections to be closed.
+ */
+async function quiet() {
+  const ws = await connect({ transports: ['websocket'] });
+  const poll = await connect({ transports: ['polling'] });
+  const report = {
+    transports: [ws.io.engine.transport.name, poll.io.engine.transport.name],
+    disconnects: [],
+  };
+  ws.on('disconnect', (reason) => report.disconnects.push(['websocket', reason]));
+  poll.on('disconnect', (reason) => report.disconnects.push(['polling', reason]));
+  await join(ws, sessionId);
+  await join(poll, sessionId);
+  await new Promise((resolve) => setTimeout(resolve, Number(pauseMs)));
+  const runWs = collectRun(ws);
+  const runPoll = collectRun(poll);
+  poll.emit('send-query', { sessionId, query: 'after the pause' });
+  const [eventsWs, eventsPoll] = await Promise.all([runWs, runPoll]);
+  const answers = (events) => events.filter((e) => e.type === 'assistant_message').map((e) => e.content);
+  report.answers = [answers(eventsWs), answers(eventsPoll)];
+  report.connected = [ws.connected, poll.connected];
+  // Our own close below is not a cut.
+  ws.off('disconnect');
+  poll.off('disconnect');
+  ws.close();
+  poll.close();
+  return report;
+}
+
+// ------------------------------------------------------------------------------------------
+// The seed's two Socket.IO examples (seeds/000_be99a738e796d6cd.txt, "WebSocket Events" and
+// "WebSocket Client"), copied verbatim. Only the server's address and the example's session id
+// are replaced when they run, with this server's and a real session's. Each runs as its own ES
+// module (as a reader would paste it into a file) with console.log captured.
+// ------------------------------------------------------------------------------------------
+
+const SEED_EVENTS = `const socket = io('http://localhost:3000');
+
+// Join a session
+socket.emit('join-session', { sessionId: 'session_123' });
+
+// Send query
+socket.emit('send-query', {
+  sessionId: 'session_123',
+  query: 'Hello agent'
+});
+
+// Listen for agent events
+socket.on('agent-event', (event) => {
+  console.log('Agent event:', event);
+});
+`;
+
+const SEED_CLIENT = `import io from 'socket.io-client';
+
+const socket = io('http://localhost:3000');
+
+socket.emit('join-session', { sessionId: 'abc123' });
+socket.emit('send-query', {
+  sessionId: 'abc123',
+  query: 'What can you help me with?'
+});
+
+socket.on('agent-event', (event) => {
+  if (event.type === 'assistant_message') {
+    console.log('Agent response:', event.content);
+  }
+});
+`;
+
+/**
+ * Runs `code` as a module next to this script (so that `socket.io-client` resolves from
+ * tests/js/node_modules), with `console.log` recorded, until `done(logs)` holds.
+ */
+async function runSnippet(code, done) {
+  const logs = [];
+  const log = console.log;
+  console.log = (...args) => logs.push(args);
+  const dir = fs.mkdtempSync(path.join(path.dirname(fileURLToPath(import.meta.url)), '.seed-'));
+  const file = path.join(dir, 'snippet.mjs');
+  fs.writeFileSync(file, code);
+  try {
+    await import(file);
+    const started = Date.now();
+    while (!done(logs)) {
+      if (Date.now() - started > LIMIT_MS) throw new Error(`the example did not finish: ${JSON.stringify(logs)}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  } finally {
+    console.log = log;
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return logs;
+}
+
+const address = (code, id) => code.replaceAll('http://localhost:3000', base).replaceAll(id, sessionId);
+
+async function seedEvents() {
+  // The seed shows this part without its import (the page imports `io` above it).
+  const code = `import { io } from 'socket.io-client';\n${address(SEED_EVENTS, 'session_123')}`;
+  const logs = await runSnippet(code, (logs) => logs.some(([, event]) => event && event.type === 'agent_run_end'));
+  return {
+    labels: [...new Set(logs.map(([label]) => label))],
+    events: logs.map(([, event]) => event),
+  };
+}
+
+async function seedClient() {
+  const logs = await runSnippet(address(SEED_CLIENT, 'abc123'), (logs) => logs.length > 0);
+  return { logs };
+}
+
+const scenarios = { basics, closed, room, late, restore, quiet, 'seed-events': seedEvents, 'seed-client': seedClient };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

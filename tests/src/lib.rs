@@ -262,6 +262,9 @@ pub struct Server {
     /// Worker pids seen in `/api/v1/workers`; killed on drop if still alive (safety net so a
     /// failing test never leaks workers).
     seen_workers: Mutex<std::collections::HashSet<u32>>,
+    /// Directories the server may keep workspaces in: its temporary directory and the absolute
+    /// paths its options name. Workspace images mounted there are detached on drop.
+    roots: Vec<PathBuf>,
     // Last: removed after the process was killed.
     tmp: tempfile::TempDir,
 }
@@ -360,6 +363,7 @@ impl Server {
             http: http_client()?,
             tasks: vec![out_task, err_task],
             seen_workers: Mutex::default(),
+            roots: option_paths(&opts, tmp.path()),
             tmp,
         })
     }
@@ -746,9 +750,67 @@ impl Server {
     }
 }
 
+/// The temporary directory and every absolute path named by the options (a workspace root
+/// configured outside the temporary directory, say).
+fn option_paths(opts: &ServerOpts, tmp: &Path) -> Vec<PathBuf> {
+    let config = opts
+        .config
+        .as_ref()
+        .map(|(_, c)| c.as_str())
+        .unwrap_or_default();
+    let mut roots = vec![tmp.to_owned()];
+    let text = opts.args.iter().map(String::as_str).chain([config]);
+    for token in
+        text.flat_map(|t| t.split(|c: char| c == '"' || c == '\'' || c == '=' || c.is_whitespace()))
+    {
+        if token.starts_with('/') && token.len() > 1 {
+            roots.push(PathBuf::from(token));
+        }
+    }
+    roots
+}
+
+/// Mount points under `dir` (from /proc/self/mountinfo), deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(point.replace("\\040", " ")))
+        .filter(|point| point.starts_with(dir) && point != dir)
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// Detaches what a killed server left mounted under `dir` (its sessions' workspace images, kept
+/// mounted for the next start of a server), so that the temporary directory can go.
+pub fn detach_mounts_under(dir: &Path) {
+    for point in mounts_under(dir) {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        // Once it is gone it mounts nothing more.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for root in &self.roots {
+            // Only what a supervisor mounts: workspace images (a `.disk` directory beside them)
+            // and its image pool.
+            for point in mounts_under(root) {
+                let ours = point.parent().is_some_and(|p| p.join(".disk").is_dir())
+                    || point.ends_with(".disk/pool")
+                    || point.parent().is_some_and(|p| p.ends_with(".disk/pool"));
+                if ours {
+                    let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
         for t in &self.tasks {
             t.abort();
         }

@@ -162,6 +162,19 @@ async fn abort_when_idle_reports_false() -> Result<()> {
     // After a completed run.
     server.query(&sid, "done").await?;
     ensure!(!server.abort(&sid).await?, "abort after completion");
+    // It says why it did nothing, beside upstream's `success`.
+    let answer = server
+        .post_ok("/api/v1/sessions/abort", &json!({"sessionId": sid}))
+        .await?;
+    ensure!(
+        answer
+            == json!({
+                "success": false,
+                "reason": "Nothing to abort: no query is running in this session (its state is idle).",
+                "state": "idle",
+            }),
+        "an idle abort: {answer}"
+    );
     let st = server.status(&sid).await?;
     ensure!(
         st["state"] == "idle",

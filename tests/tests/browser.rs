@@ -5,7 +5,7 @@
 use anyhow::{Context, Result, ensure};
 use e2e::clients::{Needs, arg, artifacts_dir, available, official_ui_dir, run_node};
 use e2e::{LONG, Server, ServerOpts, event_types, free_port};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The count of `kind` frames in one query stream the page read.
 fn frames(streams: &Value, index: usize, kind: &str) -> u64 {
@@ -327,4 +327,186 @@ async fn official_ui_shows_an_answer_cut_by_kill9_once_after_reload() -> Result<
         "the run is over"
     );
     ensure_screenshots(&["official-interrupted"])
+}
+
+/// `rgb(r, g, b)` as a relative luminance between 0 (black) and 1 (white).
+fn luminance(colour: &Value) -> Result<f64> {
+    let text = colour.as_str().context("colour")?;
+    let inner = text
+        .strip_prefix("rgb(")
+        .or_else(|| text.strip_prefix("rgba("))
+        .and_then(|t| t.strip_suffix(')'))
+        .with_context(|| format!("not an rgb() colour: {text}"))?;
+    let channels: Vec<f64> = inner
+        .split(',')
+        .take(3)
+        .map(|c| c.trim().parse::<f64>())
+        .collect::<Result<_, _>>()?;
+    ensure!(channels.len() == 3, "{text}");
+    Ok((0.2126 * channels[0] + 0.7152 * channels[1] + 0.0722 * channels[2]) / 255.0)
+}
+
+/// The built-in UI's states, each asserted (and left as a screenshot in `tests/artifacts/`):
+/// Markdown rendered by a real renderer and sanitized, the system's dark scheme, a 390 px
+/// phone, an unknown session in the URL, and the server going away: "disconnected" from the
+/// end of the live stream (the page's clock is paused, so the 30 s health poll cannot be what
+/// notices), and a failed send that keeps its text. The scenario kills the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_ui_states() -> Result<()> {
+    if !available(Needs::Browser)? {
+        return Ok(());
+    }
+    let server = Server::start_default().await?;
+    let artifacts = artifacts_dir()?;
+    let pid = server.pid().to_string();
+    let report = run_node(
+        "browser.mjs",
+        &["builtin-states", server.base_url(), &arg(&artifacts)?, &pid],
+    )
+    .await?;
+    ensure!(
+        report["pageErrors"].as_array().is_some_and(Vec::is_empty),
+        "{}",
+        report["pageErrors"]
+    );
+
+    // Markdown: structure, links that open safely, code with a copy button, no script run.
+    let md = &report["markdown"];
+    ensure!(
+        md["headings"] == json!([["H1", "Heading one"], ["H2", "Heading two"]]),
+        "headings: {}",
+        md["headings"]
+    );
+    ensure!(
+        md["items"] == json!(["first item", "second item"])
+            && md["steps"] == json!(["step one", "step two"]),
+        "lists: {md}"
+    );
+    ensure!(
+        md["cells"] == json!(["name", "value", "alpha", "1", "beta", "2"])
+            && md["tableScrolls"] == 1,
+        "table: {md}"
+    );
+    let links = md["links"].as_array().context("links")?;
+    let docs = links
+        .iter()
+        .find(|l| l["text"] == "the docs")
+        .context("no docs link")?;
+    ensure!(
+        docs["href"] == "https://example.com/docs"
+            && docs["target"] == "_blank"
+            && docs["rel"]
+                .as_str()
+                .is_some_and(|r| r.split(' ').any(|t| t == "noopener")),
+        "docs link: {docs}"
+    );
+    ensure!(
+        links.iter().all(|l| !l["href"]
+            .as_str()
+            .is_some_and(|h| h.trim().to_lowercase().starts_with("javascript:"))),
+        "a javascript: link survived: {links:?}"
+    );
+    ensure!(
+        md["code"] == json!([{"text": "const answer = 42;\n", "copy": true}]),
+        "code: {}",
+        md["code"]
+    );
+    ensure!(
+        md["clipboard"].as_str().map(str::trim) == Some("const answer = 42;"),
+        "copied: {}",
+        md["clipboard"]
+    );
+    ensure!(
+        md["images"] == json!([{"src": "x", "onerror": null}])
+            && md["scripts"] == 0
+            && md["pwned"] == false,
+        "sanitizing: {md}"
+    );
+
+    // The system's dark scheme, and back.
+    ensure!(
+        luminance(&report["dark"]["body"])? < 0.15
+            && luminance(&report["dark"]["bubble"])? < 0.2
+            && luminance(&report["dark"]["text"])? > 0.7,
+        "dark: {}",
+        report["dark"]
+    );
+    ensure!(
+        luminance(&report["light"]["body"])? > 0.85 && luminance(&report["light"]["text"])? < 0.2,
+        "light: {}",
+        report["light"]
+    );
+
+    // 390 px: nothing scrolls sideways, the composer fits, the session list folds away.
+    for key in ["narrow", "narrowMenu", "narrowWorkers"] {
+        let layout = &report[key];
+        ensure!(
+            layout["width"] == 390
+                && layout["pageOverflow"].as_i64() == Some(0)
+                && layout["messagesOverflow"].as_i64() == Some(0),
+            "{key}: {layout}"
+        );
+    }
+    let narrow = &report["narrow"];
+    ensure!(
+        narrow["promptRight"].as_i64().is_some_and(|r| r <= 390)
+            && narrow["sendRight"].as_i64().is_some_and(|r| r <= 390)
+            && narrow["sessionsShown"] == false
+            && report["narrowMenu"]["sessionsShown"] == true,
+        "narrow: {narrow} menu: {}",
+        report["narrowMenu"]
+    );
+
+    // Nothing failed but what the unknown session had to.
+    ensure!(
+        report["apiErrorsBefore"].as_array().is_some_and(|e| e
+            .iter()
+            .all(|f| f == "404 GET /api/v1/sessions/workspace/files")),
+        "{}",
+        report["apiErrorsBefore"]
+    );
+    let missing = &report["missing"];
+    ensure!(
+        missing["heading"] == "Session not found"
+            && missing["id"] == "NoSuchSession_0000000"
+            && missing["chatHidden"] == true,
+        "not found: {missing}"
+    );
+    ensure!(
+        report["apiErrorsMissing"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()
+                && e.iter().all(|f| f
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("404 GET /api/v1/sessions/")))),
+        "{}",
+        report["apiErrorsMissing"]
+    );
+
+    // The server went away.
+    ensure!(
+        report["disconnected"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Disconnected")),
+        "indicator: {}",
+        report["disconnected"]
+    );
+    let failed = &report["failedSend"];
+    ensure!(
+        failed["prompt"] == "This text must survive a failed send"
+            && failed["toast"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Failed to send"))
+            && failed["sendShown"] == true,
+        "failed send: {failed}"
+    );
+    ensure_screenshots(&[
+        "builtin-markdown",
+        "builtin-dark",
+        "builtin-narrow",
+        "builtin-narrow-menu",
+        "builtin-not-found",
+        "builtin-disconnected",
+        "builtin-send-failed",
+    ])
 }

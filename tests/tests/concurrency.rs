@@ -193,11 +193,13 @@ async fn concurrent_creates_get_unique_sessions() -> Result<()> {
     for t in tasks {
         let body = t.await??;
         let sid = body["sessionId"].as_str().context("sessionId")?.to_string();
-        let ws = body["session"]["workspace"]
-            .as_str()
-            .context("workspace")?
-            .to_string();
-        ensure!(std::path::Path::new(&ws).is_dir(), "workspace {ws} missing");
+        // Shown as the jail's path; its own directory on the host.
+        ensure!(
+            body["session"]["workspace"] == "/workspace",
+            "workspace: {body}"
+        );
+        let ws = server.workspace_root().join(&sid);
+        ensure!(ws.is_dir(), "workspace {ws:?} missing");
         ensure!(ids.insert(sid), "duplicate session id");
         ensure!(dirs.insert(ws), "duplicate workspace dir");
     }

@@ -158,7 +158,13 @@ async fn restart_and_continue(kind: &str) -> Result<()> {
     let details = server.details(&sid).await?;
     ensure!(details["metadata"]["name"] == "kept", "{details}");
     ensure!(server.workers().await?.is_empty());
-    ensure!(Path::new(details["workspace"].as_str().unwrap_or_default()).is_dir());
+    // Its own workspace directory on the host, shown to clients as the path inside its jail.
+    ensure!(dir.path().join("ws").join(&sid).is_dir());
+    let health = server.get_ok("/api/v1/system/health").await?;
+    ensure!(
+        details["workspace"] == health["isolation"]["workspaceInside"],
+        "{details}"
+    );
 
     let frames = server.stream_all(&sid, "RECALL").await?;
     let first = frames.first().and_then(|f| f.id).context("no ids")?;
@@ -580,7 +586,17 @@ async fn import_upstream(kind: &str) -> Result<()> {
         details["metadata"]["importedFrom"]["workspace"] == "/home/user/project",
         "{details}"
     );
-    ensure!(Path::new(details["workspace"].as_str().unwrap_or_default()).is_dir());
+    // Its own workspace directory on the host, shown to clients as the path inside its jail.
+    ensure!(dir.path().join("ws").join(sid).is_dir());
+    let health = server.get_ok("/api/v1/system/health").await?;
+    ensure!(
+        details["workspace"] == health["isolation"]["workspaceInside"],
+        "{details}"
+    );
+    ensure!(
+        details["metadata"]["importedFrom"]["store"] == "tarko.db",
+        "{details}"
+    );
     // The imported conversation is this server's memory now.
     let recall = server.query(sid, "RECALL").await?;
     ensure!(
@@ -1096,4 +1112,397 @@ async fn worker_kill9_during_tool_arguments_keeps_the_call_as_streamed() -> Resu
         "assistant_streaming_tool_call",
     )
     .await
+}
+
+// ------------------------------------------------------------------------------------------------
+// Listing sessions: pages, a streamed full listing, bounded memory
+// ------------------------------------------------------------------------------------------------
+
+/// A server whose store (of `kind`) is in its default place in the data directory.
+fn in_data_dir(kind: &str) -> ServerOpts {
+    ServerOpts::new().arg("--storage-type").arg(kind)
+}
+
+fn listed_ids(page: &Value) -> Result<Vec<String>> {
+    Ok(page["sessions"]
+        .as_array()
+        .context("sessions")?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Walks `GET /sessions?limit=7` to the end while another task renames sessions (which moves
+/// them to the front of a recency order), creates and deletes them: every session that existed
+/// before the walk comes exactly once, none comes twice, and the last page has no cursor.
+async fn paging_walks_every_session_once_under_writes(kind: &str) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let server = Arc::new(Server::start(in_data_dir(kind)).await?);
+    let mut initial = Vec::new();
+    for _ in 0..40 {
+        initial.push(server.create_session().await?);
+    }
+    let (stop, writes) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let writer = {
+        let (server, stop, writes, initial) = (
+            server.clone(),
+            stop.clone(),
+            writes.clone(),
+            initial.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let target = &initial[(n * 7) % initial.len()];
+                server
+                    .post_ok(
+                        "/api/v1/sessions/update",
+                        &json!({"sessionId": target, "name": format!("renamed {n}")}),
+                    )
+                    .await?;
+                let created = server.create_session().await?;
+                if n.is_multiple_of(3) {
+                    server.delete_session(&created).await?;
+                }
+                n += 1;
+                writes.store(n as u64, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut seen = HashSet::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/sessions?limit=7&cursor={c}"),
+            None => "/api/v1/sessions?limit=7".to_owned(),
+        };
+        let page = server.get_ok(&path).await?;
+        let ids = listed_ids(&page)?;
+        ensure!(ids.len() <= 7, "{page}");
+        for id in ids {
+            ensure!(seen.insert(id.clone()), "{id} listed twice");
+        }
+        pages += 1;
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => {
+                ensure!(page["nextCursor"].is_null(), "{page}");
+                break;
+            }
+        }
+        // Renames, creations and deletions land between every two pages.
+        let before = writes.load(Ordering::Relaxed);
+        e2e::wait_until(LONG, "the writer made progress", async || {
+            writes.load(Ordering::Relaxed) >= before + 2
+        })
+        .await?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await??;
+    ensure!(pages >= 6, "{pages} pages");
+    for id in &initial {
+        ensure!(seen.contains(id), "{id} was never listed");
+    }
+
+    // Limits and cursors a client can get wrong.
+    server.get("/api/v1/sessions?limit=0").await?.expect_error(
+        400,
+        "INVALID_REQUEST",
+        "limit=0",
+    )?;
+    server
+        .get("/api/v1/sessions?limit=5&cursor=not-a-cursor")
+        .await?
+        .expect_error(400, "INVALID_REQUEST", "bad cursor")?;
+    while server.get_ok("/api/v1/sessions").await?["sessions"]
+        .as_array()
+        .map_or(0, Vec::len)
+        <= 100
+    {
+        server.create_session().await?;
+    }
+    let big = server.get_ok("/api/v1/sessions?limit=100000").await?;
+    ensure!(
+        listed_ids(&big)?.len() == 100 && big["nextCursor"].is_string(),
+        "a page holds at most 100"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_paging_walks_every_session_once_under_writes() -> Result<()> {
+    paging_walks_every_session_once_under_writes("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_paging_walks_every_session_once_under_writes() -> Result<()> {
+    paging_walks_every_session_once_under_writes("file").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_paging_walks_every_session_once_under_writes() -> Result<()> {
+    paging_walks_every_session_once_under_writes("memory").await
+}
+
+/// Without `limit` or `cursor`, `GET /sessions` keeps upstream's answer (every session, most
+/// recently updated first, no cursor), but streams it: the body is sent in chunks as the
+/// records are read, never built whole (no Content-Length).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_listing_keeps_its_shape_and_is_streamed() -> Result<()> {
+    let server = Server::start(in_data_dir("file")).await?;
+    let mut created = Vec::new();
+    for _ in 0..80 {
+        created.push(server.create_session().await?);
+    }
+    // Touch a few so recency order differs from creation order.
+    for sid in [&created[3], &created[50], &created[10]] {
+        server
+            .post_ok(
+                "/api/v1/sessions/update",
+                &json!({"sessionId": sid, "name": "touched"}),
+            )
+            .await?;
+    }
+    let r = server.get("/api/v1/sessions").await?;
+    r.expect_status(200, "GET /api/v1/sessions")?;
+    ensure!(
+        r.header("content-length").is_none()
+            && r.header("transfer-encoding").as_deref() == Some("chunked"),
+        "the full listing is streamed"
+    );
+    ensure!(
+        r.header("content-type")
+            .is_some_and(|ct| ct.starts_with("application/json")),
+        "content type"
+    );
+    let keys: Vec<&String> = r.json.as_object().context("object")?.keys().collect();
+    ensure!(keys == ["sessions"], "shape: {keys:?}");
+    let sessions = r.json["sessions"].as_array().context("sessions")?;
+    ensure!(sessions.len() == 80);
+    let ids = listed_ids(&r.json)?;
+    ensure!(
+        ids[..3] == [created[10].clone(), created[50].clone(), created[3].clone()],
+        "most recently updated first: {:?}",
+        &ids[..3]
+    );
+    let stamps: Vec<u64> = sessions
+        .iter()
+        .map(|s| s["updatedAt"].as_u64().unwrap_or_default())
+        .collect();
+    ensure!(stamps.windows(2).all(|w| w[0] >= w[1]), "{stamps:?}");
+    Ok(())
+}
+
+/// The supervisor's peak resident memory (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmHWM")
+}
+
+/// 256 records of about 60 KB each (15 MB in all, each within the limits), listed in full by
+/// 8 clients at once: the supervisor holds a page of records per listing, not every record
+/// per listing. Measured on the CI host: about +36 MiB of peak RSS now, about +280 MiB when
+/// each listing was built whole; the bound sits between with room on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_full_listings_keep_memory_bounded() -> Result<()> {
+    use futures::StreamExt;
+    use std::sync::Arc;
+    const SESSIONS: usize = 256;
+    let server = Arc::new(Server::start(in_data_dir("sqlite")).await?);
+    let notes = "x".repeat(60_000);
+    let mut creations = futures::stream::iter(0..SESSIONS)
+        .map(|_| async {
+            let sid = server.create_session().await?;
+            server
+                .post_ok(
+                    "/api/v1/sessions/update",
+                    &json!({"sessionId": sid, "metadata": {"notes": notes}}),
+                )
+                .await
+        })
+        .buffer_unordered(16);
+    while let Some(created) = creations.next().await {
+        created?;
+    }
+    drop(creations);
+    // One listing first, so caches and allocator arenas are warm in the baseline.
+    let warm = server.get("/api/v1/sessions").await?;
+    ensure!(warm.json["sessions"].as_array().map(Vec::len) == Some(SESSIONS));
+    let base = peak_rss_kib(server.pid())?;
+    let listings: Vec<_> = (0..8)
+        .map(|_| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let r = server.get("/api/v1/sessions").await?;
+                ensure!(r.json["sessions"].as_array().map(Vec::len) == Some(SESSIONS));
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for listing in listings {
+        listing.await??;
+    }
+    let peak = peak_rss_kib(server.pid())?;
+    let growth_mib = peak.saturating_sub(base) / 1024;
+    println!(
+        "supervisor VmHWM: {} MiB before, {} MiB after 8 concurrent full listings of {SESSIONS} records (+{growth_mib} MiB)",
+        base / 1024,
+        peak / 1024
+    );
+    ensure!(
+        growth_mib < 96,
+        "8 concurrent listings raised the peak by {growth_mib} MiB"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Stored data is private
+// ------------------------------------------------------------------------------------------------
+
+/// Every entry under `dir` with a mode other than 0700 (directories) or 0600 (files, sockets).
+fn open_entries(dir: &Path) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut wrong = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path)?;
+        let mode = meta.permissions().mode() & 0o777;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        if mode != want {
+            wrong.push(format!("{} {mode:o}", path.display()));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(wrong)
+}
+
+/// With a common umask (022) and the most permissive one (000), the data directory and its
+/// jail stage are 0700, and the store's files (SQLite's database, WAL and shared memory, the
+/// file store's records, logs and reservations) and the control socket are 0600.
+async fn stored_data_is_private(kind: &str) -> Result<()> {
+    use nix::sys::stat::{Mode, umask};
+    for mask in [0o022, 0o000] {
+        // nextest runs each test in its own process, so the umask is this test's alone.
+        let old = umask(Mode::from_bits_truncate(mask));
+        let started = Server::start(in_data_dir(kind)).await;
+        umask(old);
+        let server = started?;
+        let sid = server.create_session().await?;
+        server
+            .post_ok(
+                "/api/v1/sessions/update",
+                &json!({"sessionId": sid, "name": "private"}),
+            )
+            .await?;
+        let frames = server.stream_all(&sid, &e2e::slow_text(30)).await?;
+        ensure!(frames.iter().any(|f| f.ty() == "agent_run_end"));
+        let data = server.tmp_dir().join("data");
+        let store = data.join(if kind == "sqlite" {
+            "sessions.db"
+        } else {
+            "sessions"
+        });
+        ensure!(store.exists() && data.join("ctl.sock").exists());
+        if kind == "sqlite" {
+            ensure!(
+                data.join("sessions.db-wal").exists(),
+                "the WAL is there to check"
+            );
+        } else {
+            ensure!(store.join("events").join(format!("{sid}.log")).exists());
+        }
+        let wrong = open_entries(&data)?;
+        ensure!(
+            wrong.is_empty(),
+            "umask {mask:03o}: open to others: {wrong:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_stored_data_is_private() -> Result<()> {
+    stored_data_is_private("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_stored_data_is_private() -> Result<()> {
+    stored_data_is_private("file").await
+}
+
+/// An upstream session whose metadata is over this server's record limits is left out of an
+/// import, and counted, rather than failing the import or growing a record without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_leaves_out_records_over_the_limits() -> Result<()> {
+    let fixtures = tempfile::tempdir()?;
+    let dir = tempfile::tempdir()?;
+    let (small, big) = ("UpstreamSmallSessionA", "UpstreamHugeSessionBB");
+    let document = json!({
+        "sessions": {
+            small: {"id": small, "createdAt": 1_000, "updatedAt": 1_010, "metadata": {"name": "small"}},
+            big: {"id": big, "createdAt": 2_000, "updatedAt": 2_010, "metadata": {"name": "big", "notes": "x".repeat(100_000)}},
+        },
+        "events": {small: upstream_run(small, "hi", 1_000), big: upstream_run(big, "hi", 2_000)},
+    });
+    let from = fixtures.path().join("tarko.json");
+    std::fs::write(&from, serde_json::to_vec(&document)?)?;
+    // `import --data-dir` finds the store where a server with the same data directory keeps it.
+    let data = dir.path().join("data");
+    let output = std::process::Command::new(supervisor_bin()?)
+        .env_clear()
+        .arg("import")
+        .arg("--from")
+        .arg(&from)
+        .arg("--workspace")
+        .arg(dir.path().join("ws"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--storage-type", "sqlite"])
+        .output()?;
+    let report = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success()
+            && report.contains("imported 1 sessions with 4 events")
+            && report.contains("1 sessions over the record size limits"),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        data.join("sessions.db").is_file(),
+        "the store is in the data directory"
+    );
+    ensure!(
+        !dir.path().join("ws").join(big).exists(),
+        "no workspace for it"
+    );
+    let server = Server::start(
+        ServerOpts::new()
+            .without_workspace_flag()
+            .arg("--workspace")
+            .arg(dir.path().join("ws").display().to_string())
+            .arg("--data-dir")
+            .arg(data.display().to_string())
+            .arg("--storage-type")
+            .arg("sqlite"),
+    )
+    .await?;
+    let listed = listed_ids(&server.get_ok("/api/v1/sessions").await?)?;
+    ensure!(listed == [small], "{listed:?}");
+    Ok(())
 }

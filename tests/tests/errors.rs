@@ -1,10 +1,10 @@
 //! Structured JSON errors: malformed / non-object JSON, missing fields, unknown sessions,
 //! oversized bodies, wrong methods, unknown API paths, CORS on errors and preflight.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use e2e::Server;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const UNKNOWN: &str = "nope_nope_nope_nope_1";
 
@@ -285,6 +285,236 @@ async fn cors_preflight_is_204() -> Result<()> {
         ensure!(
             r.header("access-control-allow-origin").as_deref() == Some("*"),
             "OPTIONS {path}: no CORS header"
+        );
+    }
+    Ok(())
+}
+
+/// `details.field` of a 413, in either error shape (the query family nests it in `error`).
+fn refused_field(r: &e2e::Resp) -> Option<String> {
+    let details = match &r.json["error"] {
+        Value::Object(inner) => &inner["details"],
+        _ => &r.json["details"],
+    };
+    details["field"].as_str().map(str::to_owned)
+}
+
+async fn session_count(server: &Server) -> Result<usize> {
+    let list = server.get_ok("/api/v1/sessions").await?;
+    Ok(list["sessions"].as_array().context("sessions")?.len())
+}
+
+/// Session workspaces under the root (the root also holds the jail probes' dot-directories).
+fn workspace_count(server: &Server) -> Result<usize> {
+    Ok(std::fs::read_dir(server.workspace_root())?
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .count())
+}
+
+/// Client-given data in a session record is bounded. Every route that stores some (update,
+/// runtime settings, model switch, create, one-shot) answers 413 PAYLOAD_TOO_LARGE naming
+/// the field, and nothing of the request is kept: the record is byte for byte as before, and
+/// a refused creation leaves no session and no workspace behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_records_are_413_naming_the_field_and_change_nothing() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    // Allowed sizes pass: a 256-character name, 32 tags of 64, and three 16,000-byte notes,
+    // which bring the record near its 64 KiB.
+    let notes = "x".repeat(16_000);
+    server
+        .post_ok(
+            "/api/v1/sessions/update",
+            &json!({"sessionId": sid, "name": "n".repeat(256), "tags": vec!["t".repeat(64); 32]}),
+        )
+        .await?;
+    for i in 0..3 {
+        server
+            .post_ok(
+                "/api/v1/sessions/update",
+                &json!({"sessionId": sid, "metadata": {format!("note{i}"): notes}}),
+            )
+            .await?;
+    }
+    let before = server.details(&sid).await?;
+
+    let refused: Vec<(&str, Value, &str)> = vec![
+        (
+            "/api/v1/sessions/update",
+            json!({"sessionId": sid, "name": "n".repeat(257)}),
+            "metadata.name",
+        ),
+        (
+            "/api/v1/sessions/update",
+            json!({"sessionId": sid, "metadata": {"name": "é".repeat(300)}}),
+            "metadata.name",
+        ),
+        (
+            "/api/v1/sessions/update",
+            json!({"sessionId": sid, "tags": vec!["t"; 33]}),
+            "metadata.tags",
+        ),
+        (
+            "/api/v1/sessions/update",
+            json!({"sessionId": sid, "tags": ["fine", "t".repeat(65)]}),
+            "metadata.tags[1]",
+        ),
+        // Each key is fine on its own; merged into the record they are over 64 KiB.
+        (
+            "/api/v1/sessions/update",
+            json!({"sessionId": sid, "name": "ok", "metadata": {"note3": notes}}),
+            "metadata",
+        ),
+        (
+            "/api/v1/sessions/update",
+            json!({"sessionId": sid, "metadata": {"blob": "x".repeat(1 << 20)}}),
+            "metadata",
+        ),
+        (
+            "/api/v1/runtime-settings",
+            json!({"sessionId": sid, "runtimeSettings": {"x": "y".repeat(17_000)}}),
+            "metadata.runtimeSettings",
+        ),
+        (
+            "/api/v1/sessions/model",
+            json!({"sessionId": sid, "model": {"provider": "echo", "id": "echo", "junk": notes}}),
+            "metadata",
+        ),
+        (
+            "/api/v1/sessions/update",
+            json!({"sessionId": sid, "metadata": {"modelConfig": {"provider": "echo", "id": "echo", "junk": notes}}}),
+            "metadata",
+        ),
+    ];
+    for (path, body, field) in &refused {
+        let r = server.post_json(path, body).await?;
+        r.expect_error(413, "PAYLOAD_TOO_LARGE", path)?;
+        ensure!(
+            refused_field(&r).as_deref() == Some(*field),
+            "{path}: expected field {field}, got {}",
+            r.text
+        );
+        let after = server.details(&sid).await?;
+        ensure!(
+            after == before,
+            "{path} ({field}) changed the record:\nbefore {before}\nafter {after}"
+        );
+    }
+
+    let sessions = session_count(&server).await?;
+    let workspaces = workspace_count(&server)?;
+    let refused_creations: Vec<(&str, Value, &str)> = vec![
+        (
+            "/api/v1/sessions/create",
+            json!({"runtimeSettings": {"x": "y".repeat(17_000)}}),
+            "metadata.runtimeSettings",
+        ),
+        (
+            "/api/v1/sessions/create",
+            json!({"agentOptions": {"x": "y".repeat(17_000)}}),
+            "metadata.agentOptions",
+        ),
+        (
+            "/api/v1/oneshot/query",
+            json!({"query": "hi", "sessionName": "n".repeat(300)}),
+            "metadata.name",
+        ),
+        (
+            "/api/v1/oneshot/query/stream",
+            json!({"query": "hi", "sessionTags": vec!["t"; 40]}),
+            "metadata.tags",
+        ),
+    ];
+    for (path, body, field) in &refused_creations {
+        let r = server.post_json(path, body).await?;
+        r.expect_error(413, "PAYLOAD_TOO_LARGE", path)?;
+        ensure!(
+            refused_field(&r).as_deref() == Some(*field),
+            "{path}: expected field {field}, got {}",
+            r.text
+        );
+    }
+    ensure!(
+        session_count(&server).await? == sessions && workspace_count(&server)? == workspaces,
+        "a refused creation left a session or a workspace behind"
+    );
+    Ok(())
+}
+
+/// `/sessions/query` and `/oneshot/query` answer every failure in the query family's shape, as
+/// the README promises: `error` is an object `{code, message, details}` (with `code`, `message`
+/// and `details` also at the top), a malformed body and a missing field included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_family_errors_are_objects() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/api/v1/sessions/query",
+            br#"{"sessionId":"#.to_vec(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "/api/v1/sessions/query",
+            b"[1]".to_vec(),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            "/api/v1/sessions/query",
+            json!({"query": "hi"}).to_string().into_bytes(),
+            400,
+            "SESSION_ID_REQUIRED",
+        ),
+        (
+            "/api/v1/sessions/query",
+            json!({"sessionId": sid}).to_string().into_bytes(),
+            400,
+            "QUERY_REQUIRED",
+        ),
+        (
+            "/api/v1/sessions/query",
+            json!({"sessionId": UNKNOWN, "query": "hi"})
+                .to_string()
+                .into_bytes(),
+            404,
+            "SESSION_NOT_FOUND",
+        ),
+        ("/api/v1/oneshot/query", b"{".to_vec(), 400, "INVALID_JSON"),
+        (
+            "/api/v1/oneshot/query",
+            json!({"sessionName": "x"}).to_string().into_bytes(),
+            400,
+            "QUERY_REQUIRED",
+        ),
+        (
+            "/api/v1/oneshot/query",
+            json!({"query": "hi", "sessionTags": "not a list"})
+                .to_string()
+                .into_bytes(),
+            400,
+            "INVALID_REQUEST",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let r = server.post_raw(path, body, "application/json").await?;
+        let what = format!("{path} -> {status} {code}");
+        r.expect_error(status, code, &what)?;
+        let error = &r.json["error"];
+        ensure!(
+            error.is_object()
+                && error["code"] == code
+                && error["message"].is_string()
+                && error["details"].is_object(),
+            "{what}: `error` is not the object {{code, message, details}}: {}",
+            r.text
+        );
+        ensure!(
+            r.json["success"] == false && r.json["details"].is_object(),
+            "{what}: {}",
+            r.text
         );
     }
     Ok(())

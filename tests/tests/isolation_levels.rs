@@ -336,8 +336,9 @@ async fn a_failed_jail_step_refuses_the_session() -> Result<()> {
     let server = Server::start_default().await?;
     let healthy = server.create_session().await?;
     server.query(&healthy, "before").await?;
-    // The stage the jail mounts its root on disappears (as if someone removed it).
-    std::fs::remove_dir(server.workspace_root().join(".jail-stage"))?;
+    // The stage the jail mounts its root on (in the data directory, `./data` by default)
+    // disappears (as if someone removed it).
+    std::fs::remove_dir(server.tmp_dir().join("data").join("jail-stage"))?;
     let sid = server.create_session().await?;
     let r = server
         .post_json(

@@ -50,15 +50,9 @@ async fn health_version_and_agent_options() -> Result<()> {
 
     let o = server.get_ok("/api/v1/agent/options").await?;
     let opts = &o["options"];
-    let ws = opts["workspace"]
-        .as_str()
-        .with_context(|| format!("options.workspace missing: {o}"))?;
-    ensure!(
-        canon(ws) == canon(server.workspace_root()),
-        "options.workspace {ws:?} != {:?}",
-        server.workspace_root()
-    );
-    ensure!(opts["workspaceName"] == "ws", "workspaceName: {o}");
+    // The workspace as a session's agent sees it, not where the server keeps it.
+    ensure!(opts["workspace"] == "/workspace", "options.workspace: {o}");
+    ensure!(opts["workspaceName"] == "workspace", "workspaceName: {o}");
     ensure!(opts["model"]["provider"] == "echo", "model: {o}");
     ensure!(opts["model"]["id"] == "echo", "model: {o}");
 
@@ -107,14 +101,11 @@ async fn create_list_details_update_delete() -> Result<()> {
     let sa = &r.json["session"];
     check_session_info(sa, &a)?;
 
-    // The session's own workspace directory exists under the workspace root.
-    let ws_a = std::path::PathBuf::from(sa["workspace"].as_str().context("workspace")?);
-    ensure!(ws_a.is_absolute(), "workspace not absolute: {ws_a:?}");
+    // The session's own workspace directory exists under the workspace root; clients see it
+    // as the path inside the session's jail.
+    ensure!(sa["workspace"] == "/workspace", "workspace: {sa}");
+    let ws_a = server.workspace_root().join(&a);
     ensure!(ws_a.is_dir(), "session workspace {ws_a:?} does not exist");
-    ensure!(
-        canon(&ws_a) == canon(server.workspace_root().join(&a)),
-        "session workspace {ws_a:?} is not <root>/{a}"
-    );
 
     let b = server.create_session().await?;
     ensure!(a != b, "session ids must differ");
@@ -138,10 +129,7 @@ async fn create_list_details_update_delete() -> Result<()> {
     let d = server.details(&a).await?;
     check_session_info(&d, &a)?;
     ensure!(d["active"].is_boolean(), "details.active: {d}");
-    ensure!(
-        canon(d["workspace"].as_str().unwrap_or_default()) == canon(&ws_a),
-        "details workspace: {d}"
-    );
+    ensure!(d["workspace"] == "/workspace", "details workspace: {d}");
 
     // --- status -------------------------------------------------------------------------------
     let st = server.status(&a).await?;
@@ -435,5 +423,130 @@ async fn worker_spawned_on_first_query_and_stopped_on_delete() -> Result<()> {
     })
     .await?;
     ensure!(server.workers().await?.is_empty(), "no workers left");
+    Ok(())
+}
+
+/// Nothing a session's client reads names a host path: neither the workspace root (nor any
+/// session's directory under it) nor the database. Operators still see the host paths on the
+/// ops routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_host_path_reaches_a_session_client() -> Result<()> {
+    let server = Server::start(
+        e2e::ServerOpts::new()
+            .arg("--storage-type")
+            .arg("sqlite")
+            .arg("--storage-path")
+            .arg("{TMP}/data/sessions.db"),
+    )
+    .await?;
+    let root = server.workspace_root().display().to_string();
+    let canonical = canon(server.workspace_root()).display().to_string();
+    let database = server.tmp_dir().join("data/sessions.db");
+    ensure!(database.is_file(), "the database is at {database:?}");
+    let tmp = server.tmp_dir().display().to_string();
+    let host_paths = [root.as_str(), canonical.as_str(), tmp.as_str()];
+
+    let created = server
+        .post_json("/api/v1/sessions/create", &json!({}))
+        .await?;
+    created.expect_status(201, "create")?;
+    let sid = created.json["sessionId"]
+        .as_str()
+        .context("sessionId")?
+        .to_owned();
+    server
+        .query(
+            &sid,
+            r##"TOOL write_file {"path":"notes.md","content":"# Notes"}"##,
+        )
+        .await?;
+    let mut answers: Vec<(String, String)> = vec![("create".into(), created.text)];
+    let mut read = async |what: &str, path: &str, body: Option<Value>| -> Result<()> {
+        let resp = match body {
+            Some(body) => server.post_json(path, &body).await?,
+            None => server.get(path).await?,
+        };
+        resp.expect_status(200, what)?;
+        answers.push((what.to_owned(), resp.text));
+        Ok(())
+    };
+    read("list", "/api/v1/sessions", None).await?;
+    read(
+        "details",
+        &format!("/api/v1/sessions/details?sessionId={sid}"),
+        None,
+    )
+    .await?;
+    read(
+        "update",
+        "/api/v1/sessions/update",
+        Some(json!({"sessionId": sid, "name": "paths"})),
+    )
+    .await?;
+    read(
+        "restore",
+        "/api/v1/sessions/restore",
+        Some(json!({"sessionId": sid})),
+    )
+    .await?;
+    read(
+        "runtime settings",
+        "/api/v1/runtime-settings",
+        Some(json!({"sessionId": sid, "runtimeSettings": {"mode": "x"}})),
+    )
+    .await?;
+    read(
+        "model",
+        "/api/v1/sessions/model",
+        Some(json!({"sessionId": sid, "model": {"provider": "echo", "id": "echo"}})),
+    )
+    .await?;
+    read("health", "/api/v1/system/health", None).await?;
+    read("agent options", "/api/v1/agent/options", None).await?;
+    read(
+        "latest events",
+        &format!("/api/v1/sessions/events/latest?sessionId={sid}"),
+        None,
+    )
+    .await?;
+    read(
+        "events",
+        &format!("/api/v1/sessions/events?sessionId={sid}"),
+        None,
+    )
+    .await?;
+    read(
+        "share page",
+        "/api/v1/sessions/share",
+        Some(json!({"sessionId": sid})),
+    )
+    .await?;
+    read(
+        "workspace listing",
+        &format!("/api/v1/sessions/workspace/files?sessionId={sid}"),
+        None,
+    )
+    .await?;
+    for (what, text) in &answers {
+        for host in host_paths {
+            ensure!(!text.contains(host), "{what} names {host}: {text}");
+        }
+        ensure!(
+            !text.contains("sessions.db"),
+            "{what} names the database: {text}"
+        );
+    }
+    ensure!(answers.len() == 13, "every answer was read");
+
+    // The ops view keeps them: that is where an operator looks (the model switch retired the
+    // worker; a query starts one).
+    server.query(&sid, "again").await?;
+    let workers = server.get_ok("/api/v1/workers").await?;
+    ensure!(
+        workers["workers"][0]["workspace"]
+            .as_str()
+            .is_some_and(|w| w.ends_with(&sid) && w.contains(&root)),
+        "{workers}"
+    );
     Ok(())
 }

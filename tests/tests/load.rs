@@ -1,7 +1,8 @@
 //! Lifecycle under load, through the real binary: idle workers stop and wake, a cap on live
 //! workers hibernates the least recently used one, admission control answers 429 when nothing
-//! can make room, and SIGTERM lets runs finish (or aborts them after the grace period) without
-//! losing a stored event or leaving a process.
+//! can make room, and SIGTERM lets runs finish (or aborts them after the grace period, telling
+//! their clients the server is shutting down) without losing a stored event or leaving a
+//! process.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -213,5 +214,80 @@ async fn sigterm_aborts_runs_past_the_grace_period() -> Result<()> {
         last["type"] == "agent_run_end" && last["status"] == "aborted",
         "closed by the abort, not as interrupted: {last}"
     );
+    Ok(())
+}
+
+/// A run cut short by a shutdown says so: the streaming client's last events name the server
+/// shutting down (not just "Request was aborted"), and so does the answer a non-streaming
+/// client gets; the stored log says the same after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_tells_clients_the_server_is_shutting_down() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(sqlite(dir.path(), 1)).await?;
+    let streaming = server.create_session().await?;
+    let waiting = server.create_session().await?;
+    let mut stream = server.stream(&streaming, "SLOW 1000").await?;
+    stream.read_deltas(1, LONG).await?;
+    let client = reqwest::Client::new();
+    let url = server.url("/api/v1/sessions/query");
+    let body = json!({"sessionId": waiting, "query": "SLOW 1000"});
+    let answer = tokio::spawn(async move {
+        let response = client.post(url).json(&body).send().await?;
+        let status = response.status().as_u16();
+        anyhow::Ok((status, response.json::<Value>().await?))
+    });
+    wait_until(LONG, "both runs are running", async || {
+        server
+            .status(&waiting)
+            .await
+            .is_ok_and(|s| s["isProcessing"] == true)
+    })
+    .await?;
+
+    server.sigterm()?;
+    let frames = stream.collect_until_end(LONG).await?;
+    let n = frames.len();
+    ensure!(n >= 3, "frames: {:?}", e2e::types(&frames));
+    let (system, closing, end) = (
+        &frames[n - 3].data,
+        &frames[n - 2].data,
+        &frames[n - 1].data,
+    );
+    ensure!(
+        system["type"] == "system"
+            && system["details"]["kind"] == "server_shutdown"
+            && system["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("server is shutting down")),
+        "the system event says why: {system}"
+    );
+    ensure!(
+        closing["type"] == "assistant_message"
+            && closing["content"] == "Request was aborted: the server is shutting down",
+        "the closing message says why: {closing}"
+    );
+    ensure!(
+        end["type"] == "agent_run_end" && end["status"] == "aborted",
+        "{end}"
+    );
+    let (status, answer) = answer.await??;
+    ensure!(
+        status == 200
+            && answer["result"]["content"] == "Request was aborted: the server is shutting down",
+        "the non-streaming answer says why: {status} {answer}"
+    );
+    ensure!(server.wait_exit(LONG).await.is_some_and(|s| s.success()));
+    drop(server);
+
+    let server = Server::start(sqlite(dir.path(), 1)).await?;
+    for sid in [&streaming, &waiting] {
+        let events = server.events(sid).await?;
+        ensure!(
+            events
+                .iter()
+                .any(|e| e["type"] == "system" && e["details"]["kind"] == "server_shutdown"),
+            "the stored log says why: {events:?}"
+        );
+    }
     Ok(())
 }

@@ -30,11 +30,9 @@ async fn oneshot_query_creates_named_session() -> Result<()> {
         d["metadata"]["tags"] == json!(["x", "y"]),
         "metadata.tags: {d}"
     );
-    let ws = d["workspace"].as_str().context("workspace")?;
-    ensure!(
-        std::path::Path::new(ws).is_dir(),
-        "oneshot session workspace missing: {ws}"
-    );
+    ensure!(d["workspace"] == "/workspace", "details: {d}");
+    let ws = server.workspace_root().join(&sid);
+    ensure!(ws.is_dir(), "oneshot session workspace missing: {ws:?}");
 
     let list = server.get_ok("/api/v1/sessions").await?;
     ensure!(

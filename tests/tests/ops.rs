@@ -200,3 +200,95 @@ async fn the_control_socket_is_private() -> Result<()> {
     ensure!(dir_mode == 0o700, "directory mode {dir_mode:o}");
     Ok(())
 }
+
+/// `supervisor ctl --json sessions` against a data directory: the ids it lists.
+fn ctl_ids_in(data_dir: &std::path::Path, env_only: bool) -> Result<Vec<String>> {
+    let mut command = std::process::Command::new(supervisor_bin()?);
+    command.env_clear().arg("ctl");
+    if env_only {
+        command.env("DATA_DIR", data_dir);
+    } else {
+        command.arg("--data-dir").arg(data_dir);
+    }
+    let output = command.args(["--json", "sessions"]).output()?;
+    ensure!(
+        output.status.success(),
+        "ctl in {}: {}{}",
+        data_dir.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout)?;
+    Ok(answer["sessions"]
+        .as_array()
+        .context("sessions")?
+        .iter()
+        .filter_map(|s| s["sessionId"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Two servers on one host: sharing a data directory they collide on its control socket; each
+/// with its own (`--data-dir`, `DATA_DIR`) they run side by side, each with its socket, store
+/// and jail stage there, and `supervisor ctl --data-dir` (or `DATA_DIR`) reaches each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_with_their_own_data_directories_run_side_by_side() -> Result<()> {
+    let shared = tempfile::tempdir()?;
+    let (dir_a, dir_b) = (shared.path().join("a"), shared.path().join("b"));
+    let a = Server::start(
+        ServerOpts::new()
+            .arg("--data-dir")
+            .arg(dir_a.display().to_string())
+            .arg("--storage-type")
+            .arg("sqlite"),
+    )
+    .await?;
+    let clash = Server::expect_exit(
+        ServerOpts::new().env("DATA_DIR", dir_a.display().to_string()),
+        std::time::Duration::from_secs(20),
+    )
+    .await?;
+    ensure!(
+        !clash.status.success() && clash.stderr.contains("already listening"),
+        "one data directory, two servers: {}",
+        clash.stderr
+    );
+    let b = Server::start(
+        ServerOpts::new()
+            .env("DATA_DIR", dir_b.display().to_string())
+            .arg("--storage-type")
+            .arg("file"),
+    )
+    .await?;
+    let sa = a.create_session().await?;
+    let sb = b.create_session().await?;
+    // Each jails its workers with the stage in its own data directory.
+    ensure!(a.query(&sa, "hi a").await?["content"] == "echo: hi a");
+    ensure!(b.query(&sb, "hi b").await?["content"] == "echo: hi b");
+
+    for (dir, store) in [(&dir_a, "sessions.db"), (&dir_b, "sessions")] {
+        for entry in ["ctl.sock", store, "jail-stage"] {
+            ensure!(
+                dir.join(entry).exists(),
+                "{entry} missing in {}",
+                dir.display()
+            );
+        }
+    }
+    for server in [&a, &b] {
+        ensure!(
+            !server.tmp_dir().join("data").exists(),
+            "nothing lands in the working directory"
+        );
+        ensure!(!server.workspace_root().join(".jail-stage").exists());
+    }
+    ensure!(
+        ctl_ids_in(&dir_a, false)? == [sa.clone()],
+        "ctl --data-dir a"
+    );
+    ensure!(
+        ctl_ids_in(&dir_b, false)? == [sb.clone()],
+        "ctl --data-dir b"
+    );
+    ensure!(ctl_ids_in(&dir_b, true)? == [sb], "ctl with DATA_DIR=b");
+    Ok(())
+}

@@ -286,6 +286,53 @@ async fn output_exit_codes_and_the_jail_around_the_command() -> Result<()> {
     Ok(())
 }
 
+/// The worker's channel (fd 3) is not inherited by commands: a command that could write to it
+/// would speak the protocol as the worker (forge stored events, start model calls with the
+/// operator's key) and its writes would interleave with the worker's frames. A command has fds
+/// 0-2 only, a well-formed frame it tries to write goes nowhere, and nothing of it reaches the
+/// session's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_cannot_reach_the_worker_channel() -> Result<()> {
+    let server = start(json!({})).await?;
+    let sid = session(&server).await?;
+    let forged = json!({
+        "id": "forged-by-a-command", "type": "system", "timestamp": 1,
+        "level": "info", "message": "FORGED BY A COMMAND",
+    });
+    let frame = shared::frame::encode(&shared::protocol::FromWorker::Event {
+        json: forged.to_string(),
+    })?;
+    std::fs::write(server.workspace_root().join(&sid).join("frame.bin"), &frame)?;
+
+    let result = run(
+        &server,
+        &sid,
+        json!({"command": "ls /proc/$$/fd; cat frame.bin >&3 && echo WROTE; echo done"}),
+    )
+    .await?;
+    let out = part(&result, "STDOUT").context("stdout")?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(
+        lines == ["0", "1", "2", "done"],
+        "the command's shell holds fds 0-2 only and cannot write fd 3: {result}"
+    );
+    ensure!(
+        part(&result, "STDERR").is_some_and(|e| e.contains("Bad file descriptor")),
+        "writing fd 3 fails with EBADF: {result}"
+    );
+    let events = server.events(&sid).await?;
+    ensure!(
+        !events
+            .iter()
+            .any(|e| e["id"] == "forged-by-a-command" || e["message"] == "FORGED BY A COMMAND"),
+        "a forged event reached the log: {events:?}"
+    );
+    // The session goes on as before.
+    let answer = server.query(&sid, "still here").await?;
+    ensure!(answer["content"] == "echo: still here", "{answer}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_is_capped_head_and_tail() -> Result<()> {
     let server = start(json!({})).await?;

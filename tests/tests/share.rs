@@ -311,3 +311,130 @@ async fn a_refusing_provider_is_reported() -> Result<()> {
     );
     Ok(())
 }
+
+/// A session process that swaps a referenced image between a real file and a symlink to a
+/// root-only host file, in a tight loop, while the share is uploaded again and again: the
+/// server must never upload the host file. Strict isolation as root, commands on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_image_never_uploads_a_host_file() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let sink = start_sink().await?;
+    let config = json!({
+        "isolation": {"commands": true},
+        "share": {"provider": format!("http://127.0.0.1:{}/share", sink.port)},
+    });
+    let server = Server::start(
+        ServerOpts::new()
+            .config_file("config.json", config.to_string())
+            .arg("--isolation=strict"),
+    )
+    .await?;
+    let health = server.get_ok("/api/v1/system/health").await?;
+    ensure!(
+        health["isolation"]["level"] == "strict" && health["isolation"]["commands"] == true,
+        "{}",
+        health["isolation"]
+    );
+
+    // The host secret: root-only, outside every workspace.
+    let token = format!("HOST-SECRET-{}", uuid_like());
+    let secret = server.tmp_dir().join("host-secret.txt");
+    std::fs::write(&secret, &token)?;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+
+    let sid = server.create_session().await?;
+    server.query(&sid, "hello").await?;
+    let ws = server.workspace_root().join(&sid);
+    std::fs::write(ws.join("seed.png"), PNG)?;
+    std::fs::set_permissions(ws.join("seed.png"), std::fs::Permissions::from_mode(0o644))?;
+    server
+        .query(
+            &sid,
+            r##"TOOL write_file {"path":"report.md","content":"# Report\n![chart](./chart.png)\n"}"##,
+        )
+        .await?;
+    // The swapper runs on after the call (its own session, outside the command's group).
+    let swap = format!(
+        "cp seed.png real.png; setsid sh -c 'while :; do ln -f real.png f.tmp && mv -f f.tmp \
+         chart.png; ln -sfn {secret} l.tmp && mv -f l.tmp chart.png; done' >/dev/null 2>&1 & \
+         echo started",
+        secret = secret.display()
+    );
+    let answer = server
+        .query(
+            &sid,
+            &format!("TOOL run_command {}", json!({ "command": swap })),
+        )
+        .await?;
+    ensure!(
+        answer["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("started")),
+        "the swapper did not start: {answer}"
+    );
+    // It runs: the image is seen as a symlink, and as a file, from the host.
+    let chart = ws.join("chart.png");
+    let (mut saw_link, mut saw_file) = (false, false);
+    e2e::wait_until(e2e::LONG, "the swapper alternates", async || {
+        match std::fs::symlink_metadata(&chart) {
+            Ok(m) if m.file_type().is_symlink() => saw_link = true,
+            Ok(m) if m.is_file() => saw_file = true,
+            _ => {}
+        }
+        saw_link && saw_file
+    })
+    .await?;
+
+    // Each upload is looked at once, as it arrives.
+    let carries = |upload: &Upload| {
+        upload
+            .bytes
+            .windows(token.len())
+            .any(|w| w == token.as_bytes())
+    };
+    let (mut leaked, mut checked_images, mut checked_pages) = (0, 0, 0);
+    for _ in 0..300 {
+        let shared = server
+            .post_ok(
+                "/api/v1/sessions/share",
+                &json!({"sessionId": sid, "upload": true}),
+            )
+            .await?;
+        ensure!(shared["url"].is_string(), "{shared}");
+        let received = sink.received.lock().unwrap_or_else(PoisonError::into_inner);
+        leaked += received.images[checked_images..]
+            .iter()
+            .chain(&received.pages[checked_pages..])
+            .filter(|u| carries(u))
+            .count();
+        (checked_images, checked_pages) = (received.images.len(), received.pages.len());
+        if leaked > 0 {
+            break;
+        }
+    }
+    let received = sink.received.lock().unwrap_or_else(PoisonError::into_inner);
+    ensure!(
+        leaked == 0,
+        "{leaked} upload(s) carried the root-only host file"
+    );
+    // The feature still works under the race: the real image went up.
+    ensure!(
+        received.images.iter().any(|i| i.bytes == PNG),
+        "no upload carried the real image ({} image uploads)",
+        received.images.len()
+    );
+    Ok(())
+}
+
+/// A random hex string (the test does not need a UUID crate for it).
+fn uuid_like() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{:016x}", hasher.finish())
+}

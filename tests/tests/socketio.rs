@@ -1,13 +1,14 @@
 //! Socket.IO (api.md §12) with the real npm `socket.io-client`: joining, queries, tool calls,
-//! abort, several sockets in one session, a late joiner that asks for what it missed, and a
-//! stored session restored on join. The client side is `tests/js/socketio.mjs`.
+//! abort, several sockets in one session, a late joiner that asks for what it missed, a stored
+//! session restored on join, and the seed's two examples as written. `agent-event` carries the
+//! agent events themselves (with their `seq`). The client side is `tests/js/socketio.mjs`.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 use e2e::clients::{Needs, available, run_node};
 use e2e::{Server, ServerOpts};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The `type`s of `agent-event` payloads, in order.
 fn kinds(events: &Value) -> Vec<String> {
@@ -21,16 +22,39 @@ fn kinds(events: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn data_of<'a>(events: &'a Value, kind: &str) -> Vec<&'a Value> {
+fn of_type<'a>(events: &'a Value, kind: &str) -> Vec<&'a Value> {
     events
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|e| e["type"] == kind)
-                .map(|e| &e["data"])
-                .collect()
-        })
+        .map(|a| a.iter().filter(|e| e["type"] == kind).collect())
         .unwrap_or_default()
+}
+
+/// Every `agent-event` of `run` is a stored event exactly as `/sessions/events` gives it (the
+/// same fields, `seq` included): the agent events themselves, not a translation of them.
+fn ensure_stored_as_sent(run: &Value, stored: &[Value]) -> Result<()> {
+    let run = run.as_array().context("run events")?;
+    for event in run {
+        if shared::events::is_streaming_type(event["type"].as_str().unwrap_or_default()) {
+            continue;
+        }
+        let seq = event["seq"]
+            .as_u64()
+            .with_context(|| format!("no seq: {event}"))?;
+        let original = stored
+            .iter()
+            .find(|e| e["seq"] == seq)
+            .with_context(|| format!("seq {seq} is not stored: {event}"))?;
+        ensure!(
+            original == event,
+            "agent-event differs from the stored event:\nsent   {event}\nstored {original}"
+        );
+    }
+    let seqs: Vec<u64> = run.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    ensure!(
+        seqs.len() == run.len() && seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs missing or out of order: {seqs:?}"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,85 +69,75 @@ async fn join_query_tool_call_and_abort() -> Result<()> {
     ensure!(report["pingAckArgs"] == 0, "ping ack: {report}");
     ensure!(
         report["serverStatus"]
-            == serde_json::json!({"isExclusive": false, "runningSessionId": null, "canAcceptNewRequest": true}),
+            == json!({"isExclusive": false, "runningSessionId": null, "canAcceptNewRequest": true}),
         "server-status: {}",
         report["serverStatus"]
     );
     ensure!(report["unknownJoin"] == "Session not found", "{report}");
     ensure!(
-        report["joinStatus"] == serde_json::json!({"isProcessing": false, "state": "idle"}),
+        report["joinStatus"] == json!({"isProcessing": false, "state": "idle"}),
         "join: {}",
         report["joinStatus"]
     );
 
-    // A non-streaming query: the bridge's sequence for it, and the answer.
+    // A non-streaming query: its agent events, as stored, and no deltas.
     let query = &report["query"];
-    let kinds_q = kinds(query);
     ensure!(
-        kinds_q.first().map(String::as_str) == Some("agent-status")
-            && kinds_q.contains(&"query".to_owned())
-            && kinds_q.contains(&"answer".to_owned()),
-        "query events: {kinds_q:?}"
+        kinds(query)
+            == [
+                "user_message",
+                "agent_run_start",
+                "assistant_message",
+                "agent_run_end"
+            ],
+        "query events: {:?}",
+        kinds(query)
     );
     ensure!(
-        !kinds_q.contains(&"streaming_message".to_owned()),
-        "a non-streaming query streamed: {kinds_q:?}"
-    );
-    ensure!(
-        data_of(query, "query")[0]["text"] == "hello socket",
+        of_type(query, "user_message")[0]["content"] == "hello socket",
         "{query}"
     );
     ensure!(
-        data_of(query, "answer")[0]["text"] == "echo: hello socket",
+        of_type(query, "assistant_message")[0]["content"] == "echo: hello socket",
         "{query}"
     );
-    let seqs: Vec<u64> = query
-        .as_array()
-        .context("query events")?
-        .iter()
-        .filter_map(|e| e["seq"].as_u64())
-        .collect();
-    ensure!(
-        seqs.windows(2).all(|w| w[0] <= w[1]) && !seqs.is_empty(),
-        "seqs out of order: {seqs:?}"
-    );
-    // Every seq of the run is one stored event (non-streaming: no deltas).
     let stored = server.events(&sid).await?;
-    let stored_seqs: Vec<u64> = stored.iter().filter_map(|e| e["seq"].as_u64()).collect();
-    for seq in &seqs {
-        ensure!(stored_seqs.contains(seq), "seq {seq} is not stored");
-    }
+    ensure_stored_as_sent(query, &stored)?;
+    // agent-status announces the run's start and end.
+    ensure!(
+        report["queryStatuses"]
+            == json!([
+                {"isProcessing": true, "state": "executing"},
+                {"isProcessing": false, "state": "idle"}
+            ]),
+        "statuses: {}",
+        report["queryStatuses"]
+    );
 
-    // A streaming query with a tool call: status, tool call, tool result, deltas.
+    // A streaming query with a tool call: the call, its result, deltas.
     let tool = &report["tool"];
-    let calls = data_of(tool, "event");
-    let call = calls
-        .iter()
-        .find(|d| d["type"] == "tool_call")
+    let call = of_type(tool, "tool_call")
+        .first()
+        .copied()
         .with_context(|| format!("no tool_call in {tool}"))?;
     ensure!(
         call["name"] == "write_file" && call["arguments"]["path"] == "socket.md",
         "{call}"
     );
-    let result = calls
-        .iter()
-        .find(|d| d["type"] == "tool_result")
+    let result = of_type(tool, "tool_result")
+        .first()
+        .copied()
         .with_context(|| format!("no tool_result in {tool}"))?;
     ensure!(
         result["toolCallId"] == call["toolCallId"] && result["error"].is_null(),
         "{result}"
     );
     ensure!(
-        kinds(tool).contains(&"streaming_message".to_owned()),
+        !of_type(tool, "assistant_streaming_message").is_empty(),
         "a streaming query sent no deltas: {:?}",
         kinds(tool)
     );
-    ensure!(
-        data_of(tool, "agent-status")
-            .iter()
-            .any(|d| d["state"] == "executing_tools" && d["message"] == "Executing write_file..."),
-        "{tool}"
-    );
+    ensure_stored_as_sent(tool, &server.events(&sid).await?)?;
     let written = server.workspace_root().join(&sid).join("socket.md");
     ensure!(
         std::fs::read_to_string(&written).ok().as_deref() == Some("written over socket.io"),
@@ -133,32 +147,35 @@ async fn join_query_tool_call_and_abort() -> Result<()> {
 
     // Abort mid-stream.
     ensure!(
-        report["abortResult"] == serde_json::json!({"success": true}),
+        report["abortResult"] == json!({"success": true}),
         "{report}"
     );
     let aborted = &report["aborted"];
-    let end = data_of(aborted, "agent-status")
-        .last()
-        .copied()
-        .cloned()
-        .unwrap_or_default();
+    let end = of_type(aborted, "agent_run_end");
     ensure!(
-        end == serde_json::json!({"isProcessing": false, "state": "aborted"}),
-        "run end after abort: {end}"
+        end.len() == 1 && end[0]["status"] == "aborted",
+        "run end after abort: {end:?}"
     );
     ensure!(
-        report["abortedNotice"]["data"]["sessionId"] == sid.as_str(),
-        "aborted notice: {}",
-        report["abortedNotice"]
+        report["abortedStatuses"].as_array().and_then(|s| s.last())
+            == Some(&json!({"isProcessing": false, "state": "aborted"})),
+        "{}",
+        report["abortedStatuses"]
     );
     ensure!(
         report["missingQuery"] == "Query is required",
         "{}",
         report["missingQuery"]
     );
+    // An abort with nothing running says why it did nothing.
+    let idle = &report["idleAbort"];
     ensure!(
-        report["idleAbort"] == serde_json::json!({"success": false}),
-        "{report}"
+        idle["success"] == false
+            && idle["state"] == "aborted"
+            && idle["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no query is running")),
+        "{idle}"
     );
     ensure!(
         server.status(&sid).await?["state"] == "aborted",
@@ -169,9 +186,54 @@ async fn join_query_tool_call_and_abort() -> Result<()> {
     let report = run_node("socketio.mjs", &["closed", server.base_url(), &sid]).await?;
     ensure!(
         report["deleteStatus"] == 200
-            && report["closed"]["data"] == serde_json::json!({"sessionId": sid}),
+            && report["closed"] == json!({"type": "closed", "sessionId": sid}),
         "no closed notice after the delete: {}",
         report["closed"]
+    );
+    Ok(())
+}
+
+/// The seed's two Socket.IO examples, run as written (only the address and the session id
+/// replaced) with the npm client: they emit `join-session` and `send-query` back to back before
+/// the socket has even connected, and read `event.type === 'assistant_message'` and
+/// `event.content` from `agent-event`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_examples_work_as_written() -> Result<()> {
+    if !available(Needs::SocketIo)? {
+        return Ok(());
+    }
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    let report = run_node("socketio.mjs", &["seed-events", server.base_url(), &sid]).await?;
+    ensure!(
+        report["labels"] == json!(["Agent event:"]),
+        "{}",
+        report["labels"]
+    );
+    let events = &report["events"];
+    ensure!(
+        kinds(events)
+            == [
+                "user_message",
+                "agent_run_start",
+                "assistant_message",
+                "agent_run_end"
+            ],
+        "the example saw {:?}",
+        kinds(events)
+    );
+    ensure!(
+        of_type(events, "assistant_message")[0]["content"] == "echo: Hello agent",
+        "{events}"
+    );
+    ensure_stored_as_sent(events, &server.events(&sid).await?)?;
+
+    let sid = server.create_session().await?;
+    let report = run_node("socketio.mjs", &["seed-client", server.base_url(), &sid]).await?;
+    ensure!(
+        report["logs"] == json!([["Agent response:", "echo: What can you help me with?"]]),
+        "the example printed {}",
+        report["logs"]
     );
     Ok(())
 }
@@ -196,7 +258,7 @@ async fn two_sockets_in_one_session_get_the_same_events() -> Result<()> {
         "the two sockets differ:\n{report}"
     );
     ensure!(
-        report["answerA"] == report["answerB"] && report["answerA"][0].is_string(),
+        report["answerA"] == report["answerB"] && report["answerA"] == json!([e2e::slow_text(20)]),
         "{report}"
     );
     Ok(())
@@ -268,13 +330,13 @@ async fn joining_restores_a_stored_session() -> Result<()> {
     let report = run_node("socketio.mjs", &["restore", server.base_url(), &sid]).await?;
     ensure!(report["joinStatus"]["state"] == "idle", "{report}");
     let history = &report["history"];
-    let query = data_of(history, "query");
+    let query = of_type(history, "user_message");
     ensure!(
-        query.len() == 1 && query[0]["text"] == "remember the tulips",
+        query.len() == 1 && query[0]["content"] == "remember the tulips",
         "history: {history}"
     );
     ensure!(
-        data_of(history, "answer")[0]["text"] == "echo: remember the tulips",
+        of_type(history, "assistant_message")[0]["content"] == "echo: remember the tulips",
         "{history}"
     );
     ensure!(
@@ -288,6 +350,39 @@ async fn joining_restores_a_stored_session() -> Result<()> {
             .is_some_and(|t| t.contains("remember the tulips")),
         "recall: {}",
         report["recall"]
+    );
+    Ok(())
+}
+
+/// A WebSocket and a long-polling socket that stay quiet longer than the server's header-read
+/// and idle timeouts are not cut: both are still connected and both receive the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_sockets_outlive_the_connection_timeouts() -> Result<()> {
+    if !available(Needs::SocketIo)? {
+        return Ok(());
+    }
+    let config =
+        serde_json::json!({"server": {"http": {"headerReadTimeoutSecs": 1, "idleTimeoutSecs": 2}}});
+    let server =
+        Server::start(ServerOpts::new().config_file("http.json", config.to_string())).await?;
+    let sid = server.create_session().await?;
+    let report = run_node("socketio.mjs", &["quiet", server.base_url(), &sid, "5000"]).await?;
+    ensure!(
+        report["transports"] == serde_json::json!(["websocket", "polling"]),
+        "{report}"
+    );
+    ensure!(
+        report["disconnects"] == serde_json::json!([]),
+        "a socket was cut: {report}"
+    );
+    ensure!(
+        report["connected"] == serde_json::json!([true, true]),
+        "{report}"
+    );
+    let answer = serde_json::json!(["echo: after the pause"]);
+    ensure!(
+        report["answers"] == serde_json::json!([answer, answer]),
+        "both sockets got the run: {report}"
     );
     Ok(())
 }

@@ -1,15 +1,18 @@
 //! SSE streaming: exact event order and content, sequence numbers, message ids, deltas vs final
-//! content, stored events, model errors, busy sessions.
+//! content, stored events, model errors, busy sessions; and the connection timeouts around
+//! them: half-sent requests and idle connections are closed, streams are not.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use e2e::{
-    Frame, LONG, Server, check_seq, concat_deltas, event_types, flood_text, is_ms_timestamp,
-    is_uuid, of_type, types,
+    Frame, LONG, Server, ServerOpts, check_seq, concat_deltas, event_types, flood_text,
+    is_ms_timestamp, is_uuid, of_type, types,
 };
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -283,5 +286,144 @@ async fn busy_session_rejects_second_query() -> Result<()> {
     );
     let r = server.query(&sid, "free again").await?;
     ensure!(r["content"] == "echo: free again", "after busy: {r}");
+    Ok(())
+}
+
+/// A server whose connections must send a request head within 1 s and may idle for 2 s.
+async fn short_timeouts() -> Result<Server> {
+    let config = json!({"server": {"http": {"headerReadTimeoutSecs": 1, "idleTimeoutSecs": 2}}});
+    Server::start(ServerOpts::new().config_file("http.json", config.to_string())).await
+}
+
+/// Reads whatever the server sends until it closes the connection (EOF or reset); fails if it
+/// is still open after `LONG`.
+async fn read_until_closed(tcp: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => bail!(
+                "the server kept the connection open; it sent {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0) | Err(_)) => return Ok(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Slowloris: a request head sent a byte at a time never completes, and the server closes the
+/// connection instead of waiting for it forever; so it does for a connection that sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_request_is_closed_after_the_header_timeout() -> Result<()> {
+    let server = short_timeouts().await?;
+    // Positive control: a whole request is answered.
+    let mut tcp = TcpStream::connect(("127.0.0.1", server.port())).await?;
+    tcp.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let answer = read_until_closed(&mut tcp).await?;
+    ensure!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let mut tcp = TcpStream::connect(("127.0.0.1", server.port())).await?;
+    tcp.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await?;
+    // One more header byte every 100 ms, for up to 300 bytes: far past the 1 s allowed.
+    let mut closed = false;
+    for _ in 0..300 {
+        if tcp.write_all(b"a").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => bail!(
+                "the server answered a half-sent request: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+        }
+    }
+    ensure!(closed, "a trickled request head kept its connection open");
+
+    let mut silent = TcpStream::connect(("127.0.0.1", server.port())).await?;
+    let sent = read_until_closed(&mut silent).await?;
+    ensure!(sent.is_empty(), "{:?}", String::from_utf8_lossy(&sent));
+    Ok(())
+}
+
+/// A keep-alive connection left idle after its response is closed; so is an HTTP/2 connection
+/// (cleartext, prior knowledge) that opens and then sends no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() -> Result<()> {
+    let server = short_timeouts().await?;
+    let mut tcp = TcpStream::connect(("127.0.0.1", server.port())).await?;
+    tcp.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    let sent = read_until_closed(&mut tcp).await?;
+    let text = String::from_utf8_lossy(&sent);
+    ensure!(
+        text.starts_with("HTTP/1.1 200")
+            && !text.to_ascii_lowercase().contains("connection: close"),
+        "a keep-alive response first: {text:?}"
+    );
+
+    let mut h2 = TcpStream::connect(("127.0.0.1", server.port())).await?;
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+    let sent = read_until_closed(&mut h2).await?;
+    // The server's SETTINGS (type 4) comes first: it did speak HTTP/2 before closing.
+    ensure!(
+        sent.len() >= 9 && sent[3] == 4,
+        "HTTP/2 frames from the server: {sent:?}"
+    );
+    Ok(())
+}
+
+/// Streams are requests in progress, and no timeout touches them however quiet they are: a
+/// follow stream waits through several idle timeouts and still gets the next run, and a
+/// streaming query that outlasts them ends normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_outlive_the_connection_timeouts() -> Result<()> {
+    let server = short_timeouts().await?;
+    let sid = server.create_session().await?;
+    let mut follow = server
+        .get_sse(
+            &format!("/api/v1/sessions/events/stream?sessionId={sid}"),
+            &[],
+        )
+        .await?;
+    follow.expect_event_stream()?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let r = server.query(&sid, "after a quiet while").await?;
+    ensure!(r["content"] == "echo: after a quiet while", "{r}");
+    let frames = follow.read_until_type("agent_run_end", T).await?;
+    ensure!(
+        frames
+            .iter()
+            .any(|f| f.ty() == "assistant_message"
+                && f.data["content"] == "echo: after a quiet while"),
+        "the follow stream missed the run: {:?}",
+        types(&frames)
+    );
+
+    // SLOW 80: one token every 50 ms, about 4 s in all.
+    let frames = server.stream_all(&sid, "SLOW 80").await?;
+    ensure!(
+        frames
+            .last()
+            .is_some_and(|f| f.ty() == "agent_run_end" && f.data["status"] == "idle"),
+        "{:?}",
+        types(&frames)
+    );
     Ok(())
 }

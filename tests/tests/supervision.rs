@@ -1,10 +1,12 @@
 //! Supervision: worker crashes (SIGKILL mid-run and idle), supervisor shutdown (SIGTERM) and
-//! supervisor death (SIGKILL) must not leave workers behind.
+//! supervisor death (SIGKILL) must not leave workers behind; a session that sends more than
+//! `server.sessionLimits` allows is stopped, and only that session.
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use e2e::{LONG, Server, check_seq, kill9_pid, pid_alive, types, wait_until};
+use anyhow::{Context, Result, bail, ensure};
+use e2e::{Frame, LONG, Server, ServerOpts, check_seq, kill9_pid, pid_alive, types, wait_until};
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -180,5 +182,170 @@ async fn sigkill_of_supervisor_takes_workers_down() -> Result<()> {
         })
         .await?;
     }
+    Ok(())
+}
+
+/// A server with small session limits: 100 events a second, 16 KiB per event, 48 KiB stored.
+async fn limited_server() -> Result<Server> {
+    let config = json!({"server": {"sessionLimits": {
+        "eventsPerSecond": 100,
+        "eventBytes": "16KiB",
+        "storedBytes": "48KiB",
+    }}});
+    Server::start(ServerOpts::new().config_file("limits.json", config.to_string())).await
+}
+
+/// The last two frames of a run cut short by `limit`: the error naming it, then the end.
+fn ends_with_limit(frames: &[Frame], limit: &str) -> Result<()> {
+    let n = frames.len();
+    ensure!(n >= 2, "frames: {:?}", types(frames));
+    let system = &frames[n - 2].data;
+    let end = &frames[n - 1].data;
+    ensure!(
+        system["type"] == "system"
+            && system["level"] == "error"
+            && system["details"]["kind"] == "session_limit"
+            && system["details"]["limit"] == limit
+            && system["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("server.sessionLimits.{limit}"))),
+        "the error names the limit {limit}: {system}"
+    );
+    ensure!(
+        end["type"] == "agent_run_end" && end["status"] == "error",
+        "the run ends as an error: {end}"
+    );
+    Ok(())
+}
+
+/// The session, and the server around it, are fine: another session runs a query, the server
+/// answers its health check.
+async fn others_unaffected(server: &Server) -> Result<()> {
+    let other = server.create_session().await?;
+    let r = server.query(&other, "still fine").await?;
+    ensure!(r["content"] == "echo: still fine", "another session: {r}");
+    let health = server.get("/api/v1/system/health").await?;
+    health.expect_status(200, "health")?;
+    Ok(())
+}
+
+/// A session that floods events faster than `eventsPerSecond` is stopped: its run ends with an
+/// error naming the limit, its worker is killed, and its next query gets a fresh worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_the_event_rate_stops_the_session() -> Result<()> {
+    let server = limited_server().await?;
+    let sid = server.create_session().await?;
+    server.query(&sid, "warm up").await?;
+    let pid = server.wait_worker_pid(&sid).await?;
+
+    let frames = server.stream_all(&sid, "FLOOD 20000").await?;
+    check_seq(&frames)?;
+    ends_with_limit(&frames, "eventsPerSecond")?;
+    let deltas = frames
+        .iter()
+        .filter(|f| f.ty() == "assistant_streaming_message")
+        .count();
+    ensure!(deltas < 20_000, "the flood was cut short ({deltas} deltas)");
+    wait_until(T, "the flooding worker is gone", async || !pid_alive(pid)).await?;
+    ensure!(
+        server.logs().contains("session limit exceeded"),
+        "the supervisor logs the limit"
+    );
+    others_unaffected(&server).await?;
+    let r = server.query(&sid, "after the flood").await?;
+    ensure!(r["content"] == "echo: after the flood", "{r}");
+    ensure!(
+        server.wait_worker_pid(&sid).await? != pid,
+        "a fresh worker serves the session"
+    );
+    Ok(())
+}
+
+/// An event over `eventBytes` is neither stored nor delivered; its run ends with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_size_limit_ends_the_run() -> Result<()> {
+    let server = limited_server().await?;
+    let sid = server.create_session().await?;
+    let big = "x".repeat(20 * 1024);
+    let frames = server.stream_all(&sid, &big).await?;
+    ends_with_limit(&frames, "eventBytes")?;
+    ensure!(
+        !frames.iter().any(|f| f.ty() == "user_message"),
+        "the oversized event was delivered: {:?}",
+        types(&frames)
+    );
+    let stored = server.events(&sid).await?;
+    let kinds: Vec<&str> = stored.iter().filter_map(|e| e["type"].as_str()).collect();
+    ensure!(kinds == ["system", "agent_run_end"], "stored: {kinds:?}");
+    others_unaffected(&server).await?;
+    let r = server.query(&sid, "small").await?;
+    ensure!(r["content"] == "echo: small", "{r}");
+    Ok(())
+}
+
+/// Bytes of the stored events as the server returns them (close to what it stores).
+fn stored_size(events: &[Value]) -> usize {
+    events.iter().map(|e| e.to_string().len()).sum()
+}
+
+/// A session's stored events stop at `storedBytes`: the run that would pass it ends with the
+/// error, later ones too until the session is full, and then queries are refused (507) and the
+/// log does not grow any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_events_stop_at_the_session_limit() -> Result<()> {
+    const CAP: usize = 48 * 1024;
+    let server = limited_server().await?;
+    let sid = server.create_session().await?;
+    let text = "y".repeat(10 * 1024);
+    let mut limited = 0;
+    let refused = loop {
+        if limited > 40 {
+            bail!("the session never filled up");
+        }
+        let stream = server
+            .post_sse(
+                "/api/v1/sessions/query/stream",
+                &json!({"sessionId": sid, "query": text}),
+            )
+            .await?;
+        if stream.status != 200 {
+            break stream.json_body().await?;
+        }
+        let mut stream = stream;
+        let frames = stream.collect_until_end(LONG).await?;
+        let end = &frames.last().context("no frames")?.data;
+        if end["status"] == "error" {
+            ends_with_limit(&frames, "storedBytes")?;
+            limited += 1;
+        } else {
+            ensure!(limited == 0, "a run passed after the limit: {end}");
+        }
+    };
+    ensure!(limited >= 1, "no run ended at the limit");
+    refused.expect_error(507, "SESSION_STORAGE_FULL", "a query to a full session")?;
+    ensure!(
+        refused.json["details"]["limit"] == CAP,
+        "the refusal names the limit: {}",
+        refused.json
+    );
+    let full = server.events(&sid).await?;
+    // A few hundred bytes of closing events may pass the cap, never a whole event.
+    ensure!(
+        stored_size(&full) <= CAP + 2048,
+        "stored {} bytes past the cap of {CAP}",
+        stored_size(&full)
+    );
+    let r = server
+        .post_json(
+            "/api/v1/sessions/query",
+            &json!({"sessionId": sid, "query": "one more"}),
+        )
+        .await?;
+    r.expect_status(507, "a non-streaming query to a full session")?;
+    ensure!(
+        server.events(&sid).await?.len() == full.len(),
+        "the log grew after the session was full"
+    );
+    others_unaffected(&server).await?;
     Ok(())
 }

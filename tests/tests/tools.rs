@@ -9,14 +9,13 @@ use anyhow::{Context, Result, ensure};
 use e2e::{Server, event_types, types};
 use serde_json::{Value, json};
 
-/// The session's workspace directory, as the server reports it.
+/// The session's workspace directory on the host (`<root>/<sessionId>`); the server reports it
+/// as the path inside the session's jail.
 async fn workspace(server: &Server, sid: &str) -> Result<PathBuf> {
     let details = server.details(sid).await?;
-    let ws = PathBuf::from(details["workspace"].as_str().context("workspace")?);
-    ensure!(
-        ws == server.workspace_root().join(sid),
-        "workspace {ws:?} is not <root>/<sessionId>"
-    );
+    ensure!(details["workspace"] == "/workspace", "details: {details}");
+    let ws = server.workspace_root().join(sid);
+    ensure!(ws.is_dir(), "no workspace {ws:?}");
     Ok(ws)
 }
 

@@ -49,6 +49,25 @@ fn write_all_blocking(fd: RawFd, mut buf: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Marks the channel close-on-exec, so that no program the worker starts (a `run_command`
+/// shell and everything below it) inherits it: such a program could otherwise speak the
+/// protocol as the worker (forge stored events, start model calls with the operator's key)
+/// and its writes would interleave with the worker's frames. The supervisor clears the flag
+/// for the one exec that must keep it, its own into this worker; nothing after that may.
+pub(crate) fn keep_from_programs(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD only read and set the descriptor flags of `fd`; an invalid fd
+    // yields EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Reads the launcher's orders: the first frame the supervisor writes (isolation.md S6, "go").
 /// Blocks until it arrives, which is how the supervisor holds a launcher back until it has been
 /// placed in its cgroup.
@@ -143,4 +162,66 @@ pub(crate) fn spawn_writer(mut write: OwnedWriteHalf) -> Outbox {
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many parts of the worker send at once, with frames far larger than the socket buffer (so
+    /// every frame takes many partial writes): each frame still arrives whole and unmixed,
+    /// because only the writer task touches the socket.
+    #[tokio::test]
+    async fn concurrent_large_frames_are_never_interleaved() {
+        const SENDERS: u8 = 8;
+        const FRAMES_EACH: usize = 4;
+        const LEN: usize = 1 << 20;
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (_read, write) = ours.into_split();
+        let outbox = spawn_writer(write);
+        for sender in 0..SENDERS {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                let letter = char::from(b'a' + sender);
+                for _ in 0..FRAMES_EACH {
+                    let json = format!("\"{}\"", letter.to_string().repeat(LEN));
+                    outbox.send(FromWorker::Event { json }).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        drop(outbox);
+        let mut read = tokio::io::BufReader::new(theirs);
+        let mut counts = [0usize; SENDERS as usize];
+        while let Some(msg) = shared::frame::read_frame::<_, FromWorker>(&mut read)
+            .await
+            .unwrap()
+        {
+            let FromWorker::Event { json } = msg else {
+                panic!("unexpected message {msg:?}");
+            };
+            let body = json.trim_matches('"');
+            assert_eq!(body.len(), LEN);
+            let first = body.as_bytes()[0];
+            assert!(
+                body.bytes().all(|b| b == first),
+                "a frame mixes two senders"
+            );
+            counts[usize::from(first - b'a')] += 1;
+        }
+        assert_eq!(counts, [FRAMES_EACH; SENDERS as usize]);
+    }
+
+    #[test]
+    fn the_channel_is_kept_from_programs() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
+        // A fresh std socket is close-on-exec already; clear it, as the supervisor's spawn does.
+        // SAFETY: changes the flags of a descriptor this test owns.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        keep_from_programs(fd).unwrap();
+        // SAFETY: reads the flags of a descriptor this test owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+    }
 }

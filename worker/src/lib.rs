@@ -4,7 +4,8 @@
 //! 1. [`self_check`] (L0): the environment must be empty, we must be the only thread, and fd 3
 //!    must be the socket the supervisor handed us. A spawn path that forgot `env_clear()` would
 //!    leak secrets into the session, so we refuse to run rather than carry on.
-//! 2. fd hygiene (L1), before any path is looked up: only 0–3 survive.
+//! 2. fd hygiene (L1), before any path is looked up: only 0–3 survive, and fd 3 is marked
+//!    close-on-exec, so no program started inside the jail inherits the channel.
 //! 3. The jail spec is read from fd 3. The supervisor writes it only after it has placed this
 //!    process in the session's cgroup, so reading it is also the "go" of S6.
 //! 4. The jail ([`launcher`], [`jail`]): namespaces, mounts, privileges, rlimits, Landlock,
@@ -85,6 +86,8 @@ pub fn launch(args: &WorkerArgs) -> Result<(), WorkerError> {
     let supervisor = unsafe { libc::getppid() };
     self_check()?;
     jail::fds::close_inherited().map_err(|e| WorkerError::SelfCheck(e.to_string()))?;
+    channel::keep_from_programs(CHANNEL_FD)
+        .map_err(|e| WorkerError::SelfCheck(format!("fd {CHANNEL_FD} close-on-exec: {e}")))?;
     let spec = channel::read_spec(CHANNEL_FD).map_err(WorkerError::SelfCheck)?;
     if args
         .session_id

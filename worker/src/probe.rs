@@ -475,6 +475,28 @@ fn run(request: &ProbeRequest) -> (Value, Option<Vec<u8>>) {
             raw = Some(bytes);
             json!({"ok": true, "errno": 0, "errname": "OK", "detail": Value::Null})
         }
+        "events" => {
+            // A hostile worker pouring well-formed events into its session: `count` system
+            // events of `bytes` each, as fast as the channel takes them (session limits).
+            let count = arg_u64(&args, "count", 1000);
+            let filler = "z".repeat(arg_u64(&args, "bytes", 100) as usize);
+            let mut bytes = Vec::new();
+            for i in 0..count {
+                let event = json!({
+                    "id": format!("flood-{i}"), "type": "system",
+                    "timestamp": shared::ids::now_ms(), "level": "info", "message": filler,
+                });
+                let frame = FromWorker::Event {
+                    json: event.to_string(),
+                };
+                match shared::frame::encode(&frame) {
+                    Ok(encoded) => bytes.extend_from_slice(&encoded),
+                    Err(e) => return (outcome(-1, json!(e.to_string())), None),
+                }
+            }
+            raw = Some(bytes);
+            json!({"ok": true, "errno": 0, "errname": "OK", "detail": count})
+        }
         "flip" => flip(&args),
         "hostname" => {
             let mut buf = [0u8; 64];

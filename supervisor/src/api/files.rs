@@ -2,18 +2,20 @@
 //! file metadata and listings, the `@` search, path validation, and the static file server.
 //!
 //! The supervisor is trusted and (in root mode) root; the workspace is written by an untrusted
-//! worker. So every path is resolved relative to a directory handle with `cap-std` (backed by
-//! `openat2(RESOLVE_BENEATH)`), never joined onto a host path string and never "canonicalised
-//! then prefix-checked" (racy against a worker swapping a directory for a symlink). Symlinks,
-//! `..` and absolute links that leave the workspace fail; links that stay inside are followed.
-//! Files are opened non-blocking and checked after opening: only regular files are read (a FIFO
-//! would hang the request, a device could be anything), and only up to a size cap.
+//! worker. So every path is opened beneath a handle of the session directory and used through
+//! the open descriptor (`crate::workspace`), never joined onto a host path string and never
+//! "canonicalised then prefix-checked". Walks are iterative, bounded in entries and depth, hold
+//! one directory open at a time, and run on a blocking thread.
+//!
+//! Workspace files are the agent's, not ours: the static server sends them with
+//! `Content-Security-Policy: sandbox` (no script runs, whatever the type) and `nosniff`, and
+//! anything but passive types (images, plain text, CSS, JSON) as a download, so an agent-written
+//! page never renders on the API's origin. Where `server.workspaceOrigin` names a second origin
+//! for the same server, requests arriving under it get those pages inline (still sandboxed).
 //!
 //! Paths are relative to the *session's* workspace (ours is per session, unlike upstream's one
 //! server workspace). A leading `/` means that workspace's root, as upstream clients send it.
 
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -24,13 +26,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt as _};
+use cap_std::fs::Dir;
 use serde_json::{Value, json};
 use shared::ids::now_ms;
 
 use super::body::{JsonObject, Params};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::workspace::{AccessError, Entry, SessionDir, read_beneath, read_file};
 
 /// Longest request path accepted.
 const MAX_PATH: usize = 4096;
@@ -151,32 +154,24 @@ fn relative_path(raw: &str) -> Result<PathBuf, FileError> {
     Ok(clean)
 }
 
-/// The session's workspace as a directory handle. The workspace entry itself is created and
-/// owned by the server (S2) and opened without following a final symlink.
-fn open_workspace(path: &Path) -> Result<Dir, FileError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|_| FileError::NotFound)?;
-    Ok(Dir::from_std_file(file))
-}
-
-/// Maps an I/O error from a resolution under the handle: anything that did not resolve inside
-/// the workspace is "not found" to the client.
-fn resolve_error(e: std::io::Error) -> FileError {
-    match e.kind() {
-        std::io::ErrorKind::NotFound
-        | std::io::ErrorKind::PermissionDenied
-        | std::io::ErrorKind::NotADirectory => FileError::NotFound,
-        _ => match e.raw_os_error() {
-            Some(libc::ELOOP | libc::EXDEV | libc::ENAMETOOLONG) => FileError::NotFound,
-            _ => FileError::Internal {
+impl From<AccessError> for FileError {
+    /// Anything that did not resolve inside the workspace is "not found" to the client.
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::NotFound | AccessError::Outside => Self::NotFound,
+            AccessError::NotRegular => Self::InvalidType,
+            AccessError::TooLarge { limit } => Self::TooLarge { limit },
+            AccessError::Io(e) => Self::Internal {
                 what: "Failed to access workspace files",
                 message: e.to_string(),
             },
-        },
+        }
     }
+}
+
+/// Maps an I/O error met on a handle inside the workspace (a listing, a lookup).
+fn resolve_error(e: std::io::Error) -> FileError {
+    AccessError::from(e).into()
 }
 
 /// Milliseconds since the epoch as ISO 8601 UTC (`2025-09-16T12:00:00.000Z`).
@@ -253,37 +248,30 @@ async fn files(
     let requested = params.get("path").unwrap_or("/").to_owned();
     let relative = relative_path(&requested)?;
     blocking(move || {
-        let root = open_workspace(&workspace)?;
-        let meta = if relative.as_os_str().is_empty() {
-            root.dir_metadata().map_err(resolve_error)?
-        } else {
-            root.metadata(&relative).map_err(resolve_error)?
-        };
-        if meta.is_file() {
-            let name = relative
-                .file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-            return Ok(Json(json!({
-                "type": "file",
-                "name": name,
-                "size": meta.len(),
-                "modified": modified(&meta),
-                "path": requested,
-            })));
-        }
-        if !meta.is_dir() {
-            return Err(FileError::InvalidType);
-        }
-        let dir = if relative.as_os_str().is_empty() {
-            root
-        } else {
-            root.open_dir(&relative).map_err(resolve_error)?
+        // One open, beneath the session directory; what it is comes from that descriptor.
+        let dir = match SessionDir::open(&workspace)?.entry(&relative)? {
+            Entry::File(_, meta) => {
+                let name = relative
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                return Ok(Json(json!({
+                    "type": "file",
+                    "name": name,
+                    "size": meta.len(),
+                    "modified": modified(&meta),
+                    "path": requested,
+                })));
+            }
+            Entry::Dir(dir) => dir,
         };
         let mut entries = Vec::new();
-        for entry in dir.entries().map_err(resolve_error)?.flatten() {
-            if entries.len() >= MAX_LISTING {
-                break;
-            }
+        // At most MAX_LISTING entries are read, whatever the directory holds.
+        for entry in dir
+            .entries()
+            .map_err(resolve_error)?
+            .take(MAX_LISTING)
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             // lstat-like: a symlink is reported as one, with its target text, never followed.
             let Ok(meta) = entry.metadata() else { continue };
@@ -297,7 +285,7 @@ async fn files(
             if meta.file_type().is_symlink() {
                 item["isSymlink"] = json!(true);
                 item["target"] = json!(
-                    dir.read_link_contents(&name)
+                    dir.read_link_contents(entry.file_name())
                         .map(|t| t.to_string_lossy().into_owned())
                         .unwrap_or_default()
                 );
@@ -331,7 +319,8 @@ async fn search(
     let query = params.get("q").ok_or(FileError::QueryRequired)?.to_owned();
     let kind = params.get("type").unwrap_or("all").to_owned();
     blocking(move || {
-        let root = open_workspace(&workspace)?;
+        let session_dir = SessionDir::open(&workspace)?;
+        let root = session_dir.dir();
         let mut found = Vec::new();
         let wanted = |is_dir: bool| match kind.as_str() {
             "file" => !is_dir,
@@ -339,7 +328,12 @@ async fn search(
             _ => true,
         };
         if query.is_empty() {
-            for entry in root.entries().map_err(resolve_error)?.flatten() {
+            for entry in root
+                .entries()
+                .map_err(resolve_error)?
+                .take(SEARCH_BUDGET)
+                .flatten()
+            {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.starts_with('.') || name == "node_modules" {
                     continue;
@@ -351,21 +345,26 @@ async fn search(
             }
         } else {
             let needle = query.to_lowercase();
-            // Iterative walk; real directories only (a symlink is a leaf, never descended).
-            let mut stack: Vec<(Option<Dir>, String, usize)> = vec![(None, String::new(), 0)];
+            // Iterative walk, one directory open at a time: the stack holds paths (at most one
+            // per entry visited), each opened beneath the handle when its turn comes. Real
+            // directories only: a symlink is a leaf, never descended.
+            let mut stack: Vec<(PathBuf, String, usize)> = vec![(PathBuf::new(), String::new(), 0)];
             let mut visited = 0usize;
-            while let Some((dir, prefix, depth)) = stack.pop() {
-                let entries = match &dir {
-                    None => root.entries(),
-                    Some(d) => d.entries(),
+            while let Some((path, prefix, depth)) = stack.pop() {
+                if visited >= SEARCH_BUDGET {
+                    break;
+                }
+                let entries = if path.as_os_str().is_empty() {
+                    root.entries()
+                } else {
+                    root.open_dir(&path).and_then(|d| d.entries())
                 };
                 let Ok(entries) = entries else { continue };
-                for entry in entries.flatten() {
+                for entry in entries.take(SEARCH_BUDGET - visited) {
                     visited += 1;
-                    if visited > SEARCH_BUDGET {
-                        break;
-                    }
-                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let Ok(entry) = entry else { continue };
+                    let os_name = entry.file_name();
+                    let name = os_name.to_string_lossy().into_owned();
                     if name.starts_with('.') || name == "node_modules" {
                         continue;
                     }
@@ -384,17 +383,8 @@ async fn search(
                         found.push((score, is_dir, name.clone(), relative.clone()));
                     }
                     if is_dir && depth < SEARCH_DEPTH {
-                        let child = match &dir {
-                            None => root.open_dir(&name),
-                            Some(d) => d.open_dir(&name),
-                        };
-                        if let Ok(child) = child {
-                            stack.push((Some(child), relative, depth + 1));
-                        }
+                        stack.push((path.join(&os_name), relative, depth + 1));
                     }
-                }
-                if visited > SEARCH_BUDGET {
-                    break;
                 }
             }
         }
@@ -479,7 +469,8 @@ async fn validate(
         .map(|p| p.as_str().unwrap_or_default().to_owned())
         .collect();
     blocking(move || {
-        let root = open_workspace(&workspace)?;
+        let session_dir = SessionDir::open(&workspace)?;
+        let root = session_dir.dir();
         let results = paths
             .into_iter()
             .map(|input| {
@@ -514,9 +505,21 @@ async fn validate(
     .await
 }
 
+/// Where a static request names its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named {
+    /// `sessionId` in the query or the `x-session-id` header: the request is for a workspace
+    /// file, and a missing session or file is answered as such.
+    Explicitly,
+    /// Only the Referer's last path segment: the web UI's own assets come this way too, so a
+    /// missing file falls through to the UI.
+    ByReferer,
+}
+
 /// The session a static request belongs to: `sessionId` in the query, the `x-session-id`
-/// header, or the last segment of the Referer path (api.md §11.1).
-fn static_session(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+/// header, or the last segment of the Referer path (api.md §11.1). An explicit id that is not a
+/// valid session id is returned as it is (and found nowhere).
+fn static_session(uri: &Uri, headers: &HeaderMap) -> Option<(String, Named)> {
     let from_query = uri.query().and_then(|q| {
         q.split('&')
             .filter_map(|kv| kv.split_once('='))
@@ -529,18 +532,16 @@ fn static_session(uri: &Uri, headers: &HeaderMap) -> Option<String> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let from_referer = || {
-        headers
-            .get(header::REFERER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|r| r.split('?').next())
-            .and_then(|r| r.trim_end_matches('/').rsplit('/').next())
-            .map(str::to_owned)
-    };
-    from_query
-        .or_else(from_header)
-        .or_else(from_referer)
+    if let Some(id) = from_query.or_else(from_header) {
+        return Some((id, Named::Explicitly));
+    }
+    headers
+        .get(header::REFERER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| r.split('?').next())
+        .and_then(|r| r.trim_end_matches('/').rsplit('/').next())
         .filter(|id| shared::ids::is_valid_session_id(id))
+        .map(|id| (id.to_owned(), Named::ByReferer))
 }
 
 /// The static workspace server (api.md §11.1), tried before the JSON 404 for paths outside
@@ -557,6 +558,7 @@ pub(super) async fn workspace_static(
     }
 }
 
+/// A workspace file, a 404/400 JSON answer, or `None` to let the web UI answer.
 async fn serve_static(
     state: &AppState,
     method: &Method,
@@ -571,92 +573,83 @@ async fn serve_static(
     {
         return None;
     }
-    let id = static_session(uri, headers)?;
-    let workspace = state.session(&id).await.ok()?.workspace.clone();
-    let decoded = percent_decode(&path)?;
-    let relative = relative_path(&decoded).ok()?;
-    let query_suffix = format!("?sessionId={id}");
-    let served = blocking(move || {
-        let served = read_for_static(&workspace, &relative, &decoded, &query_suffix);
-        // A missing path falls through (the web UI's own assets are requested with a session
-        // in the Referer); an entry that exists but may not be served (a symlink leading out,
-        // a FIFO, ...) is refused outright rather than answered with the UI's page.
-        let present = served.is_err()
-            && open_workspace(&workspace)
-                .is_ok_and(|root| root.symlink_metadata(&relative).is_ok());
-        Ok((served, present))
-    })
-    .await
-    .unwrap_or((Err(FileError::NotFound), false));
-    match served {
-        (Ok(Some(response)), _) => Some(response),
-        (Ok(None), _) => None,
-        (Err(e @ (FileError::TooLarge { .. } | FileError::InvalidType)), _) => {
-            Some(e.into_response())
+    let (id, named) = static_session(uri, headers)?;
+    let explicit = named == Named::Explicitly;
+    let session = match state.session(&id).await {
+        Ok(session) => session,
+        Err(e) if explicit => return Some(ApiError::into_response(e)),
+        Err(_) => return None,
+    };
+    let workspace = session.workspace.clone();
+    let decoded = match percent_decode(&path) {
+        Some(decoded) => decoded,
+        None if explicit => {
+            return Some(FileError::InvalidPath("malformed percent-encoding").into_response());
         }
-        (Err(_), true) => Some(FileError::NotFound.into_response()),
-        (Err(_), false) => None,
+        None => return None,
+    };
+    let relative = match relative_path(&decoded) {
+        Ok(relative) => relative,
+        Err(e) if explicit => return Some(e.into_response()),
+        Err(_) => return None,
+    };
+    let query_suffix = format!("?sessionId={}", percent_encode(&id));
+    let inline = inline_allowed(state, uri, headers);
+    let served = tokio::task::spawn_blocking(move || {
+        read_for_static(&workspace, &relative, &decoded, &query_suffix, inline)
+    })
+    .await;
+    match served {
+        Ok(Ok(response)) => Some(response),
+        // A missing path falls through to the web UI only when the session came from the
+        // Referer (the UI's own assets are requested that way).
+        Ok(Err(AccessError::NotFound)) if !explicit => None,
+        // An entry that exists but may not be served (a symlink leading out, a FIFO, ...) is
+        // refused outright rather than answered with the UI's page.
+        Ok(Err(e)) => Some(FileError::from(e).into_response()),
+        Err(e) => Some(
+            FileError::Internal {
+                what: "Failed to access workspace files",
+                message: e.to_string(),
+            }
+            .into_response(),
+        ),
     }
 }
 
-/// Opens the file under the handle (non-blocking: a FIFO must not hang us), checks the opened
-/// handle's type and size, and reads it; a directory gives its `index.html` or a listing.
+/// Whether agent-written active content (HTML, SVG, scripts, ...) may be shown inline: only on
+/// the separate `server.workspaceOrigin`, recognised by the request's `Host`.
+fn inline_allowed(state: &AppState, uri: &Uri, headers: &HeaderMap) -> bool {
+    let Some(origin) = state.config.server.workspace_origin() else {
+        return false;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    host.is_some_and(|host| origin.matches_host(host))
+}
+
+/// Opens `relative` beneath the session directory once and answers from that descriptor: a
+/// regular file's bytes (up to [`MAX_SERVED_FILE`]), or for a directory its `index.html` or a
+/// listing.
 fn read_for_static(
     workspace: &Path,
     relative: &Path,
     shown: &str,
     query_suffix: &str,
-) -> Result<Option<Response>, FileError> {
-    let root = open_workspace(workspace)?;
-    let meta = if relative.as_os_str().is_empty() {
-        root.dir_metadata().map_err(resolve_error)?
-    } else {
-        root.metadata(relative).map_err(resolve_error)?
-    };
-    if meta.is_dir() {
-        let dir = if relative.as_os_str().is_empty() {
-            root
-        } else {
-            root.open_dir(relative).map_err(resolve_error)?
-        };
-        if let Ok(Some(index)) = read_regular(&dir, Path::new("index.html")) {
-            return Ok(Some(file_response("index.html", index)));
+    inline: bool,
+) -> Result<Response, AccessError> {
+    match SessionDir::open(workspace)?.entry(relative)? {
+        Entry::File(file, meta) => {
+            let bytes = read_file(file, &meta, MAX_SERVED_FILE)?;
+            Ok(file_response(shown, bytes, inline))
         }
-        return Ok(Some(listing(&dir, shown, query_suffix)));
+        Entry::Dir(dir) => match read_beneath(&dir, Path::new("index.html"), MAX_SERVED_FILE) {
+            Ok(index) => Ok(file_response("index.html", index, inline)),
+            Err(_) => Ok(listing(&dir, shown, query_suffix)),
+        },
     }
-    match read_regular(&root, relative)? {
-        Some(bytes) => Ok(Some(file_response(shown, bytes))),
-        None => Ok(None),
-    }
-}
-
-/// Reads a regular file under `dir`. `Ok(None)` if it does not exist.
-fn read_regular(dir: &Dir, relative: &Path) -> Result<Option<Vec<u8>>, FileError> {
-    let mut options = OpenOptions::new();
-    options
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC);
-    let file = match dir.open_with(relative, &options) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(resolve_error(e)),
-    };
-    // The type of what was opened, not of what a path pointed at a moment earlier.
-    let meta = file.metadata().map_err(resolve_error)?;
-    if !meta.is_file() {
-        return Err(FileError::InvalidType);
-    }
-    if meta.len() > MAX_SERVED_FILE {
-        return Err(FileError::TooLarge {
-            limit: MAX_SERVED_FILE,
-        });
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.into_std()
-        .take(MAX_SERVED_FILE)
-        .read_to_end(&mut bytes)
-        .map_err(resolve_error)?;
-    Ok(Some(bytes))
 }
 
 fn content_type(name: &str) -> &'static str {
@@ -667,6 +660,8 @@ fn content_type(name: &str) -> &'static str {
         .to_ascii_lowercase();
     match ext.as_str() {
         "html" | "htm" => "text/html; charset=utf-8",
+        "xhtml" => "application/xhtml+xml",
+        "xml" => "application/xml",
         "css" => "text/css; charset=utf-8",
         "js" | "mjs" => "text/javascript; charset=utf-8",
         "json" => "application/json",
@@ -683,17 +678,66 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-fn file_response(name: &str, bytes: Vec<u8>) -> Response {
+/// Types a browser only displays: no script, no markup that could carry any. Everything else
+/// (HTML, XHTML, SVG, XML, scripts, PDF, unknown types) is active.
+fn is_passive(content_type: &str) -> bool {
+    matches!(
+        content_type,
+        "image/png"
+            | "image/jpeg"
+            | "image/gif"
+            | "image/webp"
+            | "text/plain; charset=utf-8"
+            | "text/css; charset=utf-8"
+            | "application/json"
+    )
+}
+
+/// A workspace file as the static server sends it: sandboxed, never sniffed, and when active
+/// and not on the workspace origin (`inline` false), a download.
+fn file_response(name: &str, bytes: Vec<u8>, inline: bool) -> Response {
+    let kind = content_type(name);
+    let mut response = sandboxed(kind, bytes);
+    if !inline && !is_passive(kind) {
+        let file_name = name.rsplit('/').next().unwrap_or(name);
+        // The plain name for old clients (ASCII, no quote or backslash), the exact one encoded.
+        let plain: String = file_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let disposition = format!(
+            "attachment; filename=\"{plain}\"; filename*=UTF-8''{}",
+            percent_encode(file_name)
+        );
+        if let Ok(value) = HeaderValue::from_str(&disposition) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_DISPOSITION, value);
+        }
+    }
+    response
+}
+
+/// A response carrying workspace content: `Content-Security-Policy: sandbox` (a unique opaque
+/// origin, no script, no forms, no plugins, whatever the document is) and `nosniff` (the type
+/// we name is the type the browser uses).
+fn sandboxed(kind: &'static str, bytes: Vec<u8>) -> Response {
     let mut response = Response::new(Body::from(bytes));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(content_type(name)),
-    );
-    // Workspace content is the worker's: never let a browser run it as our origin's script
-    // with a sniffed type.
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
     );
     response
 }
@@ -705,13 +749,15 @@ fn html_escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Our own page listing a directory (names escaped), shown inline, still sandboxed. At most
+/// [`MAX_LISTING`] entries are read.
 fn listing(dir: &Dir, shown: &str, query_suffix: &str) -> Response {
     let mut rows: Vec<(bool, String, u64)> = dir
         .entries()
         .map(|entries| {
             entries
-                .flatten()
                 .take(MAX_LISTING)
+                .flatten()
                 .filter_map(|e| {
                     let meta = e.metadata().ok()?;
                     Some((
@@ -744,7 +790,7 @@ fn listing(dir: &Dir, shown: &str, query_suffix: &str) -> Response {
         ));
     }
     html.push_str("</table></body></html>");
-    file_response("listing.html", html.into_bytes())
+    sandboxed("text/html; charset=utf-8", html.into_bytes())
 }
 
 fn percent_encode(text: &str) -> String {
@@ -816,8 +862,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn escapes_stay_inside_the_handle() {
+    async fn body(response: Response) -> Vec<u8> {
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn static_reads_stay_inside_the_handle() {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("ws");
         std::fs::create_dir(&ws).unwrap();
@@ -826,17 +879,66 @@ mod tests {
         std::os::unix::fs::symlink("../secret.txt", ws.join("rel")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret.txt"), ws.join("abs")).unwrap();
         std::os::unix::fs::symlink("a.txt", ws.join("ok")).unwrap();
-        let root = open_workspace(&ws).unwrap();
-        assert!(read_regular(&root, Path::new("rel")).is_err());
-        assert!(read_regular(&root, Path::new("abs")).is_err());
-        assert_eq!(
-            read_regular(&root, Path::new("ok")).unwrap().unwrap(),
-            b"inside"
-        );
         nix::unistd::mkfifo(&ws.join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
-        assert!(matches!(
-            read_regular(&root, Path::new("pipe")),
-            Err(FileError::InvalidType)
-        ));
+        let read = |path: &str| read_for_static(&ws, Path::new(path), path, "", false);
+        assert!(matches!(read("rel"), Err(AccessError::Outside)));
+        assert!(matches!(read("abs"), Err(AccessError::Outside)));
+        assert!(matches!(read("pipe"), Err(AccessError::NotRegular)));
+        assert!(matches!(read("missing"), Err(AccessError::NotFound)));
+        assert_eq!(body(read("ok").unwrap()).await, b"inside");
+        let listing = read("").unwrap();
+        assert_eq!(
+            listing.headers()[header::CONTENT_SECURITY_POLICY],
+            "sandbox"
+        );
+        assert!(
+            String::from_utf8(body(listing).await)
+                .unwrap()
+                .contains("a.txt")
+        );
+    }
+
+    #[test]
+    fn active_types_are_sandboxed_downloads_unless_inline() {
+        let cases = [
+            ("report.html", true),
+            ("chart.svg", true),
+            ("page.xhtml", true),
+            ("feed.xml", true),
+            ("app.js", true),
+            ("doc.pdf", true),
+            ("blob.bin", true),
+            ("a.png", false),
+            ("b.JPG", false),
+            ("notes.txt", false),
+            ("data.json", false),
+        ];
+        for (name, active) in cases {
+            for inline in [false, true] {
+                let response = file_response(&format!("dir/{name}"), Vec::new(), inline);
+                let headers = response.headers();
+                assert_eq!(
+                    headers[header::CONTENT_SECURITY_POLICY],
+                    "sandbox",
+                    "{name}"
+                );
+                assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{name}");
+                let disposition = headers.get(header::CONTENT_DISPOSITION);
+                if active && !inline {
+                    let disposition = disposition.unwrap().to_str().unwrap();
+                    assert!(
+                        disposition.starts_with(&format!("attachment; filename=\"{name}\"")),
+                        "{disposition}"
+                    );
+                } else {
+                    assert!(disposition.is_none(), "{name} inline={inline}");
+                }
+            }
+        }
+        let odd = file_response("r\u{e9}p\"ort.html", Vec::new(), false);
+        assert_eq!(
+            odd.headers()[header::CONTENT_DISPOSITION],
+            "attachment; filename=\"r_p_ort.html\"; filename*=UTF-8''r%C3%A9p%22ort.html"
+        );
     }
 }

@@ -218,6 +218,8 @@ mod tests {
             started: std::time::Instant::now(),
             shutdown: Default::default(),
             draining: Default::default(),
+            starting: Default::default(),
+            admission: Default::default(),
         })
     }
 
@@ -250,6 +252,20 @@ mod tests {
             app.clone(),
             Method::POST,
             "/api/v1/sessions/query",
+            "{\"x\":",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "INVALID_JSON");
+        // The query family's shape: `error` is an object, for a malformed body too.
+        assert!(body["message"].is_string() && body["details"].is_object());
+        assert_eq!(body["error"]["code"], "INVALID_JSON");
+        assert!(body["error"]["message"].is_string() && body["error"]["details"].is_object());
+        // Everywhere else `error` is the short string.
+        let (status, body) = call(
+            app.clone(),
+            Method::POST,
+            "/api/v1/sessions/update",
             "{\"x\":",
         )
         .await;
@@ -295,7 +311,12 @@ mod tests {
             call(app.clone(), Method::POST, "/api/v1/sessions/create", "").await;
         assert_eq!(status, StatusCode::CREATED);
         let id = created["sessionId"].as_str().unwrap().to_owned();
-        assert!(std::path::Path::new(created["session"]["workspace"].as_str().unwrap()).is_dir());
+        let host = state.workspace_root.join(&id);
+        assert!(host.is_dir());
+        assert_eq!(
+            created["session"]["workspace"],
+            state.spawner.isolation().workspace_inside(&host)
+        );
 
         let update = format!(
             "{{\"sessionId\":\"{id}\",\"name\":\"n\",\"tags\":[\"t\"],\"metadata\":{{\"x\":1}}}}"
@@ -342,7 +363,7 @@ mod tests {
         );
         let (status, _) = call(app, Method::POST, "/api/v1/sessions/delete", &delete).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        assert!(!std::path::Path::new(created["session"]["workspace"].as_str().unwrap()).exists());
+        assert!(!host.exists());
     }
 
     #[tokio::test]

@@ -68,7 +68,9 @@ pub(super) async fn set_session_model(
     let mut patch = Map::new();
     patch.insert("modelConfig".into(), model.clone());
     let info = switch_model(&state, &session, patch).await?;
-    Ok(Json(json!({"success": true, "sessionInfo": info})))
+    Ok(Json(
+        json!({"success": true, "sessionInfo": state.shown(info)}),
+    ))
 }
 
 /// Applies a metadata patch that selects a configured model: stores it, then stops the

@@ -7,28 +7,27 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use shared::ids::now_ms;
+use shared::protocol::AbortReason;
 
 use super::body::{JsonObject, Params, query_input, session_id};
 use super::sessions::check_exclusive;
 use super::{raw_json, sse};
 use crate::error::{ApiError, QueryError};
-use crate::sessions::{RunOutcome, Session};
+use crate::sessions::{AbortOutcome, RunOutcome, Session};
 use crate::state::AppState;
 
+/// Every failure of this route, a malformed body or a missing field included, has the query
+/// family's shape (`error` is an object), so a client reads `error.code` whatever went wrong.
 pub(super) async fn query(
     State(state): State<Arc<AppState>>,
-    params: Params,
-    JsonObject(body): JsonObject,
-) -> Result<Response, Response> {
-    let id = session_id(&params, Some(&body)).map_err(IntoResponse::into_response)?;
-    let input = query_input(&body).map_err(IntoResponse::into_response)?;
-    let session = state
-        .session(&id)
-        .await
-        .map_err(IntoResponse::into_response)?;
-    let result = run_to_end(&state, &session, &input)
-        .await
-        .map_err(|e| QueryError(e).into_response())?;
+    params: Result<Params, ApiError>,
+    body: Result<JsonObject, ApiError>,
+) -> Result<Response, QueryError> {
+    let (params, JsonObject(body)) = (params?, body?);
+    let id = session_id(&params, Some(&body))?;
+    let input = query_input(&body)?;
+    let session = state.session(&id).await?;
+    let result = run_to_end(&state, &session, &input).await?;
     Ok(raw_json(format!("{{\"result\":{result}}}")))
 }
 
@@ -90,8 +89,25 @@ pub(super) async fn abort(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let session = state.session(&session_id(&params, Some(&body))?).await?;
-    let success = session.abort().await;
-    Ok(axum::Json(json!({"success": success})).into_response())
+    let outcome = session.abort(AbortReason::Requested).await;
+    Ok(axum::Json(abort_result(outcome)).into_response())
+}
+
+/// The answer to an abort, over HTTP and Socket.IO alike. Upstream clients read only `success`
+/// (the official UI clears its "running" flag on `true`); when nothing was running, `reason`
+/// tells a person why the abort did nothing, and `state` is the session's unchanged state.
+pub(super) fn abort_result(outcome: AbortOutcome) -> Value {
+    match outcome {
+        AbortOutcome::Aborted => json!({"success": true}),
+        AbortOutcome::NothingRunning(status) => json!({
+            "success": false,
+            "reason": format!(
+                "Nothing to abort: no query is running in this session (its state is {}).",
+                status.as_str()
+            ),
+            "state": status.as_str(),
+        }),
+    }
 }
 
 /// `sessionName`/`sessionTags` of a one-shot body as session metadata.
@@ -124,17 +140,17 @@ fn oneshot_metadata(body: &Map<String, Value>) -> Result<Map<String, Value>, Api
 
 /// Creates a session and runs one query in it. The record is created before the agent runs
 /// (fixing upstream's ordering bug, api.md §4.4).
+/// Failures have the query family's shape, like [`query`]'s.
 pub(super) async fn oneshot(
     State(state): State<Arc<AppState>>,
-    JsonObject(body): JsonObject,
+    body: Result<JsonObject, ApiError>,
 ) -> Result<Response, Response> {
-    check_exclusive(&state).map_err(|e| QueryError(e).into_response())?;
-    let input = query_input(&body).map_err(IntoResponse::into_response)?;
-    let metadata = oneshot_metadata(&body).map_err(IntoResponse::into_response)?;
-    let (session, _) = state
-        .create_session(metadata)
-        .await
-        .map_err(|e| QueryError(e).into_response())?;
+    let failed = |e: ApiError| QueryError(e).into_response();
+    let JsonObject(body) = body.map_err(failed)?;
+    check_exclusive(&state).map_err(failed)?;
+    let input = query_input(&body).map_err(failed)?;
+    let metadata = oneshot_metadata(&body).map_err(failed)?;
+    let (session, _) = state.create_session(metadata).await.map_err(failed)?;
     match run_to_end(&state, &session, &input).await {
         Ok(result) => {
             let id = serde_json::to_string(&session.id).unwrap_or_default();

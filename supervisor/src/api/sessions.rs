@@ -4,10 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use shared::events::RunStatus;
 use shared::ids::now_ms;
@@ -17,11 +19,130 @@ use super::raw_json;
 use crate::error::ApiError;
 use crate::sessions::Session;
 use crate::state::AppState;
-use crate::storage::{SessionInfo, StoredEvent};
+use crate::storage::{PageCursor, SessionInfo, StorageError, StoredEvent};
 
-pub(super) async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let sessions = state.storage.sessions().await?;
-    Ok(Json(json!({"sessions": sessions})))
+/// The largest page `GET /sessions?limit=` gives; a larger `limit` gets this many.
+const MAX_PAGE: usize = 100;
+/// The page size when only `cursor` is given.
+const DEFAULT_PAGE: usize = 50;
+/// Records fetched per step of a full listing, and so at most held per listing at once.
+const STREAM_PAGE: usize = 32;
+
+/// `GET /sessions`. With `limit` or `cursor`: one page in creation order, newest first, and
+/// `nextCursor` (null on the last page); see [`PageCursor`] for what a walk guarantees.
+/// Without either: every session, most recently updated first, as upstream answers; the body
+/// is built and streamed a few records at a time.
+pub(super) async fn list(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let limit = number_param(&params, "limit")?;
+    let cursor = params
+        .get("cursor")
+        .filter(|c| !c.is_empty())
+        .map(parse_cursor)
+        .transpose()?;
+    if limit.is_none() && cursor.is_none() {
+        return full_listing(state).await;
+    }
+    let limit = match limit {
+        Some(0) => {
+            return Err(ApiError::InvalidRequest("limit must be at least 1".into()));
+        }
+        Some(n) => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
+        None => DEFAULT_PAGE,
+    };
+    // One more than asked tells whether another page exists.
+    let mut page = state
+        .storage
+        .sessions_page(cursor.as_ref(), limit + 1)
+        .await?;
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next = page
+        .last()
+        .filter(|_| more)
+        .map(|last| format_cursor(&PageCursor::after(last)));
+    let page: Vec<SessionInfo> = page.into_iter().map(|info| state.shown(info)).collect();
+    Ok(Json(json!({"sessions": page, "nextCursor": next})).into_response())
+}
+
+/// A cursor as clients see it: `<createdAt>.<id>`. Session ids never contain a dot.
+fn format_cursor(cursor: &PageCursor) -> String {
+    format!("{}.{}", cursor.created_at, cursor.id)
+}
+
+fn parse_cursor(text: &str) -> Result<PageCursor, ApiError> {
+    text.split_once('.')
+        .and_then(|(created, id)| {
+            let created_at = created.parse().ok()?;
+            shared::ids::is_valid_session_id(id).then(|| PageCursor {
+                created_at,
+                id: id.to_owned(),
+            })
+        })
+        .ok_or_else(|| {
+            ApiError::InvalidRequest("cursor must be a nextCursor this server gave".into())
+        })
+}
+
+/// `records`, as clients see them, as the items of a JSON array, each preceded by a comma
+/// unless it is the very first of the array.
+fn array_items(
+    state: &AppState,
+    records: Vec<SessionInfo>,
+    first: &mut bool,
+) -> Result<Vec<u8>, StorageError> {
+    let mut out = Vec::new();
+    for record in records {
+        if !std::mem::take(first) {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &state.shown(record))
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    }
+    Ok(out)
+}
+
+/// Every session, most recently updated first. The order is read once (ids only); the records
+/// are then read and sent [`STREAM_PAGE`] at a time, so a listing holds one page of records,
+/// however many sessions there are. A session updated meanwhile is listed once, at the place
+/// it had when the listing began; one deleted meanwhile is left out. A storage failure before
+/// the first records is an error answer; after it, the body is cut short.
+async fn full_listing(state: Arc<AppState>) -> Result<Response, ApiError> {
+    let ids = state.storage.ids_by_recency().await?;
+    let first_end = ids.len().min(STREAM_PAGE);
+    let first_page = state.storage.sessions_by_ids(&ids[..first_end]).await?;
+    let mut first = true;
+    let mut head = b"{\"sessions\":[".to_vec();
+    head.extend(array_items(&state, first_page, &mut first)?);
+    let rest = futures::stream::try_unfold(
+        (state, ids, first_end, first),
+        |(state, ids, at, mut first)| async move {
+            if at >= ids.len() {
+                return Ok(None);
+            }
+            let end = (at + STREAM_PAGE).min(ids.len());
+            let page = state.storage.sessions_by_ids(&ids[at..end]).await?;
+            let chunk = Bytes::from(array_items(&state, page, &mut first)?);
+            Ok(Some((chunk, (state, ids, end, first))))
+        },
+    )
+    .inspect(|item: &Result<Bytes, StorageError>| {
+        if let Err(e) = item {
+            tracing::error!(error = %e, "session listing cut short");
+        }
+    });
+    let body = futures::stream::once(async move { Ok(Bytes::from(head)) })
+        .chain(rest)
+        .chain(futures::stream::once(async {
+            Ok(Bytes::from_static(b"]}"))
+        }));
+    Ok((
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// Refuses new sessions while another one runs in exclusive mode (api.md §2.2).
@@ -51,7 +172,7 @@ pub(super) async fn create(
         }
     }
     let (session, info) = state.create_session(extra).await?;
-    let body = json!({"sessionId": session.id, "session": info, "events": []});
+    let body = json!({"sessionId": session.id, "session": state.shown(info), "events": []});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -68,7 +189,7 @@ pub(super) async fn details(
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
     let session = state.session(&session_id(&params, None)?).await?;
-    let info = stored_info(&state, &session).await?;
+    let info = state.shown(stored_info(&state, &session).await?);
     let mut value = serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?;
     value["active"] = json!(state.sessions.get(&session.id).is_some());
     Ok(Json(json!({"session": value})))
@@ -171,12 +292,16 @@ pub(super) async fn follow(
 pub(super) async fn latest_events(
     State(state): State<Arc<AppState>>,
 ) -> Result<Response, ApiError> {
-    let latest = state.storage.sessions().await?.into_iter().next();
-    let Some(info) = latest else {
+    let ids = state.storage.ids_by_recency().await?;
+    let Some(latest) = ids.into_iter().next() else {
+        return Err(ApiError::NoSessions);
+    };
+    let Some(info) = state.storage.session(&latest).await? else {
         return Err(ApiError::NoSessions);
     };
     let events = events_json(&state.storage.events_after(&info.id, 0, usize::MAX).await?);
-    let info_json = serde_json::to_string(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let info_json = serde_json::to_string(&state.shown(info.clone()))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let id = serde_json::to_string(&info.id).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(raw_json(format!(
         "{{\"sessionId\":{id},\"sessionInfo\":{info_json},\"events\":{events}}}"
@@ -248,7 +373,7 @@ pub(super) async fn update(
             .merge_metadata(&session.id, patch, now_ms())
             .await?
     };
-    Ok(Json(json!({"session": info})))
+    Ok(Json(json!({"session": state.shown(info)})))
 }
 
 pub(super) async fn delete(
@@ -272,7 +397,7 @@ pub(super) async fn restore(
     Ok(Json(json!({
         "success": true,
         "sessionId": session.id,
-        "session": info,
+        "session": state.shown(info),
         "status": status_json(&session).await,
     })))
 }

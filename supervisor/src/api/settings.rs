@@ -79,7 +79,9 @@ pub(super) async fn set(
         .storage
         .merge_metadata(&session.id, patch, now_ms())
         .await?;
-    Ok(Json(json!({"session": info, "runtimeSettings": settings})))
+    Ok(Json(
+        json!({"session": state.shown(info), "runtimeSettings": settings}),
+    ))
 }
 
 #[cfg(test)]

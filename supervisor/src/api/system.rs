@@ -32,7 +32,8 @@ pub(super) async fn system_health(
         "uptime": state.started.elapsed().as_secs(),
         "sessions": {"active": state.sessions.len(), "total": total},
         "workers": {"live": live_workers},
-        "storage": state.storage.descriptor(),
+        // The type only: where the store lives is the operator's business (`supervisor ctl`).
+        "storage": {"type": state.storage.descriptor().kind},
         "model": {"provider": model.provider, "id": model.id, "offline": model.provider == "echo"},
         "isolation": state.spawner.isolation().report(),
     })))
@@ -45,9 +46,12 @@ pub(super) async fn version() -> Json<Value> {
 /// Sanitised agent options (api.md §7.3): never a key, a URL or headers.
 pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Value> {
     let config = &state.config;
-    let workspace = state.workspace_root.to_string_lossy().into_owned();
-    let workspace_name = state
-        .workspace_root
+    // What a session's agent sees as its workspace, not where the server keeps them.
+    let workspace = state
+        .spawner
+        .isolation()
+        .workspace_inside(&state.workspace_root);
+    let workspace_name = std::path::Path::new(&workspace)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     let mut options = json!({
@@ -57,7 +61,7 @@ pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Va
         "temperature": config.temperature,
         "toolCallEngine": "native",
         "workspace": workspace,
-        "workspaceName": workspace_name.unwrap_or_else(|| "Unknown".into()),
+        "workspaceName": workspace_name.unwrap_or_else(|| "workspace".into()),
         "isolation": state.spawner.isolation().summary(),
     });
     if let Some(instructions) = &config.instructions {

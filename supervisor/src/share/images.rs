@@ -3,10 +3,12 @@
 //! uploaded copies, so that an uploaded replay shows them.
 
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 use std::sync::LazyLock;
 
 use regex::{Captures, Regex};
+
+use crate::workspace::{AccessError, SessionDir};
 
 const IMAGE_EXT: &str = r"(?:jpg|jpeg|png|gif|webp|svg)";
 
@@ -86,19 +88,34 @@ pub fn rewrite(text: &str, urls: &HashMap<String, String>) -> String {
     out
 }
 
-/// The file `relative` names inside `workspace`, if it is a regular file there (no `..`, no
-/// absolute path, no symlink leading out).
-pub fn resolve(workspace: &Path, relative: &str) -> Option<PathBuf> {
+/// Largest image a share uploads.
+pub const MAX_IMAGE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Why a referenced image is not uploaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("not a relative path inside the workspace")]
+    InvalidReference,
+    #[error(transparent)]
+    Access(#[from] AccessError),
+}
+
+/// The bytes of the image `relative` names inside the session directory `workspace`: opened
+/// beneath a handle of that directory (no `..`, no absolute path, no symlink leading out, even
+/// one swapped in while this runs), checked on the open descriptor to be a regular file of at
+/// most [`MAX_IMAGE_BYTES`], and read from that descriptor. Blocking.
+///
+/// # Errors
+/// An invalid reference, or the file cannot be read from inside the workspace.
+pub fn read(workspace: &Path, relative: &str) -> Result<Vec<u8>, ImageError> {
     let path = Path::new(relative);
     if path
         .components()
         .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
-        return None;
+        return Err(ImageError::InvalidReference);
     }
-    let root = std::fs::canonicalize(workspace).ok()?;
-    let resolved = std::fs::canonicalize(root.join(path)).ok()?;
-    (resolved.starts_with(&root) && resolved.is_file()).then_some(resolved)
+    Ok(SessionDir::open(workspace)?.read(path, MAX_IMAGE_BYTES)?)
 }
 
 /// The MIME type the upload carries, by extension (upstream's table).
@@ -171,14 +188,31 @@ mod tests {
     }
 
     #[test]
-    fn resolution_stays_in_the_workspace() {
+    fn reads_stay_in_the_workspace() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.png"), b"x").unwrap();
-        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("out.png")).unwrap();
-        assert!(resolve(dir.path(), "a.png").is_some());
-        assert!(resolve(dir.path(), "./a.png").is_some());
-        assert!(resolve(dir.path(), "../a.png").is_none());
-        assert!(resolve(dir.path(), "out.png").is_none());
-        assert!(resolve(dir.path(), "none.png").is_none());
+        let ws = dir.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        std::fs::write(ws.join("a.png"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret.png"), b"host").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", ws.join("out.png")).unwrap();
+        std::os::unix::fs::symlink("../secret.png", ws.join("up.png")).unwrap();
+        assert_eq!(read(&ws, "a.png").unwrap(), b"x");
+        assert_eq!(read(&ws, "./a.png").unwrap(), b"x");
+        assert!(matches!(
+            read(&ws, "../secret.png"),
+            Err(ImageError::InvalidReference)
+        ));
+        assert!(matches!(
+            read(&ws, "out.png"),
+            Err(ImageError::Access(AccessError::Outside))
+        ));
+        assert!(matches!(
+            read(&ws, "up.png"),
+            Err(ImageError::Access(AccessError::Outside))
+        ));
+        assert!(matches!(
+            read(&ws, "none.png"),
+            Err(ImageError::Access(AccessError::NotFound))
+        ));
     }
 }

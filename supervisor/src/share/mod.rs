@@ -11,6 +11,7 @@ mod images;
 mod slug;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use reqwest::Url;
@@ -327,12 +328,26 @@ async fn upload_images(provider: &Provider, session: &Session, events: &mut [Val
 }
 
 async fn upload_image(provider: &Provider, session: &Session, reference: &str) -> Option<String> {
-    let path = images::resolve(&session.workspace, reference)?;
-    let bytes = tokio::fs::read(&path).await.ok()?;
-    let name = path.file_name()?.to_string_lossy().into_owned();
+    let (workspace, relative) = (session.workspace.clone(), reference.to_owned());
+    let read = tokio::task::spawn_blocking(move || images::read(&workspace, &relative)).await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            tracing::info!(session_id = %session.id, reference, error = %e, "a referenced image is not uploaded");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(session_id = %session.id, reference, error = %e, "reading a workspace image did not finish");
+            return None;
+        }
+    };
+    let name = Path::new(reference)
+        .file_name()?
+        .to_string_lossy()
+        .into_owned();
     let part = Part::bytes(bytes)
         .file_name(name)
-        .mime_str(images::mime_of(&path))
+        .mime_str(images::mime_of(Path::new(reference)))
         .ok()?;
     let form = Form::new()
         .part("file", part)

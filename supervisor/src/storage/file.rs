@@ -5,7 +5,13 @@
 //! <dir>/events/<id>.log      append-only, one event per line: "<seq> <event json>\n"
 //! <dir>/events/<id>.seq      the highest sequence number reserved (see Storage::reserve_seq)
 //! <dir>/events/<id>.live     the live run's streamed text, one record per line like the log
+//! <dir>/sessions/<id>.uid    the session's host uid (root mode), replaced atomically
 //! ```
+//!
+//! Only an index (id, `createdAt`, `updatedAt`) is kept in memory, built when the directory is
+//! opened; a record is read from its file when it is asked for, so memory does not grow with
+//! what the records hold, and a page of a listing reads only the records on it. Directories
+//! are 0700 and files 0600 (see `crate::data_dir`).
 //!
 //! Why this layout: an event append is one `write` to one file, with no rewrite of anything
 //! else, and a record update can never leave a half-written record behind. A crash can only
@@ -16,8 +22,8 @@
 //! Writes reach the kernel before they are acknowledged, so they survive a crash of the
 //! supervisor (including SIGKILL); they are not fsynced, so a power loss may lose the last ones.
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,7 +31,11 @@ use std::time::UNIX_EPOCH;
 
 use serde_json::{Map, Value};
 
-use super::{SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+use super::{
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
+    recency_key,
+};
+use crate::data_dir;
 
 pub struct FileStorage {
     dir: PathBuf,
@@ -35,11 +45,35 @@ pub struct FileStorage {
 
 #[derive(Default)]
 struct State {
-    sessions: HashMap<String, SessionInfo>,
+    /// Every session's listing keys; the records stay on disk.
+    sessions: HashMap<String, Keys>,
+    /// `(createdAt, id)` of every session, for paging in creation order.
+    by_creation: BTreeSet<(u64, String)>,
     /// Open logs, with the last seq they hold, opened on first use.
     logs: HashMap<String, Log>,
     /// Open live-text files, the same way.
     live: HashMap<String, Log>,
+}
+
+/// What listings need of a session without reading its record.
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    created_at: u64,
+    /// Kept here rather than in the record: an event bumps it without a record rewrite.
+    updated_at: u64,
+}
+
+impl State {
+    fn insert(&mut self, info: &SessionInfo) {
+        self.sessions.insert(
+            info.id.clone(),
+            Keys {
+                created_at: info.created_at,
+                updated_at: info.updated_at,
+            },
+        );
+        self.by_creation.insert((info.created_at, info.id.clone()));
+    }
 }
 
 struct Log {
@@ -54,9 +88,9 @@ impl FileStorage {
     /// The directory cannot be created or read.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         for sub in ["sessions", "events"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(|e| StorageError::io(dir, e))?;
+            data_dir::create_dir_all(&dir.join(sub)).map_err(|e| StorageError::io(dir, e))?;
         }
-        let mut sessions = HashMap::new();
+        let mut state = State::default();
         let entries =
             std::fs::read_dir(dir.join("sessions")).map_err(|e| StorageError::io(dir, e))?;
         for entry in entries {
@@ -71,21 +105,17 @@ impl FileStorage {
                     if let Some(modified) = modified_ms(&log) {
                         info.updated_at = info.updated_at.max(modified);
                     }
-                    sessions.insert(info.id.clone(), info);
+                    state.insert(&info);
                 }
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "unreadable session record skipped")
                 }
             }
         }
-        tracing::info!(dir = %dir.display(), sessions = sessions.len(), "file storage opened");
+        tracing::info!(dir = %dir.display(), sessions = state.sessions.len(), "file storage opened");
         Ok(Self {
             dir: dir.to_owned(),
-            state: Mutex::new(State {
-                sessions,
-                logs: HashMap::new(),
-                live: HashMap::new(),
-            }),
+            state: Mutex::new(state),
         })
     }
 
@@ -109,6 +139,10 @@ impl FileStorage {
         self.dir.join("events").join(format!("{id}.seq"))
     }
 
+    fn host_id_path(&self, id: &str) -> PathBuf {
+        self.dir.join("sessions").join(format!("{id}.uid"))
+    }
+
     fn reserved(&self, id: &str) -> u64 {
         std::fs::read_to_string(self.reservation_path(id))
             .ok()
@@ -116,13 +150,46 @@ impl FileStorage {
             .unwrap_or(0)
     }
 
-    /// Writes a record to a temporary file and renames it over the old one.
+    /// Writes a record to a temporary file and renames it over the old one, so a reader sees
+    /// the old record or the new one, never part of one.
     fn write_record(&self, info: &SessionInfo) -> Result<(), StorageError> {
         let path = self.record_path(&info.id);
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec(info).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        std::fs::write(&tmp, bytes).map_err(|e| StorageError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
+        replace_file(&path, &path.with_extension("json.tmp"), &bytes)
+    }
+
+    /// A record as stored (its `updatedAt` may be older than the index's); `None` when there
+    /// is no record file. Safe without the lock: records are only ever replaced whole.
+    fn read_record(&self, id: &str) -> Result<Option<SessionInfo>, StorageError> {
+        let path = self.record_path(id);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io(&path, e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
+    }
+
+    /// The records of `ids` that are still indexed, in that order, with the index's `updatedAt`.
+    /// The files are read outside the lock; a session deleted meanwhile is left out.
+    fn read_records(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError> {
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(info) = self.read_record(id)? {
+                records.push(info);
+            }
+        }
+        let state = self.state();
+        records.retain_mut(|info| match state.sessions.get(&info.id) {
+            Some(keys) => {
+                info.updated_at = keys.updated_at;
+                true
+            }
+            None => false,
+        });
+        Ok(records)
     }
 
     /// The open log of `id`, opening it (and cutting a torn tail) on first use.
@@ -142,7 +209,7 @@ impl FileStorage {
 /// Opens a log for appending, cutting a torn last line first so the next line starts clean.
 fn open_log(path: &Path) -> Result<Log, StorageError> {
     let (events, valid_len) = read_log(path)?;
-    let mut file = OpenOptions::new()
+    let mut file = data_dir::file_options()
         .create(true)
         .read(true)
         .write(true)
@@ -243,6 +310,20 @@ fn parse_line(line: &[u8]) -> Option<StoredEvent> {
     })
 }
 
+/// Writes `bytes` to `tmp` (0600) and renames it over `path`.
+fn replace_file(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+    let mut file = data_dir::file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(|e| StorageError::io(tmp, e))?;
+    file.write_all(bytes)
+        .map_err(|e| StorageError::io(tmp, e))?;
+    drop(file);
+    std::fs::rename(tmp, path).map_err(|e| StorageError::io(path, e))
+}
+
 fn modified_ms(path: &Path) -> Option<u64> {
     let modified = std::fs::metadata(path).ok()?.modified().ok()?;
     Some(modified.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
@@ -258,6 +339,9 @@ impl Storage for FileStorage {
     }
 
     async fn create_session(&self, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+        if let Some(metadata) = &info.metadata {
+            check_metadata(metadata)?;
+        }
         let mut state = self.state();
         if state.sessions.contains_key(&info.id) {
             return Err(StorageError::AlreadyExists(info.id));
@@ -273,18 +357,55 @@ impl Storage for FileStorage {
             }
         }
         self.write_record(&info)?;
-        state.sessions.insert(info.id.clone(), info.clone());
+        state.insert(&info);
         Ok(info)
     }
 
     async fn session(&self, id: &str) -> Result<Option<SessionInfo>, StorageError> {
-        Ok(self.state().sessions.get(id).cloned())
+        if !self.state().sessions.contains_key(id) {
+            return Ok(None);
+        }
+        Ok(self.read_records(&[id.to_owned()])?.pop())
     }
 
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError> {
-        let mut all: Vec<SessionInfo> = self.state().sessions.values().cloned().collect();
-        super::sort_by_recency(&mut all);
-        Ok(all)
+    async fn sessions_page(
+        &self,
+        after: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        let ids: Vec<String> = {
+            use std::ops::Bound::{Excluded, Unbounded};
+            let state = self.state();
+            let before = match after {
+                Some(cursor) => Excluded((cursor.created_at, cursor.id.clone())),
+                None => Unbounded,
+            };
+            state
+                .by_creation
+                .range((Unbounded, before))
+                .rev()
+                .take(limit)
+                .map(|(_, id)| id.clone())
+                .collect()
+        };
+        self.read_records(&ids)
+    }
+
+    async fn ids_by_recency(&self) -> Result<Vec<String>, StorageError> {
+        let state = self.state();
+        let mut keys: Vec<(&String, &Keys)> = state.sessions.iter().collect();
+        keys.sort_unstable_by(|(a_id, a), (b_id, b)| {
+            recency_key(a.updated_at, a.created_at, a_id).cmp(&recency_key(
+                b.updated_at,
+                b.created_at,
+                b_id,
+            ))
+        });
+        Ok(keys.into_iter().map(|(id, _)| id.clone()).collect())
+    }
+
+    async fn sessions_by_ids(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError> {
+        self.read_records(ids)
     }
 
     async fn count_sessions(&self) -> Result<usize, StorageError> {
@@ -297,24 +418,31 @@ impl Storage for FileStorage {
         patch: Map<String, Value>,
         now: u64,
     ) -> Result<SessionInfo, StorageError> {
+        // Under the lock: two merges must not both read the old record.
         let mut state = self.state();
-        let mut info = state
+        let keys = state
             .sessions
-            .get(id)
-            .cloned()
+            .get_mut(id)
             .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
-        info.metadata.get_or_insert_with(Map::new).extend(patch);
+        let mut info = self
+            .read_record(id)?
+            .ok_or_else(|| StorageError::Corrupt(format!("the record of session {id} is gone")))?;
+        let mut metadata = info.metadata.take().unwrap_or_default();
+        metadata.extend(patch);
+        check_metadata(&metadata)?;
+        info.metadata = Some(metadata);
         info.updated_at = now;
         self.write_record(&info)?;
-        state.sessions.insert(id.to_owned(), info.clone());
+        keys.updated_at = now;
         Ok(info)
     }
 
     async fn delete_session(&self, id: &str) -> Result<bool, StorageError> {
         let mut state = self.state();
-        if state.sessions.remove(id).is_none() {
+        let Some(keys) = state.sessions.remove(id) else {
             return Ok(false);
-        }
+        };
+        state.by_creation.remove(&(keys.created_at, id.to_owned()));
         state.logs.remove(id);
         state.live.remove(id);
         // The record goes first: without it the session does not exist, whatever is left.
@@ -324,6 +452,7 @@ impl Storage for FileStorage {
             self.log_path(id),
             self.reservation_path(id),
             self.live_path(id),
+            self.host_id_path(id),
         ] {
             match std::fs::remove_file(&file) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -376,9 +505,11 @@ impl Storage for FileStorage {
             return Ok(());
         }
         let path = self.reservation_path(id);
-        let tmp = path.with_extension("seq.tmp");
-        std::fs::write(&tmp, upto.to_string()).map_err(|e| StorageError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
+        replace_file(
+            &path,
+            &path.with_extension("seq.tmp"),
+            upto.to_string().as_bytes(),
+        )
     }
 
     async fn last_seq(&self, id: &str) -> Result<u64, StorageError> {
@@ -444,15 +575,51 @@ impl Storage for FileStorage {
         for record in &records[start..] {
             kept.push_str(&format!("{} {}\n", record.seq, record.json));
         }
-        let tmp = path.with_extension("live.tmp");
-        std::fs::write(&tmp, kept).map_err(|e| StorageError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
+        replace_file(&path, &path.with_extension("live.tmp"), kept.as_bytes())
+    }
+
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError> {
+        // Under the lock: a concurrent delete cannot remove the record between the check and
+        // the write and leave a stray id file behind.
+        let state = self.state();
+        if !state.sessions.contains_key(id) {
+            return Err(StorageError::NotFound(id.to_owned()));
+        }
+        let path = self.host_id_path(id);
+        replace_file(
+            &path,
+            &path.with_extension("uid.tmp"),
+            host_id.to_string().as_bytes(),
+        )
+    }
+
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError> {
+        let state = self.state();
+        let mut ids = Vec::new();
+        for id in state.sessions.keys() {
+            let path = self.host_id_path(id);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => match text.trim().parse() {
+                    Ok(host_id) => ids.push((id.clone(), host_id)),
+                    Err(_) => {
+                        return Err(StorageError::Corrupt(format!(
+                            "{} does not hold a uid",
+                            path.display()
+                        )));
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io(&path, e)),
+            }
+        }
+        Ok(ids)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
     use std::io::Read;
 
     #[tokio::test]
@@ -565,5 +732,97 @@ mod tests {
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, [1, 3]);
+    }
+
+    /// A page reads the records on it and no others; memory holds the index only.
+    #[tokio::test]
+    async fn a_page_reads_only_its_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStorage::open(dir.path()).unwrap();
+        for n in 0..5u64 {
+            let info = SessionInfo {
+                id: format!("s{n}"),
+                created_at: n,
+                updated_at: n,
+                workspace: "/w".into(),
+                metadata: None,
+            };
+            store.create_session(info).await.unwrap();
+        }
+        // Records off the first page become unreadable: a page that read them would fail.
+        for n in 0..3 {
+            std::fs::write(dir.path().join(format!("sessions/s{n}.json")), "garbage").unwrap();
+        }
+        let page = store.sessions_page(None, 2).await.unwrap();
+        let ids: Vec<&str> = page.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["s4", "s3"]);
+        assert_eq!(store.ids_by_recency().await.unwrap().len(), 5);
+        assert!(matches!(
+            store
+                .sessions_page(Some(&PageCursor::after(&page[1])), 2)
+                .await,
+            Err(StorageError::Corrupt(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let store = FileStorage::open(&dir.path().join("store")).unwrap();
+        let info = SessionInfo {
+            id: "s".into(),
+            created_at: 1,
+            updated_at: 1,
+            workspace: "/w".into(),
+            metadata: None,
+        };
+        store.create_session(info).await.unwrap();
+        store
+            .append_event("s", 1, r#"{"a":1}"#.into(), 2)
+            .await
+            .unwrap();
+        store.reserve_seq("s", 10).await.unwrap();
+        // Live text, as appended and as rewritten when part of it is dropped.
+        for seq in [11, 12] {
+            store
+                .append_live_text("s", seq, r#"[{"text":"a"}]"#.into())
+                .await
+                .unwrap();
+        }
+        store.clear_live_text("s", 11).await.unwrap();
+        let other = SessionInfo {
+            id: "u".into(),
+            created_at: 1,
+            updated_at: 1,
+            workspace: "/w".into(),
+            metadata: None,
+        };
+        store.create_session(other).await.unwrap();
+        store
+            .append_live_text("u", 3, r#"[{"text":"a"}]"#.into())
+            .await
+            .unwrap();
+        nix::sys::stat::umask(old);
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join("store").join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for d in ["", "sessions", "events"] {
+            assert_eq!(mode(d), 0o700, "{d}");
+        }
+        for f in [
+            "sessions/s.json",
+            "events/s.log",
+            "events/s.seq",
+            "events/s.live",
+            "events/u.live",
+        ] {
+            assert_eq!(mode(f), 0o600, "{f}");
+        }
     }
 }

@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::{Map, Value};
 
-use super::{SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+use super::{
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
+    recency_key,
+};
 
 #[derive(Default)]
 pub struct MemoryStorage {
@@ -18,6 +21,7 @@ struct Entry {
     events: Vec<StoredEvent>,
     reserved: u64,
     live_text: Vec<StoredEvent>,
+    host_id: Option<u32>,
 }
 
 impl MemoryStorage {
@@ -40,6 +44,9 @@ impl Storage for MemoryStorage {
     }
 
     async fn create_session(&self, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+        if let Some(metadata) = &info.metadata {
+            check_metadata(metadata)?;
+        }
         let mut map = self.map();
         if map.contains_key(&info.id) {
             return Err(StorageError::AlreadyExists(info.id));
@@ -51,6 +58,7 @@ impl Storage for MemoryStorage {
                 events: Vec::new(),
                 reserved: 0,
                 live_text: Vec::new(),
+                host_id: None,
             },
         );
         Ok(info)
@@ -60,14 +68,44 @@ impl Storage for MemoryStorage {
         Ok(self.map().get(id).map(|e| e.info.clone()))
     }
 
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError> {
-        let mut all: Vec<SessionInfo> = self.map().values().map(|e| e.info.clone()).collect();
-        all.sort_by(|a, b| {
-            b.updated_at
-                .cmp(&a.updated_at)
-                .then_with(|| b.created_at.cmp(&a.created_at))
+    async fn sessions_page(
+        &self,
+        after: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        let map = self.map();
+        let mut keys: Vec<(u64, &str)> = map
+            .values()
+            .map(|e| (e.info.created_at, e.info.id.as_str()))
+            .filter(|(created, id)| after.is_none_or(|c| c.precedes(*created, id)))
+            .collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(keys
+            .into_iter()
+            .take(limit)
+            .filter_map(|(_, id)| map.get(id).map(|e| e.info.clone()))
+            .collect())
+    }
+
+    async fn ids_by_recency(&self) -> Result<Vec<String>, StorageError> {
+        let map = self.map();
+        let mut infos: Vec<&SessionInfo> = map.values().map(|e| &e.info).collect();
+        infos.sort_unstable_by(|a, b| {
+            recency_key(a.updated_at, a.created_at, &a.id).cmp(&recency_key(
+                b.updated_at,
+                b.created_at,
+                &b.id,
+            ))
         });
-        Ok(all)
+        Ok(infos.into_iter().map(|i| i.id.clone()).collect())
+    }
+
+    async fn sessions_by_ids(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError> {
+        let map = self.map();
+        Ok(ids
+            .iter()
+            .filter_map(|id| map.get(id).map(|e| e.info.clone()))
+            .collect())
     }
 
     async fn count_sessions(&self) -> Result<usize, StorageError> {
@@ -84,8 +122,10 @@ impl Storage for MemoryStorage {
         let entry = map
             .get_mut(id)
             .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
-        let metadata = entry.info.metadata.get_or_insert_with(Map::new);
+        let mut metadata = entry.info.metadata.clone().unwrap_or_default();
         metadata.extend(patch);
+        check_metadata(&metadata)?;
+        entry.info.metadata = Some(metadata);
         entry.info.updated_at = now;
         Ok(entry.info.clone())
     }
@@ -186,5 +226,22 @@ impl Storage for MemoryStorage {
             entry.live_text.shrink_to_fit();
         }
         Ok(())
+    }
+
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError> {
+        let mut map = self.map();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+        entry.host_id = Some(host_id);
+        Ok(())
+    }
+
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError> {
+        Ok(self
+            .map()
+            .iter()
+            .filter_map(|(id, e)| e.host_id.map(|h| (id.clone(), h)))
+            .collect())
     }
 }

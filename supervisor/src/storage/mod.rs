@@ -4,8 +4,14 @@
 //!
 //! Events are kept as the exact JSON text the worker produced, each with the session's `seq`, so
 //! nothing is re-serialised on the way from worker to storage to client.
+//!
+//! Records are bounded ([`limits`]) and listed a page at a time, so no listing holds every
+//! record in memory at once: [`Storage::sessions_page`] pages in creation order with a cursor,
+//! and a full listing by recency takes the order once ([`Storage::ids_by_recency`], ids only)
+//! and then fetches the records a page at a time ([`Storage::sessions_by_ids`]).
 
 mod file;
+pub mod limits;
 mod memory;
 mod sqlite;
 
@@ -16,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use file::FileStorage;
+pub use limits::{TooLarge, check_metadata};
 pub use memory::MemoryStorage;
 pub use sqlite::SqliteStorage;
 
@@ -66,6 +73,8 @@ pub enum StorageError {
     Sqlite(String),
     #[error("stored data is unusable: {0}")]
     Corrupt(String),
+    #[error("the session record would be too large: {0}")]
+    TooLarge(#[from] TooLarge),
     #[error("the storage has been closed")]
     Closed,
 }
@@ -83,24 +92,51 @@ impl StorageError {
     }
 }
 
-/// Most recently updated first; ties by creation, newest first.
-pub(crate) fn sort_by_recency(sessions: &mut [SessionInfo]) {
-    sessions.sort_by(|a, b| {
-        b.updated_at
-            .cmp(&a.updated_at)
-            .then_with(|| b.created_at.cmp(&a.created_at))
-    });
+/// Where a paged listing resumes: just after this session in creation order, newest first.
+///
+/// Creation order never changes, so paging with it returns every session that exists for the
+/// whole walk exactly once, however often sessions are updated meanwhile; sessions created
+/// after the walk began sort before its cursor and are not in its later pages.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PageCursor {
+    pub created_at: u64,
+    pub id: String,
 }
 
-/// Opens the backend the configuration names.
+impl PageCursor {
+    /// The cursor that resumes after `info`.
+    pub fn after(info: &SessionInfo) -> Self {
+        Self {
+            created_at: info.created_at,
+            id: info.id.clone(),
+        }
+    }
+
+    /// Whether a session with this creation key comes after the cursor (is older).
+    pub(crate) fn precedes(&self, created_at: u64, id: &str) -> bool {
+        (created_at, id) < (self.created_at, self.id.as_str())
+    }
+}
+
+/// The order of a full listing: most recently updated first; ties by creation, newest first,
+/// then by id, so the order is total.
+pub(crate) fn recency_key(updated_at: u64, created_at: u64, id: &str) -> impl Ord + '_ {
+    (
+        std::cmp::Reverse(updated_at),
+        std::cmp::Reverse(created_at),
+        std::cmp::Reverse(id),
+    )
+}
+
+/// Opens the backend the configuration names; `data_dir` holds its default location.
 ///
 /// # Errors
 /// The backend's file or directory cannot be opened.
-pub fn open(config: &StorageConfig) -> Result<SharedStorage, StorageError> {
+pub fn open(config: &StorageConfig, data_dir: &Path) -> Result<SharedStorage, StorageError> {
     Ok(match config.kind {
         StorageKind::Memory => Arc::new(MemoryStorage::new()),
-        StorageKind::File => Arc::new(FileStorage::open(&config.resolved_path())?),
-        StorageKind::Sqlite => Arc::new(SqliteStorage::open(&config.resolved_path())?),
+        StorageKind::File => Arc::new(FileStorage::open(&config.resolved_path(data_dir))?),
+        StorageKind::Sqlite => Arc::new(SqliteStorage::open(&config.resolved_path(data_dir))?),
     })
 }
 
@@ -110,16 +146,35 @@ pub trait Storage: Send + Sync {
     fn descriptor(&self) -> StorageDescriptor;
 
     /// Inserts a new record.
+    ///
+    /// # Errors
+    /// `TooLarge` when its metadata is over the [`limits`] (nothing is stored).
     async fn create_session(&self, info: SessionInfo) -> Result<SessionInfo, StorageError>;
 
     async fn session(&self, id: &str) -> Result<Option<SessionInfo>, StorageError>;
 
-    /// Every session, most recently updated first.
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError>;
+    /// Up to `limit` records in creation order, newest first, starting after `after` (from
+    /// the newest without one). See [`PageCursor`] for what paging guarantees.
+    async fn sessions_page(
+        &self,
+        after: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError>;
+
+    /// Every session's id, most recently updated first (ties as [`recency_key`]): the order
+    /// of a full listing, taken once so its records can then be fetched a page at a time.
+    async fn ids_by_recency(&self) -> Result<Vec<String>, StorageError>;
+
+    /// The records of `ids` that still exist, in the order given.
+    async fn sessions_by_ids(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError>;
 
     async fn count_sessions(&self) -> Result<usize, StorageError>;
 
     /// Shallow-merges `patch` into the metadata and sets `updatedAt` to `now`, atomically.
+    ///
+    /// # Errors
+    /// `NotFound`; `TooLarge` when the merged metadata would be over the [`limits`], in which
+    /// case the record is left as it was.
     async fn merge_metadata(
         &self,
         id: &str,
@@ -176,6 +231,13 @@ pub trait Storage: Send + Sync {
     /// Drops the live-text records with `seq <= upto`: their run has ended in the log, so they
     /// will never be needed.
     async fn clear_live_text(&self, id: &str, upto: u64) -> Result<(), StorageError>;
+    /// Records the host uid/gid a session's worker runs as (root mode), so that a restarted
+    /// server gives it the same identity (its workspace files belong to it) and never hands the
+    /// id to another session. Kept with the record, gone with it.
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError>;
+
+    /// Every stored session's recorded host id, read once at start.
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError>;
 }
 
 /// Storage as the rest of the supervisor holds it.
@@ -214,8 +276,18 @@ mod conformance {
             .collect()
     }
 
+    /// A full listing as the API builds it: the order first, then the records by page.
+    async fn by_recency(store: &dyn Storage) -> Vec<SessionInfo> {
+        let ids = store.ids_by_recency().await.unwrap();
+        let mut all = Vec::new();
+        for page in ids.chunks(2) {
+            all.extend(store.sessions_by_ids(page).await.unwrap());
+        }
+        all
+    }
+
     async fn lifecycle(store: &dyn Storage) {
-        assert!(store.sessions().await.unwrap().is_empty());
+        assert!(by_recency(store).await.is_empty());
         store.create_session(info("a", 10)).await.unwrap();
         store.create_session(info("b", 20)).await.unwrap();
         assert!(matches!(
@@ -225,13 +297,7 @@ mod conformance {
         assert_eq!(store.count_sessions().await.unwrap(), 2);
         assert_eq!(store.session("a").await.unwrap().unwrap().workspace, "/w/a");
         assert!(store.session("zz").await.unwrap().is_none());
-        let order: Vec<String> = store
-            .sessions()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
+        let order: Vec<String> = by_recency(store).await.into_iter().map(|s| s.id).collect();
         assert_eq!(order, ["b", "a"]);
 
         let mut patch = Map::new();
@@ -255,13 +321,7 @@ mod conformance {
             store.merge_metadata("zz", Map::new(), 1).await,
             Err(StorageError::NotFound(_))
         ));
-        let order: Vec<String> = store
-            .sessions()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
+        let order: Vec<String> = by_recency(store).await.into_iter().map(|s| s.id).collect();
         assert_eq!(
             order,
             ["a", "b"],
@@ -404,6 +464,34 @@ mod conformance {
         store.append_live_text("l", 1, live(1)).await.unwrap();
     }
 
+    async fn host_ids(store: &dyn Storage) {
+        store.create_session(info("h1", 1)).await.unwrap();
+        store.create_session(info("h2", 2)).await.unwrap();
+        assert!(store.host_ids().await.unwrap().is_empty());
+        store.set_host_id("h1", 200_007).await.unwrap();
+        store.set_host_id("h2", 200_009).await.unwrap();
+        store.set_host_id("h2", 200_011).await.unwrap();
+        assert!(matches!(
+            store.set_host_id("nope", 1).await,
+            Err(StorageError::NotFound(_))
+        ));
+        let mut ids = store.host_ids().await.unwrap();
+        ids.sort();
+        assert_eq!(ids, [("h1".into(), 200_007), ("h2".into(), 200_011)]);
+        assert_eq!(
+            store.session("h1").await.unwrap().unwrap(),
+            info("h1", 1),
+            "the record as the API shows it is unchanged"
+        );
+        assert!(store.delete_session("h1").await.unwrap());
+        store.create_session(info("h1", 3)).await.unwrap();
+        assert_eq!(
+            store.host_ids().await.unwrap(),
+            [("h2".into(), 200_011)],
+            "a deleted session's id goes with it"
+        );
+    }
+
     async fn concurrent_writers(store: Arc<dyn Storage>) {
         let sessions = 8u64;
         let per_session = 50u64;
@@ -435,6 +523,182 @@ mod conformance {
         }
     }
 
+    fn ids(records: &[SessionInfo]) -> Vec<String> {
+        records.iter().map(|s| s.id.clone()).collect()
+    }
+
+    /// Every page of a creation-order walk, `limit` at a time.
+    async fn walk(store: &dyn Storage, limit: usize) -> Vec<Vec<SessionInfo>> {
+        let mut pages = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store.sessions_page(cursor.as_ref(), limit).await.unwrap();
+            assert!(page.len() <= limit);
+            let Some(last) = page.last() else { break };
+            cursor = Some(PageCursor::after(last));
+            pages.push(page);
+        }
+        pages
+    }
+
+    async fn paging(store: &dyn Storage) {
+        assert!(store.sessions_page(None, 10).await.unwrap().is_empty());
+        // Ties in createdAt are ordered by id, so a cursor inside a tie resumes exactly.
+        for (id, created) in [("a", 5), ("b", 5), ("c", 5), ("d", 1), ("e", 9), ("f", 7)] {
+            store.create_session(info(id, created)).await.unwrap();
+        }
+        let expected = ["e", "f", "c", "b", "a", "d"];
+        for limit in [1, 2, 4, 6, 100] {
+            let pages = walk(store, limit).await;
+            let walked: Vec<String> = pages.iter().flat_map(|p| ids(p)).collect();
+            assert_eq!(walked, expected, "limit {limit}");
+        }
+        let after_b = PageCursor {
+            created_at: 5,
+            id: "b".into(),
+        };
+        assert_eq!(
+            ids(&store.sessions_page(Some(&after_b), 10).await.unwrap()),
+            ["a", "d"]
+        );
+        // A cursor of a deleted session still resumes in place.
+        store.delete_session("b").await.unwrap();
+        assert_eq!(
+            ids(&store.sessions_page(Some(&after_b), 10).await.unwrap()),
+            ["a", "d"]
+        );
+        // Records come whole, with their current updatedAt.
+        let mut patch = Map::new();
+        patch.insert("name".into(), json!("named"));
+        store.merge_metadata("d", patch, 50).await.unwrap();
+        store.append_event("d", 1, event(1), 60).await.unwrap();
+        let page = store.sessions_page(Some(&after_b), 10).await.unwrap();
+        assert_eq!(page[1].metadata.as_ref().unwrap()["name"], "named");
+        assert_eq!(page[1].updated_at, 60);
+
+        assert_eq!(
+            store.ids_by_recency().await.unwrap(),
+            ["d", "e", "f", "c", "a"],
+            "most recently updated first, ties by creation then id"
+        );
+        let wanted: Vec<String> = ["f", "gone", "d"].map(String::from).into();
+        assert_eq!(
+            ids(&store.sessions_by_ids(&wanted).await.unwrap()),
+            ["f", "d"],
+            "in the order asked, missing ones left out"
+        );
+        assert_eq!(
+            store.sessions_by_ids(&["d".into()]).await.unwrap()[0].updated_at,
+            60
+        );
+    }
+
+    /// Paging in creation order while other tasks update, create and delete sessions: every
+    /// session that exists for the whole walk comes exactly once, and no session twice.
+    async fn paging_under_writes(store: Arc<dyn Storage>) {
+        let initial = 60u64;
+        for n in 0..initial {
+            // Some share a createdAt, so ties are crossed by page boundaries.
+            store
+                .create_session(info(&format!("s{n:03}"), 1000 + n / 3))
+                .await
+                .unwrap();
+        }
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (store, stop, writes) = (store.clone(), stop.clone(), writes.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut patch = Map::new();
+                    patch.insert("n".into(), json!(n));
+                    let target = format!("s{:03}", (n * 7) % initial);
+                    store
+                        .merge_metadata(&target, patch, 5000 + n)
+                        .await
+                        .unwrap();
+                    store
+                        .create_session(info(&format!("new{n}"), 2000 + n))
+                        .await
+                        .unwrap();
+                    if n.is_multiple_of(5) {
+                        store.delete_session(&format!("new{n}")).await.unwrap();
+                    }
+                    n += 1;
+                    writes.store(n, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut cursor = None;
+        loop {
+            let page = store.sessions_page(cursor.as_ref(), 7).await.unwrap();
+            let Some(last) = page.last() else { break };
+            cursor = Some(PageCursor::after(last));
+            for record in &page {
+                assert!(seen.insert(record.id.clone()), "{} listed twice", record.id);
+            }
+            // Let a few updates, creations and deletions land between every two pages.
+            let before = writes.load(Ordering::Relaxed);
+            while writes.load(Ordering::Relaxed) < before + 3 {
+                tokio::task::yield_now().await;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.await.unwrap();
+        for n in 0..initial {
+            assert!(seen.contains(&format!("s{n:03}")), "s{n:03} missing");
+        }
+    }
+
+    async fn record_limits(store: &dyn Storage) {
+        let mut big = info("big", 1);
+        big.metadata = Some(
+            json!({"name": "n".repeat(limits::NAME_MAX_CHARS + 1)})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
+        assert!(matches!(
+            store.create_session(big).await,
+            Err(StorageError::TooLarge(TooLarge { ref field, .. })) if field == "metadata.name"
+        ));
+        assert!(
+            store.session("big").await.unwrap().is_none(),
+            "nothing stored"
+        );
+
+        store.create_session(info("m", 1)).await.unwrap();
+        let chunk = "x".repeat(limits::METADATA_MAX_BYTES / 4);
+        for i in 0..3 {
+            let mut patch = Map::new();
+            patch.insert(format!("k{i}"), json!(chunk));
+            store.merge_metadata("m", patch, 10 + i).await.unwrap();
+        }
+        let before = store.session("m").await.unwrap().unwrap();
+        let mut patch = Map::new();
+        patch.insert("k3".into(), json!(chunk));
+        patch.insert("name".into(), json!("half-applied?"));
+        let refused = store.merge_metadata("m", patch, 99).await.unwrap_err();
+        assert!(
+            matches!(&refused, StorageError::TooLarge(t) if t.field == "metadata"),
+            "{refused}"
+        );
+        assert_eq!(
+            store.session("m").await.unwrap().unwrap(),
+            before,
+            "a refused merge changes nothing"
+        );
+        // Replacing a key with a smaller value is always possible.
+        let mut patch = Map::new();
+        patch.insert("k0".into(), json!("small"));
+        patch.insert("k3".into(), json!(chunk));
+        store.merge_metadata("m", patch, 100).await.unwrap();
+    }
+
     /// Tests that only make sense for a backend that outlives the process.
     macro_rules! durable_tests {
         (durable, $open:expr) => {
@@ -455,8 +719,15 @@ mod conformance {
                     }
                     store.reserve_seq("r", 50).await.unwrap();
                     store.append_live_text("r", 7, live(7)).await.unwrap();
+                    store.set_host_id("r", 200_123).await.unwrap();
                 }
                 let store: Arc<dyn Storage> = ($open)(dir.path());
+                assert_eq!(
+                    ids(&store.sessions_page(None, 10).await.unwrap()),
+                    ["r"],
+                    "the listing index is rebuilt"
+                );
+                assert_eq!(store.ids_by_recency().await.unwrap(), ["r"]);
                 let record = store.session("r").await.unwrap().unwrap();
                 assert_eq!(record.metadata.unwrap()["name"], "kept");
                 assert!(record.updated_at >= 13);
@@ -466,6 +737,11 @@ mod conformance {
                     "the reservation survives"
                 );
                 assert_eq!(seqs(&*store, "r", 0, 10).await, [1, 2, 3]);
+                assert_eq!(
+                    store.host_ids().await.unwrap(),
+                    [("r".into(), 200_123)],
+                    "the host id survives"
+                );
                 store.append_event("r", 51, event(51), 20).await.unwrap();
                 assert_eq!(seqs(&*store, "r", 3, 10).await, [51]);
                 assert_eq!(live_seqs(&*store, "r", 0).await, [7], "live text survives");
@@ -499,6 +775,33 @@ mod conformance {
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::live_text(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn paging() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::paging(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn paging_under_writes() {
+                    let dir = tempfile::tempdir().unwrap();
+                    super::paging_under_writes(($open)(dir.path())).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn record_limits() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::record_limits(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn host_ids() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::host_ids(&*store).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,9 @@
 //!
 //! `synchronous = NORMAL`: a committed transaction survives a crash of the process; the last
 //! ones may be lost on power failure (WAL is still consistent then).
+//!
+//! The database file is created 0600 before SQLite opens it; SQLite gives its `-wal` and
+//! `-shm` files the database file's mode, so they are 0600 too.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
@@ -15,10 +18,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use super::{SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+use super::{
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
+};
+use crate::data_dir;
 
-/// Version of our schema, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Version of our schema, kept in `PRAGMA user_version`: the base schema is version 1, and each
+/// entry of [`MIGRATIONS`] takes the database one version up.
+const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -32,6 +39,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     seqReserved INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS idx_sessions_updatedAt ON sessions(updatedAt DESC, createdAt DESC);
+CREATE INDEX IF NOT EXISTS idx_sessions_createdAt ON sessions(createdAt DESC, id DESC);
 CREATE TABLE IF NOT EXISTS events (
     sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -41,16 +49,22 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 ";
 
-/// Added to schema version 1 without bumping it: a server that does not know the table never
-/// reads it, and an older binary can still open the database.
-const LIVE_TEXT_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS liveText (
-    sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    record TEXT NOT NULL,
-    PRIMARY KEY (sessionId, seq)
-) WITHOUT ROWID;
-";
+/// Additive steps from version 1 upwards, applied in order in one transaction; never edited once
+/// released (a database records how far it got).
+const MIGRATIONS: &[&str] = &[
+    // 2: the host uid of each session's worker (root mode), so a restart keeps it.
+    "ALTER TABLE sessions ADD COLUMN hostUid INTEGER;",
+    // 3: creation order, for paged listings (`GET /sessions?limit=&cursor=`).
+    "CREATE INDEX IF NOT EXISTS idx_sessions_createdAt ON sessions(createdAt DESC, id DESC);",
+    // 4: the live run's streamed text (`Storage::append_live_text`), so a crash keeps what
+    // followers were shown.
+    "CREATE TABLE IF NOT EXISTS liveText (
+        sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (sessionId, seq)
+    ) WITHOUT ROWID;",
+];
 
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
@@ -86,6 +100,11 @@ enum Write {
         upto: u64,
         reply: Reply<()>,
     },
+    HostId {
+        id: String,
+        host_id: u32,
+        reply: Reply<()>,
+    },
 }
 
 pub struct SqliteStorage {
@@ -111,8 +130,9 @@ impl SqliteStorage {
     /// instead), or comes from a newer version of this server.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
+            data_dir::create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
         }
+        create_private(path)?;
         let writer = open_connection(path)?;
         migrate(&writer)?;
         let reader = open_connection(path)?;
@@ -150,6 +170,25 @@ impl SqliteStorage {
     }
 }
 
+/// Creates the database file 0600 if it is missing (SQLite would create it with the umask's
+/// mode, and its `-wal` and `-shm` files after it), and tightens the files of a database an
+/// older version left readable to others.
+fn create_private(path: &Path) -> Result<(), StorageError> {
+    data_dir::file_options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StorageError::io(path, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = PathBuf::from(file);
+        data_dir::tighten_file(&file).map_err(|e| StorageError::io(&file, e))?;
+    }
+    Ok(())
+}
+
 fn migrate(conn: &Connection) -> Result<(), StorageError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -159,6 +198,10 @@ fn migrate(conn: &Connection) -> Result<(), StorageError> {
             "database schema version {version} is newer than this server's ({SCHEMA_VERSION})"
         )));
     }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let mut steps = String::from("BEGIN;");
     if version == 0 {
         let upstream: bool = conn
             .query_row(
@@ -173,13 +216,15 @@ fn migrate(conn: &Connection) -> Result<(), StorageError> {
                 "this is an upstream Tarko database; bring its sessions over with `supervisor import --from <file>`".into(),
             ));
         }
-        conn.execute_batch(SCHEMA).map_err(StorageError::sqlite)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(StorageError::sqlite)?;
+        steps.push_str(SCHEMA);
     }
-    conn.execute_batch(LIVE_TEXT_SCHEMA)
-        .map_err(StorageError::sqlite)?;
-    Ok(())
+    let done = usize::try_from(version.max(1) - 1).unwrap_or_default();
+    for step in &MIGRATIONS[done..] {
+        steps.push_str(step);
+    }
+    // All or nothing: a crash half-way leaves the old version, which migrates again.
+    steps.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
+    conn.execute_batch(&steps).map_err(StorageError::sqlite)
 }
 
 fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
@@ -274,6 +319,21 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
             now,
             reply,
         } => Outcome::Unit(reply, append(conn, &id, seq, &json, now)),
+        Write::HostId { id, host_id, reply } => Outcome::Unit(
+            reply,
+            conn.execute(
+                "UPDATE sessions SET hostUid = ?2 WHERE id = ?1",
+                params![id, i64::from(host_id)],
+            )
+            .map_err(StorageError::sqlite)
+            .and_then(|n| {
+                if n == 0 {
+                    Err(StorageError::NotFound(id))
+                } else {
+                    Ok(())
+                }
+            }),
+        ),
         Write::Reserve { id, upto, reply } => Outcome::Unit(
             reply,
             conn.execute(
@@ -306,6 +366,9 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
 }
 
 fn create(conn: &Connection, info: SessionInfo) -> Result<SessionInfo, StorageError> {
+    if let Some(metadata) = &info.metadata {
+        check_metadata(metadata)?;
+    }
     let metadata = info
         .metadata
         .as_ref()
@@ -329,7 +392,10 @@ fn merge(
     now: u64,
 ) -> Result<SessionInfo, StorageError> {
     let mut info = load(conn, id)?.ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
-    info.metadata.get_or_insert_with(Map::new).extend(patch);
+    let mut metadata = info.metadata.take().unwrap_or_default();
+    metadata.extend(patch);
+    check_metadata(&metadata)?;
+    info.metadata = Some(metadata);
     info.updated_at = now;
     let metadata = info
         .metadata
@@ -414,12 +480,10 @@ fn row_to_info(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionInfo> {
 }
 
 fn load(conn: &Connection, id: &str) -> Result<Option<SessionInfo>, StorageError> {
-    conn.query_row(
+    conn.prepare_cached(
         "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions WHERE id = ?1",
-        [id],
-        row_to_info,
     )
-    .optional()
+    .and_then(|mut statement| statement.query_row([id], row_to_info).optional())
     .map_err(StorageError::sqlite)
 }
 
@@ -441,15 +505,71 @@ impl Storage for SqliteStorage {
         self.read(move |conn| load(conn, &id)).await
     }
 
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, StorageError> {
+    async fn sessions_page(
+        &self,
+        after: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        let after = after.cloned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let rows = match &after {
+                Some(cursor) => conn
+                    .prepare_cached(
+                        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions
+                         WHERE (createdAt, id) < (?1, ?2)
+                         ORDER BY createdAt DESC, id DESC LIMIT ?3",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_map(
+                                params![cursor.created_at as i64, cursor.id, limit],
+                                row_to_info,
+                            )?
+                            .collect::<Result<Vec<_>, _>>()
+                    }),
+                None => conn
+                    .prepare_cached(
+                        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions
+                         ORDER BY createdAt DESC, id DESC LIMIT ?1",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_map([limit], row_to_info)?
+                            .collect::<Result<Vec<_>, _>>()
+                    }),
+            };
+            rows.map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn ids_by_recency(&self) -> Result<Vec<String>, StorageError> {
         self.read(|conn| {
             let mut statement = conn
                 .prepare_cached(
-                    "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions ORDER BY updatedAt DESC, createdAt DESC",
+                    "SELECT id FROM sessions ORDER BY updatedAt DESC, createdAt DESC, id DESC",
                 )
                 .map_err(StorageError::sqlite)?;
-            let rows = statement.query_map([], row_to_info).map_err(StorageError::sqlite)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(StorageError::sqlite)
+            let rows = statement
+                .query_map([], |row| row.get::<_, String>(0))
+                .map_err(StorageError::sqlite)?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn sessions_by_ids(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError> {
+        let ids = ids.to_vec();
+        self.read(move |conn| {
+            let mut records = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(info) = load(conn, id)? {
+                    records.push(info);
+                }
+            }
+            Ok(records)
         })
         .await
     }
@@ -590,5 +710,133 @@ impl Storage for SqliteStorage {
         let id = id.to_owned();
         self.write(|reply| Write::ClearLiveText { id, upto, reply })
             .await
+    }
+
+    async fn set_host_id(&self, id: &str, host_id: u32) -> Result<(), StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::HostId { id, host_id, reply })
+            .await
+    }
+
+    async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT id, hostUid FROM sessions WHERE hostUid IS NOT NULL")
+                .map_err(StorageError::sqlite)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .map_err(StorageError::sqlite)?;
+            rows.map(|row| {
+                let (id, host_id) = row.map_err(StorageError::sqlite)?;
+                u32::try_from(host_id)
+                    .map(|h| (id, h))
+                    .map_err(|_| StorageError::Corrupt(format!("host uid {host_id} out of range")))
+            })
+            .collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database written by the first schema (no host uid column, no live-text table) opens,
+    /// keeps its sessions, and records host ids and live text from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_one_database_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO sessions (id, createdAt, updatedAt, workspace) VALUES ('old', 1, 2, '/w/old')",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteStorage::open(&path).unwrap();
+        assert_eq!(
+            store.session("old").await.unwrap().unwrap().workspace,
+            "/w/old"
+        );
+        assert!(store.host_ids().await.unwrap().is_empty());
+        store.set_host_id("old", 200_001).await.unwrap();
+        assert_eq!(store.host_ids().await.unwrap(), [("old".into(), 200_001)]);
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(SCHEMA_VERSION, 4);
+        let indexed: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'idx_sessions_createdAt'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 1, "the creation-order index is added by migration");
+        drop(conn);
+        let store = SqliteStorage::open(&path).unwrap();
+        store
+            .append_live_text("old", 3, r#"[{"kind":"text","text":"a"}]"#.into())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.live_text_after("old", 0).await.unwrap().len(),
+            1,
+            "the live-text table is added by migration"
+        );
+    }
+
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The database, its WAL and its shared-memory file are 0600 even under umask 000, and a
+    /// database an older version left 0644 is tightened when it is opened.
+    #[tokio::test]
+    async fn files_are_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/sessions.db");
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let store = SqliteStorage::open(&path).unwrap();
+        let info = SessionInfo {
+            id: "s".into(),
+            created_at: 1,
+            updated_at: 1,
+            workspace: "/w".into(),
+            metadata: None,
+        };
+        store.create_session(info).await.unwrap();
+        store
+            .append_event("s", 1, r#"{"a":1}"#.into(), 2)
+            .await
+            .unwrap();
+        nix::sys::stat::umask(old);
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", path.display()));
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        drop(store);
+
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", path.display()));
+            if file.exists() {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let _store = SqliteStorage::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600, "an old 0644 database is tightened");
     }
 }

@@ -280,6 +280,59 @@ impl CgroupRoot {
         }
     }
 
+    /// The parent group's own files of `controller` (v1: its hierarchy; v2: the one group).
+    fn parent_dir(&self, controller: &str) -> Option<&Path> {
+        match &self.layout {
+            Layout::V1(dirs) => dirs
+                .iter()
+                .find(|(c, _)| *c == controller)
+                .map(|(_, d)| d.as_path()),
+            Layout::V2(dir) => Some(dir),
+        }
+    }
+
+    /// Caps what all session groups together may use: memory (no swap beyond it, where the
+    /// kernel accounts swap) and processes, on their common parent. The supervisor's own
+    /// process is never in that parent (v1: it stays in the group it was started in; v2: it
+    /// moved to a leaf beside it), so the caps cannot starve it.
+    ///
+    /// # Errors
+    /// A limit file could not be written.
+    pub fn set_totals(&self, memory: u64, pids: u64) -> std::io::Result<()> {
+        let missing = |what| std::io::Error::other(format!("no {what} controller"));
+        let mem = self.parent_dir("memory").ok_or_else(|| missing("memory"))?;
+        let tasks = self.parent_dir("pids").ok_or_else(|| missing("pids"))?;
+        match self.layout {
+            Layout::V1(_) => {
+                write_file(&mem.join("memory.limit_in_bytes"), &memory.to_string())?;
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write_file(&memsw, &memory.to_string())?;
+                }
+            }
+            Layout::V2(_) => write_file(&mem.join("memory.max"), &memory.to_string())?,
+        }
+        write_file(&tasks.join("pids.max"), &pids.to_string())
+    }
+
+    /// The totals as the kernel holds them, read back from the parent's files.
+    pub fn totals(&self) -> Value {
+        let read = |controller: &str, v1: &str, v2: &str| {
+            let file = if matches!(self.layout, Layout::V1(_)) {
+                v1
+            } else {
+                v2
+            };
+            self.parent_dir(controller)
+                .and_then(|d| std::fs::read_to_string(d.join(file)).ok())
+                .map(|v| v.trim().to_owned())
+        };
+        json!({
+            "memory": read("memory", "memory.limit_in_bytes", "memory.max"),
+            "pids": read("pids", "pids.max", "pids.max"),
+        })
+    }
+
     /// `{version, controllers}` for the health report.
     pub fn describe(&self) -> Value {
         json!({"version": self.version(), "controllers": self.controllers()})

@@ -4,14 +4,16 @@
 //! Each worker is owned by one connection task, which reads its frames, dispatches them (events
 //! to the session's bridge, model calls to the gateway), watches the process, and reports its
 //! exit to the session exactly once. Everything from the worker is untrusted: frames are size
-//! checked by the codec, events are validated before they are stored, and any protocol
-//! violation kills the worker rather than the supervisor.
+//! checked by the codec, events are validated and counted against the session's limits
+//! (`limits`) before they are stored, and any protocol violation or exceeded limit kills the
+//! worker rather than the supervisor.
 
 pub mod cgroup;
+mod limits;
 mod spawn;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use shared::frame::{FrameError, read_frame, write_frame};
@@ -28,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use limits::LimitExceeded;
 pub use spawn::{ProbeOutcome, Spawner, TestHooks};
 
 use crate::sessions::Session;
@@ -57,6 +60,25 @@ pub enum WorkerError {
     History(#[from] crate::storage::StorageError),
 }
 
+/// Why the supervisor stopped a worker on purpose, when a run it cuts short must say more than
+/// "stopped" in its closing events.
+#[derive(Debug, Clone)]
+pub enum StopCause {
+    /// The server is shutting down and the run did not end in time.
+    ServerShutdown,
+    /// The session went past one of `server.sessionLimits`.
+    Limit(LimitExceeded),
+}
+
+impl std::fmt::Display for StopCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ServerShutdown => f.write_str("the server is shutting down"),
+            Self::Limit(limit) => limit.fmt(f),
+        }
+    }
+}
+
 /// A live worker as the rest of the supervisor sees it.
 #[derive(Clone)]
 pub struct WorkerHandle {
@@ -69,6 +91,8 @@ pub struct WorkerHandle {
     pub audit: Arc<JailAudit>,
     outbox: mpsc::Sender<ToWorker>,
     kill: CancellationToken,
+    /// Why `kill` was cancelled, when the caller said.
+    stop_cause: Arc<Mutex<Option<StopCause>>>,
     exited: CancellationToken,
     #[cfg(feature = "isolation-tests")]
     probes: probes::Pending,
@@ -95,6 +119,15 @@ impl WorkerHandle {
 
     /// Kills the process (SIGKILL through its `Child` handle, never a stale pid).
     pub fn kill(&self) {
+        self.kill.cancel();
+    }
+
+    /// Kills the process for `cause`, which the closing events of a run it cuts short name.
+    pub fn kill_for(&self, cause: StopCause) {
+        self.stop_cause
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(cause);
         self.kill.cancel();
     }
 
@@ -148,6 +181,14 @@ pub async fn start(
         .map(|e| e.json.to_string())
         .collect();
     let stored = state.storage.session(&session.id).await?;
+    // Its identity and its disk quota are in place before its process exists.
+    let prepared = async {
+        state.host_id(&session.id).await?;
+        state.ensure_workspace(session).await
+    };
+    prepared
+        .await
+        .map_err(|e| WorkerError::Spawn(e.to_string()))?;
     let spawning = std::time::Instant::now();
     let spawn::Spawned {
         mut child,
@@ -239,6 +280,7 @@ pub async fn start(
         audit: Arc::from(audit),
         outbox,
         kill: CancellationToken::new(),
+        stop_cause: Arc::default(),
         exited: CancellationToken::new(),
         #[cfg(feature = "isolation-tests")]
         probes: probes::Pending::new(probe_tx),
@@ -250,6 +292,7 @@ pub async fn start(
             session: session.clone(),
             handle: handle.clone(),
             model_calls: HashMap::new(),
+            budget: limits::EventBudget::new(&state.config.server.session_limits),
             jail,
         }
         .run(child, read)
@@ -332,6 +375,8 @@ enum Violation {
     Unexpected(&'static str),
     #[error("too many model calls in flight")]
     TooManyModelCalls,
+    #[error("{0}")]
+    Limit(LimitExceeded),
 }
 
 struct Connection {
@@ -339,6 +384,8 @@ struct Connection {
     session: Arc<Session>,
     handle: WorkerHandle,
     model_calls: HashMap<String, (CancellationToken, JoinHandle<()>)>,
+    /// What the session may still send (`server.sessionLimits`).
+    budget: limits::EventBudget,
     /// The host side of the worker's jail: its identity and cgroup (removed when it is gone).
     jail: spawn::SessionJail,
 }
@@ -351,11 +398,16 @@ impl Connection {
         tokio::spawn(read_frames(read, frames_tx));
 
         let mut exit_described = false;
+        let mut cause = None;
         let mut reason = loop {
             tokio::select! {
                 () = self.handle.kill.cancelled() => {
                     let _ = child.start_kill();
-                    break "stopped by the supervisor".to_owned();
+                    cause = self.handle.stop_cause.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    break match &cause {
+                        Some(cause) => format!("stopped by the supervisor: {cause}"),
+                        None => "stopped by the supervisor".to_owned(),
+                    };
                 }
                 status = child.wait() => {
                     // Its last events may still be in the socket buffer.
@@ -368,18 +420,31 @@ impl Connection {
                     break describe_exit(status.ok());
                 }
                 frame = frames.recv() => match frame {
-                    Some(Ok(msg)) => {
-                        if let Err(violation) = self.dispatch(msg).await {
+                    Some(Ok(msg)) => match self.dispatch(msg).await {
+                        // Deltas reach followers once their text is stored: write when the
+                        // worker has nothing more queued, so a burst costs one write.
+                        Ok(()) => {
+                            if frames.is_empty() {
+                                self.session.flush_deltas(&self.state.storage).await;
+                            }
+                        }
+                        // Stopped at once: whatever else it sends would be refused too, and a
+                        // worker that keeps flooding would keep the supervisor busy.
+                        Err(Violation::Limit(limit)) => {
+                            tracing::warn!(%limit, limit_key = limit.key(), "session limit exceeded; stopping the worker");
+                            crate::metrics::METRICS.limit_kills.inc();
+                            let _ = child.start_kill();
+                            let stop = StopCause::Limit(limit);
+                            let reason = format!("stopped by the supervisor: {stop}");
+                            cause = Some(stop);
+                            break reason;
+                        }
+                        Err(violation) => {
                             tracing::warn!(%violation, "protocol violation; killing the worker");
                             let _ = child.start_kill();
                             break format!("protocol violation: {violation}");
                         }
-                        // Deltas reach followers once their text is stored: write when the
-                        // worker has nothing more queued, so a burst costs one write.
-                        if frames.is_empty() {
-                            self.session.flush_deltas(&self.state.storage).await;
-                        }
-                    }
+                    },
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "bad frame; killing the worker");
                         let _ = child.start_kill();
@@ -410,7 +475,7 @@ impl Connection {
         self.jail.teardown().await;
         tracing::info!(%reason, "worker gone");
         self.session
-            .worker_exited(&self.state, self.handle.generation, reason)
+            .worker_exited(&self.state, self.handle.generation, reason, cause)
             .await;
         self.handle.exited.cancel();
     }
@@ -443,15 +508,26 @@ impl Connection {
 
     async fn dispatch(&mut self, msg: FromWorker) -> Result<(), Violation> {
         match msg {
-            FromWorker::Event { json } => match self.session.publish(&self.state, json).await {
-                Ok(()) => Ok(()),
-                Err(crate::sessions::PublishError::Invalid(e)) => Err(Violation::Event(e)),
-                Err(other) => {
-                    tracing::warn!(error = %other, "event dropped");
-                    Ok(())
+            FromWorker::Event { json } => {
+                let head = crate::sessions::event_head(&json).map_err(Violation::Event)?;
+                // Admitted here once, whether it is stored at once or, a delta, held back until
+                // its text is written: a delta's text is stored too (see `live_text`).
+                self.budget
+                    .admit(json.len(), self.session.stored_bytes())
+                    .map_err(Violation::Limit)?;
+                match self.session.publish_as(&self.state, &json, head).await {
+                    Ok(()) => Ok(()),
+                    Err(crate::sessions::PublishError::Invalid(e)) => Err(Violation::Event(e)),
+                    Err(other) => {
+                        tracing::warn!(error = %other, "event dropped");
+                        Ok(())
+                    }
                 }
-            },
+            }
             FromWorker::RunResult { run_id, json } => {
+                self.budget
+                    .check_size(json.len())
+                    .map_err(Violation::Limit)?;
                 if serde_json::from_str::<serde_json::Value>(&json).is_err() {
                     return Err(Violation::Event("run result is not JSON".into()));
                 }

@@ -355,7 +355,7 @@ fn bind(
     session_id: &str,
     workspace: &Path,
 ) -> std::io::Result<Spawned> {
-    let ids = isolation.session_ids(session_id);
+    let ids = isolation.session_ids(session_id)?;
     if isolation.level != JailLevel::None {
         prepare_workspace(workspace, ids)?;
     }

@@ -260,7 +260,20 @@ async fn level_figures(binary: &Path, client: &reqwest::Client) -> Result<Value>
 /// (each has answered one query, so each has a worker).
 async fn fleet_figures(binary: &Path, client: &reqwest::Client) -> Result<Value> {
     let dir = tempfile::tempdir()?;
-    let server = start(binary, dir.path(), &[]).await?;
+    // 1,000 workers commit 1,000 × the per-session limits, far above the default totals (the
+    // host's memory less a reserve): raised here so that all of them stay live to be measured.
+    // No disk quota, so the figures stay those of the supervisor and its workers (an image
+    // backend would add a mounted filesystem per session; its cost is in the level figures).
+    let config = dir.path().join("fleet.json");
+    std::fs::write(
+        &config,
+        json!({"isolation": {"limits": {
+            "totalMemory": "1100GiB", "totalPids": 300_000, "diskBackend": "none",
+        }}})
+        .to_string(),
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let server = start(binary, dir.path(), &["--config", &config]).await?;
     let mut ids = Vec::new();
     for _ in 0..1000 {
         ids.push(create(client, &server.base).await?);

@@ -1268,13 +1268,473 @@ pub async fn t34_file_size(mode: Mode) -> Result<()> {
     still_fine(&server, &a).await
 }
 
-/// T35: many files filling the workspace. Capped only by a workspace quota backend (project
-/// quotas, a loop image per session, or usage polling; isolation.md §2.8.4), none of which this
-/// server has yet; one file is capped by `RLIMIT_FSIZE` (T34) and `/tmp` by its size (T36).
-pub async fn t35_workspace_quota(_mode: Mode) -> Result<()> {
-    skip(
-        "T35: no workspace quota backend is implemented (single files are capped by RLIMIT_FSIZE, /tmp by its tmpfs size)",
+/// A filesystem the test makes for a server's workspaces and its SQLite store: a sparse file,
+/// formatted and loop-mounted, so that filling it cannot touch the host's disk. Unmounted (with
+/// whatever the server left mounted inside) when dropped.
+pub struct LoopFs {
+    pub dir: tempfile::TempDir,
+    pub mnt: std::path::PathBuf,
+}
+
+impl LoopFs {
+    /// `mkfs_args` go to mkfs.ext4 (quota features), `options` to mount.
+    pub fn new(
+        size_mib: u64,
+        mkfs_args: &[&str],
+        options: &str,
+    ) -> Result<std::result::Result<Self, String>> {
+        let dir = tempfile::Builder::new().prefix("e2e-loopfs-").tempdir()?;
+        let image = dir.path().join("fs.img");
+        std::fs::File::create(&image)?.set_len(size_mib << 20)?;
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .args(mkfs_args)
+            .arg(&image)
+            .output()?;
+        ensure!(
+            mkfs.status.success(),
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&mkfs.stderr)
+        );
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt)?;
+        let mount = std::process::Command::new("mount")
+            .args(["-o", &format!("loop,{options}")])
+            .arg(&image)
+            .arg(&mnt)
+            .output()?;
+        if !mount.status.success() {
+            return Ok(Err(String::from_utf8_lossy(&mount.stderr)
+                .trim()
+                .to_owned()));
+        }
+        Ok(Ok(Self { dir, mnt }))
+    }
+
+    /// Bytes free on the test's filesystem.
+    pub fn available(&self) -> Result<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.mnt)?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        e2e::detach_mounts_under(&self.mnt);
+        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A catalogue server whose workspaces and SQLite store are on `fs`, with a 64 MiB disk quota.
+fn quota_opts(mode: Mode, fs: &LoopFs) -> ServerOpts {
+    opts(
+        mode,
+        json!({
+            "workspace": fs.mnt.join("ws"),
+            "server": {"storage": {"type": "sqlite", "path": fs.mnt.join("data/sessions.db")}},
+            "isolation": {"limits": {"disk": "64MiB"}},
+        }),
     )
+    .without_workspace_flag()
+}
+
+const QUOTA_NOTE: &str = "No space left on device: the session's disk quota of 64 MiB is reached";
+
+/// Writes 50 MiB files into `sid`'s workspace until one fails; returns the bytes written and
+/// the failure's errno name.
+async fn fill(server: &Server, sid: &str, mode: Mode) -> Result<(u64, String)> {
+    let dir = if mode.strict() { "/workspace" } else { "" };
+    let mut total = 0;
+    for n in 0..8 {
+        let answer = probe(
+            server,
+            sid,
+            "write",
+            json!({"path": format!("{dir}/fill-{n}"), "bytes": 50u64 << 20}),
+        )
+        .await?;
+        total += answer["detail"]["written"].as_u64().unwrap_or(0);
+        if answer["ok"] == false {
+            return Ok((total, errname(&answer).to_owned()));
+        }
+    }
+    Ok((total, String::new()))
+}
+
+/// The `tool_result` event of one `TOOL <name> <args>` query.
+async fn tool_result(server: &Server, sid: &str, name: &str, args: Value) -> Result<Value> {
+    server.query(sid, &format!("TOOL {name} {args}")).await?;
+    let events = server.events(sid).await?;
+    events
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "tool_result")
+        .cloned()
+        .with_context(|| format!("no tool_result: {events:?}"))
+}
+
+/// T35: a session fills its workspace; the kernel stops it at the disk quota with `ENOSPC`,
+/// which the file tools and `run_command` report as the quota; another session and the SQLite
+/// store on the same filesystem keep working; a deleted session's image is released.
+pub async fn t35_workspace_quota(mode: Mode) -> Result<()> {
+    if mode == Mode::Rootless {
+        let server = start(mode).await?;
+        let disk = &server.get_ok("/api/v1/system/health").await?["isolation"]["disk"];
+        ensure!(
+            disk["backend"] == "none"
+                && disk["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("rootless")),
+            "a rootless server reports no disk quota and why: {disk}"
+        );
+        return skip(
+            "T35 rootless: an unprivileged server can neither set project quotas nor mount images (health says so)",
+        );
+    }
+    let fs = match LoopFs::new(1024, &[], "")? {
+        Ok(fs) => fs,
+        Err(e) => return fail(&format!("cannot loop-mount a test filesystem: {e}")),
+    };
+    let server = Server::start(quota_opts(mode, &fs)).await?;
+    let disk = server.get_ok("/api/v1/system/health").await?["isolation"]["disk"].clone();
+    ensure!(
+        disk["backend"] == "image" && disk["limit"] == 64u64 << 20,
+        "health: {disk}"
+    );
+    let a = session(&server).await?;
+    let b = session(&server).await?;
+
+    let (written, errno) = fill(&server, &a, mode).await?;
+    ensure!(
+        errno == "ENOSPC" || errno == "EDQUOT",
+        "filling stopped with {errno:?} after {written} bytes"
+    );
+    ensure!(
+        ((60 << 20)..=(68 << 20)).contains(&written),
+        "the quota is 64 MiB, {written} bytes were written"
+    );
+    // The file tool says which quota it ran into.
+    let content = "x".repeat(256 * 1024);
+    let result = tool_result(
+        &server,
+        &a,
+        "write_file",
+        json!({"path": "more.txt", "content": content}),
+    )
+    .await?;
+    ensure!(
+        result["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(QUOTA_NOTE)),
+        "write_file on a full workspace: {result}"
+    );
+    if mode.strict() {
+        let result = tool_result(
+            &server,
+            &a,
+            "run_command",
+            json!({"command": "dd if=/dev/zero of=more.bin bs=1M count=8"}),
+        )
+        .await?;
+        let text = result["content"].to_string();
+        ensure!(
+            text.contains("No space left on device") && text.contains(QUOTA_NOTE),
+            "run_command on a full workspace: {result}"
+        );
+    }
+    // Another session, the store and the host's (here: the test's) filesystem are fine.
+    let (b_written, b_errno) = {
+        let dir = if mode.strict() { "/workspace" } else { "" };
+        let answer = probe(
+            &server,
+            &b,
+            "write",
+            json!({"path": format!("{dir}/b"), "bytes": 20u64 << 20}),
+        )
+        .await?;
+        (
+            answer["detail"]["written"].as_u64().unwrap_or(0),
+            errname(&answer).to_owned(),
+        )
+    };
+    ensure!(
+        b_written == 20 << 20,
+        "session B could not write: {b_errno}"
+    );
+    still_fine(&server, &b).await?;
+    let events = server.events(&b).await?;
+    ensure!(
+        events.iter().any(|e| e["content"] == "still there"),
+        "B's last query is in the SQLite store"
+    );
+    ensure!(
+        fs.available()? > 700 << 20,
+        "the filesystem outside the images kept its space"
+    );
+
+    // Deleting A releases its image.
+    let ws_a = fs.mnt.join("ws").join(&a);
+    ensure!(
+        e2e::mounts_under(&fs.mnt.join("ws")).contains(&ws_a),
+        "control: A's image is mounted"
+    );
+    server.delete_session(&a).await?;
+    ensure!(
+        !e2e::mounts_under(&fs.mnt.join("ws")).contains(&ws_a),
+        "A's image is still mounted"
+    );
+    ensure!(
+        !fs.mnt.join(format!("ws/.disk/{a}.img")).exists(),
+        "A's image file is still there"
+    );
+    Ok(())
+}
+
+/// T35 across restarts: a session keeps its quota and its files when the server restarts, also
+/// after a reboot took its mount away (simulated by detaching it).
+pub async fn t35_quota_survives_restart(mode: Mode) -> Result<()> {
+    if mode == Mode::Rootless {
+        return skip("T35 rootless: no disk quota backend without root (see t35_workspace_quota)");
+    }
+    let fs = match LoopFs::new(1024, &[], "")? {
+        Ok(fs) => fs,
+        Err(e) => return fail(&format!("cannot loop-mount a test filesystem: {e}")),
+    };
+    let dir = if mode.strict() { "/workspace" } else { "" };
+    let a = {
+        let server = Server::start(quota_opts(mode, &fs)).await?;
+        let a = session(&server).await?;
+        let answer = probe(
+            &server,
+            &a,
+            "write",
+            json!({"path": format!("{dir}/kept"), "bytes": 1u64 << 20}),
+        )
+        .await?;
+        ensure!(answer["ok"] == true, "{answer}");
+        server.kill9()?;
+        a
+    };
+    // As after a reboot: the image is no longer mounted.
+    let ws = fs.mnt.join("ws");
+    e2e::detach_mounts_under(&ws);
+    ensure!(
+        e2e::mounts_under(&ws).is_empty(),
+        "control: nothing mounted"
+    );
+    let server = Server::start(quota_opts(mode, &fs)).await?;
+    let listed = server
+        .get_ok(&format!(
+            "/api/v1/sessions/workspace/files?sessionId={a}&path=kept"
+        ))
+        .await;
+    ensure!(
+        listed.is_ok(),
+        "the file written before the restart is back: {listed:?}"
+    );
+    let r = server.query(&a, "after the restart").await?;
+    ensure!(r["content"] == "echo: after the restart", "{r}");
+    let (written, errno) = fill(&server, &a, mode).await?;
+    ensure!(
+        (errno == "ENOSPC" || errno == "EDQUOT") && written <= 64 << 20,
+        "after the restart: {written} bytes, {errno:?}"
+    );
+    Ok(())
+}
+
+/// T35 with project quotas: the workspace root on ext4 with the quota and project features,
+/// mounted with `prjquota`. Kernels built without quota support refuse such a mount; then there
+/// is nothing to test.
+pub async fn t35_project_quota(mode: Mode) -> Result<()> {
+    if mode == Mode::Rootless {
+        return skip("T35 project quotas: setting them needs root");
+    }
+    let fs = match LoopFs::new(512, &["-O", "quota,project", "-I", "256"], "prjquota")? {
+        Ok(fs) => fs,
+        Err(e) => {
+            return skip(&format!(
+                "T35 project quotas: this kernel cannot mount ext4 with prjquota ({e}; it needs CONFIG_QUOTA and CONFIG_QFMT_V2)"
+            ));
+        }
+    };
+    let server = Server::start(quota_opts(mode, &fs)).await?;
+    let disk = server.get_ok("/api/v1/system/health").await?["isolation"]["disk"].clone();
+    ensure!(disk["backend"] == "project", "health: {disk}");
+    let a = session(&server).await?;
+    let b = session(&server).await?;
+    let (written, errno) = fill(&server, &a, mode).await?;
+    ensure!(
+        (errno == "EDQUOT" || errno == "ENOSPC") && written <= 64 << 20,
+        "{written} bytes, {errno:?}"
+    );
+    still_fine(&server, &b).await
+}
+
+/// Totals: the sessions' parent cgroup carries the configured totals (read back from its
+/// files), the supervisor is not under it, and admission refuses the worker that would commit
+/// more memory than the total, changing nothing.
+pub async fn t33_totals(mode: Mode) -> Result<()> {
+    let server = start_with(
+        mode,
+        json!({"isolation": {"limits": {"totalMemory": "512MiB", "totalPids": 1000}}}),
+    )
+    .await?;
+    let totals = server.get_ok("/api/v1/system/health").await?["isolation"]["totals"].clone();
+    ensure!(
+        totals["memory"] == 512u64 << 20 && totals["pids"] == 1000,
+        "health: {totals}"
+    );
+    let a = session(&server).await?;
+    let b = session(&server).await?;
+    if mode != Mode::Rootless {
+        let (_, launcher) = jail(&server, &a).await?;
+        let groups = std::fs::read_to_string(format!("/proc/{launcher}/cgroup"))?;
+        let parent_of = |controller: &str| -> Result<std::path::PathBuf> {
+            let path = groups
+                .lines()
+                .find_map(|l| {
+                    l.split_once(&format!(":{controller}:"))
+                        .map(|(_, p)| p.to_owned())
+                })
+                .with_context(|| format!("no {controller} group: {groups}"))?;
+            let session_group = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(path.trim_start_matches('/'));
+            Ok(session_group.parent().context("no parent")?.to_owned())
+        };
+        let memory = std::fs::read_to_string(parent_of("memory")?.join("memory.limit_in_bytes"))?;
+        let pids = std::fs::read_to_string(parent_of("pids")?.join("pids.max"))?;
+        ensure!(
+            memory.trim() == (512u64 << 20).to_string(),
+            "parent memory.limit_in_bytes {memory}"
+        );
+        ensure!(pids.trim() == "1000", "parent pids.max {pids}");
+        let capped = format!("agentd-{}", server.pid());
+        let own = std::fs::read_to_string(format!("/proc/{}/cgroup", server.pid()))?;
+        ensure!(
+            own.lines()
+                .all(|l| !l.split('/').any(|part| part == capped)),
+            "the supervisor is inside its sessions' capped group: {own}"
+        );
+    }
+    // Two sessions of 256 MiB commit the 512 MiB: with both running, a third is refused.
+    let mut stream_a = server.stream(&a, "SLOW 400").await?;
+    stream_a.read_deltas(1, T).await?;
+    let mut stream_b = server.stream(&b, "SLOW 400").await?;
+    stream_b.read_deltas(1, T).await?;
+    let c = server.create_session().await?;
+    let refused = server
+        .post_json(
+            "/api/v1/sessions/query",
+            &json!({"sessionId": c, "query": "hi"}),
+        )
+        .await?;
+    refused.expect_error(429, "SERVER_OVERLOADED", "a third worker past totalMemory")?;
+    ensure!(
+        refused.text.contains("totalMemory"),
+        "the refusal names the limit: {}",
+        refused.text
+    );
+    ensure!(
+        server.worker_pid(&c).await?.is_none(),
+        "the refused session got a worker"
+    );
+    ensure!(
+        server.events(&c).await?.is_empty(),
+        "the refused query left events"
+    );
+    ensure!(server.abort(&a).await?);
+    stream_a.collect_until_end(LONG).await?;
+    let r = server.query(&c, "now").await?;
+    ensure!(r["content"] == "echo: now", "{r}");
+    ensure!(server.abort(&b).await?);
+    stream_b.collect_until_end(LONG).await?;
+    Ok(())
+}
+
+/// FNV-1a of a session id, as the old uid slot hash computed it.
+fn old_uid_slot(id: &str, slots: u64) -> u64 {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h % slots
+}
+
+/// The real uid of a host process.
+fn uid_of(pid: u32) -> Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .context("no Uid line")
+}
+
+/// S1: with two uids for sessions, two sessions that the old hash put on the same uid get
+/// different ones, recorded: after a restart on SQLite each has its own again, and a third
+/// session is refused rather than given a taken uid.
+pub async fn s1_unique_uids(mode: Mode) -> Result<()> {
+    if mode == Mode::Rootless {
+        return skip("S1: rootless sessions all run as the server's uid (documented)");
+    }
+    let dir = tempfile::tempdir()?;
+    let options = || {
+        opts(
+            mode,
+            json!({
+                "workspace": dir.path().join("ws"),
+                "server": {"storage": {"type": "sqlite", "path": dir.path().join("sessions.db")}},
+                "isolation": {"uidBase": 300_000, "uidCount": 3},
+            }),
+        )
+        .without_workspace_flag()
+    };
+    let mut server = Server::start(options()).await?;
+    let a = server.create_session().await?;
+    let mut b = None;
+    for _ in 0..40 {
+        let x = server.create_session().await?;
+        if old_uid_slot(&x, 2) == old_uid_slot(&a, 2) {
+            b = Some(x);
+            break;
+        }
+        server.delete_session(&x).await?;
+    }
+    let b = b.context("no session id shared A's old uid slot in 40 tries")?;
+    let uids = async |server: &Server| -> Result<(u32, u32)> {
+        server.query(&a, "hello").await?;
+        server.query(&b, "hello").await?;
+        let ua = uid_of(server.wait_worker_pid(&a).await?)?;
+        let ub = uid_of(server.wait_worker_pid(&b).await?)?;
+        Ok((ua, ub))
+    };
+    let (ua, ub) = uids(&server).await?;
+    ensure!(ua != ub, "A and B share host uid {ua}");
+    for uid in [ua, ub] {
+        ensure!(
+            uid == 300_001 || uid == 300_002,
+            "uid {uid} outside the range"
+        );
+    }
+    let refused = server
+        .post_json("/api/v1/sessions/create", &json!({}))
+        .await?;
+    ensure!(
+        refused.status == 503 && refused.text.contains("uidCount"),
+        "a third session while both uids are taken: {} {}",
+        refused.status,
+        refused.text
+    );
+    server.kill9()?;
+    server.wait_exit(T).await;
+    drop(server);
+    let server = Server::start(options()).await?;
+    ensure!(
+        uids(&server).await? == (ua, ub),
+        "the uids changed across the restart"
+    );
+    Ok(())
 }
 
 /// T36: `/tmp` is a sized tmpfs.
@@ -1493,6 +1953,71 @@ pub async fn t51_bad_frames(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// T54: a hostile worker pouring well-formed events into its session through the real channel
+/// is stopped at the session limits: first at the stored-bytes cap (the log stops growing
+/// there), then, in another session, at the event rate. Each time only the flooding session's
+/// run ends, with an error naming the limit; the supervisor and other sessions carry on.
+pub async fn t54_event_flood(mode: Mode) -> Result<()> {
+    const CAP: usize = 256 * 1024;
+    let server = start_with(
+        mode,
+        json!({"server": {"sessionLimits": {"eventsPerSecond": 1000, "storedBytes": CAP}}}),
+    )
+    .await?;
+    let bystander = session(&server).await?;
+    for (args, limit) in [
+        (json!({"count": 400, "bytes": 1024}), "storedBytes"),
+        (json!({"count": 100_000, "bytes": 10}), "eventsPerSecond"),
+    ] {
+        let sid = session(&server).await?;
+        let (_, launcher) = jail(&server, &sid).await?;
+        let mut stream = server.stream(&sid, "SLOW 400").await?;
+        stream.read_deltas(1, T).await?;
+        // The probe's own answer may or may not make it out before the kill.
+        let _ = server
+            .post_json(
+                "/api/v1/debug/probe",
+                &json!({"sessionId": sid, "name": "events", "args": args}),
+            )
+            .await?;
+        let frames = stream
+            .collect_until_end(LONG)
+            .await
+            .map_err(|e| with_logs(&server, e))?;
+        let n = frames.len();
+        ensure!(n >= 2, "frames: {:?}", e2e::types(&frames));
+        let (system, end) = (&frames[n - 2].data, &frames[n - 1].data);
+        ensure!(
+            system["type"] == "system"
+                && system["level"] == "error"
+                && system["details"]["limit"] == limit,
+            "the run ends naming {limit}: {system}"
+        );
+        ensure!(
+            end["type"] == "agent_run_end" && end["status"] == "error",
+            "{end}"
+        );
+        wait_until(T, "the flooding worker is stopped", async || {
+            !pid_alive(launcher)
+        })
+        .await?;
+        let stored = server.events(&sid).await?;
+        let bytes: usize = stored.iter().map(|e| e.to_string().len()).sum();
+        ensure!(
+            bytes <= CAP + 2048,
+            "{bytes} bytes stored past the cap of {CAP}"
+        );
+        if limit == "storedBytes" {
+            ensure!(
+                bytes > CAP / 2,
+                "the flood was stored up to the cap ({bytes} bytes)"
+            );
+        }
+        still_fine(&server, &bystander).await?;
+    }
+    Ok(())
+}
+
 /// T55: SIGKILL of the supervisor takes every launcher and worker with it.
 pub async fn t55_supervisor_killed(mode: Mode) -> Result<()> {
     let mut server = start(mode).await?;
@@ -1556,12 +2081,17 @@ macro_rules! catalogue {
     t33_memory_bomb,
     t33_limit_ends_run,
     t34_file_size,
+    t33_totals,
     t35_workspace_quota,
+    t35_quota_survives_restart,
+    t35_project_quota,
     t36_tmp_full,
+    s1_unique_uids,
     t39_file_api,
     t43_file_api_race,
     t48_deep_tree,
     t51_bad_frames,
+    t54_event_flood,
     t55_supervisor_killed,
         );
     };

@@ -17,7 +17,6 @@ use shared::frame::read_frame;
 use shared::protocol::{AgentSettings, FromWorker, ModelReply, PROTOCOL_VERSION, ToWorker};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::WorkerError;
 use crate::channel::{Outbox, spawn_writer};
@@ -69,7 +68,7 @@ pub(crate) struct Agent {
 
 struct CurrentRun {
     run_id: String,
-    cancel: CancellationToken,
+    abort: run::Abort,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -140,18 +139,18 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
                     tracing::warn!(run_id = %query.run_id, "query while a run is executing; ignored");
                     continue;
                 }
-                let cancel = CancellationToken::new();
+                let abort = run::Abort::default();
                 let run_id = query.run_id.clone();
-                let task = tokio::spawn(run::execute(agent.clone(), query, cancel.clone()));
+                let task = tokio::spawn(run::execute(agent.clone(), query, abort.clone()));
                 current = Some(CurrentRun {
                     run_id,
-                    cancel,
+                    abort,
                     task,
                 });
             }
-            ToWorker::Abort { run_id } => {
+            ToWorker::Abort { run_id, reason } => {
                 if let Some(run) = current.as_ref().filter(|run| run.run_id == run_id) {
-                    run.cancel.cancel();
+                    run.abort.abort(reason);
                 }
             }
             ToWorker::Model(reply) => agent.models.deliver(reply),
@@ -160,7 +159,7 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
     }
     // The supervisor is gone: nobody can receive what a run would still produce.
     if let Some(run) = current {
-        run.cancel.cancel();
+        run.abort.cancel();
         run.task.abort();
     }
     Ok(())

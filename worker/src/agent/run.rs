@@ -3,14 +3,14 @@
 //! Every run ends with exactly one `agent_run_end`, whatever happened (ARCHITECTURE decision 5),
 //! preceded by a `RunResult` message carrying what a non-streaming caller gets back.
 
-use std::sync::PoisonError;
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use shared::events::{Event, EventBody, FunctionCall, RunStatus, SystemLevel, ToolCall};
 use shared::ids::{now_ms, prefixed_id};
 use shared::protocol::{
-    Delta, FromWorker, ModelErrorKind, ModelFailure, ModelReply, ModelRequest, Query,
+    AbortReason, Delta, FromWorker, ModelErrorKind, ModelFailure, ModelReply, ModelRequest, Query,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -23,14 +23,40 @@ const MAX_TOOL_CALLS_PER_RESPONSE: usize = 32;
 /// as aborted anyway.
 const TOOL_STOP_GRACE: Duration = Duration::from_secs(1);
 
+/// How a run is stopped: the token every step of the run watches, and why it was cancelled,
+/// which the run's closing events report.
+#[derive(Clone, Default)]
+pub(crate) struct Abort {
+    token: CancellationToken,
+    reason: Arc<OnceLock<AbortReason>>,
+}
+
+impl Abort {
+    /// Stops the run; the first reason given is the one its closing events name.
+    pub(crate) fn abort(&self, reason: AbortReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Stops the run without a reason of its own (the supervisor is gone: nobody will read it).
+    pub(crate) fn cancel(&self) {
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> AbortReason {
+        self.reason.get().copied().unwrap_or(AbortReason::Requested)
+    }
+}
+
 /// Runs `query` to its end. Never fails: every outcome becomes events.
-pub(crate) async fn execute(agent: Agent, query: Query, cancel: CancellationToken) {
+pub(crate) async fn execute(agent: Agent, query: Query, abort: Abort) {
     let input = serde_json::from_str::<Value>(&query.input).unwrap_or(Value::String(query.input));
     let mut run = Run {
         agent,
         run_id: query.run_id,
         stream: query.stream,
-        cancel,
+        cancel: abort.token.clone(),
+        abort,
         started: Instant::now(),
         iterations: 0,
     };
@@ -59,6 +85,8 @@ struct Run {
     run_id: String,
     stream: bool,
     cancel: CancellationToken,
+    /// The abort behind `cancel` (its token), which knows why the run was stopped.
+    abort: Abort,
     started: Instant,
     iterations: u32,
 }
@@ -448,7 +476,10 @@ impl Run {
         let message = self
             .emit(EventBody::AssistantMessage {
                 content: response.text.clone(),
-                raw_content: Some(String::new()),
+                // Upstream's native engine sends `rawContent: ""` on every answer, which reads
+                // as if the answer had been lost; the field is optional (it only matters to an
+                // engine that parses tool calls out of the text), so it is left out.
+                raw_content: None,
                 tool_calls: (!response.calls.is_empty()).then(|| response.calls.clone()),
                 finish_reason: Some(
                     response
@@ -621,12 +652,22 @@ impl Run {
         for call in unanswered {
             self.emit_aborted_result(call, 0).await;
         }
+        let closing = match self.abort.reason() {
+            AbortReason::Requested => "Request was aborted",
+            AbortReason::ServerShutdown => {
+                // A client that did not ask for the abort is told what stopped its run, in the
+                // stream and in the answer a non-streaming caller gets.
+                self.emit(EventBody::System {
+                    level: SystemLevel::Warning,
+                    message: "The server is shutting down: the run was aborted".into(),
+                    details: Some(json!({"kind": "server_shutdown"})),
+                })
+                .await;
+                "Request was aborted: the server is shutting down"
+            }
+        };
         let result = self
-            .emit(assistant(
-                "Request was aborted",
-                "abort",
-                prefixed_id("msg_abort_", 8),
-            ))
+            .emit(assistant(closing, "abort", prefixed_id("msg_abort_", 8)))
             .await;
         RunEnd {
             result,
@@ -803,15 +844,15 @@ mod tests {
         input: &str,
         stream: bool,
         script: impl Fn(usize) -> Vec<Reply>,
-        on_event: impl Fn(&Value, &CancellationToken),
+        on_event: impl Fn(&Value, &Abort),
     ) -> Outcome {
-        let cancel = CancellationToken::new();
+        let abort = Abort::default();
         let query = Query {
             run_id: "r".into(),
             input: json!(input).to_string(),
             stream,
         };
-        let run = tokio::spawn(execute(h.agent.clone(), query, cancel.clone()));
+        let run = tokio::spawn(execute(h.agent.clone(), query, abort.clone()));
         let mut outcome = Outcome {
             events: Vec::new(),
             requests: Vec::new(),
@@ -820,7 +861,7 @@ mod tests {
             match message {
                 FromWorker::Event { json } => {
                     let event: Value = serde_json::from_str(&json).unwrap();
-                    on_event(&event, &cancel);
+                    on_event(&event, &abort);
                     let end = event["type"] == "agent_run_end";
                     outcome.events.push(event);
                     if end {
@@ -931,9 +972,9 @@ mod tests {
                 ],
                 _ => text_answer("unreachable"),
             },
-            |event, cancel| {
+            |event, abort| {
                 if event["type"] == "tool_call" && event["toolCallId"] == "c0" {
-                    cancel.cancel();
+                    abort.abort(AbortReason::Requested);
                 }
             },
         )
@@ -961,6 +1002,46 @@ mod tests {
         assert_eq!(closing["finishReason"], "abort");
         assert_eq!(out.events.last().unwrap()["status"], "aborted");
         assert_eq!(out.requests.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_abort_says_the_server_is_shutting_down() {
+        let mut h = harness();
+        let out = drive(
+            &mut h,
+            "list",
+            true,
+            |n| match n {
+                0 => vec![call(0, "list_directory", "{}"), Reply::Done("tool_calls")],
+                _ => text_answer("unreachable"),
+            },
+            |event, abort| {
+                if event["type"] == "tool_call" {
+                    abort.abort(AbortReason::ServerShutdown);
+                    // A later reason does not replace the first.
+                    abort.abort(AbortReason::Requested);
+                }
+            },
+        )
+        .await;
+        let system = out.of_type("system");
+        assert_eq!(system.len(), 1, "{:?}", out.events);
+        assert_eq!(system[0]["level"], "warning");
+        assert_eq!(
+            system[0]["message"],
+            "The server is shutting down: the run was aborted"
+        );
+        assert_eq!(system[0]["details"]["kind"], "server_shutdown");
+        let closing = *out.of_type("assistant_message").last().unwrap();
+        assert_eq!(
+            closing["content"],
+            "Request was aborted: the server is shutting down"
+        );
+        assert_eq!(out.events.last().unwrap()["status"], "aborted");
+        assert_eq!(
+            &out.types()[out.types().len() - 3..],
+            ["system", "assistant_message", "agent_run_end"]
+        );
     }
 
     #[tokio::test]

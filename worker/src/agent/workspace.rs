@@ -35,6 +35,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Directory levels a recursive delete descends before it gives up (each level holds an fd).
 const MAX_DELETE_DEPTH: usize = 256;
+/// The deepest a tool may create anything: this many path components below the workspace root.
+/// Why a cap at all: the supervisor, the host's tools and every client walk these trees, and a
+/// few `move_file` calls could otherwise nest one deep tree into another until it is thousands
+/// of levels deep. Below [`MAX_DELETE_DEPTH`], so `delete_file` removes whatever tools made.
+pub(crate) const MAX_DEPTH: usize = 128;
 /// Bytes written between two looks at the cancellation token.
 const WRITE_CHUNK: usize = 1024 * 1024;
 
@@ -70,6 +75,13 @@ pub(crate) enum FsError {
     IntoItself(String),
     #[error("Directory tree too deep to delete: {0}")]
     TooDeep(String),
+    #[error("{}: {path}", no_space())]
+    NoSpace { path: String },
+    #[error(
+        "Path too deep: {0} would put entries more than {max} levels below the workspace root",
+        max = MAX_DEPTH
+    )]
+    PathTooDeep(String),
     #[error("{path}: {}", errno.desc())]
     Io { path: String, errno: Errno },
     #[error("aborted")]
@@ -91,6 +103,8 @@ impl FsError {
             Errno::ELOOP => Self::Loop(path),
             // A socket, or a FIFO opened for writing without a reader.
             Errno::ENXIO => Self::NotRegular(path),
+            // A full workspace: its filesystem (an image per session) or its project quota.
+            Errno::ENOSPC | Errno::EDQUOT => Self::NoSpace { path },
             errno => Self::Io { path, errno },
         }
     }
@@ -153,6 +167,11 @@ impl WsPath {
         &self.rel
     }
 
+    /// How many levels below the root it names (0 for the root).
+    fn depth(&self) -> usize {
+        self.rel.components().count()
+    }
+
     /// The path as tool output shows it: relative to the root, `/`-separated, `.` for the root.
     pub(crate) fn display(&self) -> String {
         if self.is_root() {
@@ -193,7 +212,27 @@ pub(crate) struct Workspace {
     prefixes: Vec<PathBuf>,
 }
 
+/// What a tool says when the workspace is full: which quota, when the jail has one.
+pub(crate) fn no_space() -> String {
+    match crate::jail::limits().and_then(|l| l.disk) {
+        Some(quota) => format!(
+            "No space left on device: the session's disk quota of {} is reached",
+            shared::jail::human_bytes(quota)
+        ),
+        None => "No space left on device".to_owned(),
+    }
+}
+
 impl Workspace {
+    /// Whether the workspace's filesystem (or project quota, which `statfs` reports for a
+    /// workspace that has one) has less than 1 MiB or no inode left.
+    pub(crate) fn is_full(&self) -> bool {
+        nix::sys::statvfs::fstatvfs(&self.root).is_ok_and(|st| {
+            st.blocks_available().saturating_mul(st.fragment_size()) <= 1024 * 1024
+                || (st.files() > 0 && st.files_available() == 0)
+        })
+    }
+
     /// Opens the workspace directory `path` (absolute).
     ///
     /// # Errors
@@ -339,6 +378,10 @@ impl Workspace {
         let fail = |e| FsError::from_errno(e, path.given());
         match self.open_beneath(path, flags) {
             Ok(fd) => return Ok((fd, true)),
+            // Something is missing; beyond the cap it may not be made, and nothing is.
+            Err(Errno::ENOENT) if path.depth() > MAX_DEPTH => {
+                return Err(FsError::PathTooDeep(path.given().to_owned()));
+            }
             Err(Errno::ENOENT) => {}
             Err(e) => return Err(fail(e)),
         }
@@ -386,6 +429,11 @@ impl Workspace {
         content: &[u8],
         cancel: &CancellationToken,
     ) -> Result<(), FsError> {
+        // Beyond the cap only an existing file may be rewritten; checked before any parent
+        // directory is created, so a refusal leaves nothing behind.
+        if path.depth() > MAX_DEPTH && !matches!(self.kind(path), Ok(Some(Kind::File))) {
+            return Err(FsError::PathTooDeep(path.given().to_owned()));
+        }
         let Some((parent, name)) = self.parent(path, true)? else {
             return Err(FsError::IsADirectory(path.given().to_owned()));
         };
@@ -463,9 +511,23 @@ impl Workspace {
         let Some((from_dir, from_name)) = self.parent(from, false)? else {
             return Err(FsError::MoveRoot);
         };
-        match fstatat(&from_dir, from_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(_) => {}
-            Err(e) => return Err(FsError::from_errno(e, from.given())),
+        let stat = fstatat(&from_dir, from_name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| FsError::from_errno(e, from.given()))?;
+        // What moves lands `to.depth()` levels down, and a directory brings its tree along.
+        let too_deep = if to.depth() > MAX_DEPTH {
+            true
+        } else if Kind::of_mode(stat.st_mode) == Kind::Dir {
+            let dir = Workspace::open_subdir(&from_dir, from_name, from.given())?;
+            deeper_than(dir, MAX_DEPTH - to.depth(), from.given())?
+        } else {
+            false
+        };
+        if too_deep {
+            return Err(FsError::PathTooDeep(format!(
+                "{} -> {}",
+                from.given(),
+                to.given()
+            )));
         }
         let Some((to_dir, to_name)) = self.parent(to, true)? else {
             return Err(FsError::Exists(to.given().to_owned()));
@@ -636,6 +698,44 @@ fn read_dir(dir: &OwnedFd, path: &str) -> Result<Vec<Entry>, FsError> {
     Ok(entries)
 }
 
+/// Whether anything in the tree under the directory `dir` lies more than `levels` levels below
+/// it (an entry directly inside is one level down). Iterative, never through a symlink, and it
+/// stops as soon as the answer is yes, so at most `levels + 1` directories are open at once.
+fn deeper_than(dir: OwnedFd, levels: usize, path: &str) -> Result<bool, FsError> {
+    let subdirs = |entries: Vec<Entry>| -> Vec<OsString> {
+        entries
+            .into_iter()
+            .filter(|e| e.kind == Kind::Dir)
+            .map(|e| e.name)
+            .collect()
+    };
+    let entries = read_dir(&dir, path)?;
+    if !entries.is_empty() && levels == 0 {
+        return Ok(true);
+    }
+    // Each level: its handle and the subdirectories still to look into. The entries of the
+    // top level lie `stack.len()` levels below `dir`.
+    let mut stack = vec![(dir, subdirs(entries))];
+    while let Some((top, pending)) = stack.last_mut() {
+        let Some(name) = pending.pop() else {
+            stack.pop();
+            continue;
+        };
+        let child = match Workspace::open_subdir(top, &name, path) {
+            Ok(child) => child,
+            // Gone or replaced meanwhile: nothing of it moves as a directory.
+            Err(FsError::NotFound(_) | FsError::NotADirectory(_) | FsError::Loop(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        let entries = read_dir(&child, path)?;
+        if !entries.is_empty() && stack.len() + 1 > levels {
+            return Ok(true);
+        }
+        stack.push((child, subdirs(entries)));
+    }
+    Ok(false)
+}
+
 /// Removes the directory `name` of `parent` and everything in it, by handle and by name, so a
 /// symlink inside is removed as a link and never followed.
 fn remove_tree(
@@ -698,6 +798,18 @@ fn normalise_absolute(path: &Path) -> PathBuf {
 pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_full_disk_or_quota_is_said_so() {
+        for errno in [Errno::ENOSPC, Errno::EDQUOT] {
+            assert_eq!(
+                FsError::from_errno(errno, "big.bin").to_string(),
+                "No space left on device: big.bin"
+            );
+        }
+        let f = Fixture::new();
+        assert!(!f.ws.is_full(), "a temporary directory on a roomy disk");
+    }
 
     /// A workspace in a fresh temporary directory, with a sibling directory outside it.
     pub(crate) struct Fixture {

@@ -4,33 +4,40 @@
 //!
 //! Client events: `join-session` (a plain id or `{sessionId, after?}`; stored sessions are
 //! restored), `leave-session`, `send-query` (`{sessionId, query, stream?}`), `abort-query`,
-//! `ping` (acknowledged), `get-server-status`. Server events: `agent-event` (`{type, data,
-//! seq}`), `agent-status`, `server-status`, `abort-result`, `error` (a string).
+//! `ping` (acknowledged), `get-server-status`. Server events: `agent-event` (each agent event
+//! itself, as stored, with its `seq`: `{type: "assistant_message", content, ..., seq}`, which
+//! is what the seed's example reads), `agent-status` (`{isProcessing, state}`: the answer to a
+//! join, and again when a run starts or ends), `server-status`, `abort-result`, `error` (a
+//! string). A deleted session's sockets get the pseudo-event `{type: "closed", sessionId}`.
 //!
 //! Delivery is per socket, not a room broadcast: each joined socket follows the session's event
 //! log with its own cursor ([`Session::follow`]), so a slow socket never loses events, and a
 //! socket that joins with `after: <seq>` first receives every event after that seq (the live
-//! run's deltas included). Each payload carries the `seq` of its agent event for that purpose.
-//! Rooms (named by session id) carry only the transient notices that are not in the log
-//! (query preparation, `aborted`).
+//! run's deltas included).
 //!
-//! Each incoming event runs in its own task: a client that sends `send-query` right after
-//! `join-session` should wait for the `agent-status` answering its join first.
-
-mod bridge;
+//! A socket's events are handled one after another, in the order the client sent them: the
+//! seed's example emits `join-session` and `send-query` back to back, and the join must have
+//! positioned the socket in the log before the query's first event is published, or the socket
+//! would miss the answer. socketioxide runs every handler as its own task, so the handlers only
+//! queue the event (synchronously, in arrival order) for one task per socket that does the work.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::future::{Ready, ready};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
+use shared::protocol::AbortReason;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::body::{BODY_LIMIT, query_input};
+use super::runs::abort_result;
 use crate::error::ApiError;
 use crate::sessions::Session;
 use crate::state::AppState;
@@ -40,6 +47,9 @@ use crate::state::AppState;
 const SOCKET_BUFFER: usize = 1024;
 /// How long a delivery task waits for a full socket buffer to drain before trying again.
 const FULL_BUFFER_BACKOFF: Duration = Duration::from_millis(5);
+/// Client events a socket may have waiting to be handled; past that, a client that floods the
+/// server is told so instead of growing the queue.
+const PENDING_COMMANDS: usize = 64;
 
 /// The Socket.IO layer, to be mounted outside the HTTP body limit: engine.io enforces its own
 /// (`max_payload`, set to the API's 20 MB so a query with images fits either way).
@@ -48,47 +58,43 @@ pub fn layer(state: Arc<AppState>) -> SocketIoLayer {
         .max_buffer_size(SOCKET_BUFFER)
         .max_payload(BODY_LIMIT as u64)
         .build_layer();
-    io.ns("/", move |socket: SocketRef| {
-        let state = state.clone();
-        async move { connected(socket, state) }
+    // Not an `async` closure: socketioxide sends the client its CONNECT answer, then calls this
+    // and spawns the future it returns. The handlers must be registered before that call
+    // returns, or events a client sends right after connecting (its buffered emits) would find
+    // no handler and be dropped.
+    io.ns("/", move |socket: SocketRef| -> Ready<()> {
+        connected(socket, state.clone());
+        ready(())
     });
     layer
 }
 
-/// The sessions one socket has joined, each with the task delivering its events.
-#[derive(Default)]
-struct Joined(Mutex<HashMap<String, AbortHandle>>);
+/// A client event waiting for its socket's task.
+enum Command {
+    Join(Option<Value>),
+    Leave(Option<Value>),
+    Query(Option<Value>),
+    Abort(Option<Value>),
+    ServerStatus,
+}
 
-impl Joined {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, AbortHandle>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+/// Queues `command` for the socket's task; called synchronously by socketioxide, in the order
+/// the client's packets arrived.
+fn enqueue(socket: &SocketRef, commands: &mpsc::Sender<Command>, command: Command) -> Ready<()> {
+    if let Err(e) = commands.try_send(command) {
+        let message = match e {
+            mpsc::error::TrySendError::Full(_) => "Too many requests are waiting on this socket",
+            mpsc::error::TrySendError::Closed(_) => "This socket is closing",
+        };
+        emit_or_log(socket, "error", message);
     }
-
-    /// Records the delivery task of `session`, ending the one a previous join started (joining
-    /// twice re-positions instead of delivering everything twice).
-    fn replace(&self, session: String, task: AbortHandle) {
-        if let Some(old) = self.map().insert(session, task) {
-            old.abort();
-        }
-    }
-
-    fn leave(&self, session: &str) -> bool {
-        self.map()
-            .remove(session)
-            .map(|task| task.abort())
-            .is_some()
-    }
-
-    fn leave_all(&self) {
-        for (_, task) in self.map().drain() {
-            task.abort();
-        }
-    }
+    ready(())
 }
 
 fn connected(socket: SocketRef, state: Arc<AppState>) {
     tracing::debug!(socket = %socket.id, "socket.io client connected");
-    let joined = Arc::new(Joined::default());
+    let (commands, queue) = mpsc::channel(PENDING_COMMANDS);
+    let gone = CancellationToken::new();
 
     socket.on("ping", async |ack: AckSender| {
         // An empty fixed-size array is an empty argument list (a tuple to socketioxide), so
@@ -99,69 +105,89 @@ fn connected(socket: SocketRef, state: Arc<AppState>) {
         }
     });
 
-    let (s, j) = (state.clone(), joined.clone());
-    socket.on(
-        "join-session",
-        move |socket: SocketRef, TryData(payload): TryData<Value>| {
-            let (state, joined) = (s.clone(), j.clone());
-            async move { join(socket, state, joined, payload.ok()).await }
-        },
-    );
+    let on = |event: &'static str, make: fn(Option<Value>) -> Command| {
+        let commands = commands.clone();
+        socket.on(
+            event,
+            move |socket: SocketRef, TryData(payload): TryData<Value>| {
+                enqueue(&socket, &commands, make(payload.ok()))
+            },
+        );
+    };
+    on("join-session", Command::Join);
+    on("leave-session", Command::Leave);
+    on("send-query", Command::Query);
+    on("abort-query", Command::Abort);
+    let status_commands = commands.clone();
+    socket.on("get-server-status", move |socket: SocketRef| {
+        enqueue(&socket, &status_commands, Command::ServerStatus)
+    });
 
-    let j = joined.clone();
-    socket.on(
-        "leave-session",
-        move |socket: SocketRef, TryData(payload): TryData<Value>| {
-            let joined = j.clone();
-            async move {
-                if let Some(id) = payload.ok().as_ref().and_then(session_id_of) {
+    let on_gone = gone.clone();
+    socket.on_disconnect(move |socket: SocketRef| {
+        tracing::debug!(socket = %socket.id, "socket.io client disconnected");
+        on_gone.cancel();
+        ready(())
+    });
+    tokio::spawn(serve(socket, state, queue, gone));
+}
+
+/// The socket's task: handles its client events in order until the socket goes away, then
+/// ends the deliveries it started.
+async fn serve(
+    socket: SocketRef,
+    state: Arc<AppState>,
+    mut queue: mpsc::Receiver<Command>,
+    gone: CancellationToken,
+) {
+    let mut joined = Joined::default();
+    loop {
+        let command = tokio::select! {
+            () = gone.cancelled() => break,
+            command = queue.recv() => match command {
+                Some(command) => command,
+                None => break,
+            },
+        };
+        match command {
+            Command::Join(payload) => join(&socket, &state, &mut joined, payload).await,
+            Command::Leave(payload) => {
+                if let Some(id) = payload.as_ref().and_then(session_id_of) {
                     joined.leave(&id);
-                    socket.leave(id);
                 }
             }
-        },
-    );
-
-    let s = state.clone();
-    socket.on(
-        "send-query",
-        move |socket: SocketRef, TryData(payload): TryData<Value>| {
-            let state = s.clone();
-            async move { send_query(socket, state, payload.ok()).await }
-        },
-    );
-
-    let s = state.clone();
-    socket.on(
-        "abort-query",
-        move |socket: SocketRef, TryData(payload): TryData<Value>| {
-            let state = s.clone();
-            async move { abort_query(socket, state, payload.ok()).await }
-        },
-    );
-
-    let s = state;
-    socket.on("get-server-status", move |socket: SocketRef| {
-        let state = s.clone();
-        async move {
-            let running = state.exclusive.holder();
-            let exclusive = state.config.server.exclusive;
-            emit_or_log(
-                &socket,
-                "server-status",
-                &json!({
-                    "isExclusive": exclusive,
-                    "runningSessionId": running,
-                    "canAcceptNewRequest": !exclusive || running.is_none(),
-                }),
-            );
+            Command::Query(payload) => send_query(&socket, &state, payload).await,
+            Command::Abort(payload) => abort_query(&socket, &state, payload).await,
+            Command::ServerStatus => server_status(&socket, &state),
         }
-    });
+    }
+    joined.leave_all();
+}
 
-    socket.on_disconnect(async move |socket: SocketRef| {
-        tracing::debug!(socket = %socket.id, "socket.io client disconnected");
-        joined.leave_all();
-    });
+/// The sessions one socket has joined, each with the task delivering its events.
+#[derive(Default)]
+struct Joined(HashMap<String, AbortHandle>);
+
+impl Joined {
+    /// Records the delivery task of `session`, ending the one a previous join started (joining
+    /// twice re-positions instead of delivering everything twice).
+    fn replace(&mut self, session: String, task: AbortHandle) {
+        if let Some(old) = self.0.insert(session, task) {
+            old.abort();
+        }
+    }
+
+    fn leave(&mut self, session: &str) {
+        if let Some(task) = self.0.remove(session) {
+            task.abort();
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for (_, task) in self.0.drain() {
+            task.abort();
+        }
+    }
 }
 
 /// The session id of a payload: a plain string (upstream) or `{sessionId}` (the seed).
@@ -206,13 +232,17 @@ async fn find_session(
     }
 }
 
+fn status_payload(status: shared::events::RunStatus) -> Value {
+    json!({"isProcessing": status == shared::events::RunStatus::Executing, "state": status.as_str()})
+}
+
 async fn join(
-    socket: SocketRef,
-    state: Arc<AppState>,
-    joined: Arc<Joined>,
+    socket: &SocketRef,
+    state: &Arc<AppState>,
+    joined: &mut Joined,
     payload: Option<Value>,
 ) {
-    let Some(session) = find_session(&socket, &state, payload.as_ref()).await else {
+    let Some(session) = find_session(socket, state, payload.as_ref()).await else {
         return;
     };
     // Positioned before the status is read, so nothing published after it is missed; a seq
@@ -224,12 +254,10 @@ async fn join(
         .and_then(Value::as_u64)
         .map_or(latest, |after| after.min(latest));
     let cursor = session.bus.follow_after(after);
-    socket.join(session.id.clone());
-    let status = session.status().await;
     emit_or_log(
-        &socket,
+        socket,
         "agent-status",
-        &json!({"isProcessing": status == shared::events::RunStatus::Executing, "state": status.as_str()}),
+        &status_payload(session.status().await),
     );
     let events = session.follow(state.storage.clone(), state.shutdown.clone(), cursor, false);
     let task = tokio::spawn(deliver(socket.clone(), session.clone(), events));
@@ -237,8 +265,24 @@ async fn join(
     tracing::debug!(socket = %socket.id, session_id = %session.id, after, "socket joined a session");
 }
 
-/// Sends every event of `events` to `socket` as `agent-event`s until the socket goes away or
-/// the stream ends (the session was deleted: `closed`; or the server stops).
+/// The `agent-status` a run start or end announces, if `event` is one.
+fn run_status_change(event: &Map<String, Value>) -> Option<Value> {
+    match event.get("type").and_then(Value::as_str)? {
+        "agent_run_start" => Some(json!({"isProcessing": true, "state": "executing"})),
+        "agent_run_end" => {
+            let state = event
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("idle");
+            Some(json!({"isProcessing": false, "state": state}))
+        }
+        _ => None,
+    }
+}
+
+/// Sends every event of `events` to `socket` as an `agent-event` (the event with its `seq`),
+/// and an `agent-status` after each run start and end, until the socket goes away or the
+/// stream ends (the session was deleted: `closed`; or the server stops).
 async fn deliver(
     socket: SocketRef,
     session: Arc<Session>,
@@ -246,35 +290,39 @@ async fn deliver(
 ) {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
-        let Ok(value) = serde_json::from_str::<Value>(&event.json) else {
+        let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(&event.json) else {
             continue;
         };
-        for emission in bridge::translate(&value) {
-            let payload = json!({"type": emission.kind, "data": emission.data, "seq": event.seq});
-            if !emit_lossless(&socket, &payload).await {
-                return;
-            }
+        let status = run_status_change(&fields);
+        fields.insert("seq".into(), json!(event.seq));
+        if !emit_lossless(&socket, "agent-event", &Value::Object(fields)).await {
+            return;
+        }
+        if let Some(status) = status
+            && !emit_lossless(&socket, "agent-status", &status).await
+        {
+            return;
         }
     }
     if session.is_closed() {
-        let payload = json!({"type": "closed", "data": {"sessionId": session.id}});
-        emit_lossless(&socket, &payload).await;
+        let closed = json!({"type": "closed", "sessionId": session.id});
+        emit_lossless(&socket, "agent-event", &closed).await;
     }
 }
 
-/// Emits an `agent-event`, waiting while the socket's buffer is full: the follower behind it
-/// waits too (and catches up from storage if it falls out of the live ring), so nothing is
-/// dropped. `false` once the socket is gone.
-async fn emit_lossless(socket: &SocketRef, payload: &Value) -> bool {
+/// Emits `event`, waiting while the socket's buffer is full: the follower behind it waits too
+/// (and catches up from storage if it falls out of the live ring), so nothing is dropped.
+/// `false` once the socket is gone.
+async fn emit_lossless(socket: &SocketRef, event: &str, payload: &Value) -> bool {
     loop {
-        match socket.emit("agent-event", payload) {
+        match socket.emit(event, payload) {
             Ok(()) => return true,
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
                 tokio::time::sleep(FULL_BUFFER_BACKOFF).await;
             }
             Err(SendError::Socket(SocketError::Closed)) => return false,
             Err(e) => {
-                tracing::warn!(socket = %socket.id, error = %e, "could not encode an agent-event");
+                tracing::warn!(socket = %socket.id, event, error = %e, "could not encode an event");
                 return true;
             }
         }
@@ -288,23 +336,11 @@ fn emit_or_log<T: serde::Serialize + ?Sized>(socket: &SocketRef, event: &str, da
     }
 }
 
-/// A notice for every socket in the session's room; not part of the event log.
-async fn notify_room(socket: &SocketRef, session: &str, kind: &str, data: Value) {
-    let payload = json!({"type": kind, "data": data});
-    if let Err(e) = socket
-        .within(session.to_owned())
-        .emit("agent-event", &payload)
-        .await
-    {
-        tracing::debug!(session_id = %session, error = %e, "could not notify a session's sockets");
-    }
-}
-
 /// Starts a run; its events reach every joined socket through their followers. `stream: true`
-/// (our addition) asks for a streaming run, so sockets see `streaming_message` deltas;
-/// upstream's socket queries were non-streaming.
-async fn send_query(socket: SocketRef, state: Arc<AppState>, payload: Option<Value>) {
-    let Some(session) = find_session(&socket, &state, payload.as_ref()).await else {
+/// (our addition) asks for a streaming run, so sockets also see the
+/// `assistant_streaming_message` deltas; upstream's socket queries were non-streaming.
+async fn send_query(socket: &SocketRef, state: &Arc<AppState>, payload: Option<Value>) {
+    let Some(session) = find_session(socket, state, payload.as_ref()).await else {
         return;
     };
     let body = payload
@@ -315,53 +351,36 @@ async fn send_query(socket: SocketRef, state: Arc<AppState>, payload: Option<Val
     let input = match query_input(&body) {
         Ok(input) => input,
         Err(e) => {
-            emit_or_log(&socket, "error", &e.to_string());
+            emit_or_log(socket, "error", &e.to_string());
             return;
         }
     };
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let (phase, message, estimate) = if stream {
-        (
-            "streaming_preparation",
-            "Preparing streaming response...",
-            "3-10 seconds for first token",
-        )
-    } else {
-        (
-            "query_preparation",
-            "Preparing to process your request...",
-            "5-15 seconds",
-        )
-    };
-    notify_room(
-        &socket,
-        &session.id,
-        "agent-status",
-        json!({"isProcessing": true, "state": "initializing", "phase": phase, "message": message, "estimatedTime": estimate}),
-    )
-    .await;
-    if let Err(e) = session.start_run(&state, &input, stream).await {
-        let message = e.to_string();
-        notify_room(&socket, &session.id, "error", json!({"message": message})).await;
-        emit_or_log(&socket, "error", &message);
+    if let Err(e) = session.start_run(state, &input, stream).await {
+        emit_or_log(socket, "error", &e.to_string());
     }
 }
 
-async fn abort_query(socket: SocketRef, state: Arc<AppState>, payload: Option<Value>) {
-    let Some(session) = find_session(&socket, &state, payload.as_ref()).await else {
+async fn abort_query(socket: &SocketRef, state: &Arc<AppState>, payload: Option<Value>) {
+    let Some(session) = find_session(socket, state, payload.as_ref()).await else {
         return;
     };
-    let success = session.abort().await;
-    if success {
-        notify_room(
-            &socket,
-            &session.id,
-            "aborted",
-            json!({"sessionId": session.id}),
-        )
-        .await;
-    }
-    emit_or_log(&socket, "abort-result", &json!({"success": success}));
+    let outcome = session.abort(AbortReason::Requested).await;
+    emit_or_log(socket, "abort-result", &abort_result(outcome));
+}
+
+fn server_status(socket: &SocketRef, state: &AppState) {
+    let running = state.exclusive.holder();
+    let exclusive = state.config.server.exclusive;
+    emit_or_log(
+        socket,
+        "server-status",
+        &json!({
+            "isExclusive": exclusive,
+            "runningSessionId": running,
+            "canAcceptNewRequest": !exclusive || running.is_none(),
+        }),
+    );
 }
 
 #[cfg(test)]
@@ -378,5 +397,24 @@ mod tests {
         assert_eq!(session_id_of(&json!("")), None);
         assert_eq!(session_id_of(&json!({"id": "abc"})), None);
         assert_eq!(session_id_of(&json!(7)), None);
+    }
+
+    #[test]
+    fn run_starts_and_ends_announce_the_status() {
+        let event = |v: Value| v.as_object().cloned().unwrap_or_default();
+        assert_eq!(
+            run_status_change(&event(json!({"type": "agent_run_start"}))),
+            Some(json!({"isProcessing": true, "state": "executing"}))
+        );
+        assert_eq!(
+            run_status_change(&event(
+                json!({"type": "agent_run_end", "status": "aborted"})
+            )),
+            Some(json!({"isProcessing": false, "state": "aborted"}))
+        );
+        assert_eq!(
+            run_status_change(&event(json!({"type": "assistant_message"}))),
+            None
+        );
     }
 }

@@ -72,4 +72,27 @@ mod tests {
         }
         assert!(!f.outside().join("x").exists());
     }
+
+    #[test]
+    fn depth_is_capped() {
+        use crate::agent::workspace::MAX_DEPTH;
+        let f = Fixture::new();
+        let deepest = vec!["d"; MAX_DEPTH].join("/");
+        run(&f, "create_directory", json!({"path": deepest})).unwrap();
+        assert!(f.root().join(&deepest).is_dir());
+        let deeper = format!("{deepest}/e");
+        let err = run(&f, "create_directory", json!({"path": deeper})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Path too deep: {deeper} would put entries more than {MAX_DEPTH} levels below \
+                 the workspace root"
+            )
+        );
+        assert!(!f.root().join(&deeper).exists());
+        // Nothing is created on the way to a refusal either.
+        let fresh = vec!["n"; MAX_DEPTH + 5].join("/");
+        run(&f, "create_directory", json!({"path": fresh})).unwrap_err();
+        assert!(!f.root().join("n").exists());
+    }
 }

@@ -117,4 +117,74 @@ mod tests {
         assert!(f.outside().join("secret.txt").exists());
         assert!(!f.outside().join("a.txt").exists());
     }
+
+    #[test]
+    fn a_moved_tree_may_not_end_up_too_deep() {
+        use crate::agent::workspace::MAX_DEPTH;
+        let f = Fixture::new();
+        // A tree whose deepest entry is 100 levels below `t` (99 directories, then a file).
+        let tree = format!("t/{}/leaf.txt", vec!["x"; 99].join("/"));
+        f.write(&tree, "leaf");
+        let room = MAX_DEPTH - 100;
+        let fits = vec!["a"; room].join("/");
+        let too_deep = format!("{fits}/b");
+        let err = run(
+            &f,
+            "move_file",
+            json!({"source": "t", "destination": too_deep}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("Path too deep: t -> "), "{err}");
+        assert!(f.root().join(&tree).exists());
+        run(&f, "move_file", json!({"source": "t", "destination": fits})).unwrap();
+        assert_eq!(
+            f.read(&format!("{fits}/{}/leaf.txt", vec!["x"; 99].join("/"))),
+            "leaf"
+        );
+        // A file or an empty directory only needs its own place.
+        f.write("f.txt", "f");
+        let deepest = format!("{}/f.txt", vec!["c"; MAX_DEPTH - 1].join("/"));
+        run(
+            &f,
+            "move_file",
+            json!({"source": "f.txt", "destination": deepest}),
+        )
+        .unwrap();
+        std::fs::create_dir(f.root().join("empty")).unwrap();
+        let beyond = vec!["e"; MAX_DEPTH + 1].join("/");
+        let err = run(
+            &f,
+            "move_file",
+            json!({"source": "empty", "destination": beyond}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("Path too deep:"), "{err}");
+    }
+
+    /// The attack the cap stops: doubling a deep tree into itself, move after move.
+    #[test]
+    fn nesting_a_tree_into_its_copy_stops_at_the_cap() {
+        use crate::agent::workspace::MAX_DEPTH;
+        let f = Fixture::new();
+        let half = vec!["p"; MAX_DEPTH / 2].join("/");
+        run(
+            &f,
+            "create_directory",
+            json!({"path": format!("one/{half}")}),
+        )
+        .unwrap();
+        run(
+            &f,
+            "create_directory",
+            json!({"path": format!("two/{half}")}),
+        )
+        .unwrap();
+        let err = run(
+            &f,
+            "move_file",
+            json!({"source": "one", "destination": format!("two/{half}/one")}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("Path too deep:"), "{err}");
+    }
 }

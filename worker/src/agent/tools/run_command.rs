@@ -75,6 +75,10 @@ const REAP_WAIT: Duration = Duration::from_secs(5);
 /// without pause cannot keep the loop from its other checks.
 const BURST_BYTES: usize = 1024 * 1024;
 
+/// `close_range` flag: mark the range close-on-exec instead of closing it (closing would also
+/// close std's own pipe that reports a failed exec).
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
 /// One command at a time per worker, its stop included (agent.md §3.5). Tools run one after the
 /// other anyway; this matters when an aborted call is still stopping its command (it runs on a
 /// blocking thread the run no longer waits for) while the next run starts one: the
@@ -168,7 +172,9 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
             // Whatever the shell and its foreground jobs wrote is in the pipes by now; a
             // background job still holding them is not waited for.
             output.drain();
-            Ok(result_parts(&output, status))
+            // A command that failed on a full workspace is told which quota it hit.
+            let full = status != 0 && cx.ws.is_full();
+            Ok(result_parts(&output, status, full))
         }
         Ending::Aborted => {
             stop(&watched, &mut output, ABORT_TERM_GRACE);
@@ -214,8 +220,9 @@ fn shell(line: &str, cwd: RawFd) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
-    // allowed: setsid and fchdir are raw syscalls, and `cwd` is an open descriptor owned by the
-    // caller until the spawn has returned (O_CLOEXEC closes the child's copy at exec).
+    // allowed: setsid, fchdir and close_range are raw syscalls, and `cwd` is an open
+    // descriptor owned by the caller until the spawn has returned (O_CLOEXEC closes the
+    // child's copy at exec).
     unsafe {
         command.pre_exec(move || {
             // Its own session and process group, so the whole group can be signalled and no
@@ -226,6 +233,11 @@ fn shell(line: &str, cwd: RawFd) -> Command {
             if libc::fchdir(cwd) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
+            // A command gets fds 0-2 and nothing else. Everything the worker opens is
+            // close-on-exec already (the channel included); this keeps it so for anything
+            // opened later without the flag. Kernels before 5.11 lack the flag (EINVAL): there
+            // the per-descriptor flags are all there is.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
             Ok(())
         });
     }
@@ -273,7 +285,7 @@ impl Drop for KillOnUnwind {
 /// The result parts of a command that ended on its own (agent.md §3.5): STDOUT, STDERR, ERROR
 /// for a non-zero exit or a signal, `(no output)` when there is nothing else. A non-zero exit is
 /// not a tool error: the model reads the ERROR part.
-fn result_parts(output: &Output, status: libc::c_int) -> Value {
+fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value {
     let mut parts = Vec::new();
     for (name, capture) in [
         ("STDOUT", &output.streams[0]),
@@ -283,7 +295,10 @@ fn result_parts(output: &Output, status: libc::c_int) -> Value {
             parts.push(json!({"type": "text", "name": name, "text": capture.capture.text()}));
         }
     }
-    if let Some(error) = describe_status(status) {
+    if let Some(mut error) = describe_status(status) {
+        if disk_full {
+            error = format!("{error} ({})", crate::agent::workspace::no_space());
+        }
         parts.push(json!({"type": "text", "name": "ERROR", "text": error}));
     }
     if parts.is_empty() {

@@ -131,4 +131,30 @@ mod tests {
         assert!(err.is_aborted());
         assert!(!f.root().join("a").exists());
     }
+
+    #[test]
+    fn depth_is_capped_for_new_files_only() {
+        use crate::agent::workspace::MAX_DEPTH;
+        let f = Fixture::new();
+        let dirs = vec!["d"; MAX_DEPTH - 1].join("/");
+        run(
+            &f,
+            "write_file",
+            json!({"path": format!("{dirs}/ok.txt"), "content": "x"}),
+        )
+        .unwrap();
+        let err = run(
+            &f,
+            "write_file",
+            json!({"path": format!("{dirs}/d/no.txt"), "content": "x"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("Path too deep:"), "{err}");
+        assert!(!f.root().join(format!("{dirs}/d")).exists());
+        // A file that is deeper already (made by a command, say) can still be rewritten.
+        let deep = format!("{dirs}/d/e/old.txt");
+        f.write(&deep, "old");
+        run(&f, "write_file", json!({"path": deep, "content": "new"})).unwrap();
+        assert_eq!(f.read(&deep), "new");
+    }
 }
