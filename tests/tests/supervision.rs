@@ -349,3 +349,51 @@ async fn stored_events_stop_at_the_session_limit() -> Result<()> {
     others_unaffected(&server).await?;
     Ok(())
 }
+
+/// Streamed text is stored too (the running run's live text), so it counts toward
+/// `storedBytes`: a stream of deltas that would never end in a stored event is stopped at the
+/// limit rather than filling the disk. What the follower was shown becomes the run's
+/// interrupted answer, and the log stays within the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_text_counts_toward_the_stored_limit() -> Result<()> {
+    const CAP: usize = 16 * 1024;
+    const TOKENS: usize = 20_000;
+    let config = json!({"server": {"sessionLimits": {"storedBytes": "16KiB"}}});
+    let server =
+        Server::start(ServerOpts::new().config_file("limits.json", config.to_string())).await?;
+    let sid = server.create_session().await?;
+
+    // About 130 KB of text, far past the cap, in one burst of deltas.
+    let frames = server.stream_all(&sid, &format!("FLOOD {TOKENS}")).await?;
+    check_seq(&frames)?;
+    ends_with_limit(&frames, "storedBytes")?;
+    let shown: String = frames
+        .iter()
+        .filter(|f| f.ty() == "assistant_streaming_message")
+        .filter_map(|f| f.data["content"].as_str())
+        .collect();
+    let tokens = shown.split(' ').count();
+    ensure!(
+        tokens < TOKENS && !shown.is_empty(),
+        "the stream was stopped at the limit, not at its end ({tokens} tokens shown)"
+    );
+
+    let stored = server.events(&sid).await?;
+    let answer = stored
+        .iter()
+        .find(|e| e["type"] == "assistant_message")
+        .context("the streamed text is not in the history")?;
+    ensure!(
+        answer["finishReason"] == "interrupted" && answer["content"] == shown.as_str(),
+        "shown {} bytes, kept {}",
+        shown.len(),
+        answer["content"].as_str().map_or(0, str::len)
+    );
+    ensure!(
+        stored_size(&stored) <= CAP + 2048,
+        "stored {} bytes past the cap of {CAP}",
+        stored_size(&stored)
+    );
+    others_unaffected(&server).await?;
+    Ok(())
+}
