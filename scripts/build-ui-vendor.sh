@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Builds supervisor/ui/vendor.js, the third-party code of the built-in web UI: the Markdown
+# Builds supervisor-core/ui/vendor.js, the third-party code of the built-in web UI: the Markdown
 # renderer `marked` and the HTML sanitizer `DOMPurify`, at the exact versions (and registry
 # integrity hashes) of scripts/ui-vendor/package-lock.json.
 #
-#   scripts/build-ui-vendor.sh           # rewrites supervisor/ui/vendor.js (commit it)
+#   scripts/build-ui-vendor.sh           # rewrites supervisor-core/ui/vendor.js (commit it)
 #   scripts/build-ui-vendor.sh --check   # fails if the committed file is not what this builds
 #
 # The file is committed, so building the server needs nothing but cargo: the UI, vendor.js
@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-out="supervisor/ui/vendor.js"
+out="supervisor-core/ui/vendor.js"
 check=false
 case "${1:-}" in
   "") ;;

@@ -564,7 +564,7 @@ async fn durable_figures(binary: &Path, client: &reqwest::Client) -> Result<Valu
 /// batched transactions), with 8 sessions appending at once, each waiting for every append as
 /// the server does.
 async fn sqlite_appends_per_second() -> Result<f64> {
-    use supervisor::storage::{SessionInfo, SqliteStorage, Storage};
+    use supervisor_core::storage::{SessionInfo, SqliteStorage, Storage};
     let dir = tempfile::tempdir()?;
     let store = std::sync::Arc::new(SqliteStorage::open(&dir.path().join("appends.db"))?);
     let sessions = 8u64;

@@ -4,7 +4,7 @@
 // `DOMPurify` (vendor.js, inlined before this script; see scripts/build-ui-vendor.sh); every
 // other text from the agent or the server is only ever set with textContent.
 //
-// Streams use the server's SSE framing (supervisor/src/api/sse.rs): a query stream sends each
+// Streams use the server's SSE framing (supervisor-core/src/api/sse.rs): a query stream sends each
 // event as a `data:` block followed by an `id: <seq>` block; the follow stream
 // (/sessions/events/stream) sends `id:` and `data:` in one block. An open session is always
 // followed live, so events from other clients appear, a run survives a broken query stream,

@@ -109,8 +109,20 @@ enum Job {
 pub struct TestHooks {
     /// T04: an `O_PATH` fd of the host `/` leaked into the launcher at fd 7.
     pub leak_fd: bool,
-    /// T59: a seccomp filter refusing namespace creation, installed before `exec`.
+    /// T59: a seccomp filter refusing namespace creation, which the launcher installs first
+    /// thing (`--test-deny-namespaces`), as if a container's profile had been there before it.
     pub deny_namespaces: bool,
+}
+
+impl TestHooks {
+    /// The launcher's own flags for these hooks.
+    fn args(self) -> &'static [&'static str] {
+        if self.deny_namespaces {
+            &["--test-deny-namespaces"]
+        } else {
+            &[]
+        }
+    }
 }
 
 /// Handle to the spawner thread, and the isolation in force.
@@ -403,31 +415,6 @@ fn prepare_workspace(path: &Path, ids: Option<(u32, u32)>) -> std::io::Result<()
     dir.set_permissions(std::fs::Permissions::from_mode(0o700))
 }
 
-/// The T59 filter as raw BPF instructions, built before the fork (nothing may allocate after it).
-#[cfg(feature = "isolation-tests")]
-fn deny_namespaces_filter(hooks: TestHooks) -> std::io::Result<Option<Vec<libc::sock_filter>>> {
-    if !hooks.deny_namespaces {
-        return Ok(None);
-    }
-    let program = worker::jail::seccomp::namespace_denial().map_err(std::io::Error::other)?;
-    Ok(Some(
-        program
-            .into_iter()
-            .map(|i| libc::sock_filter {
-                code: i.code,
-                jt: i.jt,
-                jf: i.jf,
-                k: i.k,
-            })
-            .collect(),
-    ))
-}
-
-#[cfg(not(feature = "isolation-tests"))]
-fn deny_namespaces_filter(_hooks: TestHooks) -> std::io::Result<Option<Vec<libc::sock_filter>>> {
-    Ok(None)
-}
-
 /// S4–S6 up to the "go": channel, exec, cgroup placement. The launcher then blocks on fd 3.
 fn start_launcher(
     exe: &Path,
@@ -458,13 +445,13 @@ fn start_launcher(
         None
     };
     let leaked_raw = leaked.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-    let denial = deny_namespaces_filter(hooks)?;
 
     let mut command = Command::new(exe);
     command
         .arg("worker")
         // `=` form: ids may start with `-`, which would otherwise read as a flag.
         .args(args)
+        .args(hooks.args())
         // No secret and no configuration reaches a worker through its environment.
         .env_clear()
         .stdin(Stdio::null())
@@ -475,6 +462,8 @@ fn start_launcher(
     // functions (dup2, fcntl, setsid, prctl, getppid, close_range, _exit) on plain integers it
     // captured.
     unsafe {
+        // TODO(i12-frame): `worker::CHANNEL_FD` becomes `shared`'s, and this library stops
+        // depending on the worker crate.
         command.pre_exec(move || {
             if child_fd == worker::CHANNEL_FD {
                 // dup2 onto itself would keep FD_CLOEXEC set; clear it instead.
@@ -489,22 +478,6 @@ fn start_launcher(
             libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
             if leaked_raw >= 0 && libc::dup2(leaked_raw, LEAKED_FD) == -1 {
                 return Err(std::io::Error::last_os_error());
-            }
-            if let Some(filter) = &denial {
-                let program = libc::sock_fprog {
-                    len: filter.len() as libc::c_ushort,
-                    filter: filter.as_ptr().cast_mut(),
-                };
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1
-                    || libc::syscall(
-                        libc::SYS_seccomp,
-                        libc::SECCOMP_SET_MODE_FILTER,
-                        0,
-                        &program as *const libc::sock_fprog,
-                    ) == -1
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
             }
             // Own session: no controlling terminal, and signals to our process group miss it.
             if libc::setsid() == -1 {

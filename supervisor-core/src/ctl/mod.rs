@@ -1,6 +1,8 @@
 //! The control socket: a local socket in a private directory (mode 0700, socket 0600), so file
 //! permissions decide who may operate the server. One JSON request per line, one JSON answer
-//! per line. `supervisor ctl ...` is its client.
+//! per line. `supervisor ctl ...` is its client ([`client`]).
+
+pub mod client;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,7 +52,7 @@ pub enum CtlError {
     Answer(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CtlError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CtlError + '_ {
     move |source| CtlError::Io {
         path: path.to_owned(),
         source,
@@ -132,25 +134,4 @@ async fn run(state: &Arc<AppState>, request: Request) -> Result<Value, ApiError>
         Request::Drain => crate::ops::set_draining(state, true),
         Request::Resume => crate::ops::set_draining(state, false),
     })
-}
-
-/// Client side: sends one request and returns the answer.
-///
-/// # Errors
-/// No server on the socket, or an unreadable answer.
-pub async fn call(path: &Path, request: &Request) -> Result<Value, CtlError> {
-    let name = path.to_fs_name::<GenericFilePath>().map_err(io(path))?;
-    let stream = Stream::connect(name).await.map_err(io(path))?;
-    let mut line = serde_json::to_string(request).map_err(|e| CtlError::Answer(e.to_string()))?;
-    line.push('\n');
-    (&stream)
-        .write_all(line.as_bytes())
-        .await
-        .map_err(io(path))?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .await
-        .map_err(io(path))?;
-    serde_json::from_str(&answer).map_err(|e| CtlError::Answer(e.to_string()))
 }

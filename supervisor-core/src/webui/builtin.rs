@@ -1,4 +1,4 @@
-//! The built-in UI (`supervisor/ui/`), compiled into the binary.
+//! The built-in UI (`supervisor-core/ui/`), compiled into the binary.
 //!
 //! Its stylesheet and scripts are inlined into the page once, so the page is one self-contained
 //! document: it loads with a single request (no asset path the workspace file server could

@@ -1,0 +1,115 @@
+//! The client side of the control socket, for `supervisor ctl`: one request, one answer, and a
+//! short human rendering of it.
+
+use std::path::Path;
+
+use interprocess::local_socket::GenericFilePath;
+use interprocess::local_socket::tokio::Stream;
+use interprocess::local_socket::tokio::prelude::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::{CtlError, Request, io};
+
+/// Sends one request and returns the answer (on a runtime of its own: the CLI has none).
+///
+/// # Errors
+/// No server on the socket, or an unreadable answer.
+pub fn call(path: &Path, request: &Request) -> Result<Value, CtlError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io(path))?;
+    runtime.block_on(exchange(path, request))
+}
+
+async fn exchange(path: &Path, request: &Request) -> Result<Value, CtlError> {
+    let name = path.to_fs_name::<GenericFilePath>().map_err(io(path))?;
+    let stream = Stream::connect(name).await.map_err(io(path))?;
+    let mut line = serde_json::to_string(request).map_err(|e| CtlError::Answer(e.to_string()))?;
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .await
+        .map_err(io(path))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .await
+        .map_err(io(path))?;
+    serde_json::from_str(&answer).map_err(|e| CtlError::Answer(e.to_string()))
+}
+
+/// A short human rendering of an answer: a table of workers or sessions, `ok ...`, or, as
+/// `Err`, the text for stderr when the server refused.
+pub fn render(answer: &Value) -> Result<String, String> {
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let table = |rows: &[Value], columns: &[&str]| {
+        let mut out = columns.join("\t") + "\n";
+        for row in rows {
+            let cells: Vec<String> = columns.iter().map(|c| cell(&row[*c])).collect();
+            out += &cells.join("\t");
+            out.push('\n');
+        }
+        out
+    };
+    if let Some(workers) = answer["workers"].as_array() {
+        let columns = [
+            "sessionId",
+            "pid",
+            "state",
+            "uptimeSecs",
+            "rssKib",
+            "cpuSecs",
+            "events",
+        ];
+        Ok(table(workers, &columns))
+    } else if let Some(sessions) = answer["sessions"].as_array() {
+        let columns = [
+            "sessionId",
+            "name",
+            "updatedAt",
+            "loaded",
+            "worker",
+            "running",
+        ];
+        Ok(table(sessions, &columns))
+    } else if answer["success"] == false {
+        Err(format!(
+            "error: {} ({})\n",
+            cell(&answer["message"]),
+            cell(&answer["code"])
+        ))
+    } else {
+        Ok(format!("ok {answer}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::render;
+
+    #[test]
+    fn answers_render_as_tables_or_one_line() {
+        let workers =
+            json!({"success": true, "workers": [{"sessionId": "a", "pid": 7, "state": null}]});
+        let text = render(&workers).unwrap();
+        assert!(text.starts_with("sessionId\tpid\tstate\t"), "{text}");
+        assert!(text.contains("\na\t7\t-\t"), "{text}");
+        let refused = json!({"success": false, "code": "SESSION_NOT_FOUND", "message": "gone"});
+        assert_eq!(
+            render(&refused).unwrap_err(),
+            "error: gone (SESSION_NOT_FOUND)\n"
+        );
+        assert_eq!(
+            render(&json!({"success": true})).unwrap(),
+            "ok {\"success\":true}\n"
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! The command line: `supervisor [serve flags]`, `supervisor import`, `supervisor ctl`, and the
+//! hidden `supervisor worker` the server starts each session's worker with.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use supervisor_core::config::Overrides;
+use supervisor_core::ctl::Request;
+
+#[derive(Parser)]
+#[command(
+    name = "supervisor",
+    version,
+    about = "Agent server: one isolated worker process per session"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Copy sessions and events from an upstream Tarko store (its SQLite database, its
+    /// tarko.json, or a directory holding one) into the store configured here.
+    Import {
+        /// The upstream store.
+        #[arg(long)]
+        from: PathBuf,
+        // Boxed: the serve flags are big next to the other variants.
+        #[command(flatten)]
+        target: Box<ServeArgs>,
+    },
+    /// Operate a running server through its control socket.
+    Ctl(CtlArgs),
+    /// Run one session's worker (started by the supervisor, never by hand).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// The control socket (the server's `server.controlSocket`) [default: ctl.sock in the
+    /// data directory].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The server's data directory (`server.dataDir`) [env: DATA_DIR] [default: ./data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the server's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+#[derive(Subcommand)]
+pub enum CtlAction {
+    /// Stored sessions, and which are loaded, have a worker, or run.
+    Sessions,
+    /// Live workers: session, pid, state, uptime, memory, CPU, events.
+    Workers,
+    /// Replace a session's worker; its history and followers are kept.
+    Restart { session: String },
+    /// Stop a session's worker; its next query starts a new one.
+    Stop { session: String },
+    /// Refuse new runs and let running ones finish.
+    Drain,
+    /// Accept new runs again after a drain.
+    Resume,
+}
+
+impl CtlAction {
+    /// The request this action sends. Session ids are checked by the server, which answers an
+    /// invalid one like an unknown one.
+    pub fn request(self) -> Request {
+        match self {
+            Self::Sessions => Request::Sessions,
+            Self::Workers => Request::Workers,
+            Self::Restart { session } => Request::Restart {
+                session_id: session,
+            },
+            Self::Stop { session } => Request::Stop {
+                session_id: session,
+            },
+            Self::Drain => Request::Drain,
+            Self::Resume => Request::Resume,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Start-up probe of an isolation level: build the jail, check it, report, exit.
+    #[arg(long)]
+    pub probe: bool,
+    /// A pooled launcher: its session comes with its jail spec.
+    #[arg(long)]
+    pub pooled: bool,
+    /// Test builds only: start under a container-style seccomp filter that refuses namespace
+    /// creation (the `isolation.test.denyNamespaces` hook).
+    #[cfg(feature = "isolation-tests")]
+    #[arg(long)]
+    pub test_deny_namespaces: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Config file (.toml, .yaml, .yml or .json) in the appConfig shape.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 3000].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Root directory for session workspaces [default: ./workspace].
+    #[arg(long)]
+    pub workspace: Option<PathBuf>,
+    /// The server's own files: control socket, default storage, jail stage [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Storage backend: memory, file or sqlite [default: memory].
+    #[arg(long)]
+    storage_type: Option<String>,
+    /// File or directory of the file and sqlite backends.
+    #[arg(long)]
+    storage_path: Option<PathBuf>,
+    /// Refuse new sessions while a session is running a query.
+    #[arg(long)]
+    exclusive: bool,
+    /// Model provider (openai, anthropic, ...); none configured means the offline echo model.
+    #[arg(long)]
+    model_provider: Option<String>,
+    /// Model id.
+    #[arg(long)]
+    model_id: Option<String>,
+    /// trace, debug, info, warn or error (RUST_LOG overrides it).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log lines as text (default) or as one JSON object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Isolation level: auto (default), strict, chroot or none [env: AGENTD_ISOLATION].
+    #[arg(long)]
+    isolation: Option<String>,
+    /// Permit `--isolation none` (development only) [env: AGENTD_ALLOW_INSECURE=1].
+    #[arg(long)]
+    allow_insecure_isolation: bool,
+    /// With `none`, also permit a non-loopback listen address [env: AGENTD_ALLOW_INSECURE_REMOTE=1].
+    #[arg(long)]
+    allow_insecure_remote: bool,
+    /// Test builds only: become this uid (and gid) before serving, to exercise rootless mode.
+    #[cfg(feature = "isolation-tests")]
+    #[arg(long)]
+    pub test_run_as: Option<u32>,
+    /// Serve this web UI directory (webui.staticPath; scripts/fetch-webui.sh fetches the
+    /// official one) instead of the built-in UI.
+    #[arg(long)]
+    webui_static_path: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The flags as the configuration's last layer.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            host: self.host.clone(),
+            port: self.port,
+            workspace: self.workspace.clone(),
+            data_dir: self.data_dir.clone(),
+            storage_type: self.storage_type.clone(),
+            storage_path: self.storage_path.clone(),
+            exclusive: self.exclusive,
+            model_provider: self.model_provider.clone(),
+            model_id: self.model_id.clone(),
+            log_level: self.log_level.clone(),
+            webui_static_path: self.webui_static_path.clone(),
+            isolation: self.isolation.clone(),
+            allow_insecure_isolation: self.allow_insecure_isolation,
+            allow_insecure_remote: self.allow_insecure_remote,
+        }
+    }
+}
