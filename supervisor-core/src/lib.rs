@@ -15,7 +15,8 @@
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
 //! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
 //! - `metrics`: `GET /metrics`.
-//! - [`isolation`]: the isolation level in force, its limits, probes and report.
+//! - [`isolation`]: the isolation level in force: its configuration, probes, per-session host
+//!   ids, disk quotas, cgroups, jail specs, audit check and report.
 //! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
 //!   `share`: replay pages of sessions, downloaded or uploaded.
 //! - `workspace`: every host-side access to a session's workspace (reads, listings, removal),
@@ -29,10 +30,8 @@ pub mod config;
 mod connections;
 pub mod ctl;
 pub mod data_dir;
-mod disk;
 pub mod error;
 mod gateway;
-mod host_ids;
 pub mod import;
 pub mod isolation;
 mod live_text;

@@ -107,24 +107,29 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     // Absolute from here on: the jail stage inside it is handed to workers.
     config.server.data_dir = crate::data_dir::prepare(&config.server.data_dir)?;
     let exe = std::env::current_exe().map_err(ServeError::Executable)?;
-    let spawner =
-        Spawner::start(exe, tokio::runtime::Handle::current()).map_err(ServeError::Executable)?;
-    // The level in force is decided here, by probing the real launcher, before anything is
-    // served; an unavailable level stops the server (isolation.md §3.2).
+    // The level in force is decided first, by probing the real launcher, before anything is
+    // served; an unavailable level stops the server. Workers are only spawned once it is known.
+    let probe = async |spec, hooks| {
+        crate::workers::probe(&exe, spec, hooks)
+            .await
+            .map_err(|e| e.to_string())
+    };
     let isolation = Isolation::establish(
         &config.isolation,
         &workspace_root,
         &config.server.jail_stage(),
         &config.server.host,
-        &spawner,
+        &probe,
     )
     .await?;
     isolation.log();
     let level = isolation.level.as_str();
-    spawner.set_isolation(Arc::new(isolation));
+    let isolation = Arc::new(isolation);
     // Whatever ends this function, a start-up step failing below included, this server's
     // parent cgroups and image pool go with it.
-    let _cleanup = CleanupIsolation(spawner.isolation());
+    let _cleanup = CleanupIsolation(isolation.clone());
+    let spawner = Spawner::start(exe, tokio::runtime::Handle::current(), isolation.clone())
+        .map_err(ServeError::Executable)?;
     let model = config.default_model();
     if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
@@ -132,7 +137,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
     // Root mode: the host uid each stored session's files belong to, so none is handed out
     // twice and each session keeps its own.
-    if let Some(ids) = spawner.isolation().host_ids() {
+    if let Some(ids) = isolation.host_ids() {
         for problem in ids.load(storage.host_ids().await?) {
             tracing::warn!(%problem, "stored host uids");
         }
@@ -163,6 +168,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
         workspace_root,
         sessions: Default::default(),
         spawner,
+        isolation,
         exclusive: Default::default(),
         webui,
         sharing,
@@ -197,7 +203,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     if let Some(agio) = &state.agio {
         agio.shutdown().await;
     }
-    state.spawner.isolation().cleanup();
+    state.isolation.cleanup();
     match tokio::time::timeout(DRAIN_DEADLINE, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),

@@ -13,6 +13,7 @@ use crate::agio::Agio;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::isolation::Isolation;
 use crate::sessions::{ExclusiveSlot, Session, Sessions};
 use crate::share::Sharing;
 use crate::storage::{SessionInfo, SharedStorage};
@@ -26,6 +27,8 @@ pub struct AppState {
     pub storage: SharedStorage,
     pub sessions: Sessions,
     pub spawner: Spawner,
+    /// The isolation established at start-up, which every worker is jailed by.
+    pub isolation: Arc<Isolation>,
     pub gateway: Arc<Gateway>,
     /// AGIO export, when `agio.provider` is configured.
     pub agio: Option<Arc<Agio>>,
@@ -92,7 +95,7 @@ impl AppState {
                 retry_after_secs: 5,
             });
         }
-        let isolation = self.spawner.isolation();
+        let isolation = self.isolation.clone();
         let totals = isolation.totals();
         let (memory, pids) = isolation.session_commitment();
         let by_memory = usize::try_from(totals.memory / memory.max(1)).unwrap_or(usize::MAX);
@@ -147,7 +150,7 @@ impl AppState {
     /// # Errors
     /// Every id of the range belongs to a stored session, or storage failed.
     pub async fn host_id(&self, session_id: &str) -> Result<Option<u32>, ApiError> {
-        let isolation = self.spawner.isolation();
+        let isolation = self.isolation.clone();
         let Some(ids) = isolation.host_ids() else {
             return Ok(None);
         };
@@ -173,7 +176,7 @@ impl AppState {
     /// # Errors
     /// The quota could not be set up: the workspace is not used without it.
     pub async fn ensure_workspace(&self, session: &Session) -> Result<(), ApiError> {
-        let isolation = self.spawner.isolation();
+        let isolation = self.isolation.clone();
         if isolation.disk().enforced_limit().is_none() {
             return Ok(());
         }
@@ -267,7 +270,7 @@ impl AppState {
         // Its host uid and disk quota exist before anything can be written into it.
         if let Err(e) = self.provision(&id, &workspace).await {
             let _ = self.storage.delete_session(&id).await;
-            if let Some(ids) = self.spawner.isolation().host_ids() {
+            if let Some(ids) = self.isolation.clone().host_ids() {
                 ids.release(&id);
             }
             let _ = std::fs::remove_dir_all(&workspace);
@@ -283,7 +286,7 @@ impl AppState {
     /// A new session's host uid (recorded) and its workspace's disk quota.
     async fn provision(&self, id: &str, workspace: &std::path::Path) -> Result<(), ApiError> {
         let project = self.host_id(id).await?;
-        let isolation = self.spawner.isolation();
+        let isolation = self.isolation.clone();
         let (id, workspace) = (id.to_owned(), workspace.to_owned());
         tokio::task::spawn_blocking(move || isolation.disk().attach(&id, &workspace, project))
             .await
@@ -306,7 +309,7 @@ impl AppState {
         self.exclusive.release(&session.id);
         let existed = self.storage.delete_session(&session.id).await?;
         // The quota goes first: an image is unmounted, so the directory below is empty.
-        let isolation = self.spawner.isolation();
+        let isolation = self.isolation.clone();
         let project = isolation.host_ids().and_then(|ids| ids.get(&session.id));
         let (id, workspace) = (session.id.clone(), session.workspace.clone());
         let released = isolation.clone();
@@ -331,8 +334,7 @@ impl AppState {
     /// worker sees that), never where it lives on the host.
     pub fn shown(&self, mut info: SessionInfo) -> SessionInfo {
         info.workspace = self
-            .spawner
-            .isolation()
+            .isolation
             .workspace_inside(std::path::Path::new(&info.workspace));
         info
     }

@@ -88,10 +88,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(socketio::layer(state.clone()))
         .layer(middleware::from_fn(cors))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::isolation::level_header,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), level_header))
+}
+
+/// Adds `X-Isolation-Level` to every response: clients and proxies can see what protects the
+/// sessions without asking for the health report.
+async fn level_header(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let level = state.isolation.level.as_str();
+    let mut response = next.run(request).await;
+    response
+        .headers_mut()
+        .insert("x-isolation-level", HeaderValue::from_static(level));
+    response
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
@@ -199,9 +211,14 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap().keep();
         let config = crate::config::load_with_env(None, &Default::default(), |_| None).unwrap();
-        let spawner =
-            crate::workers::Spawner::start("/bin/false".into(), tokio::runtime::Handle::current())
-                .unwrap();
+        // Unprobed: it jails nothing, so these tests never start a worker.
+        let isolation = Arc::new(crate::isolation::Isolation::default());
+        let spawner = crate::workers::Spawner::start(
+            "/bin/false".into(),
+            tokio::runtime::Handle::current(),
+            isolation.clone(),
+        )
+        .unwrap();
         let webui = crate::webui::WebUi::from_config(&config).unwrap();
         let sharing = crate::share::Sharing::from_config(&config.share).unwrap();
         Arc::new(AppState {
@@ -212,6 +229,7 @@ mod tests {
             storage: Arc::new(crate::storage::MemoryStorage::new()),
             sessions: Default::default(),
             spawner,
+            isolation,
             exclusive: Default::default(),
             webui,
             sharing,
@@ -315,7 +333,7 @@ mod tests {
         assert!(host.is_dir());
         assert_eq!(
             created["session"]["workspace"],
-            state.spawner.isolation().workspace_inside(&host)
+            state.isolation.workspace_inside(&host)
         );
 
         let update = format!(

@@ -35,7 +35,7 @@ pub(super) async fn system_health(
         // The type only: where the store lives is the operator's business (`supervisor ctl`).
         "storage": {"type": state.storage.descriptor().kind},
         "model": {"provider": model.provider, "id": model.id, "offline": model.provider == "echo"},
-        "isolation": state.spawner.isolation().report(),
+        "isolation": state.isolation.clone().report(),
     })))
 }
 
@@ -47,10 +47,7 @@ pub(super) async fn version() -> Json<Value> {
 pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Value> {
     let config = &state.config;
     // What a session's agent sees as its workspace, not where the server keeps them.
-    let workspace = state
-        .spawner
-        .isolation()
-        .workspace_inside(&state.workspace_root);
+    let workspace = state.isolation.workspace_inside(&state.workspace_root);
     let workspace_name = std::path::Path::new(&workspace)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
@@ -62,7 +59,7 @@ pub(super) async fn agent_options(State(state): State<Arc<AppState>>) -> Json<Va
         "toolCallEngine": "native",
         "workspace": workspace,
         "workspaceName": workspace_name.unwrap_or_else(|| "workspace".into()),
-        "isolation": state.spawner.isolation().summary(),
+        "isolation": state.isolation.clone().summary(),
     });
     if let Some(instructions) = &config.instructions {
         let short: String = instructions.chars().take(100).collect();

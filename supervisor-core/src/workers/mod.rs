@@ -8,7 +8,6 @@
 //! (`limits`) before they are stored, and any protocol violation or exceeded limit kills the
 //! worker rather than the supervisor.
 
-pub mod cgroup;
 mod limits;
 mod spawn;
 
@@ -31,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use limits::LimitExceeded;
-pub use spawn::{ProbeOutcome, Spawner, TestHooks};
+pub use spawn::{Spawner, probe};
 
 use crate::sessions::Session;
 use crate::state::AppState;
@@ -198,7 +197,7 @@ pub async fn start(
     let pid = child.id().unwrap_or_default();
     let spawn_us = spawning.elapsed().as_micros() as u64;
     let (mut read, mut write) = channel.into_split();
-    let isolation = state.spawner.isolation();
+    let isolation = state.isolation.clone();
     let mut jail_us = 0;
 
     let init = ToWorker::Init(Box::new(Init {
@@ -488,7 +487,7 @@ impl Connection {
         if !abnormal {
             return reason;
         }
-        let isolation = self.state.spawner.isolation();
+        let isolation = self.state.isolation.clone();
         if let Some(limit) = self.jail.limit_hit() {
             if limit == "memory" {
                 crate::metrics::METRICS.oom_kills.inc();

@@ -24,20 +24,20 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, OnceLock};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use shared::frame::read_frame;
-use shared::jail::{JailAudit, JailFailure, JailLevel, JailSpec};
+use shared::jail::{JailLevel, JailSpec};
 use shared::protocol::FromWorker;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use super::WorkerError;
-use super::cgroup::SessionGroup;
-use crate::isolation::Isolation;
+use crate::isolation::cgroup::SessionGroup;
+use crate::isolation::{Isolation, LaunchHooks, ProbeOutcome};
 
 /// `close_range` flag: mark the range close-on-exec instead of closing it.
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
@@ -72,88 +72,62 @@ impl SessionJail {
     }
 }
 
-/// How a start-up probe ended.
-pub enum ProbeOutcome {
-    /// The jail was built: its audit and the in-jail checks (JSON).
-    Jailed {
-        audit: Box<JailAudit>,
-        report: String,
-    },
-    /// A jail step failed, and the worker said which.
-    Failed(JailFailure),
-    /// The launcher died without saying anything useful.
-    Died(String),
-}
-
 /// Launchers kept ready (S3–S5 done, waiting for their spec). Each idles at a few MiB.
 const POOL_SIZE: usize = 2;
 
 enum Job {
-    /// Top the pool up (the isolation is decided, or a launcher was taken).
-    Fill(Arc<Isolation>),
+    /// Top the pool up (at start, or after a launcher was taken).
+    Fill,
     Session {
-        isolation: Arc<Isolation>,
         session_id: String,
         workspace: PathBuf,
         reply: oneshot::Sender<std::io::Result<Spawned>>,
     },
-    Probe {
-        spec: Box<JailSpec>,
-        hooks: TestHooks,
-        reply: oneshot::Sender<std::io::Result<(Child, UnixStream)>>,
-    },
 }
 
-/// Test builds: what a launcher is started with besides its spec (isolation.md §4.2).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TestHooks {
-    /// T04: an `O_PATH` fd of the host `/` leaked into the launcher at fd 7.
-    pub leak_fd: bool,
-    /// T59: a seccomp filter refusing namespace creation, which the launcher installs first
-    /// thing (`--test-deny-namespaces`), as if a container's profile had been there before it.
-    pub deny_namespaces: bool,
-}
-
-impl TestHooks {
-    /// The launcher's own flags for these hooks.
-    fn args(self) -> &'static [&'static str] {
-        if self.deny_namespaces {
-            &["--test-deny-namespaces"]
-        } else {
-            &[]
-        }
+/// The launcher's own flags for the test hooks it is started with.
+fn hook_args(hooks: LaunchHooks) -> &'static [&'static str] {
+    if hooks.deny_namespaces {
+        &["--test-deny-namespaces"]
+    } else {
+        &[]
     }
 }
 
-/// Handle to the spawner thread, and the isolation in force.
+/// Handle to the spawner thread, which jails every worker as the isolation in force says.
 pub struct Spawner {
     jobs: std_mpsc::Sender<Job>,
-    isolation: OnceLock<Arc<Isolation>>,
+    isolation: Arc<Isolation>,
     pool: Arc<Pool>,
 }
 
 impl Spawner {
-    /// Starts the spawner thread. `exe` is the binary to re-execute (our own). Until
-    /// [`Spawner::set_isolation`] is called, the isolation is an unprobed `none`.
+    /// Starts the spawner thread, which fills its pool of launchers at once. `exe` is the
+    /// binary to re-execute (our own); `isolation` is the one established at start-up (an
+    /// unprobed one, as unit tests use, jails nothing).
     ///
     /// # Errors
     /// The thread could not be created.
-    pub fn start(exe: PathBuf, runtime: tokio::runtime::Handle) -> std::io::Result<Self> {
+    pub fn start(
+        exe: PathBuf,
+        runtime: tokio::runtime::Handle,
+        isolation: Arc<Isolation>,
+    ) -> std::io::Result<Self> {
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let pool = Arc::new(Pool::default());
         let filled = pool.clone();
+        let jailed = isolation.clone();
         std::thread::Builder::new()
             .name("worker-spawner".into())
             .spawn(move || {
                 // Entering the runtime lets tokio::process register the child with its reaper, so
                 // the supervisor awaits each exit asynchronously.
                 let _guard = runtime.enter();
-                let pool = filled;
+                let (pool, isolation) = (filled, jailed);
                 for job in rx {
                     match job {
-                        Job::Fill(isolation) => pool.fill(&exe, &isolation),
+                        Job::Fill => pool.fill(&exe, &isolation),
                         Job::Session {
-                            isolation,
                             session_id,
                             workspace,
                             reply,
@@ -164,38 +138,15 @@ impl Spawner {
                             let _ = reply.send(spawned);
                             pool.fill(&exe, &isolation);
                         }
-                        Job::Probe { spec, hooks, reply } => {
-                            let args = ["--probe".to_owned()];
-                            // A child dropped on error is killed (kill_on_drop).
-                            let started = start_launcher(&exe, &args, None, hooks)
-                                .and_then(|(child, channel)| Ok((child, release(&spec, channel)?)));
-                            let _ = reply.send(started);
-                        }
                     }
                 }
             })?;
+        let _ = jobs.send(Job::Fill);
         Ok(Self {
             jobs,
-            isolation: OnceLock::new(),
+            isolation,
             pool,
         })
-    }
-
-    /// Fixes the isolation decided at start-up; later calls are ignored (a level never changes
-    /// at runtime, §3.2).
-    pub fn set_isolation(&self, isolation: Arc<Isolation>) {
-        if self.isolation.set(isolation.clone()).is_ok() {
-            let _ = self.jobs.send(Job::Fill(isolation));
-        }
-    }
-
-    /// The isolation in force.
-    pub fn isolation(&self) -> Arc<Isolation> {
-        static UNSET: OnceLock<Arc<Isolation>> = OnceLock::new();
-        self.isolation
-            .get()
-            .unwrap_or_else(|| UNSET.get_or_init(Default::default))
-            .clone()
     }
 
     /// Starts the worker process of `session_id`, jailed to `workspace`.
@@ -203,7 +154,7 @@ impl Spawner {
     /// # Errors
     /// The spawner is gone, or a step of S1–S6 failed.
     pub async fn spawn(&self, session_id: &str, workspace: &Path) -> Result<Spawned, WorkerError> {
-        let isolation = self.isolation();
+        let isolation = self.isolation.clone();
         if isolation.level == JailLevel::None {
             tracing::warn!(
                 session_id,
@@ -213,7 +164,7 @@ impl Spawner {
         if let Some(ready) = self.pool.take() {
             // The fork already happened on the spawner thread; binding (chown, one write) may
             // run on any thread.
-            let _ = self.jobs.send(Job::Fill(isolation.clone()));
+            let _ = self.jobs.send(Job::Fill);
             let (id, ws) = (session_id.to_owned(), workspace.to_owned());
             return tokio::task::spawn_blocking(move || bind(ready, &isolation, &id, &ws))
                 .await
@@ -223,7 +174,6 @@ impl Spawner {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job::Session {
-                isolation,
                 session_id: session_id.to_owned(),
                 workspace: workspace.to_owned(),
                 reply,
@@ -233,54 +183,47 @@ impl Spawner {
             .map_err(|_| WorkerError::Spawn("the spawner thread dropped the request".into()))?
             .map_err(|e| WorkerError::Spawn(e.to_string()))
     }
+}
 
-    /// Runs one start-up probe (isolation.md §3.3) through the same spawn path as sessions.
-    ///
-    /// # Errors
-    /// The spawner is gone or the process could not be started.
-    pub async fn probe(
-        &self,
-        spec: JailSpec,
-        hooks: TestHooks,
-    ) -> Result<ProbeOutcome, WorkerError> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Probe {
-                spec: Box::new(spec),
-                hooks,
-                reply,
-            })
-            .map_err(|_| WorkerError::Spawn("the spawner thread has stopped".into()))?;
-        let (mut child, channel) = rx
-            .await
-            .map_err(|_| WorkerError::Spawn("the spawner thread dropped the request".into()))?
-            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
-        let mut read = channel;
-        let outcome = match read_frame::<_, FromWorker>(&mut read).await {
-            Ok(Some(FromWorker::Jailed(audit))) => match read_frame::<_, FromWorker>(&mut read)
-                .await
-            {
-                Ok(Some(FromWorker::ProbeReport { json })) => ProbeOutcome::Jailed {
-                    audit,
-                    report: json,
-                },
-                other => ProbeOutcome::Died(format!("no probe report after the audit: {other:?}")),
+/// Runs one start-up probe of the isolation level: a launcher in probe mode, started the way a
+/// session's is (minus the pool), handed `spec`, and read until its report. The probe is forked
+/// from the calling thread, whose exit would fire its parent-death signal: at start-up that is
+/// the thread driving the server, which outlives it.
+///
+/// # Errors
+/// The launcher could not be started or handed its spec.
+pub async fn probe(
+    exe: &Path,
+    spec: JailSpec,
+    hooks: LaunchHooks,
+) -> Result<ProbeOutcome, WorkerError> {
+    // A child dropped on error is killed (kill_on_drop).
+    let (mut child, channel) = start_launcher(exe, &["--probe".to_owned()], None, hooks)
+        .and_then(|(child, channel)| Ok((child, release(&spec, channel)?)))
+        .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+    let mut read = channel;
+    let outcome = match read_frame::<_, FromWorker>(&mut read).await {
+        Ok(Some(FromWorker::Jailed(audit))) => match read_frame::<_, FromWorker>(&mut read).await {
+            Ok(Some(FromWorker::ProbeReport { json })) => ProbeOutcome::Jailed {
+                audit,
+                report: json,
             },
-            Ok(Some(FromWorker::JailFailed(failure))) => ProbeOutcome::Failed(failure),
-            Ok(Some(other)) => ProbeOutcome::Died(format!("unexpected first message {other:?}")),
-            Ok(None) => {
-                let status = child.wait().await.ok();
-                ProbeOutcome::Died(format!(
-                    "the launcher exited without a report ({})",
-                    super::describe_exit(status)
-                ))
-            }
-            Err(e) => ProbeOutcome::Died(format!("bad frame from the probe: {e}")),
-        };
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        Ok(outcome)
-    }
+            other => ProbeOutcome::Died(format!("no probe report after the audit: {other:?}")),
+        },
+        Ok(Some(FromWorker::JailFailed(failure))) => ProbeOutcome::Failed(failure),
+        Ok(Some(other)) => ProbeOutcome::Died(format!("unexpected first message {other:?}")),
+        Ok(None) => {
+            let status = child.wait().await.ok();
+            ProbeOutcome::Died(format!(
+                "the launcher exited without a report ({})",
+                super::describe_exit(status)
+            ))
+        }
+        Err(e) => ProbeOutcome::Died(format!("bad frame from the probe: {e}")),
+    };
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    Ok(outcome)
 }
 
 /// A launcher that has been exec'd and placed in its (still empty) cgroup, waiting for a spec.
@@ -323,7 +266,7 @@ impl Pool {
             exe,
             &["--pooled".to_owned()],
             cgroup.as_ref(),
-            isolation.test_hooks(),
+            isolation.launch_hooks(),
         )?;
         Ok(Ready {
             child,
@@ -420,7 +363,7 @@ fn start_launcher(
     exe: &Path,
     args: &[String],
     cgroup: Option<&SessionGroup>,
-    hooks: TestHooks,
+    hooks: LaunchHooks,
 ) -> std::io::Result<(Child, std::os::unix::net::UnixStream)> {
     // Both ends are close-on-exec; the child's end is duplicated onto fd 3 (which clears the
     // flag) in pre_exec, so no other descriptor of ours crosses the exec.
@@ -451,7 +394,7 @@ fn start_launcher(
         .arg("worker")
         // `=` form: ids may start with `-`, which would otherwise read as a flag.
         .args(args)
-        .args(hooks.args())
+        .args(hook_args(hooks))
         // No secret and no configuration reaches a worker through its environment.
         .env_clear()
         .stdin(Stdio::null())

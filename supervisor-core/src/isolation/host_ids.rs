@@ -12,6 +12,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 
+use super::Isolation;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostIdError {
     #[error(
@@ -131,6 +133,62 @@ impl HostIds {
     }
 }
 
+/// How session identities are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UidMode {
+    /// Root mode: each session has its own host uid/gid.
+    PerSession,
+    /// Rootless: every session runs as the server's own uid (inside its own user namespace).
+    Shared,
+    /// `none`: the worker simply is the server's uid.
+    Server,
+}
+
+impl UidMode {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::PerSession => "per-session",
+            Self::Shared => "shared",
+            Self::Server => "server",
+        }
+    }
+}
+
+/// Ids in the host passwd and group databases: never handed to a session (S1).
+pub(super) fn host_database_ids() -> HashSet<u32> {
+    let mut ids = HashSet::new();
+    for file in ["/etc/passwd", "/etc/group"] {
+        for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+            if let Some(id) = line.split(':').nth(2).and_then(|v| v.parse().ok()) {
+                ids.insert(id);
+            }
+        }
+    }
+    ids
+}
+
+impl Isolation {
+    /// S1: the host uid/gid of a session in root mode; `None` when sessions use the server's.
+    /// The id was assigned and recorded in storage before (see [`crate::host_ids`]).
+    ///
+    /// # Errors
+    /// Root mode, and the session has no id: it must never fall back to any other identity.
+    pub fn session_ids(&self, session_id: &str) -> std::io::Result<Option<(u32, u32)>> {
+        if self.uid_mode != UidMode::PerSession {
+            return Ok(None);
+        }
+        self.host_ids
+            .get(session_id)
+            .map(|id| Some((id, id)))
+            .ok_or_else(|| std::io::Error::other(format!("session {session_id} has no host uid")))
+    }
+
+    /// The allocator of per-session host uids, in root mode.
+    pub fn host_ids(&self) -> Option<&HostIds> {
+        (self.uid_mode == UidMode::PerSession).then_some(&self.host_ids)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +260,28 @@ mod tests {
         assert_eq!(ids.get("x"), Some(102));
         let fresh = ids.assign("w").unwrap();
         assert!(fresh != 102 && fresh != 105);
+    }
+
+    #[test]
+    fn a_session_without_a_recorded_uid_is_refused_in_root_mode() {
+        let mut iso = super::Isolation {
+            uid_mode: UidMode::PerSession,
+            host_ids: HostIds::new(200_000, 65_536, HashSet::from([0])),
+            ..super::Isolation::default()
+        };
+        assert!(iso.session_ids("V1StGXR8_Z5jdHi6B-myT").is_err());
+        let id = iso
+            .host_ids()
+            .unwrap()
+            .assign("V1StGXR8_Z5jdHi6B-myT")
+            .unwrap();
+        assert_eq!(
+            iso.session_ids("V1StGXR8_Z5jdHi6B-myT").unwrap(),
+            Some((id, id))
+        );
+        assert!(id > 200_000 && id < 265_536);
+        iso.uid_mode = UidMode::Shared;
+        assert_eq!(iso.session_ids("x").unwrap(), None);
+        assert!(iso.host_ids().is_none());
     }
 }
