@@ -20,7 +20,6 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::gateway::Finished;
 
 /// Events per batch (the CLI's AGIO provider setting).
 const BATCH_SIZE: usize = 3;
@@ -164,15 +163,23 @@ impl Agio {
         self.signal(session_id, Signal::ModelRequest { tools });
     }
 
-    /// A model call completed, with its usage and timing.
-    pub(crate) fn model_finished(self: &Arc<Self>, session_id: &str, model: &str, done: &Finished) {
+    /// A model call completed: its usage (if known), the time to its first delta, and its
+    /// whole duration, retries included.
+    pub(crate) fn model_finished(
+        self: &Arc<Self>,
+        session_id: &str,
+        model: &str,
+        usage: Option<&Usage>,
+        ttft: Option<Duration>,
+        total: Duration,
+    ) {
         self.signal(
             session_id,
             Signal::ModelFinished {
                 model: model.to_owned(),
-                usage: done.usage.clone().unwrap_or_default(),
-                ttft: done.ttft,
-                total: done.total,
+                usage: usage.cloned().unwrap_or_default(),
+                ttft,
+                total,
             },
         );
     }

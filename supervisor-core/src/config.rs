@@ -14,8 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
 
-pub use crate::catalogue::Catalogue;
+pub mod catalogue;
+
 use crate::isolation::ByteSize;
+pub use catalogue::Catalogue;
 
 /// The whole configuration.
 ///
@@ -758,7 +760,7 @@ pub fn load_with_env(
     let mut config: Config = figment.extract().map_err(describe)?;
     validate(&config)?;
     crate::isolation::validate(&config.isolation).map_err(ConfigError::Invalid)?;
-    config.catalogue = crate::catalogue::resolve(&config, &env)?;
+    config.catalogue = catalogue::resolve(&config, &env)?;
     Ok(config)
 }
 

@@ -10,7 +10,8 @@
 //!   `live_text`: streamed text kept durable before followers see it, and recovered after a crash.
 //! - `workers`: spawning, handshaking with and supervising one worker process per session.
 //! - `gateway`: model calls on behalf of workers (they hold no keys and no network);
-//!   `catalogue`: the configured models, resolved with their keys; `agio`: AGIO export.
+//!   [`config::catalogue`]: the configured models, resolved with their keys; `agio`: AGIO
+//!   export.
 //! - [`error`]: every client-visible error and its status.
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
 //! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
@@ -25,7 +26,6 @@
 mod agio;
 mod api;
 mod bus;
-mod catalogue;
 pub mod config;
 mod connections;
 pub mod ctl;

@@ -2,15 +2,14 @@
 //!
 //! A static of atomics rather than a metrics library: the set is small and fixed, recording is
 //! one atomic add on hot paths, and the exposition format is a few lines of text. Gauges that
-//! describe the present (live workers, their memory, follower lag) are computed when scraped.
+//! describe the present (live workers, their memory, follower lag) are gathered by the caller
+//! when scraped and handed in as [`Gauges`].
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use shared::events::RunStatus;
-
-use crate::state::AppState;
 
 /// The process's metrics; there is one server per process.
 pub static METRICS: Metrics = Metrics::new();
@@ -168,8 +167,20 @@ fn gauge_header(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
 }
 
-/// The whole exposition.
-pub async fn render(state: &AppState) -> String {
+/// The present, as a scrape sees it.
+pub struct Gauges {
+    /// Sessions loaded in this process.
+    pub sessions_live: usize,
+    /// `(session id, pid)` of every live worker.
+    pub workers: Vec<(String, u32)>,
+    /// `(session id, events)` its slowest follower has yet to read, for every loaded session.
+    pub follower_lags: Vec<(String, u64)>,
+    /// Since the server started.
+    pub uptime: Duration,
+}
+
+/// The whole exposition: the counters, then `gauges`.
+pub fn render(gauges: &Gauges) -> String {
     let m = &METRICS;
     let mut out = String::with_capacity(4096);
     counter(
@@ -306,21 +317,13 @@ pub async fn render(state: &AppState) -> String {
         m.model_completion_tokens.get(),
     );
 
-    let sessions = state.sessions.all();
     gauge_header(
         &mut out,
         "agent_sessions_live",
         "Sessions loaded in this process.",
     );
-    let _ = writeln!(out, "agent_sessions_live {}", sessions.len());
-    let mut workers = Vec::new();
-    let mut lags = Vec::new();
-    for session in &sessions {
-        if let Some(worker) = session.worker().await {
-            workers.push((session.id.clone(), worker.pid));
-        }
-        lags.push((session.id.clone(), session.bus.max_follower_lag()));
-    }
+    let _ = writeln!(out, "agent_sessions_live {}", gauges.sessions_live);
+    let (workers, lags) = (&gauges.workers, &gauges.follower_lags);
     gauge_header(&mut out, "agent_workers_live", "Live worker processes.");
     let _ = writeln!(out, "agent_workers_live {}", workers.len());
     gauge_header(
@@ -328,7 +331,7 @@ pub async fn render(state: &AppState) -> String {
         "agent_worker_rss_bytes",
         "Resident memory of each session's worker.",
     );
-    for (session, pid) in &workers {
+    for (session, pid) in workers {
         if let Some(kib) = rss_kib(*pid) {
             let _ = writeln!(
                 out,
@@ -353,15 +356,12 @@ pub async fn render(state: &AppState) -> String {
         "agent_uptime_seconds",
         "Seconds since the server started.",
     );
-    let _ = writeln!(
-        out,
-        "agent_uptime_seconds {}",
-        state.started.elapsed().as_secs()
-    );
+    let _ = writeln!(out, "agent_uptime_seconds {}", gauges.uptime.as_secs());
     out
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// Resident memory of process `pid`, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use nix::unistd::{SysconfVar, sysconf};
 use serde_json::{Value, json};
 use shared::ids::now_ms;
 
@@ -32,7 +33,7 @@ pub async fn workers(state: &AppState) -> Vec<Value> {
             // Where it lives on the host: for operators; session clients see the jail's path.
             "workspace": session.workspace,
         });
-        if let Some(rss) = proc_status_kib(worker.pid, "VmRSS:") {
+        if let Some(rss) = crate::metrics::rss_kib(worker.pid) {
             entry["rssKib"] = json!(rss);
         }
         if let Some(cpu) = cpu_seconds(worker.pid) {
@@ -99,24 +100,12 @@ pub fn set_draining(state: &AppState, draining: bool) -> Value {
     json!({"success": true, "draining": draining})
 }
 
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// User plus system CPU time of a process, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses; the fields after the last ')' do not.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a system constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = sysconf(SysconfVar::CLK_TCK).ok().flatten()?;
     (per_second > 0).then(|| ticks as f64 / per_second as f64)
 }

@@ -150,8 +150,14 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     }
     let agio = crate::agio::Agio::from_config(&config).map_err(ServeError::Agio)?;
     let gateway = Arc::new(Gateway::new(&config, agio.clone())?);
-    let webui = crate::webui::WebUi::from_config(&config)?;
-    let sharing = crate::share::Sharing::from_config(&config.share)?;
+    let webui = Arc::new(crate::webui::WebUi::from_config(&config)?);
+    let sharing = crate::share::Sharing::new(
+        &config.share,
+        storage.clone(),
+        webui.clone(),
+        gateway.clone(),
+        config.catalogue.secrets(),
+    )?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
         .await

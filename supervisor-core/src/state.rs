@@ -34,7 +34,7 @@ pub struct AppState {
     pub agio: Option<Arc<Agio>>,
     pub exclusive: ExclusiveSlot,
     /// The web UI served on non-API paths.
-    pub webui: WebUi,
+    pub webui: Arc<WebUi>,
     /// Where shared sessions are uploaded, if anywhere.
     pub sharing: Sharing,
     pub started: Instant,

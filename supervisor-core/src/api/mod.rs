@@ -71,7 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/abort", post(runs::abort))
         .route("/api/v1/oneshot/query", post(runs::oneshot))
         .route("/api/v1/oneshot/query/stream", post(runs::oneshot_stream))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(system::metrics))
         .merge(files::routes())
         .merge(probe::routes())
         // The workspace static server (api.md §11.1) first, then the web UI, then a JSON 404.
@@ -104,18 +104,6 @@ async fn level_header(
         .headers_mut()
         .insert("x-isolation-level", HeaderValue::from_static(level));
     response
-}
-
-async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
-    let body = crate::metrics::render(&state).await;
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
 }
 
 /// `<webui.base>/api/...` is the API (api.md §11.4): with a base configured, the official UI
@@ -219,14 +207,23 @@ mod tests {
             isolation.clone(),
         )
         .unwrap();
-        let webui = crate::webui::WebUi::from_config(&config).unwrap();
-        let sharing = crate::share::Sharing::from_config(&config.share).unwrap();
+        let webui = Arc::new(crate::webui::WebUi::from_config(&config).unwrap());
+        let gateway = Arc::new(crate::gateway::Gateway::new(&config, None).unwrap());
+        let storage: crate::storage::SharedStorage = Arc::new(crate::storage::MemoryStorage::new());
+        let sharing = crate::share::Sharing::new(
+            &config.share,
+            storage.clone(),
+            webui.clone(),
+            gateway.clone(),
+            Vec::new(),
+        )
+        .unwrap();
         Arc::new(AppState {
-            gateway: Arc::new(crate::gateway::Gateway::new(&config, None).unwrap()),
+            gateway,
             agio: None,
             config,
             workspace_root: dir,
-            storage: Arc::new(crate::storage::MemoryStorage::new()),
+            storage,
             sessions: Default::default(),
             spawner,
             isolation,

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use shared::ids::now_ms;
 
 use super::body::{JsonObject, Params, session_id};
-use crate::catalogue::selector_of;
+use crate::config::catalogue::selector_of;
 use crate::error::ApiError;
 use crate::sessions::Session;
 use crate::state::AppState;

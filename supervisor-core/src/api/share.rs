@@ -26,7 +26,11 @@ pub(super) async fn share(
 ) -> Result<Json<Value>, ApiError> {
     let session = state.session(&session_id(&params, Some(&body))?).await?;
     let upload = body.get("upload").and_then(Value::as_bool).unwrap_or(false);
-    match crate::share::share(&state, &session, upload).await {
+    match state
+        .sharing
+        .share(&session.id, &session.workspace, upload)
+        .await
+    {
         Ok(Shared::Html(html)) => Ok(Json(
             json!({"success": true, "html": html, "sessionId": session.id}),
         )),

@@ -5,9 +5,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
+use crate::metrics::Gauges;
 use crate::state::AppState;
 
 pub(super) async fn health() -> Json<Value> {
@@ -95,4 +98,31 @@ pub(super) async fn stop(
 ) -> Result<Json<Value>, ApiError> {
     let id = super::body::session_id(&params, Some(&body))?;
     Ok(Json(crate::ops::stop(&state, &id).await?))
+}
+
+/// `GET /metrics`: the counters, and the gauges of the present gathered here.
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let sessions = state.sessions.all();
+    let mut gauges = Gauges {
+        sessions_live: sessions.len(),
+        workers: Vec::new(),
+        follower_lags: Vec::with_capacity(sessions.len()),
+        uptime: state.started.elapsed(),
+    };
+    for session in &sessions {
+        if let Some(worker) = session.worker().await {
+            gauges.workers.push((session.id.to_string(), worker.pid));
+        }
+        let lag = session.bus.max_follower_lag();
+        gauges.follower_lags.push((session.id.to_string(), lag));
+    }
+    let body = crate::metrics::render(&gauges);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -10,7 +10,7 @@ use shared::protocol::{Delta, ModelErrorKind, Usage};
 
 use super::http::{Dialect, Output};
 use super::sse::SseEvent;
-use crate::catalogue::ModelEntry;
+use crate::config::catalogue::ModelEntry;
 
 const API_VERSION: &str = "2023-06-01";
 /// Upstream's default `max_tokens`; Anthropic requires one.

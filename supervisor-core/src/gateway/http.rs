@@ -21,7 +21,7 @@ use super::openai::{self, OpenAiDialect};
 use super::scrub::scrub;
 use super::sse::SseParser;
 use super::{Finished, Outcome, Replies};
-use crate::catalogue::{Adapter, ModelEntry};
+use crate::config::catalogue::{Adapter, ModelEntry};
 
 /// Retry-After values above this fail at once instead of waiting (agent.md §4.11).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::agio::Agio;
-use crate::catalogue::{Adapter, Catalogue};
 use crate::config::Config;
+use crate::config::catalogue::{Adapter, Catalogue};
 
 /// Request fields a worker may never set: they would let it choose where the supervisor sends
 /// its keys (agent.md §4.1).
@@ -165,7 +165,14 @@ impl Gateway {
                 let outcome = gateway.call(&request, &replies, &cancel).await;
                 record(&outcome);
                 if let (Some(agio), Outcome::Done(done)) = (&gateway.agio, &outcome) {
-                    agio.model_finished(&session_id, &request.model.id, done);
+                    let usage = done.usage.as_ref();
+                    agio.model_finished(
+                        &session_id,
+                        &request.model.id,
+                        usage,
+                        done.ttft,
+                        done.total,
+                    );
                 }
                 finish(&replies, outcome).await;
             }

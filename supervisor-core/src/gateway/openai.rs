@@ -7,8 +7,8 @@ use shared::protocol::{Delta, ModelErrorKind, Usage};
 
 use super::http::{Dialect, Output, new_call_id};
 use super::sse::SseEvent;
-use crate::catalogue::{Adapter, ModelEntry};
 use crate::config::ReasoningPassback;
+use crate::config::catalogue::{Adapter, ModelEntry};
 
 /// Extension fields of our request format (agent.md §4.3) that no provider knows by these names.
 const EXTENSIONS: [&str; 3] = [

@@ -12,6 +12,7 @@ mod slug;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
@@ -20,10 +21,9 @@ use serde_json::{Map, Value, json};
 use shared::ids::now_ms;
 
 use crate::config::ShareConfig;
-use crate::sessions::Session;
-use crate::state::AppState;
-use crate::storage::{SessionInfo, StorageError};
-use crate::webui::{WebUiError, inject_head, script_json};
+use crate::gateway::Gateway;
+use crate::storage::{SessionInfo, SharedStorage, StorageError};
+use crate::webui::{WebUi, WebUiError, inject_head, script_json};
 
 /// How long one upload (an image or the page) may take.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,9 +59,15 @@ pub enum ShareError {
     Request(String),
 }
 
-/// The share provider, when one is configured.
+/// Sharing: the provider, when one is configured, and what a replay page is made of (the
+/// stored session, the UI's page, the model that names the upload, the secrets to mask).
 pub struct Sharing {
     provider: Option<Provider>,
+    storage: SharedStorage,
+    webui: Arc<WebUi>,
+    gateway: Arc<Gateway>,
+    /// Every configured API key and header value, masked wherever it appears on a page.
+    secrets: Vec<String>,
 }
 
 struct Provider {
@@ -83,12 +89,33 @@ pub enum Shared {
 impl Sharing {
     /// # Errors
     /// The provider is not a URL, or no HTTP client can be built.
-    pub fn from_config(config: &ShareConfig) -> Result<Self, ShareError> {
-        let Some(url) = &config.provider else {
-            return Ok(Self { provider: None });
-        };
+    pub fn new(
+        config: &ShareConfig,
+        storage: SharedStorage,
+        webui: Arc<WebUi>,
+        gateway: Arc<Gateway>,
+        secrets: Vec<String>,
+    ) -> Result<Self, ShareError> {
+        let provider = config.provider.as_deref().map(Provider::new).transpose()?;
+        Ok(Self {
+            provider,
+            storage,
+            webui,
+            gateway,
+            secrets,
+        })
+    }
+
+    /// The configured provider URL (`GET /api/v1/share/config`).
+    pub fn provider_url(&self) -> Option<String> {
+        self.provider.as_ref().map(|p| p.pages.to_string())
+    }
+}
+
+impl Provider {
+    fn new(url: &str) -> Result<Self, ShareError> {
         let pages = Url::parse(url).map_err(|e| ShareError::ProviderUrl {
-            url: url.clone(),
+            url: url.to_owned(),
             reason: e.to_string(),
         })?;
         let http = reqwest::Client::builder()
@@ -97,17 +124,10 @@ impl Sharing {
             .build()
             .map_err(ShareError::Client)?;
         Ok(Self {
-            provider: Some(Provider {
-                storage: storage_url(&pages),
-                pages,
-                http,
-            }),
+            storage: storage_url(&pages),
+            pages,
+            http,
         })
-    }
-
-    /// The configured provider URL (`GET /api/v1/share/config`).
-    pub fn provider_url(&self) -> Option<String> {
-        self.provider.as_ref().map(|p| p.pages.to_string())
     }
 }
 
@@ -127,68 +147,70 @@ fn storage_url(pages: &Url) -> Url {
     storage
 }
 
-/// Shares `session`: uploads it when asked and a provider is configured, otherwise returns the
-/// page.
-///
-/// # Errors
-/// The session has no record, the UI page cannot be read, or the provider refused the upload.
-pub async fn share(
-    state: &AppState,
-    session: &Session,
-    upload: bool,
-) -> Result<Shared, ShareError> {
-    let info = state
-        .storage
-        .session(&session.id)
-        .await?
-        .ok_or(ShareError::SessionNotFound)?;
-    let mut events: Vec<Value> = state
-        .storage
-        .events_after(&session.id, 0, usize::MAX)
-        .await?
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(&e.json).ok())
-        .filter(|e| {
-            !DELTA_TYPES.contains(&e.get("type").and_then(Value::as_str).unwrap_or_default())
-        })
-        .collect();
-    let provider = state.sharing.provider.as_ref().filter(|_| upload);
-    if let Some(provider) = provider {
-        upload_images(provider, session, &mut events).await;
+impl Sharing {
+    /// Shares session `session_id`, whose workspace is `workspace`: uploads it when asked and a
+    /// provider is configured, otherwise returns the page.
+    ///
+    /// # Errors
+    /// The session has no record, the UI page cannot be read, or the provider refused the upload.
+    pub async fn share(
+        &self,
+        session_id: &str,
+        workspace: &Path,
+        upload: bool,
+    ) -> Result<Shared, ShareError> {
+        let info = self
+            .storage
+            .session(session_id)
+            .await?
+            .ok_or(ShareError::SessionNotFound)?;
+        let mut events: Vec<Value> = self
+            .storage
+            .events_after(session_id, 0, usize::MAX)
+            .await?
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(&e.json).ok())
+            .filter(|e| {
+                !DELTA_TYPES.contains(&e.get("type").and_then(Value::as_str).unwrap_or_default())
+            })
+            .collect();
+        let provider = self.provider.as_ref().filter(|_| upload);
+        if let Some(provider) = provider {
+            upload_images(provider, session_id, workspace, &mut events).await;
+        }
+        let html = self.replay_page(&info, &events).await?;
+        let Some(provider) = provider else {
+            return Ok(Shared::Html(html));
+        };
+        let query = first_user_text(&events);
+        let slug = self.make_slug(&info, &query).await;
+        let url = upload_page(provider, &info, html, &slug, &query).await?;
+        tracing::info!(session_id, %url, "session shared");
+        Ok(Shared::Url(url))
     }
-    let html = replay_page(state, &info, &events).await?;
-    let Some(provider) = provider else {
-        return Ok(Shared::Html(html));
-    };
-    let query = first_user_text(&events);
-    let slug = make_slug(state, &info, &query).await;
-    let url = upload_page(provider, &info, html, &slug, &query).await?;
-    tracing::info!(session_id = %session.id, %url, "session shared");
-    Ok(Shared::Url(url))
-}
 
-/// The UI's page with the replay globals injected before its `</head>` (api.md §10 step 5).
-async fn replay_page(
-    state: &AppState,
-    info: &SessionInfo,
-    events: &[Value],
-) -> Result<String, ShareError> {
-    let page = state.webui.page().await?;
-    let secrets = state.config.catalogue.secrets();
-    let safe = |value: Value| script_json(&redact(value, &secrets));
-    let script = format!(
-        "<script>\nwindow.AGENT_REPLAY_MODE = true;\nwindow.AGENT_SESSION_DATA = {};\n\
+    /// The UI's page with the replay globals injected before its `</head>`.
+    async fn replay_page(
+        &self,
+        info: &SessionInfo,
+        events: &[Value],
+    ) -> Result<String, ShareError> {
+        let page = self.webui.page().await?;
+        let safe = |value: Value| script_json(&redact(value, &self.secrets));
+        let script = format!(
+            "<script>\nwindow.AGENT_REPLAY_MODE = true;\nwindow.AGENT_SESSION_DATA = {};\n\
          window.AGENT_EVENT_STREAM = {};\nwindow.AGENT_VERSION_INFO = {};\n\
          window.AGENT_WEB_UI_CONFIG = {};\n</script>\n\
          <script>document.addEventListener('DOMContentLoaded', function () {{ setTimeout(function () {{ \
          var root = document.getElementById('root'); \
          if (root && !root.children.length) {{ window.dispatchEvent(new Event('resize')); }} }}, 1000); }});</script>",
-        safe(shared_session(info)),
-        safe(Value::Array(events.to_vec())),
-        safe(json!({"version": env!("CARGO_PKG_VERSION")})),
-        safe(state.webui.browser_config().clone()),
-    );
-    Ok(inject_head(&page, &script))
+            safe(shared_session(info)),
+            safe(Value::Array(events.to_vec())),
+            safe(json!({"version": env!("CARGO_PKG_VERSION")})),
+            safe(self.webui.browser_config().clone()),
+        );
+        Ok(inject_head(&page, &script))
+    }
 }
 
 /// What a replay needs of the record: name, tags, agent and model names. The workspace path,
@@ -265,38 +287,45 @@ fn first_user_text(events: &[Value]) -> String {
     }
 }
 
-/// The slug: the session's model summarises the first request; if it cannot (or answers
-/// something else), the request's own words are used.
-async fn make_slug(state: &AppState, info: &SessionInfo, query: &str) -> String {
-    if query.trim().is_empty() {
-        return slug::slug("", &info.id);
-    }
-    let selected = info.metadata.as_ref().and_then(|m| m.get("modelConfig"));
-    let model = state.gateway.catalogue().for_selector(selected).clone();
-    let excerpt: String = query.chars().take(2_000).collect();
-    let request = json!({
-        "messages": [
-            {"role": "system", "content": SLUG_PROMPT},
-            {"role": "user", "content": excerpt},
-        ],
-        "temperature": 0.3,
-        "max_tokens": 100,
-        "response_format": {"type": "json_object"},
-        "thinking": {"type": "disabled"},
-    });
-    let suggested = match state.gateway.complete(&model.selector(), request).await {
-        Ok(answer) => slug::from_answer(&answer),
-        Err(failure) => {
-            tracing::info!(session_id = %info.id, error = %failure.message, "no slug from the model; using the request");
-            None
+impl Sharing {
+    /// The slug: the session's model summarises the first request; if it cannot (or answers
+    /// something else), the request's own words are used.
+    async fn make_slug(&self, info: &SessionInfo, query: &str) -> String {
+        if query.trim().is_empty() {
+            return slug::slug("", &info.id);
         }
-    };
-    slug::slug(suggested.as_deref().unwrap_or(query), &info.id)
+        let selected = info.metadata.as_ref().and_then(|m| m.get("modelConfig"));
+        let model = self.gateway.catalogue().for_selector(selected).clone();
+        let excerpt: String = query.chars().take(2_000).collect();
+        let request = json!({
+            "messages": [
+                {"role": "system", "content": SLUG_PROMPT},
+                {"role": "user", "content": excerpt},
+            ],
+            "temperature": 0.3,
+            "max_tokens": 100,
+            "response_format": {"type": "json_object"},
+            "thinking": {"type": "disabled"},
+        });
+        let suggested = match self.gateway.complete(&model.selector(), request).await {
+            Ok(answer) => slug::from_answer(&answer),
+            Err(failure) => {
+                tracing::info!(session_id = %info.id, error = %failure.message, "no slug from the model; using the request");
+                None
+            }
+        };
+        slug::slug(suggested.as_deref().unwrap_or(query), &info.id)
+    }
 }
 
 /// Uploads the images that `write_file` contents reference and rewrites those references.
 /// A failed upload leaves its reference as it was.
-async fn upload_images(provider: &Provider, session: &Session, events: &mut [Value]) {
+async fn upload_images(
+    provider: &Provider,
+    session_id: &str,
+    workspace: &Path,
+    events: &mut [Value],
+) {
     let mut urls: HashMap<String, String> = HashMap::new();
     let mut failed: Vec<String> = Vec::new();
     for event in events.iter_mut() {
@@ -315,7 +344,7 @@ async fn upload_images(provider: &Provider, session: &Session, events: &mut [Val
             if urls.contains_key(&reference) || failed.contains(&reference) {
                 continue;
             }
-            match upload_image(provider, session, &reference).await {
+            match upload_image(provider, session_id, workspace, &reference).await {
                 Some(url) => {
                     urls.insert(reference, url);
                 }
@@ -327,17 +356,22 @@ async fn upload_images(provider: &Provider, session: &Session, events: &mut [Val
     }
 }
 
-async fn upload_image(provider: &Provider, session: &Session, reference: &str) -> Option<String> {
-    let (workspace, relative) = (session.workspace.clone(), reference.to_owned());
+async fn upload_image(
+    provider: &Provider,
+    session_id: &str,
+    workspace: &Path,
+    reference: &str,
+) -> Option<String> {
+    let (workspace, relative) = (workspace.to_owned(), reference.to_owned());
     let read = tokio::task::spawn_blocking(move || images::read(&workspace, &relative)).await;
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
-            tracing::info!(session_id = %session.id, reference, error = %e, "a referenced image is not uploaded");
+            tracing::info!(session_id, reference, error = %e, "a referenced image is not uploaded");
             return None;
         }
         Err(e) => {
-            tracing::warn!(session_id = %session.id, reference, error = %e, "reading a workspace image did not finish");
+            tracing::warn!(session_id, reference, error = %e, "reading a workspace image did not finish");
             return None;
         }
     };
@@ -361,7 +395,7 @@ async fn upload_image(provider: &Provider, session: &Session, reference: &str) -
             .and_then(Value::as_str)
             .map(images::force_https),
         Err(e) => {
-            tracing::warn!(session_id = %session.id, reference, error = %e, "could not upload a workspace image");
+            tracing::warn!(session_id, reference, error = %e, "could not upload a workspace image");
             None
         }
     }

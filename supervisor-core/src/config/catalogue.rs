@@ -13,7 +13,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
 
-use crate::config::{
+use super::{
     Config, ConfigError, GatewayConfig, ModelConfig, ProviderConfig, ReasoningPassback, Secret,
     TimeoutsConfig,
 };
