@@ -164,40 +164,6 @@ pub struct JailFailure {
     pub message: String,
 }
 
-/// Test builds only: marks a frame from the supervisor as a [`ProbeEnvelope`] rather than a
-/// `ToWorker` message. Encoded first, as a 9-byte varint, it can never be mistaken for the one-byte
-/// variant index a `ToWorker` frame starts with.
-#[cfg(feature = "isolation-tests")]
-pub const PROBE_MAGIC: u64 = 0x5052_4f42_455f_4a4c;
-
-/// Test builds only: a probe request as it travels on fd 3. It is not a `ToWorker` variant, so
-/// release builds (and the agent's dispatch) do not know it exists; the test-only pump in front
-/// of the agent picks these frames out.
-#[cfg(feature = "isolation-tests")]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeEnvelope {
-    pub magic: u64,
-    pub request: ProbeRequest,
-}
-
-/// Test builds only: one action the in-jail probe server runs (isolation.md §4.2).
-#[cfg(feature = "isolation-tests")]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeRequest {
-    pub id: u64,
-    pub name: String,
-    /// JSON object of arguments.
-    pub args: String,
-}
-
-/// Test builds only: the answer to a [`ProbeRequest`]: `{ok, errno, detail}` as JSON.
-#[cfg(feature = "isolation-tests")]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeAnswer {
-    pub id: u64,
-    pub json: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::human_bytes;

@@ -40,6 +40,10 @@ pub enum ToWorker {
     },
     /// A reply from the model gateway to one of the worker's [`ModelRequest`]s.
     Model(ModelReply),
+    /// Test builds only: a probe for the in-jail probe server, which answers it before the agent
+    /// sees it. Last, so the variants above keep their wire index in every build.
+    #[cfg(feature = "isolation-tests")]
+    Probe(crate::probe::ProbeRequest),
 }
 
 /// Why a run is aborted: the run's closing events say it, so a client that did not ask for the
@@ -124,9 +128,6 @@ pub enum FromWorker {
     JailFailed(JailFailure),
     /// Start-up probe mode only: what the probe saw inside the jail (JSON object).
     ProbeReport { json: String },
-    /// Test builds only: the answer to a [`ToWorker::Probe`].
-    #[cfg(feature = "isolation-tests")]
-    ProbeAnswer(crate::jail::ProbeAnswer),
     /// Handshake answer; `pid` is the worker's own pid as it sees it.
     Ready { protocol_version: u32, pid: u32 },
     /// One agent event (a JSON object with `id`, `type`, `timestamp`).
@@ -137,6 +138,9 @@ pub enum FromWorker {
     ModelRequest(Box<ModelRequest>),
     /// Stop the model call with this id; no acknowledgement is awaited.
     ModelCancel { id: String },
+    /// Test builds only: the answer to a `ToWorker::Probe`. Last, like that one.
+    #[cfg(feature = "isolation-tests")]
+    ProbeAnswer(crate::probe::ProbeAnswer),
 }
 
 /// One model call, in the provider-neutral format of agent.md §4.2.
@@ -283,7 +287,15 @@ impl ModelErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{decode, encode};
+    use crate::frame::{read_frame_blocking, write_frame_blocking};
+
+    fn round_trip(msg: &ToWorker) -> ToWorker {
+        let mut bytes = Vec::new();
+        write_frame_blocking(&mut bytes, msg).unwrap();
+        read_frame_blocking(&mut bytes.as_slice(), usize::MAX)
+            .unwrap()
+            .unwrap()
+    }
 
     #[test]
     fn every_message_round_trips() {
@@ -306,8 +318,7 @@ mod tests {
             },
             history: vec!["{}".into()],
         }));
-        let bytes = encode(&init).unwrap();
-        let back: ToWorker = decode(&bytes[4..]).unwrap();
+        let back = round_trip(&init);
         assert!(
             matches!(back, ToWorker::Init(i) if i.agent.max_iterations == 10 && i.history.len() == 1 && i.workspace == "/workspace")
         );
@@ -321,16 +332,14 @@ mod tests {
                 arguments: "{".into(),
             },
         });
-        let bytes = encode(&reply).unwrap();
-        let back: ToWorker = decode(&bytes[4..]).unwrap();
+        let back = round_trip(&reply);
         assert!(matches!(back, ToWorker::Model(r) if r.request_id() == "m"));
 
         let abort = ToWorker::Abort {
             run_id: "r".into(),
             reason: AbortReason::ServerShutdown,
         };
-        let bytes = encode(&abort).unwrap();
-        let back: ToWorker = decode(&bytes[4..]).unwrap();
+        let back = round_trip(&abort);
         assert!(matches!(
             back,
             ToWorker::Abort { run_id, reason: AbortReason::ServerShutdown } if run_id == "r"

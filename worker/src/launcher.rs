@@ -91,7 +91,7 @@ fn monitor(
     // The channel belongs to the worker now; holding it would keep the supervisor from seeing
     // EOF when the worker dies.
     // SAFETY: closing fd 3, which no Rust object owns in the launcher.
-    unsafe { libc::close(crate::CHANNEL_FD) };
+    unsafe { libc::close(shared::process::CHANNEL_FD) };
 
     // L9: the monitor keeps nothing it does not need. Failures here are not fatal to the
     // session, but the monitor never runs privileged: if it cannot drop, it kills the worker.
@@ -159,6 +159,6 @@ fn fail_before_release(child: libc::pid_t, error: &JailError) -> ! {
         libc::kill(child, libc::SIGKILL);
         let mut status = 0;
         libc::waitpid(child, &mut status, 0);
-        libc::_exit(crate::EXIT_JAIL);
+        libc::_exit(shared::process::WorkerExit::Jail.code());
     }
 }

@@ -271,7 +271,7 @@ impl Run {
         if let Some(max_tokens) = settings.context.max_output_tokens {
             params["max_tokens"] = json!(max_tokens);
         }
-        let tools = tools::definitions();
+        let tools = tools::definitions(&self.agent.confinement);
         if !tools.is_empty() {
             params["tools"] = json!(tools);
             params["tool_choice"] = json!("auto");
@@ -532,11 +532,11 @@ impl Run {
             name: name.clone(),
             arguments: arguments.clone(),
             start_time: now_ms(),
-            tool: tools::describe(&name),
+            tool: tools::describe(&self.agent.confinement, &name),
         })
         .await;
         let started = Instant::now();
-        if invalid.is_none() && !tools::exists(&name) {
+        if invalid.is_none() && !tools::exists(&self.agent.confinement, &name) {
             // Upstream's answer, with elapsedMs 0 (agent.md §1.4 step 2).
             let message = tools::ToolError::NotFound(name.clone()).to_string();
             self.emit_tool_result(call, Err(tools::Failure::new(message)), 0)
@@ -566,7 +566,13 @@ impl Run {
         name: &str,
         arguments: &Value,
     ) -> Option<Result<Value, tools::Failure>> {
-        let tool = tools::execute(&self.agent.workspace, name, arguments, &self.cancel);
+        let tool = tools::execute(
+            &self.agent.workspace,
+            &self.agent.confinement,
+            name,
+            arguments,
+            &self.cancel,
+        );
         tokio::pin!(tool);
         let outcome = tokio::select! {
             biased;
@@ -797,6 +803,7 @@ mod tests {
             outbox: tx,
             models: ModelRoutes::default(),
             workspace: Ok(Arc::new(Workspace::open(tmp.path()).unwrap())),
+            confinement: Arc::new(crate::jail::Confinement::unconfined()),
         };
         Harness { agent, outbox, tmp }
     }

@@ -75,7 +75,8 @@ pub(crate) enum FsError {
     IntoItself(String),
     #[error("Directory tree too deep to delete: {0}")]
     TooDeep(String),
-    #[error("{}: {path}", no_space())]
+    /// The tools name the jail's disk quota, when there is one, in its place.
+    #[error("{}: {path}", no_space(None))]
     NoSpace { path: String },
     #[error(
         "Path too deep: {0} would put entries more than {max} levels below the workspace root",
@@ -213,8 +214,8 @@ pub(crate) struct Workspace {
 }
 
 /// What a tool says when the workspace is full: which quota, when the jail has one.
-pub(crate) fn no_space() -> String {
-    match crate::jail::limits().and_then(|l| l.disk) {
+pub(crate) fn no_space(quota: Option<u64>) -> String {
+    match quota {
         Some(quota) => format!(
             "No space left on device: the session's disk quota of {} is reached",
             shared::jail::human_bytes(quota)

@@ -21,7 +21,6 @@ pub mod seccomp;
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
-use std::sync::OnceLock;
 
 use shared::jail::{JailAudit, JailFailure, JailLevel, JailLimits, JailSpec, WORKSPACE_INSIDE};
 
@@ -156,35 +155,46 @@ pub(crate) struct Findings {
     pub landlock: String,
 }
 
-/// The limits this worker was started with, for the tools that need them later (the command
-/// timeout of `run_command`, and the memory cap its kill reports name).
-static LIMITS: OnceLock<JailLimits> = OnceLock::new();
-/// The level this worker is jailed at.
-static LEVEL: OnceLock<JailLevel> = OnceLock::new();
-/// Whether the read-only system root is there (programs can run).
-static COMMANDS: OnceLock<bool> = OnceLock::new();
-
-/// The limits of this worker's jail, once it is jailed.
-pub fn limits() -> Option<&'static JailLimits> {
-    LIMITS.get()
+/// What the finished jail means for the tools, handed to the agent as a value taken from the
+/// jail spec: the limits their messages name, and whether programs can run at all.
+#[derive(Debug, Clone)]
+pub(crate) struct Confinement {
+    /// `command_timeout` caps `run_command`; the memory, CPU-time and disk limits are named when
+    /// a command or a write runs into them.
+    pub(crate) limits: JailLimits,
+    /// Whether the jail has the read-only system root programs need (`strict` with
+    /// `isolation.commands`): `run_command` is offered only then.
+    pub(crate) commands: bool,
 }
 
-/// The level this worker is jailed at, once it is jailed.
-pub fn level() -> Option<JailLevel> {
-    LEVEL.get().copied()
-}
+impl Confinement {
+    /// The confinement `spec` builds.
+    pub(crate) fn of(spec: &JailSpec) -> Self {
+        Self {
+            limits: spec.limits.clone(),
+            commands: spec.system_root && spec.level == JailLevel::Strict,
+        }
+    }
 
-/// Whether this worker's jail has the read-only system root a command tool needs
-/// (`isolation.commands`, `strict` only).
-pub fn commands() -> bool {
-    COMMANDS.get().copied().unwrap_or(false)
-}
-
-/// Records what later code may ask about the finished jail.
-fn remember(spec: &JailSpec) {
-    let _ = LIMITS.set(spec.limits.clone());
-    let _ = LEVEL.set(spec.level);
-    let _ = COMMANDS.set(spec.system_root && spec.level == JailLevel::Strict);
+    /// No jail at all: what the unit tests run with (no limit below the tools' own maximums,
+    /// no quota, no commands).
+    #[cfg(test)]
+    pub(crate) fn unconfined() -> Self {
+        Self {
+            limits: JailLimits {
+                address_space: u64::MAX,
+                processes: u64::MAX,
+                open_files: u64::MAX,
+                file_size: u64::MAX,
+                cpu_seconds: u64::MAX,
+                tmp_size: 0,
+                command_timeout: u64::MAX,
+                memory_cgroup: None,
+                disk: None,
+            },
+            commands: false,
+        }
+    }
 }
 
 /// Returns `rc` as an `io::Result`, reading errno for `-1`.
@@ -320,7 +330,6 @@ pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, 
     // W12: seccomp last, it would block the steps above.
     seccomp::install(JailLevel::Strict)?;
 
-    remember(spec);
     // W13: look at ourselves.
     Ok(Jailed {
         audit: audit::gather(JailLevel::Strict, &found),
@@ -363,7 +372,6 @@ pub(crate) fn enter_chroot(spec: &JailSpec, supervisor: libc::pid_t) -> Result<J
     found.landlock = outcome.status;
     fds::verify_only_standard()?;
     seccomp::install(JailLevel::Chroot)?;
-    remember(spec);
     Ok(Jailed {
         audit: audit::gather(JailLevel::Chroot, &found),
     })
@@ -385,7 +393,6 @@ pub(crate) fn enter_none(spec: &JailSpec) -> Result<Jailed, JailError> {
     rlimits::install(&spec.limits)?;
     fds::verify_only_standard()?;
     seccomp::install(JailLevel::None)?;
-    remember(spec);
     Ok(Jailed {
         audit: audit::gather(JailLevel::None, &found),
     })

@@ -26,6 +26,7 @@ use shared::events::ToolInfo;
 use tokio_util::sync::CancellationToken;
 
 use super::workspace::{FsError, Workspace};
+use crate::jail::Confinement;
 
 /// Files larger than this are not read by `edit_file` nor searched by `grep`, and `write_file`
 /// refuses content above it (agent.md §3.6).
@@ -47,6 +48,7 @@ pub(crate) struct Tool {
 pub(crate) struct Context<'a> {
     pub(crate) ws: &'a Workspace,
     pub(crate) cancel: &'a CancellationToken,
+    pub(crate) confinement: &'a Confinement,
 }
 
 /// The file tools, in the order they are offered to the model.
@@ -68,8 +70,8 @@ const TOOLS: &[Tool] = &[
 const COMMAND_TOOLS: &[Tool] = &[run_command::TOOL];
 
 /// The tools this worker offers.
-fn available() -> impl Iterator<Item = &'static Tool> {
-    let commands = if crate::jail::commands() {
+fn available(confinement: &Confinement) -> impl Iterator<Item = &'static Tool> {
+    let commands = if confinement.commands {
         COMMAND_TOOLS
     } else {
         &[]
@@ -118,7 +120,10 @@ pub(crate) enum ToolError {
     #[error("aborted")]
     Aborted,
     #[error("Workspace unavailable: {0}")]
-    WorkspaceUnavailable(String),
+    WorkspaceUnavailable(#[source] Arc<FsError>),
+    /// A full workspace whose jail has a disk quota: the message names it.
+    #[error("{}: {path}", super::workspace::no_space(Some(*quota)))]
+    QuotaReached { path: String, quota: u64 },
     #[error("The tool failed unexpectedly: {0}")]
     Crashed(String),
 }
@@ -127,6 +132,16 @@ impl ToolError {
     /// Whether the tool stopped because the run was aborted.
     pub(crate) fn is_aborted(&self) -> bool {
         matches!(self, Self::Fs(FsError::Aborted) | Self::Aborted)
+    }
+
+    /// A full workspace names the quota it ran into, when the jail has one.
+    fn naming_quota(self, quota: Option<u64>) -> Self {
+        match (self, quota) {
+            (Self::Fs(FsError::NoSpace { path }), Some(quota)) => {
+                Self::QuotaReached { path, quota }
+            }
+            (error, _) => error,
+        }
     }
 }
 
@@ -173,20 +188,20 @@ impl From<ToolError> for Failure {
 
 /// The session's workspace, or why it could not be opened (the tools then say so, and the
 /// agent can still talk).
-pub(crate) type WorkspaceSlot = Result<Arc<Workspace>, String>;
+pub(crate) type WorkspaceSlot = Result<Arc<Workspace>, Arc<FsError>>;
 
-fn find(name: &str) -> Option<&'static Tool> {
-    available().find(|tool| tool.name == name)
+fn find(confinement: &Confinement, name: &str) -> Option<&'static Tool> {
+    available(confinement).find(|tool| tool.name == name)
 }
 
 /// Whether `name` is a built-in tool.
-pub(crate) fn exists(name: &str) -> bool {
-    find(name).is_some()
+pub(crate) fn exists(confinement: &Confinement, name: &str) -> bool {
+    find(confinement, name).is_some()
 }
 
 /// Tool definitions in OpenAI `tools` format, as sent to the model.
-pub(crate) fn definitions() -> Vec<Value> {
-    available()
+pub(crate) fn definitions(confinement: &Confinement) -> Vec<Value> {
+    available(confinement)
         .map(|tool| {
             json!({
                 "type": "function",
@@ -201,8 +216,8 @@ pub(crate) fn definitions() -> Vec<Value> {
 }
 
 /// What `tool_call.tool` says about `name`.
-pub(crate) fn describe(name: &str) -> ToolInfo {
-    match find(name) {
+pub(crate) fn describe(confinement: &Confinement, name: &str) -> ToolInfo {
+    match find(confinement, name) {
         Some(tool) => ToolInfo {
             name: tool.name.to_owned(),
             description: tool.description.to_owned(),
@@ -222,22 +237,26 @@ pub(crate) fn describe(name: &str) -> ToolInfo {
 /// An unknown tool, invalid arguments, or the tool's own failure (agent.md §1.4).
 pub(crate) async fn execute(
     workspace: &WorkspaceSlot,
+    confinement: &Arc<Confinement>,
     name: &str,
     arguments: &Value,
     cancel: &CancellationToken,
 ) -> Result<Value, ToolError> {
-    let tool = find(name).ok_or_else(|| ToolError::NotFound(name.to_owned()))?;
+    let tool = find(confinement, name).ok_or_else(|| ToolError::NotFound(name.to_owned()))?;
     let ws = workspace.clone().map_err(ToolError::WorkspaceUnavailable)?;
     let arguments = arguments.clone();
     let cancel = cancel.clone();
+    let confinement = confinement.clone();
     tokio::task::spawn_blocking(move || {
         (tool.run)(
             &Context {
                 ws: &ws,
                 cancel: &cancel,
+                confinement: &confinement,
             },
             &arguments,
         )
+        .map_err(|e| e.naming_quota(confinement.limits.disk))
     })
     .await
     .map_err(|e| ToolError::Crashed(e.to_string()))?
@@ -334,8 +353,16 @@ mod tests {
         arguments: Value,
         cancel: &CancellationToken,
     ) -> Result<Value, ToolError> {
-        let tool = find(name).expect("known tool");
-        (tool.run)(&Context { ws: &f.ws, cancel }, &arguments)
+        let confinement = Confinement::unconfined();
+        let tool = find(&confinement, name).expect("known tool");
+        (tool.run)(
+            &Context {
+                ws: &f.ws,
+                cancel,
+                confinement: &confinement,
+            },
+            &arguments,
+        )
     }
 
     /// The text of a one-part result.
@@ -350,7 +377,7 @@ mod tests {
 
     #[test]
     fn definitions_are_openai_tools_with_the_spec_names() {
-        let defs = definitions();
+        let defs = definitions(&Confinement::unconfined());
         let names: Vec<&str> = defs
             .iter()
             .map(|d| d["function"]["name"].as_str().unwrap())
@@ -375,8 +402,12 @@ mod tests {
             assert_eq!(def["function"]["parameters"]["additionalProperties"], false);
             assert!(!def["function"]["description"].as_str().unwrap().is_empty());
         }
-        assert_eq!(describe("read_file").schema["required"], json!(["path"]));
-        let unknown = describe("nope");
+        let confinement = Confinement::unconfined();
+        assert_eq!(
+            describe(&confinement, "read_file").schema["required"],
+            json!(["path"])
+        );
+        let unknown = describe(&confinement, "nope");
         assert_eq!(unknown.description, "Unknown tool");
         assert_eq!(unknown.schema, json!({"type": "object", "properties": {}}));
     }
@@ -408,19 +439,29 @@ mod tests {
         f.write("a.txt", "hello");
         let slot: WorkspaceSlot = Ok(Arc::new(Workspace::open(&f.root()).unwrap()));
         let cancel = CancellationToken::new();
-        let out = execute(&slot, "read_file", &json!({"path": "a.txt"}), &cancel)
-            .await
-            .unwrap();
+        let jail = Arc::new(Confinement::unconfined());
+        let out = execute(
+            &slot,
+            &jail,
+            "read_file",
+            &json!({"path": "a.txt"}),
+            &cancel,
+        )
+        .await
+        .unwrap();
         assert_eq!(out, json!([{"type": "text", "text": "hello"}]));
-        let err = execute(&slot, "nope", &json!({}), &cancel)
+        let err = execute(&slot, &jail, "nope", &json!({}), &cancel)
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "Tool \"nope\" not found");
-        let missing: WorkspaceSlot = Err("gone".into());
-        let err = execute(&missing, "read_file", &json!({"path": "a"}), &cancel)
+        let missing: WorkspaceSlot = Err(Arc::new(FsError::NotFound("/gone".into())));
+        let err = execute(&missing, &jail, "read_file", &json!({"path": "a"}), &cancel)
             .await
             .unwrap_err();
-        assert_eq!(err.to_string(), "Workspace unavailable: gone");
+        assert_eq!(
+            err.to_string(),
+            "Workspace unavailable: No such file or directory: /gone"
+        );
     }
 
     #[test]
@@ -443,6 +484,25 @@ mod tests {
         });
         assert_eq!(silent.content(), "Error: Command timed out after 2s");
         assert!(ToolError::Aborted.is_aborted());
+    }
+
+    #[test]
+    fn a_full_workspace_names_the_jails_quota() {
+        let full = || {
+            ToolError::Fs(FsError::NoSpace {
+                path: "big.bin".into(),
+            })
+        };
+        assert_eq!(
+            full().naming_quota(Some(64 << 20)).to_string(),
+            "No space left on device: the session's disk quota of 64 MiB is reached: big.bin"
+        );
+        assert_eq!(
+            full().naming_quota(None).to_string(),
+            "No space left on device: big.bin"
+        );
+        let other = ToolError::NotFound("x".into()).naming_quota(Some(1));
+        assert_eq!(other.to_string(), "Tool \"x\" not found");
     }
 
     #[test]

@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, PoisonError};
@@ -33,10 +33,11 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::jail::{JailLevel, WORKSPACE_INSIDE, human_bytes};
+use shared::jail::{JailLevel, JailLimits, WORKSPACE_INSIDE, human_bytes};
 
 use super::{Context, Tool, ToolError, check_range, parse};
 use crate::reaper::{self, Watched};
@@ -113,7 +114,7 @@ struct Args {
 
 /// How the wait for a command ended.
 enum Ending {
-    Exited(libc::c_int),
+    Exited(WaitStatus),
     Aborted,
     TimedOut,
     /// The child's status could not be collected (it is not ours any more).
@@ -124,7 +125,8 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
     let args: Args = parse(TOOL.name, arguments)?;
     let requested = args.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
     check_range(TOOL.name, "timeout", requested, 1, MAX_TIMEOUT_SECS)?;
-    let seconds = effective_timeout(requested);
+    let limits = &cx.confinement.limits;
+    let seconds = effective_timeout(requested, limits);
     if args.command.contains('\0') {
         return Err(ToolError::InvalidArguments {
             tool: TOOL.name,
@@ -140,10 +142,11 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
     if cx.cancel.is_cancelled() {
         return Err(ToolError::Aborted);
     }
-    let mut command = shell(&args.command, cwd.as_raw_fd());
+    let mut command = shell(&args.command, cwd);
     let (mut child, watched) = reaper::spawn(&mut command)
         .map_err(|e| ToolError::Command(format!("could not start /bin/sh: {e}")))?;
-    drop(cwd);
+    // It holds the working directory's descriptor.
+    drop(command);
     let mut guard = KillOnUnwind(Some(watched.pid()));
     let mut output = Output::new(
         child.stdout.take().map(OwnedFd::from),
@@ -173,8 +176,9 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
             // background job still holding them is not waited for.
             output.drain();
             // A command that failed on a full workspace is told which quota it hit.
-            let full = status != 0 && cx.ws.is_full();
-            Ok(result_parts(&output, status, full))
+            let failed = !matches!(status, WaitStatus::Exited(_, 0));
+            let full = failed && cx.ws.is_full();
+            Ok(result_parts(&output, status, limits, full))
         }
         Ending::Aborted => {
             stop(&watched, &mut output, ABORT_TERM_GRACE);
@@ -199,13 +203,13 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
 }
 
 /// The call's timeout, capped by the configured `commandTimeout` (at least 1 s).
-fn effective_timeout(requested: u64) -> u64 {
-    let configured = crate::jail::limits().map_or(MAX_TIMEOUT_SECS, |l| l.command_timeout);
-    requested.min(configured.max(1))
+fn effective_timeout(requested: u64, limits: &JailLimits) -> u64 {
+    requested.min(limits.command_timeout.max(1))
 }
 
-/// `/bin/sh -c <line>` as agent.md §3.5 wants it started.
-fn shell(line: &str, cwd: RawFd) -> Command {
+/// `/bin/sh -c <line>`, started in `cwd` (a directory descriptor the command keeps until it is
+/// dropped).
+fn shell(line: &str, cwd: OwnedFd) -> Command {
     let mut command = Command::new("/bin/sh");
     command
         .arg("-c")
@@ -219,20 +223,16 @@ fn shell(line: &str, cwd: RawFd) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
-    // allowed: setsid, fchdir and close_range are raw syscalls, and `cwd` is an open
-    // descriptor owned by the caller until the spawn has returned (O_CLOEXEC closes the
-    // child's copy at exec).
+    // SAFETY: `pre_exec` runs the closure in the forked child before exec, where only
+    // async-signal-safe calls are allowed: setsid and fchdir (through nix, which adds nothing
+    // but errno handling) and close_range are plain syscalls, on a descriptor the closure owns
+    // (O_CLOEXEC closes the child's copy at exec).
     unsafe {
         command.pre_exec(move || {
             // Its own session and process group, so the whole group can be signalled and no
             // terminal can ever be attached to it.
-            if libc::setsid() == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::fchdir(cwd) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::unistd::setsid()?;
+            nix::unistd::fchdir(&cwd)?;
             // A command gets fds 0-2 and nothing else. Everything the worker opens is
             // close-on-exec already (the channel included); this keeps it so for anything
             // opened later without the flag. Kernels before 5.11 lack the flag (EINVAL): there
@@ -285,7 +285,12 @@ impl Drop for KillOnUnwind {
 /// The result parts of a command that ended on its own (agent.md §3.5): STDOUT, STDERR, ERROR
 /// for a non-zero exit or a signal, `(no output)` when there is nothing else. A non-zero exit is
 /// not a tool error: the model reads the ERROR part.
-fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value {
+fn result_parts(
+    output: &Output,
+    status: WaitStatus,
+    limits: &JailLimits,
+    disk_full: bool,
+) -> Value {
     let mut parts = Vec::new();
     for (name, capture) in [
         ("STDOUT", &output.streams[0]),
@@ -295,9 +300,12 @@ fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value 
             parts.push(json!({"type": "text", "name": name, "text": capture.capture.text()}));
         }
     }
-    if let Some(mut error) = describe_status(status) {
+    if let Some(mut error) = describe_status(status, limits) {
         if disk_full {
-            error = format!("{error} ({})", crate::agent::workspace::no_space());
+            error = format!(
+                "{error} ({})",
+                crate::agent::workspace::no_space(limits.disk)
+            );
         }
         parts.push(json!({"type": "text", "name": "ERROR", "text": error}));
     }
@@ -307,41 +315,39 @@ fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value 
     Value::Array(parts)
 }
 
-/// The ERROR text for a raw wait status, `None` for a clean exit.
-fn describe_status(status: libc::c_int) -> Option<String> {
-    if libc::WIFEXITED(status) {
-        let code = libc::WEXITSTATUS(status);
-        if code == 0 {
-            return None;
+/// The ERROR text for a wait status, `None` for a clean exit.
+fn describe_status(status: WaitStatus, limits: &JailLimits) -> Option<String> {
+    match status {
+        WaitStatus::Exited(_, 0) => None,
+        WaitStatus::Exited(_, code) => {
+            // A shell reports a child that a signal killed as 128 + the signal.
+            let hint = if code > 128 {
+                limit_hint(code - 128, limits)
+                    .map(|hint| format!(" (128 + {}: {hint})", signal_name(code - 128)))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Some(format!("Command exited with code {code}{hint}"))
         }
-        // A shell reports a child that a signal killed as 128 + the signal.
-        let hint = if code > 128 {
-            limit_hint(code - 128)
-                .map(|hint| format!(" (128 + {}: {hint})", signal_name(code - 128)))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        return Some(format!("Command exited with code {code}{hint}"));
+        WaitStatus::Signaled(_, signal, _) => {
+            let number = signal as libc::c_int;
+            let hint = limit_hint(number, limits)
+                .map(|hint| format!(": {hint}"))
+                .unwrap_or_default();
+            Some(format!(
+                "Command killed by signal {number} ({}){hint}",
+                signal.as_str()
+            ))
+        }
+        other => Some(format!("Command ended with wait status {other:?}")),
     }
-    if libc::WIFSIGNALED(status) {
-        let signal = libc::WTERMSIG(status);
-        let hint = limit_hint(signal)
-            .map(|hint| format!(": {hint}"))
-            .unwrap_or_default();
-        return Some(format!(
-            "Command killed by signal {signal} ({}){hint}",
-            signal_name(signal)
-        ));
-    }
-    Some(format!("Command ended with wait status {status}"))
 }
 
 /// Which session limit may have sent `signal`: SIGKILL is what the OOM killer sends in a memory
 /// cgroup (the worker cannot read the cgroup's counters, hence "possibly"), SIGXCPU what the CPU
 /// time rlimit sends. Worded like the supervisor's limit messages.
-fn limit_hint(signal: libc::c_int) -> Option<String> {
-    let limits = crate::jail::limits()?;
+fn limit_hint(signal: libc::c_int, limits: &JailLimits) -> Option<String> {
     match signal {
         libc::SIGKILL => limits.memory_cgroup.map(|bytes| {
             format!(
@@ -552,6 +558,7 @@ fn continuation_prefix(bytes: &[u8]) -> usize {
 mod tests {
     use super::*;
     use crate::agent::workspace::tests::Fixture;
+    use crate::jail::Confinement;
     use tokio_util::sync::CancellationToken;
 
     fn call(f: &Fixture, arguments: Value) -> Result<Value, ToolError> {
@@ -563,7 +570,14 @@ mod tests {
         arguments: Value,
         cancel: &CancellationToken,
     ) -> Result<Value, ToolError> {
-        (TOOL.run)(&Context { ws: &f.ws, cancel }, &arguments)
+        (TOOL.run)(
+            &Context {
+                ws: &f.ws,
+                cancel,
+                confinement: &Confinement::unconfined(),
+            },
+            &arguments,
+        )
     }
 
     fn part<'a>(result: &'a Value, name: &str) -> Option<&'a str> {
@@ -796,21 +810,52 @@ mod tests {
 
     #[test]
     fn statuses_read_like_the_spec() {
-        assert_eq!(describe_status(0), None);
+        let pid = Pid::from_raw(1);
+        let unconfined = Confinement::unconfined().limits;
         assert_eq!(
-            describe_status(2 << 8),
+            describe_status(WaitStatus::Exited(pid, 0), &unconfined),
+            None
+        );
+        assert_eq!(
+            describe_status(WaitStatus::Exited(pid, 2), &unconfined),
             Some("Command exited with code 2".into())
         );
         assert_eq!(
-            describe_status(libc::SIGSEGV),
+            describe_status(
+                WaitStatus::Signaled(pid, Signal::SIGSEGV, false),
+                &unconfined
+            ),
             Some("Command killed by signal 11 (SIGSEGV)".into())
         );
-        // Outside a jail there are no limits to suspect.
+        // Without a memory cgroup there is no limit to suspect.
         assert_eq!(
-            describe_status(137 << 8),
+            describe_status(WaitStatus::Exited(pid, 137), &unconfined),
             Some("Command exited with code 137".into())
         );
         assert_eq!(signal_name(64), "signal 64");
+    }
+
+    #[test]
+    fn kills_name_the_limits_the_jail_has() {
+        let pid = Pid::from_raw(1);
+        let mut limits = Confinement::unconfined().limits;
+        limits.memory_cgroup = Some(256 << 20);
+        limits.cpu_seconds = 30;
+        assert_eq!(
+            describe_status(WaitStatus::Exited(pid, 137), &limits),
+            Some(
+                "Command exited with code 137 (128 + SIGKILL: possibly the session's memory \
+                 limit (256 MiB) was reached)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            describe_status(WaitStatus::Signaled(pid, Signal::SIGXCPU, false), &limits),
+            Some(
+                "Command killed by signal 24 (SIGXCPU): the CPU time limit (30 s) was reached"
+                    .into()
+            )
+        );
     }
 
     #[test]
@@ -857,8 +902,13 @@ mod tests {
 
     #[test]
     fn the_configured_limit_caps_the_timeout() {
-        // Outside a jail the cap is the spec's maximum.
-        assert_eq!(effective_timeout(60), 60);
-        assert_eq!(effective_timeout(600), 600);
+        let mut limits = Confinement::unconfined().limits;
+        assert_eq!(effective_timeout(60, &limits), 60);
+        assert_eq!(effective_timeout(600, &limits), 600);
+        limits.command_timeout = 5;
+        assert_eq!(effective_timeout(60, &limits), 5);
+        assert_eq!(effective_timeout(3, &limits), 3);
+        limits.command_timeout = 0;
+        assert_eq!(effective_timeout(60, &limits), 1);
     }
 }
