@@ -63,14 +63,14 @@ pub struct Init {
     pub session_id: String,
     /// The session's workspace directory as the worker sees it (absolute). Every tool path is
     /// resolved beneath it; inside the jail it will be `/workspace` (or `/` for the chroot
-    /// layout), so the worker is told rather than left to guess (agent.md §3.2).
+    /// layout), so the worker is told rather than left to guess.
     pub workspace: String,
     pub agent: AgentSettings,
     /// The session's stored events, oldest first, each a JSON object: the agent's memory.
     pub history: Vec<String>,
 }
 
-/// Agent options the worker obeys (agent.md §1.1).
+/// Agent options the worker obeys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentSettings {
     pub agent_name: String,
@@ -79,11 +79,11 @@ pub struct AgentSettings {
     pub max_iterations: u32,
     pub temperature: f64,
     pub streaming_tool_call_events: bool,
-    /// What the model request may hold (agent.md §2.3–2.4).
+    /// What the model request may hold.
     pub context: ContextSettings,
 }
 
-/// The inputs of the context budget (agent.md §2.4) and of the image window (§2.3). Defaults
+/// The inputs of the context budget and of the image window. Defaults
 /// mean "not configured": the worker then applies the spec's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContextSettings {
@@ -121,7 +121,7 @@ pub struct Query {
 /// Worker → supervisor.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromWorker {
-    /// The jail is complete: the worker's self-audit (isolation.md W13). The first frame a worker
+    /// The jail is complete: the worker's self-audit. The first frame a worker
     /// sends; the supervisor checks it before it sends `Init`.
     Jailed(Box<JailAudit>),
     /// A jail step failed; the worker exits after sending this.
@@ -143,7 +143,7 @@ pub enum FromWorker {
     ProbeAnswer(crate::probe::ProbeAnswer),
 }
 
-/// One model call, in the provider-neutral format of agent.md §4.2.
+/// One model call, in a provider-neutral format (OpenAI chat-completions shape).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelRequest {
     pub id: String,
@@ -197,7 +197,7 @@ impl ModelReply {
     }
 }
 
-/// One normalised piece of model output; each delta carries one kind (agent.md §4.2).
+/// One normalised piece of model output; each delta carries one kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Delta {
     Reasoning(String),
@@ -224,7 +224,7 @@ pub struct Usage {
     pub estimated: bool,
 }
 
-/// Why a model call failed (agent.md §4.5).
+/// Why a model call failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelFailure {
     pub kind: ModelErrorKind,
@@ -235,7 +235,7 @@ pub struct ModelFailure {
     pub partial: bool,
 }
 
-/// The error taxonomy of agent.md §4.5.
+/// What kind of failure a model call ended in; the gateway maps every provider's errors here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModelErrorKind {
     Cancelled,

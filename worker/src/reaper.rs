@@ -1,4 +1,4 @@
-//! PID 1 duties (isolation.md W14, agent.md §3.5): at `strict` the worker is PID 1 of its PID
+//! PID 1 duties: at `strict` the worker is PID 1 of its PID
 //! namespace, so every process that loses its parent inside the session (a `setsid` daemon, the
 //! children of a killed shell) is re-parented to it. Unreaped, each would stay a zombie that
 //! holds a pid (and a slot of `pids.max`) until the session ends.

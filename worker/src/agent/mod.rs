@@ -39,7 +39,7 @@ pub enum HandshakeError {
     SecondInit,
 }
 
-/// Stored events of the session, oldest first: the agent's whole memory (agent.md §2.1).
+/// Stored events of the session, oldest first: the agent's whole memory.
 pub(crate) type History = Arc<Mutex<Vec<Event>>>;
 
 /// Where gateway replies go: one queue per in-flight model request.

@@ -1,5 +1,5 @@
-//! The jail: every kernel mechanism a session's worker is confined with, applied in the order of
-//! isolation.md §2.3. This file alone decides that order ([`enter_strict`], [`enter_chroot`],
+//! The jail: every kernel mechanism a session's worker is confined with, and the order they are
+//! applied in. This file alone decides that order ([`enter_strict`], [`enter_chroot`],
 //! [`enter_none`]); each step lives in the module named after its mechanism and says there why
 //! it sits where it does.
 //!
@@ -25,11 +25,9 @@ use std::os::fd::OwnedFd;
 use shared::jail::{JailAudit, JailFailure, JailLevel, JailLimits, JailSpec, WORKSPACE_INSIDE};
 
 /// A jail step that failed. Each variant names the step, so the supervisor's error event says
-/// what went wrong (isolation.md §3.2: `SANDBOX_SETUP_FAILED` with the step name).
+/// what went wrong (`SANDBOX_SETUP_FAILED` with the step name).
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    #[error("self-check: {0}")]
-    SelfCheck(String),
     #[error("fd hygiene: {0}")]
     Fds(String),
     #[error("environment: {0}")]
@@ -85,7 +83,6 @@ impl JailError {
     /// Short name of the failed step, as the probe report and the session error show it.
     pub fn step(&self) -> &'static str {
         match self {
-            Self::SelfCheck(_) => "self-check",
             Self::Fds(_) => "fd hygiene",
             Self::Environment(_) => "environment",
             Self::Clone { .. } => "clone",
@@ -221,7 +218,7 @@ pub(crate) fn c_path(path: &str) -> std::io::Result<CString> {
     CString::new(path).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// The L2 environment of a session at `level` (`workspace` is the host path, used as `HOME` at
+/// The environment of a session at `level` (`workspace` is the host path, used as `HOME` at
 /// `none`): the only variables a worker, and every program it runs, ever sees.
 pub(crate) fn environment(level: JailLevel, workspace: &str) -> [(&'static str, String); 5] {
     let home = match level {
@@ -238,14 +235,14 @@ pub(crate) fn environment(level: JailLevel, workspace: &str) -> [(&'static str, 
     ]
 }
 
-/// L2: the environment holds exactly the variables of [`environment`], and `umask` is private.
+/// The environment holds exactly the variables of [`environment`], and `umask` is private.
 ///
 /// Runs in the launcher before the clone, so every process of the session inherits it. The
-/// environment is already empty (L0 checked it); this makes the list explicit.
+/// environment is already empty (the self-check made sure); this makes the list explicit.
 pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), JailError> {
     let vars = environment(level, workspace);
     for (key, _) in std::env::vars_os() {
-        // SAFETY: the launcher is single-threaded at this point (checked by L0), so nothing can
+        // SAFETY: the launcher is single-threaded at this point (self-checked), so nothing can
         // read the environment concurrently.
         unsafe { std::env::remove_var(key) };
     }
@@ -255,7 +252,7 @@ pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), J
     }
     if std::env::vars_os().count() != vars.len() {
         return Err(JailError::Environment(
-            "environment is not exactly the L2 list".into(),
+            "environment is not exactly the session's list".into(),
         ));
     }
     // SAFETY: umask only changes this process's file-creation mask.
@@ -263,10 +260,10 @@ pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), J
     Ok(())
 }
 
-/// The worker side of `strict`, in the new namespaces (isolation.md W1–W13). `release` is the
+/// The worker side of `strict`, in the new namespaces. `release` is the
 /// read end of the launcher's pipe: a byte on it means the uid maps are written, EOF means the
 /// launcher died. Without a user namespace (root mode where user namespaces are unavailable) the
-/// child is real root until W5, which switches it to the session's host ids.
+/// child is real root until the privilege drop, which switches it to the session's host ids.
 pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, JailError> {
     let mut found = Findings {
         root: "pivot-root".into(),
@@ -278,32 +275,32 @@ pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, 
     // owner (EOVERFLOW), and an unmapped uid cannot be switched to.
     namespaces::await_release(&release)?;
 
-    // W2 (first half, still with our original kernel ids): everything that needs a lookup of a
-    // host path happens here, because after W1 the kernel checks those lookups against the
-    // session uid, which cannot traverse the server's private directories.
+    // Mounts, first half, still with our original kernel ids: everything that needs a lookup
+    // of a host path happens here, because once we are the inside user the kernel checks those
+    // lookups against the session uid, which cannot traverse the server's private directories.
     mounts::make_private()?;
     let workspace = mounts::open_host_dir(&spec.workspace, "workspace")?;
     let owner = spec.user_namespace.then_some(shared::jail::INSIDE_ID);
     mounts::mount_stage(&spec.stage, owner)?;
     found.uid_map = namespaces::read_uid_map();
 
-    // W1: become the inside user right away (user-namespace mode), so the files and mounts
+    // Become the inside user right away (user-namespace mode), so the files and mounts
     // below are owned by a mapped id.
     if spec.user_namespace {
         namespaces::become_inside_user()?;
     }
 
-    // W2 (rest) and W3: assemble the root on the tmpfs, then pivot into it and drop the host.
+    // Mounts, rest: assemble the root on the tmpfs, then pivot into it and drop the host.
     let mounted = mounts::populate(&workspace, spec)?;
     drop(workspace);
     found.proc = mounted.proc.clone();
     mounts::pivot_into_stage()?;
     found.mounts = mounts::read_mount_table(&mounted);
 
-    // W4: our own hostname, while CAP_SYS_ADMIN in the UTS namespace still exists.
+    // Our own hostname, while CAP_SYS_ADMIN in the UTS namespace still exists.
     namespaces::set_hostname()?;
 
-    // W5–W8: give up every privilege, then re-arm what the credential change cleared.
+    // Give up every privilege, then re-arm what the credential change cleared.
     let root_ids = if spec.user_namespace {
         None
     } else {
@@ -316,27 +313,27 @@ pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, 
     privileges::check_lifeline(&release)?;
     drop(release);
 
-    // W9: resource limits.
+    // Resource limits, once the worker can no longer raise them back.
     rlimits::install(&spec.limits)?;
 
-    // W10: Landlock, after the last mount (a domain forbids mount changes) and before seccomp.
+    // Landlock, after the last mount (a domain forbids mount changes) and before seccomp.
     let outcome = landlock::install(JailLevel::Strict, spec.system_root)?;
     found.landlock_abi = outcome.abi;
     found.landlock = outcome.status;
 
-    // W11: only the standard fds and the channel are left.
+    // Only the standard fds and the channel are left.
     fds::verify_only_standard()?;
 
-    // W12: seccomp last, it would block the steps above.
+    // seccomp last: it would block the steps above.
     seccomp::install(JailLevel::Strict)?;
 
-    // W13: look at ourselves.
+    // Look at ourselves: the supervisor checks the audit before it uses the session.
     Ok(Jailed {
         audit: audit::gather(JailLevel::Strict, &found),
     })
 }
 
-/// The `chroot` level (isolation.md §2.3.2): the launcher itself becomes the worker, confined to
+/// The `chroot` level: the launcher itself becomes the worker, confined to
 /// the workspace by `chroot`, a per-session uid, Landlock and a stricter seccomp filter.
 pub(crate) fn enter_chroot(spec: &JailSpec, supervisor: libc::pid_t) -> Result<Jailed, JailError> {
     let mut found = Findings {
@@ -358,7 +355,7 @@ pub(crate) fn enter_chroot(spec: &JailSpec, supervisor: libc::pid_t) -> Result<J
     drop(workspace);
     found.mounts = vec!["/".into()];
 
-    // W5 (root branch): bounding set first (needs CAP_SETPCAP), then groups, gid, uid.
+    // The privilege drop (root): bounding set first (needs CAP_SETPCAP), then groups, gid, uid.
     privileges::drop_all(Some(ids))?;
     // The private tmp directory of this level lives in the workspace; created as the session.
     mounts::ensure_tmp_dir();
@@ -377,7 +374,7 @@ pub(crate) fn enter_chroot(spec: &JailSpec, supervisor: libc::pid_t) -> Result<J
     })
 }
 
-/// The `none` level: no confinement beyond what costs nothing (isolation.md §3.1): an empty
+/// The `none` level: no confinement beyond what costs nothing: an empty
 /// environment, fd hygiene, rlimits, no_new_privs and the seccomp deny-list.
 pub(crate) fn enter_none(spec: &JailSpec) -> Result<Jailed, JailError> {
     let mut found = Findings {

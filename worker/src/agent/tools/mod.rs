@@ -1,5 +1,5 @@
-//! The built-in workspace tools (agent.md §3.4): the registry the model sees, the dispatch of a
-//! tool call to one, and the shape of results and errors (§3.3).
+//! The built-in workspace tools: the registry the model sees, the dispatch of a
+//! tool call to one, and the shape of results and errors.
 //!
 //! Each tool lives in its own file and is a [`Tool`]: name, description, JSON schema, and a
 //! blocking `run` that turns typed arguments into MCP-style content parts. Tools run on tokio's
@@ -29,9 +29,9 @@ use super::workspace::{FsError, Workspace};
 use crate::jail::Confinement;
 
 /// Files larger than this are not read by `edit_file` nor searched by `grep`, and `write_file`
-/// refuses content above it (agent.md §3.6).
+/// refuses content above it.
 const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
-/// Entries one walk visits before it stops with a note (agent.md §3.6).
+/// Entries one walk visits before it stops with a note.
 const MAX_WALK_ENTRIES: usize = 100_000;
 /// A NUL byte in this many leading bytes marks a file as binary.
 const BINARY_SNIFF_BYTES: usize = 8 * 1024;
@@ -65,7 +65,7 @@ const TOOLS: &[Tool] = &[
 ];
 
 /// Offered after the file tools, and only where programs can run: a `strict` jail with the
-/// read-only system root (`isolation.commands`, agent.md §3.4). Anywhere else the model never
+/// read-only system root (`isolation.commands`). Anywhere else the model never
 /// sees `run_command`, and a call of it is an unknown tool.
 const COMMAND_TOOLS: &[Tool] = &[run_command::TOOL];
 
@@ -79,8 +79,8 @@ fn available(confinement: &Confinement) -> impl Iterator<Item = &'static Tool> {
     TOOLS.iter().chain(commands)
 }
 
-/// Why a tool call failed. The `Display` text is what the model reads after `Error: ` (agent.md
-/// §3.3), so every variant's wording is part of the contract.
+/// Why a tool call failed. The `Display` text is what the model reads after `Error: `, so every
+/// variant's wording is part of the contract.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ToolError {
     #[error(transparent)]
@@ -111,12 +111,12 @@ pub(crate) enum ToolError {
     Regex(String),
     #[error("Invalid glob pattern {pattern:?}: {message}")]
     Glob { pattern: String, message: String },
-    /// The partial output goes in front of the error line (agent.md §3.3), see [`Failure`].
+    /// The partial output goes in front of the error line, see [`Failure`].
     #[error("Command timed out after {seconds}s")]
     TimedOut { seconds: u64, partial: String },
     #[error("Could not run the command: {0}")]
     Command(String),
-    /// The run was aborted while the tool ran (its result then says so, agent.md §1.6).
+    /// The run was aborted while the tool ran (its result then says so).
     #[error("aborted")]
     Aborted,
     #[error("Workspace unavailable: {0}")]
@@ -147,7 +147,7 @@ impl ToolError {
 
 /// A failed call as its `tool_result` shows it: `error` is the message, and `content` is
 /// `Error: <message>`, preceded by whatever output the tool produced before it failed (the
-/// partial output of a timed-out command, agent.md §3.3).
+/// partial output of a timed-out command).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Failure {
     pub(crate) message: String,
@@ -234,7 +234,7 @@ pub(crate) fn describe(confinement: &Confinement, name: &str) -> ToolInfo {
 /// Runs the tool `name` with `arguments` (a JSON object) on the blocking pool.
 ///
 /// # Errors
-/// An unknown tool, invalid arguments, or the tool's own failure (agent.md §1.4).
+/// An unknown tool, invalid arguments, or the tool's own failure.
 pub(crate) async fn execute(
     workspace: &WorkspaceSlot,
     confinement: &Arc<Confinement>,

@@ -1,15 +1,14 @@
-//! `run_command {command, cwd?, timeout?}` (agent.md §3.4, §3.5): runs `/bin/sh -c <command>`
-//! inside the session's jail and answers with its output and exit status.
+//! `run_command {command, cwd?, timeout?}`: runs `/bin/sh -c <command>` inside the session's
+//! jail and answers with its output and exit status.
 //!
 //! Offered only where programs can run at all: `strict` with `isolation.commands`, whose jail
-//! has the read-only system root (isolation.md W2). The jail is the security boundary: the
-//! command runs with the worker's uid, no capabilities, no network, the same Landlock domain and
-//! seccomp filter, in the session's cgroup. This file only decides how a command is started,
-//! watched and stopped:
+//! has the read-only system root. The jail is the security boundary: the command runs with the
+//! worker's uid, no capabilities, no network, the same Landlock domain and seccomp filter, in the
+//! session's cgroup. This file only decides how a command is started, watched and stopped:
 //!
-//! * its own session and process group (`setsid`), stdin `/dev/null`, the L2 environment plus
-//!   `TERM=dumb` and nothing else, the working directory entered through a descriptor that was
-//!   resolved beneath the workspace;
+//! * its own session and process group (`setsid`), stdin `/dev/null`, the session's environment
+//!   plus `TERM=dumb` and nothing else, the working directory entered through a descriptor that
+//!   was resolved beneath the workspace;
 //! * stdout and stderr are drained as they come, so a chatty program never blocks on a full
 //!   pipe, and capped at 64 KiB each (first and last 32 KiB kept);
 //! * the command is over when the shell ends: background jobs may keep the pipes open, so what
@@ -51,21 +50,21 @@ pub(super) const TOOL: Tool = Tool {
     run,
 };
 
-/// `timeout` when the call gives none (agent.md §3.6).
+/// `timeout` when the call gives none.
 const DEFAULT_TIMEOUT_SECS: u64 = 60;
-/// The largest `timeout` a call may ask for (agent.md §3.6); the configured
-/// `isolation.limits.commandTimeout` caps it further.
+/// The largest `timeout` a call may ask for; the configured `isolation.limits.commandTimeout`
+/// caps it further.
 const MAX_TIMEOUT_SECS: u64 = 600;
-/// Bytes kept of each stream: the first half and the last half of this (agent.md §3.5).
+/// Bytes kept of each stream: the first half and the last half of this.
 const STREAM_CAP: usize = 64 * 1024;
 const HALF_CAP: usize = STREAM_CAP / 2;
 /// How long one wait for output lasts before the loop looks at the clock, the run's token and
 /// the child's status again: the delay with which an abort or a finished command is noticed.
 const TICK: Duration = Duration::from_millis(20);
-/// After a timeout, how long the process group has between SIGTERM and SIGKILL (agent.md §3.5).
+/// After a timeout, how long the process group has between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
-/// The same after an abort, shorter than §3.5's 2 s: an abort must be over in about a second
-/// (agent.md §1.6), and the run answers a tool that is still stopping after 1 s as aborted
+/// The same after an abort, shorter than [`TERM_GRACE`]: an abort must be over in about a
+/// second, and the run answers a tool that is still stopping after 1 s as aborted
 /// without waiting for it. The whole stop fits in that second, so by the time the run says
 /// "aborted" the command's processes are gone.
 const ABORT_TERM_GRACE: Duration = Duration::from_millis(500);
@@ -80,7 +79,7 @@ const BURST_BYTES: usize = 1024 * 1024;
 /// close std's own pipe that reports a failed exec).
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
-/// One command at a time per worker, its stop included (agent.md §3.5). Tools run one after the
+/// One command at a time per worker, its stop included. Tools run one after the
 /// other anyway; this matters when an aborted call is still stopping its command (it runs on a
 /// blocking thread the run no longer waits for) while the next run starts one: the
 /// `kill(-1)` of the old stop must not hit the new command.
@@ -282,7 +281,7 @@ impl Drop for KillOnUnwind {
     }
 }
 
-/// The result parts of a command that ended on its own (agent.md §3.5): STDOUT, STDERR, ERROR
+/// The result parts of a command that ended on its own: STDOUT, STDERR, ERROR
 /// for a non-zero exit or a signal, `(no output)` when there is nothing else. A non-zero exit is
 /// not a tool error: the model reads the ERROR part.
 fn result_parts(
