@@ -8,7 +8,7 @@ use std::process::ExitStatus;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use tokio::process::Child;
 use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout};
@@ -58,54 +58,51 @@ impl Server {
     /// Starts the server and waits (up to 30 s) for its listening line on stdout.
     pub async fn start(opts: ServerOpts) -> Result<Server> {
         let Prepared { tmp, ws, mut cmd } = prepare(&opts)?;
+        let roots = opts.roots(tmp.path());
         let mut child = cmd.spawn().context("spawn supervisor")?;
         let pid = child.id().context("supervisor has no pid")?;
         let logs = Logs::default();
         let stdout = child.stdout.take().context("stdout not piped")?;
         let stderr = child.stderr.take().context("stderr not piped")?;
         let (tx, rx) = oneshot::channel();
-        let out_task = tokio::spawn(logs.clone().capture(stdout, Stream::Stdout, Some(tx)));
-        let err_task = tokio::spawn(logs.clone().capture(stderr, Stream::Stderr, None));
+        let mut out_task = tokio::spawn(logs.clone().capture(stdout, Stream::Stdout, Some(tx)));
+        let mut err_task = tokio::spawn(logs.clone().capture(stderr, Stream::Stderr, None));
 
-        let url = tokio::select! {
+        let listening = tokio::select! {
             r = rx => match r {
-                Ok(url) => url,
+                Ok(url) => Ok(url),
                 Err(_) => {
                     // stdout closed without the line; give the process a moment to exit.
                     let st = timeout(Duration::from_secs(5), child.wait()).await;
-                    let _ = timeout(Duration::from_secs(2), err_task).await;
-                    bail!(
+                    let _ = timeout(Duration::from_secs(2), &mut err_task).await;
+                    Err(anyhow!(
                         "supervisor closed stdout before printing its listening line \
                          (exit: {st:?})\n--- logs ---\n{}",
                         logs.combined()
-                    );
+                    ))
                 }
             },
             st = child.wait() => {
-                let _ = timeout(Duration::from_secs(2), err_task).await;
-                let _ = timeout(Duration::from_secs(2), out_task).await;
-                bail!(
+                let _ = timeout(Duration::from_secs(2), &mut err_task).await;
+                let _ = timeout(Duration::from_secs(2), &mut out_task).await;
+                Err(anyhow!(
                     "supervisor exited ({st:?}) before listening\n--- logs ---\n{}",
                     logs.combined()
-                );
+                ))
             }
-            _ = sleep(STARTUP_TIMEOUT) => {
-                bail!(
-                    "supervisor did not print `{LISTENING_PREFIX}...` within {STARTUP_TIMEOUT:?}\n\
-                     --- logs ---\n{}",
-                    logs.combined()
-                );
+            _ = sleep(STARTUP_TIMEOUT) => Err(anyhow!(
+                "supervisor did not print `{LISTENING_PREFIX}...` within {STARTUP_TIMEOUT:?}\n\
+                 --- logs ---\n{}",
+                logs.combined()
+            )),
+        };
+        let (url, port) = match listening.and_then(|url| Ok((listening_port(&url)?, url))) {
+            Ok((port, url)) => (url, port),
+            Err(e) => {
+                stop_and_detach(&mut child, &roots).await;
+                return Err(e);
             }
         };
-        let port: u16 = url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .with_context(|| format!("cannot parse port from listening url {url:?}"))?;
-        ensure!(
-            url.starts_with("http://127.0.0.1:"),
-            "unexpected listening url {url:?} (expected http://127.0.0.1:<port>)"
-        );
         Ok(Server {
             child,
             pid,
@@ -116,7 +113,7 @@ impl Server {
             http: crate::http::client()?,
             tasks: vec![out_task, err_task],
             seen_workers: Mutex::default(),
-            roots: opts.roots(tmp.path()),
+            roots,
             tmp,
         })
     }
@@ -129,6 +126,7 @@ impl Server {
             ws: _,
             mut cmd,
         } = prepare(&opts)?;
+        let roots = opts.roots(tmp.path());
         let mut child = cmd.spawn().context("spawn supervisor")?;
         let logs = Logs::default();
         let stdout = child.stdout.take().context("stdout not piped")?;
@@ -136,27 +134,22 @@ impl Server {
         let (tx, mut rx) = oneshot::channel();
         let out_task = tokio::spawn(logs.clone().capture(stdout, Stream::Stdout, Some(tx)));
         let err_task = tokio::spawn(logs.clone().capture(stderr, Stream::Stderr, None));
-        let status = tokio::select! {
-            st = child.wait() => st.context("wait for supervisor")?,
-            Ok(url) = &mut rx => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                bail!(
-                    "supervisor was expected to exit but started listening on {url}\n\
-                     --- logs ---\n{}",
-                    logs.combined()
-                );
-            }
-            _ = sleep(within) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                bail!(
-                    "supervisor was expected to exit within {within:?} but kept running\n\
-                     --- logs ---\n{}",
-                    logs.combined()
-                );
-            }
+        let exited = tokio::select! {
+            st = child.wait() => st.context("wait for supervisor"),
+            Ok(url) = &mut rx => Err(anyhow!(
+                "supervisor was expected to exit but started listening on {url}\n\
+                 --- logs ---\n{}",
+                logs.combined()
+            )),
+            _ = sleep(within) => Err(anyhow!(
+                "supervisor was expected to exit within {within:?} but kept running\n\
+                 --- logs ---\n{}",
+                logs.combined()
+            )),
         };
+        // A server that gives up may already have mounted its image pool, and leaves it mounted.
+        stop_and_detach(&mut child, &roots).await;
+        let status = exited?;
         let _ = timeout(Duration::from_secs(5), out_task).await;
         let _ = timeout(Duration::from_secs(5), err_task).await;
         drop(tmp);
@@ -221,6 +214,28 @@ impl Server {
             .unwrap_or_else(PoisonError::into_inner)
             .extend(pids);
     }
+}
+
+/// The port of the listening line's URL, which must be on 127.0.0.1.
+fn listening_port(url: &str) -> Result<u16> {
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("cannot parse port from listening url {url:?}"))?;
+    ensure!(
+        url.starts_with("http://127.0.0.1:"),
+        "unexpected listening url {url:?} (expected http://127.0.0.1:<port>)"
+    );
+    Ok(port)
+}
+
+/// Kills `child` if it still runs, waits for it, then detaches what it mounted under `roots`:
+/// a supervisor that stops, or fails to start, leaves its workspace images mounted.
+async fn stop_and_detach(child: &mut Child, roots: &[PathBuf]) {
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(5), child.wait()).await;
+    detach_supervisor_mounts(roots);
 }
 
 impl Drop for Server {
