@@ -45,18 +45,6 @@ pub enum Block<'a> {
     Data { id: Option<u64>, data: &'a str },
 }
 
-impl Block<'_> {
-    /// The block as a frame, its data parsed; `None` for comments and lone ids.
-    pub fn frame(&self) -> Result<Option<Frame>> {
-        let Block::Data { id, data } = *self else {
-            return Ok(None);
-        };
-        let data: Value = serde_json::from_str(data)
-            .with_context(|| format!("SSE data is not JSON: {data:?}"))?;
-        Ok(Some(Frame { id, data }))
-    }
-}
-
 /// Parses one block (its text without the blank line that ends it). Comment lines are skipped;
 /// what is left must be `data: <json>`, `id: <seq>`, or `id: <seq>` then `data: <json>`.
 pub fn parse_block(text: &str) -> Result<Block<'_>> {
@@ -196,8 +184,10 @@ impl FrameReader {
                         ..held
                     });
                 }
-                data => {
-                    let frame = data.frame()?.context("a data block without a frame")?;
+                Block::Data { id, data } => {
+                    let data = serde_json::from_str(data)
+                        .with_context(|| format!("SSE data is not JSON: {data:?}"))?;
+                    let frame = Frame { id, data };
                     if let Some(previous) = self.held.take() {
                         self.ready.push_back(previous);
                     }
