@@ -258,3 +258,48 @@ impl Drop for Server {
         kill_workers(seen);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cleanup::{detach_mounts_under, mounts_under};
+
+    /// A server refused at start (here: another server holds its control socket) has already
+    /// mounted its workspace image pool by then; none of it may stay mounted once
+    /// `expect_exit` returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_server_leaves_nothing_mounted() -> Result<()> {
+        let first = Server::start_default().await?;
+        let disk = first.get_ok("/api/v1/system/health").await?["isolation"]["disk"].clone();
+        if disk["backend"] != "image" {
+            println!("skipped: this server keeps no workspace images ({disk})");
+            return Ok(());
+        }
+        let ws = tempfile::Builder::new().prefix("e2e-refused-").tempdir()?;
+        let socket = first.tmp_dir().join("data").join("ctl.sock");
+        let config = serde_json::json!({"server": {"controlSocket": socket}});
+        let exited = Server::expect_exit(
+            ServerOpts::new()
+                .without_workspace_flag()
+                .arg("--workspace")
+                .arg(ws.path().to_str().context("temp dir path is not UTF-8")?)
+                .config_file("config.json", config.to_string()),
+            Duration::from_secs(20),
+        )
+        .await?;
+        ensure!(
+            !exited.status.success() && exited.stderr.contains("already listening"),
+            "the second server was not refused: {}",
+            exited.stderr
+        );
+        ensure!(
+            ws.path().join(".disk").is_dir(),
+            "the refused server prepared no images, so this test proved nothing"
+        );
+        let left = mounts_under(ws.path());
+        // Whatever the outcome, this test leaves nothing mounted either.
+        detach_mounts_under(ws.path());
+        ensure!(left.is_empty(), "still mounted: {left:?}");
+        Ok(())
+    }
+}
