@@ -54,6 +54,11 @@ log "dependency hygiene"
 if cargo tree --workspace -i openssl-sys >/dev/null 2>&1; then
   echo "openssl-sys is in the dependency tree"; exit 1
 fi
+# The supervisor library never links the worker's code: the `supervisor` binary package joins
+# the two, and what both sides must agree on lives in `shared`.
+if cargo tree -p supervisor-core -e normal -i worker >/dev/null 2>&1; then
+  echo "supervisor-core depends on the worker crate"; exit 1
+fi
 
 log "build"
 # The end-to-end tests drive the real binary, so it is built before any test runs.

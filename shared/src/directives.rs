@@ -1,4 +1,5 @@
-//! How the base directive grammar of agent.md §5.4 turns text into streamed tokens.
+//! How the base directives (the scripted answers of the echo model and the test fake LLM) turn
+//! text into streamed tokens.
 //!
 //! The built-in `echo` model (supervisor) and the scripted fake LLM (tests) must answer the
 //! base directives identically, so that offline runs and CI agree; their tokenization lives here

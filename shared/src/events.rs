@@ -1,4 +1,4 @@
-//! Agent events as clients see them (events.md §1–§3): a JSON object with `id`, `type`,
+//! Agent events as clients see them (the Tarko event stream): a JSON object with `id`, `type`,
 //! `timestamp` and the type's own fields at the top level. Absent optional fields are omitted,
 //! never `null`, because upstream clients test for presence.
 
@@ -42,7 +42,7 @@ pub struct ToolInfo {
     pub schema: Value,
 }
 
-/// A tool call in OpenAI chat format (events.md §2.2).
+/// A tool call in OpenAI chat format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
     pub id: String,
@@ -58,7 +58,7 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
-/// The event types this server emits or reads back (events.md §3).
+/// The event types this server emits or reads back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(
     tag = "type",
@@ -99,7 +99,7 @@ pub enum EventBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         thinking_duration_ms: Option<u64>,
         message_id: String,
-        /// Provider continuation data (agent.md §2.5): Anthropic's signature of this thinking.
+        /// Provider continuation data: Anthropic's signature of this thinking.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         signature: Option<String>,
         /// Anthropic `redacted_thinking` blocks, opaque.
@@ -168,7 +168,7 @@ pub enum EventBody {
 }
 
 impl EventBody {
-    /// Whether the event is persisted and becomes memory; streaming deltas are not (events.md §6).
+    /// Whether the event is persisted and becomes memory; streaming deltas are not.
     pub fn is_stored(&self) -> bool {
         !matches!(
             self,
@@ -179,7 +179,7 @@ impl EventBody {
     }
 }
 
-/// A step of a planner's plan (events.md §3.14); read back for context only.
+/// A step of a planner's plan; read back for context only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlanStep {
     pub content: String,
@@ -195,7 +195,7 @@ pub enum SystemLevel {
     Error,
 }
 
-/// Agent status (events.md §2.3), also the final status of a run.
+/// Agent status, also the final status of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -216,7 +216,7 @@ impl RunStatus {
     }
 }
 
-/// Event types that are delivered live but never stored (events.md §6).
+/// Event types that are delivered live but never stored.
 pub fn is_streaming_type(kind: &str) -> bool {
     matches!(
         kind,

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// URL-safe alphabet of nanoid, which upstream uses for session ids (api.md §1.3).
+/// URL-safe alphabet of nanoid, which upstream uses for session ids.
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
 
 /// A new session id: 21 characters of the nanoid alphabet (126 random bits from a v4 UUID).

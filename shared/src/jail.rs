@@ -1,5 +1,4 @@
-//! What the supervisor tells a launcher about its jail, and what the jailed worker reports back
-//! (isolation.md §2.2 S6 and §2.3 W13).
+//! What the supervisor tells a launcher about its jail, and what the jailed worker reports back.
 //!
 //! The order on a fresh channel is: the supervisor places the launcher in its cgroup, then writes
 //! one [`JailSpec`] frame ("go"); the launcher builds the jail; the jailed worker writes either
@@ -10,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The isolation levels of isolation.md §3.1.
+/// How strongly a session's worker is confined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JailLevel {
     /// Namespaces, `pivot_root` into a tmpfs, dropped privileges, Landlock, seccomp.
@@ -43,7 +42,8 @@ impl JailLevel {
 
 /// The workspace's path inside a `strict` jail.
 pub const WORKSPACE_INSIDE: &str = "/workspace";
-/// The uid and gid a `strict` worker has inside its user namespace (isolation.md D3).
+/// The uid and gid a `strict` worker has inside its user namespace: an ordinary user, not root,
+/// even there.
 pub const INSIDE_ID: u32 = 1000;
 
 /// The launcher's orders ("go"), the first frame on a fresh channel.
@@ -66,14 +66,15 @@ pub struct JailSpec {
     /// Bind a read-only system root (`/usr`, a few `/etc` files) so commands can run.
     pub system_root: bool,
     pub limits: JailLimits,
-    /// Set for the start-up probes of isolation.md §3.3: jail, check, report, exit.
+    /// Set for the start-up probes (how the supervisor finds the levels that work on this host):
+    /// jail, check, report, exit.
     pub probe: bool,
-    /// Test builds only: run the in-jail probe server of isolation.md §4.2 next to the agent
+    /// Test builds only: run the in-jail probe server of the isolation tests next to the agent
     /// (a release build refuses a spec that asks for it).
     pub probe_server: bool,
 }
 
-/// The per-process limits a worker sets on itself (isolation.md §2.4, W9). cgroup limits are
+/// The per-process limits a worker sets on itself. cgroup limits are
 /// applied by the supervisor and are not part of this.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JailLimits {
@@ -108,7 +109,7 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// What the jailed worker found when it looked at itself (W13), gathered with syscalls after the
+/// What the jailed worker found when it looked at itself, gathered with syscalls after the
 /// last jail step. The supervisor refuses the session when a value is not what the level
 /// promises (`JailAudit::problems` on the supervisor side).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,7 +142,8 @@ pub struct JailAudit {
     pub proc: String,
     pub cwd: String,
     pub hostname: String,
-    /// Names of the environment variables (values are ours, see L2).
+    /// Names of the environment variables (the values are the jail's own, the same for every
+    /// session).
     pub env: Vec<String>,
     pub open_fds: Vec<i32>,
     /// `(resource, soft, hard)`; `u64::MAX` means unlimited.
@@ -155,47 +157,13 @@ pub struct JailAudit {
     pub pid: u32,
 }
 
-/// A jail step that failed (isolation.md §3.2: "the session fails to start, with the step name").
+/// A jail step that failed: the session fails to start, naming the step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JailFailure {
     /// The step, e.g. `user namespace`, `pivot_root`, `seccomp`.
     pub step: String,
     pub errno: i32,
     pub message: String,
-}
-
-/// Test builds only: marks a frame from the supervisor as a [`ProbeEnvelope`] rather than a
-/// `ToWorker` message. Encoded first, as a 9-byte varint, it can never be mistaken for the one-byte
-/// variant index a `ToWorker` frame starts with.
-#[cfg(feature = "isolation-tests")]
-pub const PROBE_MAGIC: u64 = 0x5052_4f42_455f_4a4c;
-
-/// Test builds only: a probe request as it travels on fd 3. It is not a `ToWorker` variant, so
-/// release builds (and the agent's dispatch) do not know it exists; the test-only pump in front
-/// of the agent picks these frames out.
-#[cfg(feature = "isolation-tests")]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeEnvelope {
-    pub magic: u64,
-    pub request: ProbeRequest,
-}
-
-/// Test builds only: one action the in-jail probe server runs (isolation.md §4.2).
-#[cfg(feature = "isolation-tests")]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeRequest {
-    pub id: u64,
-    pub name: String,
-    /// JSON object of arguments.
-    pub args: String,
-}
-
-/// Test builds only: the answer to a [`ProbeRequest`]: `{ok, errno, detail}` as JSON.
-#[cfg(feature = "isolation-tests")]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeAnswer {
-    pub id: u64,
-    pub json: String,
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub enum ToWorker {
     },
     /// A reply from the model gateway to one of the worker's [`ModelRequest`]s.
     Model(ModelReply),
+    /// Test builds only: a probe for the in-jail probe server, which answers it before the agent
+    /// sees it. Last, so the variants above keep their wire index in every build.
+    #[cfg(feature = "isolation-tests")]
+    Probe(crate::probe::ProbeRequest),
 }
 
 /// Why a run is aborted: the run's closing events say it, so a client that did not ask for the
@@ -59,14 +63,14 @@ pub struct Init {
     pub session_id: String,
     /// The session's workspace directory as the worker sees it (absolute). Every tool path is
     /// resolved beneath it; inside the jail it will be `/workspace` (or `/` for the chroot
-    /// layout), so the worker is told rather than left to guess (agent.md §3.2).
+    /// layout), so the worker is told rather than left to guess.
     pub workspace: String,
     pub agent: AgentSettings,
     /// The session's stored events, oldest first, each a JSON object: the agent's memory.
     pub history: Vec<String>,
 }
 
-/// Agent options the worker obeys (agent.md §1.1).
+/// Agent options the worker obeys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentSettings {
     pub agent_name: String,
@@ -75,11 +79,11 @@ pub struct AgentSettings {
     pub max_iterations: u32,
     pub temperature: f64,
     pub streaming_tool_call_events: bool,
-    /// What the model request may hold (agent.md §2.3–2.4).
+    /// What the model request may hold.
     pub context: ContextSettings,
 }
 
-/// The inputs of the context budget (agent.md §2.4) and of the image window (§2.3). Defaults
+/// The inputs of the context budget and of the image window. Defaults
 /// mean "not configured": the worker then applies the spec's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContextSettings {
@@ -117,16 +121,13 @@ pub struct Query {
 /// Worker → supervisor.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromWorker {
-    /// The jail is complete: the worker's self-audit (isolation.md W13). The first frame a worker
+    /// The jail is complete: the worker's self-audit. The first frame a worker
     /// sends; the supervisor checks it before it sends `Init`.
     Jailed(Box<JailAudit>),
     /// A jail step failed; the worker exits after sending this.
     JailFailed(JailFailure),
     /// Start-up probe mode only: what the probe saw inside the jail (JSON object).
     ProbeReport { json: String },
-    /// Test builds only: the answer to a [`ToWorker::Probe`].
-    #[cfg(feature = "isolation-tests")]
-    ProbeAnswer(crate::jail::ProbeAnswer),
     /// Handshake answer; `pid` is the worker's own pid as it sees it.
     Ready { protocol_version: u32, pid: u32 },
     /// One agent event (a JSON object with `id`, `type`, `timestamp`).
@@ -137,9 +138,12 @@ pub enum FromWorker {
     ModelRequest(Box<ModelRequest>),
     /// Stop the model call with this id; no acknowledgement is awaited.
     ModelCancel { id: String },
+    /// Test builds only: the answer to a `ToWorker::Probe`. Last, like that one.
+    #[cfg(feature = "isolation-tests")]
+    ProbeAnswer(crate::probe::ProbeAnswer),
 }
 
-/// One model call, in the provider-neutral format of agent.md §4.2.
+/// One model call, in a provider-neutral format (OpenAI chat-completions shape).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelRequest {
     pub id: String,
@@ -193,7 +197,7 @@ impl ModelReply {
     }
 }
 
-/// One normalised piece of model output; each delta carries one kind (agent.md §4.2).
+/// One normalised piece of model output; each delta carries one kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Delta {
     Reasoning(String),
@@ -220,7 +224,7 @@ pub struct Usage {
     pub estimated: bool,
 }
 
-/// Why a model call failed (agent.md §4.5).
+/// Why a model call failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelFailure {
     pub kind: ModelErrorKind,
@@ -231,7 +235,7 @@ pub struct ModelFailure {
     pub partial: bool,
 }
 
-/// The error taxonomy of agent.md §4.5.
+/// What kind of failure a model call ended in; the gateway maps every provider's errors here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModelErrorKind {
     Cancelled,
@@ -283,7 +287,15 @@ impl ModelErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{decode, encode};
+    use crate::frame::{read_frame_blocking, write_frame_blocking};
+
+    fn round_trip(msg: &ToWorker) -> ToWorker {
+        let mut bytes = Vec::new();
+        write_frame_blocking(&mut bytes, msg).unwrap();
+        read_frame_blocking(&mut bytes.as_slice(), usize::MAX)
+            .unwrap()
+            .unwrap()
+    }
 
     #[test]
     fn every_message_round_trips() {
@@ -306,8 +318,7 @@ mod tests {
             },
             history: vec!["{}".into()],
         }));
-        let bytes = encode(&init).unwrap();
-        let back: ToWorker = decode(&bytes[4..]).unwrap();
+        let back = round_trip(&init);
         assert!(
             matches!(back, ToWorker::Init(i) if i.agent.max_iterations == 10 && i.history.len() == 1 && i.workspace == "/workspace")
         );
@@ -321,16 +332,14 @@ mod tests {
                 arguments: "{".into(),
             },
         });
-        let bytes = encode(&reply).unwrap();
-        let back: ToWorker = decode(&bytes[4..]).unwrap();
+        let back = round_trip(&reply);
         assert!(matches!(back, ToWorker::Model(r) if r.request_id() == "m"));
 
         let abort = ToWorker::Abort {
             run_id: "r".into(),
             reason: AbortReason::ServerShutdown,
         };
-        let bytes = encode(&abort).unwrap();
-        let back: ToWorker = decode(&bytes[4..]).unwrap();
+        let back = round_trip(&abort);
         assert!(matches!(
             back,
             ToWorker::Abort { run_id, reason: AbortReason::ServerShutdown } if run_id == "r"

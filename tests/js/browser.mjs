@@ -406,7 +406,10 @@ async function builtinStates() {
   await live.goto(`${target}/#/session/${sessionId}`);
   await live.locator('.msg.assistant .bubble table').waitFor();
   await live.locator('#connection[data-state="connected"]').waitFor();
-  await live.clock.pauseAt(await live.evaluate(() => Date.now() + 1));
+  // A little ahead of the page's now: pausing at a time the page clock has already passed
+  // (it runs on while this script talks to the browser) is refused. Half a second holds no
+  // timer of the page's (its health poll is 30 s apart).
+  await live.clock.pauseAt(await live.evaluate(() => Date.now() + 500));
   process.kill(Number(serverPid), 'SIGKILL');
   await live.locator('#connection[data-state="disconnected"]').waitFor();
   report.disconnected = await live.locator('#connection').textContent();

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use e2e::raw_http::ResponseReader;
+use e2e::sse::FrameReader;
 use e2e::{Frame, LONG, Server, ServerOpts, supervisor_bin};
 use serde_json::{Value, json};
 
@@ -307,53 +309,25 @@ impl StalledFollower {
     }
 
     /// Reads the chunked SSE body until an `agent_run_end` event; returns every (seq, event).
-    async fn read_until_run_end(mut self) -> Result<Vec<(u64, Value)>> {
-        use tokio::io::AsyncReadExt;
-        let mut raw = Vec::new();
-        let mut body = Vec::new();
+    async fn read_until_run_end(self) -> Result<Vec<(u64, Value)>> {
+        let (head, mut body) = tokio::time::timeout(LONG, ResponseReader::start(self.stream))
+            .await
+            .context("follower read timed out")??;
+        ensure!(head.status == 200, "{head:?}");
+        let mut frames = FrameReader::default();
         let mut events = Vec::new();
-        let mut headers_done = false;
         loop {
-            let mut chunk = [0u8; 65536];
-            let n = tokio::time::timeout(LONG, self.stream.read(&mut chunk))
+            let chunk = tokio::time::timeout(LONG, body.next_chunk())
                 .await
-                .context("follower read timed out")??;
-            ensure!(n > 0, "stream closed before agent_run_end");
-            raw.extend_from_slice(&chunk[..n]);
-            if !headers_done {
-                let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                .context("follower read timed out")??
+                .context("stream closed before agent_run_end")?;
+            frames.push(&chunk)?;
+            while let Some(frame) = frames.next_frame() {
+                let Some(id) = frame.id else {
                     continue;
                 };
-                ensure!(
-                    raw.starts_with(b"HTTP/1.1 200"),
-                    "{}",
-                    String::from_utf8_lossy(&raw[..end])
-                );
-                raw.drain(..end + 4);
-                headers_done = true;
-            }
-            // De-chunk what is complete.
-            while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
-                let size =
-                    usize::from_str_radix(std::str::from_utf8(&raw[..line_end])?.trim(), 16)?;
-                if raw.len() < line_end + 2 + size + 2 {
-                    break;
-                }
-                body.extend_from_slice(&raw[line_end + 2..line_end + 2 + size]);
-                raw.drain(..line_end + 2 + size + 2);
-            }
-            while let Some(end) = body.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = body.drain(..end + 2).collect();
-                let text = std::str::from_utf8(&block[..end])?;
-                let (Some(id), Some(data)) = (
-                    text.lines().find_map(|l| l.strip_prefix("id: ")),
-                    text.lines().find_map(|l| l.strip_prefix("data: ")),
-                ) else {
-                    continue;
-                };
-                let event: Value = serde_json::from_str(data)?;
-                let done = ty(&event) == "agent_run_end";
-                events.push((id.parse()?, event));
+                let done = frame.ty() == "agent_run_end";
+                events.push((id, frame.data));
                 if done {
                     return Ok(events);
                 }

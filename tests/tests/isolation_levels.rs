@@ -356,3 +356,43 @@ async fn a_failed_jail_step_refuses_the_session() -> Result<()> {
     ensure!(r["content"] == "echo: after", "{r}");
     Ok(())
 }
+
+/// The debug probe route takes only the probes the server knows, with typed arguments: a
+/// misspelt probe or argument is refused with a 400 that names it, instead of reaching the jail
+/// and coming back as an `EINVAL` answer that a test could mistake for the kernel's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_route_refuses_unknown_probes_and_arguments() -> Result<()> {
+    let server = isolation_support::start(Mode::Root).await?;
+    let sid = isolation_support::session(&server).await?;
+    for (name, args, named) in [
+        ("no_such_probe", json!({}), "no_such_probe"),
+        ("read", json!({"path": "/etc/hostname", "mux": 1}), "mux"),
+        ("kill", json!({"pid": "one", "signal": 0}), "one"),
+        ("read", json!({}), "path"),
+    ] {
+        let r = server
+            .post_json(
+                "/api/v1/debug/probe",
+                &json!({"sessionId": sid, "name": name, "args": args}),
+            )
+            .await?;
+        ensure!(
+            r.status == 400
+                && r.json["code"] == "INVALID_REQUEST"
+                && r.json["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(named)),
+            "probe {name} {args}: {} {}",
+            r.status,
+            r.text
+        );
+    }
+    // Control: a known probe with its arguments runs inside the jail.
+    let answer =
+        isolation_support::probe(&server, &sid, "stat", json!({"path": "/workspace"})).await?;
+    ensure!(
+        answer["ok"] == true && answer["detail"]["dir"] == true,
+        "{answer}"
+    );
+    Ok(())
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use e2e::Server;
+use e2e::sse::{self, Block};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -232,17 +233,21 @@ fn one_json(text: &str) -> Result<Value> {
 fn query_stream(text: &str) -> Result<Vec<(u64, Value)>> {
     let mut events = Vec::new();
     let mut pending: Option<Value> = None;
-    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
-        if let Some(data) = block.strip_prefix("data: ") {
-            ensure!(pending.is_none(), "two data blocks without an id: {block}");
-            pending = Some(serde_json::from_str(data).with_context(|| format!("data: {data}"))?);
-        } else if let Some(id) = block.strip_prefix("id: ") {
-            let event = pending
-                .take()
-                .with_context(|| format!("an id block without data: {block}"))?;
-            events.push((id.trim().parse()?, event));
-        } else if !block.starts_with(':') {
-            bail!("not an SSE block of a query stream: {block:?}");
+    for block in sse::parse_body(text) {
+        match block? {
+            Block::Data { id: None, data } => {
+                ensure!(pending.is_none(), "two data blocks without an id: {data}");
+                pending =
+                    Some(serde_json::from_str(data).with_context(|| format!("data: {data}"))?);
+            }
+            Block::Id(id) => {
+                let event = pending
+                    .take()
+                    .with_context(|| format!("an id block without data: {id}"))?;
+                events.push((id, event));
+            }
+            Block::Comment => {}
+            other => bail!("not an SSE block of a query stream: {other:?}"),
         }
     }
     ensure!(pending.is_none(), "the last event has no id");
@@ -252,22 +257,15 @@ fn query_stream(text: &str) -> Result<Vec<(u64, Value)>> {
 /// A follow stream: `id:` and `data:` in one block per event.
 fn follow_stream(text: &str) -> Result<Vec<(u64, Value)>> {
     let mut events = Vec::new();
-    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
-        if block.starts_with(':') {
-            continue;
+    for block in sse::parse_body(text) {
+        match block? {
+            Block::Data {
+                id: Some(seq),
+                data,
+            } => events.push((seq, serde_json::from_str(data)?)),
+            Block::Comment => {}
+            other => bail!("not an `id:` + `data:` block: {other:?}"),
         }
-        let (id, data) = block
-            .split_once('\n')
-            .with_context(|| format!("a one-line block: {block:?}"))?;
-        let seq = id
-            .strip_prefix("id: ")
-            .with_context(|| format!("no id line: {block:?}"))?
-            .trim()
-            .parse()?;
-        let data = data
-            .strip_prefix("data: ")
-            .with_context(|| format!("no data line: {block:?}"))?;
-        events.push((seq, serde_json::from_str(data)?));
     }
     Ok(events)
 }

@@ -2,51 +2,69 @@
 //!
 //! Before the runtime exists (launcher and jail), the channel is used with plain blocking
 //! reads and writes: one [`JailSpec`] in, one `Jailed` or `JailFailed` out. Afterwards it is a
-//! tokio stream.
+//! tokio stream. Either way the frames are `shared::frame`'s: this file only owns the descriptor.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use shared::frame::{FrameError, read_frame_blocking, write_frame_blocking};
 use shared::jail::JailSpec;
+use shared::process::CHANNEL_FD;
 use shared::protocol::FromWorker;
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::mpsc;
 
 /// Largest jail spec the launcher accepts: a spec is a few hundred bytes; anything bigger is not
 /// from our supervisor and is refused before allocating.
 const MAX_SPEC_LEN: usize = 64 * 1024;
 
-fn read_exact_blocking(fd: RawFd, buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: reads at most rest.len() bytes into a buffer we own.
-        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
-        match n {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n if n < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            n => filled += n as usize,
-        }
-    }
-    Ok(())
+/// Why the channel on fd 3 cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("fd {fd} is not open: {source}")]
+    NotOpen { fd: RawFd, source: std::io::Error },
+    #[error("fd {fd} is not a socket")]
+    NotSocket { fd: RawFd },
+    #[error("fd {fd} is not an AF_UNIX socket")]
+    NotUnixSocket { fd: RawFd },
+    #[error("fd {fd} cannot be made close-on-exec: {source}")]
+    CloseOnExec { fd: RawFd, source: std::io::Error },
+    #[error("reading the jail spec: {0}")]
+    Spec(#[source] FrameError),
+    #[error("the supervisor closed the channel before sending the jail spec")]
+    NoSpec,
+    #[error("taking over the channel: {0}")]
+    Open(#[source] std::io::Error),
 }
 
-fn write_all_blocking(fd: RawFd, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: writes at most buf.len() bytes from a buffer we own.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-            continue;
-        }
-        buf = &buf[n as usize..];
+/// The channel while it is still a bare descriptor: blocking reads and writes on fd 3, which
+/// no Rust object owns until [`open`] takes it over.
+struct Blocking;
+
+impl Blocking {
+    fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: fd 3 stays open until `open` takes it over (`check_is_socket` checked it
+        // first thing; the strict launcher closes its copy only once it has nothing more to
+        // send), and nothing borrowed here outlives a single read or write.
+        unsafe { BorrowedFd::borrow_raw(CHANNEL_FD) }
     }
-    Ok(())
+}
+
+impl Read for Blocking {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Ok(nix::unistd::read(self.fd(), buf)?)
+    }
+}
+
+impl Write for Blocking {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(nix::unistd::write(self.fd(), buf)?)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Marks the channel close-on-exec, so that no program the worker starts (a `run_command`
@@ -54,66 +72,53 @@ fn write_all_blocking(fd: RawFd, mut buf: &[u8]) -> std::io::Result<()> {
 /// protocol as the worker (forge stored events, start model calls with the operator's key)
 /// and its writes would interleave with the worker's frames. The supervisor clears the flag
 /// for the one exec that must keep it, its own into this worker; nothing after that may.
-pub(crate) fn keep_from_programs(fd: RawFd) -> std::io::Result<()> {
+pub(crate) fn keep_from_programs(fd: RawFd) -> Result<(), ChannelError> {
+    let failed = |source| ChannelError::CloseOnExec { fd, source };
     // SAFETY: F_GETFD/F_SETFD only read and set the descriptor flags of `fd`; an invalid fd
     // yields EBADF.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags == -1 {
-        return Err(std::io::Error::last_os_error());
+        return Err(failed(std::io::Error::last_os_error()));
     }
     // SAFETY: as above.
     if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } == -1 {
-        return Err(std::io::Error::last_os_error());
+        return Err(failed(std::io::Error::last_os_error()));
     }
     Ok(())
 }
 
-/// Reads the launcher's orders: the first frame the supervisor writes (isolation.md S6, "go").
-/// Blocks until it arrives, which is how the supervisor holds a launcher back until it has been
-/// placed in its cgroup.
-pub(crate) fn read_spec(fd: RawFd) -> Result<JailSpec, String> {
-    let mut prefix = [0u8; 4];
-    read_exact_blocking(fd, &mut prefix).map_err(|e| format!("reading the jail spec: {e}"))?;
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_SPEC_LEN {
-        return Err(format!("jail spec of {len} bytes is over the limit"));
-    }
-    let mut payload = vec![0u8; len];
-    read_exact_blocking(fd, &mut payload).map_err(|e| format!("reading the jail spec: {e}"))?;
-    shared::frame::decode(&payload).map_err(|e| format!("decoding the jail spec: {e}"))
+/// Reads the launcher's orders: the first frame the supervisor writes. Blocks until it arrives,
+/// which is how the supervisor holds a launcher back until it has been placed in its cgroup
+/// (the spec is the launcher's "go").
+pub(crate) fn read_spec() -> Result<JailSpec, ChannelError> {
+    read_frame_blocking(&mut Blocking, MAX_SPEC_LEN)
+        .map_err(ChannelError::Spec)?
+        .ok_or(ChannelError::NoSpec)
 }
 
 /// Sends one message before the runtime exists (the audit, a failure, a probe report).
-pub(crate) fn send_blocking(fd: RawFd, msg: &FromWorker) -> std::io::Result<()> {
-    let bytes = shared::frame::encode(msg).map_err(std::io::Error::other)?;
-    write_all_blocking(fd, &bytes)
+pub(crate) fn send_blocking(msg: &FromWorker) -> Result<(), FrameError> {
+    write_frame_blocking(&mut Blocking, msg)
 }
 
 /// Tells the supervisor which jail step failed. Best effort: if the channel is gone too, the
 /// exit status still says "jail failed".
 pub(crate) fn send_jail_failure(error: &crate::jail::JailError) {
-    let _ = send_blocking(
-        crate::CHANNEL_FD,
-        &FromWorker::JailFailed(error.to_failure()),
-    );
+    let _ = send_blocking(&FromWorker::JailFailed(error.to_failure()));
 }
-use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::mpsc;
-
 /// Checks that `fd` is an open Unix-domain socket, before anything trusts it.
-pub(crate) fn check_is_socket(fd: RawFd) -> Result<(), String> {
+pub(crate) fn check_is_socket(fd: RawFd) -> Result<(), ChannelError> {
     // SAFETY: fstat only writes into the zeroed struct we pass; an invalid fd yields EBADF.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid, writable stat buffer for the duration of the call.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(format!(
-            "fd {fd} is not open: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(ChannelError::NotOpen {
+            fd,
+            source: std::io::Error::last_os_error(),
+        });
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(format!("fd {fd} is not a socket"));
+        return Err(ChannelError::NotSocket { fd });
     }
     let mut domain: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -128,19 +133,21 @@ pub(crate) fn check_is_socket(fd: RawFd) -> Result<(), String> {
         )
     };
     if rc != 0 || domain != libc::AF_UNIX {
-        return Err(format!("fd {fd} is not an AF_UNIX socket"));
+        return Err(ChannelError::NotUnixSocket { fd });
     }
     Ok(())
 }
 
-/// Takes ownership of `fd` as a tokio stream.
-pub(crate) fn open(fd: RawFd) -> std::io::Result<UnixStream> {
-    // SAFETY: `check_is_socket` verified that fd is an open socket; it was inherited for us
+/// Takes ownership of fd 3 as a tokio stream.
+pub(crate) fn open() -> Result<UnixStream, ChannelError> {
+    // SAFETY: `check_is_socket` verified that fd 3 is an open socket; it was inherited for us
     // alone and nothing else in this process refers to it, so taking ownership is sound.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let owned = unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) };
     let std_stream = std::os::unix::net::UnixStream::from(owned);
-    std_stream.set_nonblocking(true)?;
-    UnixStream::from_std(std_stream)
+    std_stream
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(std_stream))
+        .map_err(ChannelError::Open)
 }
 
 /// The sending side of the channel: a bounded queue drained by one writer task, so any part of

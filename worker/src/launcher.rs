@@ -1,4 +1,4 @@
-//! The launcher (isolation.md §2.1, L2–L4, L9): the fresh, single-threaded exec of our binary
+//! The launcher: the fresh, single-threaded exec of our binary
 //! that turns itself into a session's jailed worker.
 //!
 //! At `strict` it clones the worker into new namespaces, writes the child's uid/gid maps from
@@ -23,7 +23,7 @@ use crate::jail::{self, JailError, Jailed, privileges, seccomp};
 /// The first jail step that failed, in the process where it failed (the monitor reports its own
 /// failures on fd 3 before exiting, since it still holds the channel at that point).
 pub(crate) fn enter(spec: &JailSpec, supervisor: libc::pid_t) -> Result<Jailed, JailError> {
-    // L2: the session's environment and umask, inherited by everything below.
+    // The session's environment and umask, inherited by everything below.
     jail::set_environment(spec.level, &spec.workspace)?;
     match spec.level {
         JailLevel::Strict => strict(spec, supervisor),
@@ -59,7 +59,7 @@ fn strict(spec: &JailSpec, supervisor: libc::pid_t) -> Result<Jailed, JailError>
     }
 }
 
-/// L4 and L9: map the child's ids, release it, then shrink to a monitor and wait.
+/// Maps the child's ids, releases it, then shrinks to a monitor and waits.
 fn monitor(
     spec: &JailSpec,
     child: libc::pid_t,
@@ -91,9 +91,9 @@ fn monitor(
     // The channel belongs to the worker now; holding it would keep the supervisor from seeing
     // EOF when the worker dies.
     // SAFETY: closing fd 3, which no Rust object owns in the launcher.
-    unsafe { libc::close(crate::CHANNEL_FD) };
+    unsafe { libc::close(shared::process::CHANNEL_FD) };
 
-    // L9: the monitor keeps nothing it does not need. Failures here are not fatal to the
+    // The monitor keeps nothing it does not need. Failures here are not fatal to the
     // session, but the monitor never runs privileged: if it cannot drop, it kills the worker.
     if let Err(e) = shrink(spec, root, supervisor) {
         eprintln!("launcher: {e}; stopping the worker");
@@ -103,9 +103,9 @@ fn monitor(
     wait_and_exit(child, &lifeline)
 }
 
-/// L9 proper: same identity as the session (root mode), no capabilities, `no_new_privs`, the
-/// parent-death signal armed again (cleared by the uid change) and checked, then an allow-list
-/// seccomp filter for waiting and exiting.
+/// The monitor's shrinking: same identity as the session (root mode), no capabilities,
+/// `no_new_privs`, the parent-death signal armed again (cleared by the uid change) and checked,
+/// then an allow-list seccomp filter for waiting and exiting.
 fn shrink(spec: &JailSpec, root: bool, supervisor: libc::pid_t) -> Result<(), JailError> {
     if root {
         privileges::drop_bounding()?;
@@ -122,7 +122,8 @@ fn shrink(spec: &JailSpec, root: bool, supervisor: libc::pid_t) -> Result<(), Ja
 }
 
 /// Waits for the worker and leaves the way it left: same exit code, or the same signal.
-/// `_lifeline` (the release pipe's write end) stays open until then: the worker checks it (W8).
+/// `_lifeline` (the release pipe's write end) stays open until then: the worker checks it to
+/// know its parent-death signal is armed against a live parent.
 fn wait_and_exit(child: libc::pid_t, _lifeline: &OwnedFd) -> ! {
     let mut status: libc::c_int = 0;
     loop {
@@ -159,6 +160,6 @@ fn fail_before_release(child: libc::pid_t, error: &JailError) -> ! {
         libc::kill(child, libc::SIGKILL);
         let mut status = 0;
         libc::waitpid(child, &mut status, 0);
-        libc::_exit(crate::EXIT_JAIL);
+        libc::_exit(shared::process::WorkerExit::Jail.code());
     }
 }

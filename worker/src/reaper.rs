@@ -1,4 +1,4 @@
-//! PID 1 duties (isolation.md W14, agent.md §3.5): at `strict` the worker is PID 1 of its PID
+//! PID 1 duties: at `strict` the worker is PID 1 of its PID
 //! namespace, so every process that loses its parent inside the session (a `setsid` daemon, the
 //! children of a killed shell) is re-parented to it. Unreaped, each would stay a zombie that
 //! holds a pid (and a slot of `pids.max`) until the session ends.
@@ -32,8 +32,12 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// Registered children: `None` while they run, `Some(raw wait status)` once reaped.
-type Registry = BTreeMap<libc::pid_t, Option<libc::c_int>>;
+use nix::errno::Errno;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// Registered children: `None` while they run, `Some(wait status)` once reaped.
+type Registry = BTreeMap<libc::pid_t, Option<WaitStatus>>;
 
 static CHILDREN: Mutex<Registry> = Mutex::new(BTreeMap::new());
 
@@ -79,42 +83,39 @@ pub(crate) fn start() {
 /// reach every process of the uid). The reaper collects the dead.
 pub(crate) fn kill_all_others() {
     if is_init() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(-1),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
 /// Collects every child that has ended: registered ones keep their status for their owner,
 /// orphans are just gone.
 fn reap() {
-    let orphans = collect(&mut children(), -1);
+    let orphans = collect(&mut children(), None);
     if orphans > 0 {
         tracing::debug!(orphans, "reaped orphaned processes");
     }
 }
 
-/// `waitpid(which, WNOHANG)` until nothing more has ended, under the registry lock the caller
-/// holds; returns how many of the reaped pids were not registered (orphans).
-fn collect(registry: &mut Registry, which: libc::pid_t) -> u32 {
+/// `waitpid(which, WNOHANG)` (any child for `None`) until nothing more has ended, under the
+/// registry lock the caller holds; returns how many of the reaped pids were not registered
+/// (orphans).
+fn collect(registry: &mut Registry, which: Option<Pid>) -> u32 {
     let mut orphans = 0u32;
     loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid writes the status into a local integer; WNOHANG never blocks.
-        let pid = unsafe { libc::waitpid(which, &mut status, libc::WNOHANG) };
-        if pid > 0 {
-            match registry.get_mut(&pid) {
-                Some(slot) => *slot = Some(status),
-                None => orphans += 1,
+        match waitpid(which, Some(WaitPidFlag::WNOHANG)) {
+            Err(Errno::EINTR) => {}
+            // Children remain but none has ended, or (ECHILD) there are none left at all.
+            Ok(WaitStatus::StillAlive) | Err(_) => return orphans,
+            Ok(status) => {
+                let Some(pid) = status.pid() else {
+                    return orphans;
+                };
+                match registry.get_mut(&pid.as_raw()) {
+                    Some(slot) => *slot = Some(status),
+                    None => orphans += 1,
+                }
             }
-            continue;
         }
-        if pid < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        // 0: children remain but none has ended; ECHILD: no children (left) at all.
-        return orphans;
     }
 }
 
@@ -144,32 +145,22 @@ impl Watched {
         self.pid
     }
 
-    /// The child's raw wait status once it has ended, without blocking.
+    /// The child's wait status once it has ended, without blocking.
     ///
     /// # Errors
     /// `waitpid` failed for another reason than "still running" (it cannot be ours then).
-    pub(crate) fn try_wait(&self) -> std::io::Result<Option<libc::c_int>> {
+    pub(crate) fn try_wait(&self) -> std::io::Result<Option<WaitStatus>> {
         let mut registry = children();
         if let Some(Some(status)) = registry.get(&self.pid) {
             return Ok(Some(*status));
         }
-        let mut status: libc::c_int = 0;
-        // SAFETY: waits for our own child only, writing into a local integer; never blocks.
-        let rc = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        match rc {
-            0 => Ok(None),
-            rc if rc == self.pid => {
+        match waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => Ok(None),
+            Ok(status) => {
                 registry.insert(self.pid, Some(status));
                 Ok(Some(status))
             }
-            _ => {
-                let error = std::io::Error::last_os_error();
-                if error.kind() == std::io::ErrorKind::Interrupted {
-                    Ok(None)
-                } else {
-                    Err(error)
-                }
-            }
+            Err(errno) => Err(errno.into()),
         }
     }
 }
@@ -185,7 +176,7 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    fn wait(watched: &Watched) -> libc::c_int {
+    fn wait(watched: &Watched) -> WaitStatus {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = watched.try_wait().unwrap() {
@@ -200,8 +191,7 @@ mod tests {
     fn the_owner_collects_its_child_and_can_ask_again() {
         let (_child, watched) = spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
         let status = wait(&watched);
-        assert!(libc::WIFEXITED(status));
-        assert_eq!(libc::WEXITSTATUS(status), 7);
+        assert_eq!(status, WaitStatus::Exited(Pid::from_raw(watched.pid()), 7));
         // The status stays with the registration until it is dropped.
         assert_eq!(watched.try_wait().unwrap(), Some(status));
         let pid = watched.pid();
@@ -222,7 +212,7 @@ mod tests {
                 break;
             }
             assert_eq!(
-                collect(&mut registry, pid),
+                collect(&mut registry, Some(Pid::from_raw(pid))),
                 0,
                 "a registered child is no orphan"
             );
@@ -231,8 +221,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         let status = watched.try_wait().unwrap().unwrap();
-        assert!(libc::WIFSIGNALED(status));
-        assert_eq!(libc::WTERMSIG(status), libc::SIGKILL);
+        assert!(matches!(
+            status,
+            WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
+        ));
     }
 
     #[test]
@@ -242,7 +234,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut orphans = 0;
         while orphans == 0 {
-            orphans = collect(&mut children(), pid);
+            orphans = collect(&mut children(), Some(Pid::from_raw(pid)));
             assert!(Instant::now() < deadline, "child did not end");
             std::thread::sleep(Duration::from_millis(2));
         }

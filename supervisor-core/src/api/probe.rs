@@ -1,7 +1,8 @@
-//! Test builds only (feature `isolation-tests`): the HTTP side of the in-jail probe server of
-//! isolation.md §4.2. `POST /api/v1/debug/probe {sessionId, name, args}` runs a probe inside the
-//! session's live worker; `GET /api/v1/debug/jail?sessionId=` returns the worker's accepted
-//! self-audit. Release builds have no such routes.
+//! Test builds only (feature `isolation-tests`): the HTTP side of the in-jail probe server the
+//! isolation tests drive. `POST /api/v1/debug/probe {sessionId, name, args}` runs a probe (a
+//! `shared::probe::Probe`, named by `name` with `args` as its fields) inside the session's live
+//! worker and answers `{ok, errno, errname, detail}`; `GET /api/v1/debug/jail?sessionId=`
+//! returns the worker's accepted self-audit. Release builds have no such routes.
 
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ mod debug {
     use axum::extract::State;
     use serde_json::{Value, json};
 
+    use shared::probe::Probe;
+
     use crate::api::body::{JsonObject, Params, session_id};
     use crate::error::ApiError;
     use crate::state::AppState;
@@ -52,17 +55,24 @@ mod debug {
         JsonObject(body): JsonObject,
     ) -> Result<Json<Value>, ApiError> {
         let id = session_id(&params, Some(&body))?;
-        let worker = live_worker(&state, &id).await?;
         let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
-        let args = body.get("args").cloned().unwrap_or(json!({})).to_string();
-        let answer = worker
-            .probe(name, args)
+        let args = body.get("args").cloned().unwrap_or(json!({}));
+        let probe = Probe::from_name_and_args(name, args)
+            .map_err(|e| ApiError::InvalidRequest(format!("probe {name:?}: {e}")))?;
+        let worker = live_worker(&state, &id).await?;
+        let outcome = worker
+            .probe(probe)
             .await
             .map_err(|e| ApiError::WorkerUnavailable {
                 session: id.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Json(serde_json::from_str(&answer).unwrap_or(Value::Null)))
+        Ok(Json(json!({
+            "ok": outcome.ok,
+            "errno": outcome.errno,
+            "errname": outcome.errname,
+            "detail": serde_json::from_str::<Value>(&outcome.detail).unwrap_or(Value::Null),
+        })))
     }
 
     pub(super) async fn jail(

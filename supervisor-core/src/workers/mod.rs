@@ -97,12 +97,6 @@ pub struct WorkerHandle {
     probes: probes::Pending,
 }
 
-/// Test builds: probe requests travel beside the `ToWorker` queue (see `probes`).
-#[cfg(feature = "isolation-tests")]
-type ProbeQueue = mpsc::Receiver<shared::jail::ProbeEnvelope>;
-#[cfg(not(feature = "isolation-tests"))]
-type ProbeQueue = ();
-
 impl WorkerHandle {
     pub fn is_alive(&self) -> bool {
         !self.exited.is_cancelled()
@@ -263,11 +257,7 @@ pub async fn start(
     tracing::debug!(session_id = %session.id, audit = ?audit, "jail audit accepted");
 
     let (outbox, queued) = mpsc::channel(OUTBOX_CAPACITY);
-    #[cfg(feature = "isolation-tests")]
-    let (probe_tx, probe_queue) = mpsc::channel(16);
-    #[cfg(not(feature = "isolation-tests"))]
-    let probe_queue = ();
-    tokio::spawn(write_frames(write, queued, probe_queue));
+    tokio::spawn(write_frames(write, queued));
     if let Some(stderr) = child.stderr.take() {
         tokio::spawn(log_stderr(session.id.clone(), stderr));
     }
@@ -282,7 +272,7 @@ pub async fn start(
         stop_cause: Arc::default(),
         exited: CancellationToken::new(),
         #[cfg(feature = "isolation-tests")]
-        probes: probes::Pending::new(probe_tx),
+        probes: probes::Pending::default(),
     };
     let span = tracing::info_span!("worker", session_id = %session.id, pid);
     tokio::spawn(
@@ -303,36 +293,14 @@ pub async fn start(
     Ok(handle)
 }
 
-#[cfg(not(feature = "isolation-tests"))]
+/// The one writer towards a worker: everything for it (probes of test builds included) is a
+/// `ToWorker` in its outbox, written in bursts.
 async fn write_frames(
     mut write: tokio::net::unix::OwnedWriteHalf,
     mut queued: mpsc::Receiver<ToWorker>,
-    _probes: ProbeQueue,
 ) {
     while let Some(msg) = queued.recv().await {
         if let Err(e) = shared::frame::write_batch(&mut write, msg, &mut queued).await {
-            tracing::debug!(error = %e, "stopped writing to a worker");
-            break;
-        }
-    }
-}
-
-/// Test builds: the same writer, also carrying probe envelopes.
-#[cfg(feature = "isolation-tests")]
-async fn write_frames(
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    mut queued: mpsc::Receiver<ToWorker>,
-    mut probes: ProbeQueue,
-) {
-    loop {
-        let written = tokio::select! {
-            msg = queued.recv() => match msg {
-                Some(msg) => shared::frame::write_batch(&mut write, msg, &mut queued).await,
-                None => break,
-            },
-            Some(envelope) = probes.recv() => write_frame(&mut write, &envelope).await,
-        };
-        if let Err(e) = written {
             tracing::debug!(error = %e, "stopped writing to a worker");
             break;
         }
@@ -586,34 +554,27 @@ async fn read_frames(read: OwnedReadHalf, frames: mpsc::Sender<Result<FromWorker
     }
 }
 
-/// Test builds only: probe requests in flight towards a worker (isolation.md §4.2).
+/// Test builds only: probe requests in flight towards a worker, for the in-jail probe server
+/// the isolation tests drive (see `shared::probe`).
 #[cfg(feature = "isolation-tests")]
 mod probes {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex, PoisonError};
 
-    use shared::jail::{PROBE_MAGIC, ProbeAnswer, ProbeEnvelope, ProbeRequest};
-    use tokio::sync::{mpsc, oneshot};
+    use shared::probe::{Probe, ProbeAnswer, ProbeOutcome, ProbeRequest};
+    use shared::protocol::ToWorker;
+    use tokio::sync::oneshot;
 
     use super::{WorkerError, WorkerHandle};
 
-    #[derive(Clone)]
+    #[derive(Clone, Default)]
     pub(super) struct Pending {
         next: Arc<AtomicU64>,
-        queue: mpsc::Sender<ProbeEnvelope>,
-        waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<String>>>>,
+        waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<ProbeOutcome>>>>,
     }
 
     impl Pending {
-        pub(super) fn new(queue: mpsc::Sender<ProbeEnvelope>) -> Self {
-            Self {
-                next: Arc::default(),
-                queue,
-                waiting: Arc::default(),
-            }
-        }
-
         pub(super) fn deliver(&self, answer: ProbeAnswer) {
             let waiter = self
                 .waiting
@@ -621,17 +582,17 @@ mod probes {
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&answer.id);
             if let Some(waiter) = waiter {
-                let _ = waiter.send(answer.json);
+                let _ = waiter.send(answer.outcome);
             }
         }
     }
 
     impl WorkerHandle {
-        /// Runs probe `name` inside this worker's jail and returns its JSON answer.
+        /// Runs `probe` inside this worker's jail and returns what it found.
         ///
         /// # Errors
         /// The worker is gone before it answered.
-        pub async fn probe(&self, name: &str, args: String) -> Result<String, WorkerError> {
+        pub async fn probe(&self, probe: Probe) -> Result<ProbeOutcome, WorkerError> {
             let id = self.probes.next.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             self.probes
@@ -639,19 +600,8 @@ mod probes {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(id, tx);
-            let envelope = ProbeEnvelope {
-                magic: PROBE_MAGIC,
-                request: ProbeRequest {
-                    id,
-                    name: name.to_owned(),
-                    args,
-                },
-            };
-            self.probes
-                .queue
-                .send(envelope)
-                .await
-                .map_err(|_| WorkerError::Closed)?;
+            self.send(ToWorker::Probe(ProbeRequest { id, probe }))
+                .await?;
             tokio::select! {
                 answer = rx => answer.map_err(|_| WorkerError::Closed),
                 () = self.exited() => Err(WorkerError::Closed),

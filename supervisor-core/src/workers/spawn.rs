@@ -19,7 +19,6 @@
 //! nothing of any session: it is a fresh exec, alone in an empty cgroup, blocked on fd 3. When
 //! the pool is empty, the spawner thread starts a launcher for the session directly.
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -30,6 +29,7 @@ use std::sync::mpsc as std_mpsc;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use shared::frame::read_frame;
 use shared::jail::{JailLevel, JailSpec};
+use shared::process::CHANNEL_FD;
 use shared::protocol::FromWorker;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -405,15 +405,13 @@ fn start_launcher(
     // functions (dup2, fcntl, setsid, prctl, getppid, close_range, _exit) on plain integers it
     // captured.
     unsafe {
-        // TODO(i12-frame): `worker::CHANNEL_FD` becomes `shared`'s, and this library stops
-        // depending on the worker crate.
         command.pre_exec(move || {
-            if child_fd == worker::CHANNEL_FD {
+            if child_fd == CHANNEL_FD {
                 // dup2 onto itself would keep FD_CLOEXEC set; clear it instead.
                 if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(child_fd, worker::CHANNEL_FD) == -1 {
+            } else if libc::dup2(child_fd, CHANNEL_FD) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             // Everything above fd 3 is close-on-exec, whatever a library opened without the
@@ -470,8 +468,7 @@ fn release(
     spec: &JailSpec,
     mut channel: std::os::unix::net::UnixStream,
 ) -> std::io::Result<UnixStream> {
-    let frame = shared::frame::encode(spec).map_err(std::io::Error::other)?;
-    channel.write_all(&frame)?;
+    shared::frame::write_frame_blocking(&mut channel, spec).map_err(std::io::Error::other)?;
     channel.set_nonblocking(true)?;
     UnixStream::from_std(channel)
 }

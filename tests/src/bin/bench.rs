@@ -8,19 +8,35 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use e2e::sse::{self, Block};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SAMPLES: usize = 100;
 
-/// A running server under measurement.
+/// A running server under measurement, killed on drop.
 struct Running {
     child: tokio::process::Child,
     pid: u32,
     base: String,
     /// From spawn to the listening line.
     started_in: Duration,
+    /// The directory it runs in.
+    dir: PathBuf,
+}
+
+impl Drop for Running {
+    /// Kills the server and detaches the workspace images it leaves mounted (a supervisor keeps
+    /// them for its next start), so that its temporary directory can be removed.
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        e2e::detach_mounts_under(&self.dir);
+    }
 }
 
 async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
@@ -43,7 +59,7 @@ async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
         let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await??
             .context("server exited")?;
-        if let Some(url) = line.strip_prefix("supervisor listening on ") {
+        if let Some(url) = line.strip_prefix(e2e::LISTENING_PREFIX) {
             break url.trim().to_owned();
         }
     };
@@ -52,6 +68,7 @@ async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
         pid,
         base,
         started_in: t.elapsed(),
+        dir: dir.to_owned(),
     })
 }
 
@@ -93,12 +110,8 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let Running {
-        mut child,
-        pid,
-        base,
-        ..
-    } = start(&binary, dir.path(), &[]).await?;
+    let server = start(&binary, dir.path(), &[]).await?;
+    let (pid, base) = (server.pid, server.base.clone());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
         .build()?;
@@ -160,7 +173,7 @@ async fn main() -> Result<()> {
     let loaded_rss = rss_kib(pid)?;
 
     let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
-    let _ = child.start_kill();
+    drop(server);
 
     let levels = level_figures(&binary, &client).await?;
     let fleet = fleet_figures(&binary, &client).await?;
@@ -462,12 +475,14 @@ async fn stream_ids(
         bail!("stream refused: {}", response.status());
     }
     let body = response.bytes().await?;
-    let text = std::str::from_utf8(&body)?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .filter_map(|v| v.trim().parse().ok())
-        .collect())
+    let mut ids = Vec::new();
+    for block in sse::parse_body(std::str::from_utf8(&body)?) {
+        match block? {
+            Block::Id(id) | Block::Data { id: Some(id), .. } => ids.push(id),
+            Block::Data { id: None, .. } | Block::Comment => {}
+        }
+    }
+    Ok(ids)
 }
 
 /// The same warm-session query against memory and SQLite storage, interleaved so both see the
@@ -728,17 +743,17 @@ async fn flood(
         .await?;
     let mut body = response.bytes_stream();
     let mut frames = 0;
-    let mut carry = Vec::new();
+    // Blocks are only classified, their JSON left alone: the figure is the server's rate.
+    let mut blocks = sse::Splitter::default();
     while let Some(chunk) = body.next().await {
-        carry.extend_from_slice(&chunk?);
-        let mut start = 0;
-        while let Some(at) = carry[start..].windows(7).position(|w| w == b"\ndata: ") {
-            frames += 1;
-            start += at + 1;
+        blocks.push(&chunk?);
+        while let Some(block) = blocks.next_block() {
+            if let Block::Data { .. } = sse::parse_block(std::str::from_utf8(block)?)? {
+                frames += 1;
+            }
         }
-        carry.drain(..start);
     }
-    Ok((frames + 1, t.elapsed()))
+    Ok((frames, t.elapsed()))
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {

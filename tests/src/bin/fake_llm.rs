@@ -1,4 +1,4 @@
-//! Runs the scripted fake LLM by hand (agent.md §5.1):
+//! Runs the scripted fake LLM by hand:
 //! `fake-llm [--port N] [--script scripts.json]`, then point a model's `baseURL` at
 //! `http://127.0.0.1:N/v1` (OpenAI-compatible) or `http://127.0.0.1:N` (Anthropic).
 

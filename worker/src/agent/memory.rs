@@ -1,6 +1,6 @@
-//! Turning the session's stored events into model messages (agent.md §2.2), on every iteration,
-//! within the image window (§2.3) and the token budget (§2.4), with the reasoning of earlier
-//! answers passed back for the providers that need it (§2.5).
+//! Turning the session's stored events into model messages, on every iteration, within the
+//! image window (the newest images only) and the token budget, with the reasoning of earlier
+//! answers passed back for the providers that need it.
 //!
 //! The event log is the memory: a worker that was killed and replaced gets the same log in its
 //! `Init` and therefore sends the model the same conversation. Trimming only shapes the request;
@@ -23,7 +23,7 @@ pub(crate) fn parse_history(raw: &[String]) -> Vec<Event> {
 const DEFAULT_INSTRUCTIONS: &str = "You are a helpful assistant working in a sandboxed workspace. \
 Use the available tools to inspect or change files instead of guessing, and keep replies concise.";
 
-/// agent.md §2.4 defaults, used when the settings leave them open.
+/// The budget's defaults, used when the settings leave them open.
 const DEFAULT_CONTEXT_WINDOW: u64 = 128_000;
 const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 8192;
 const BUDGET_MARGIN: u64 = 2000;
@@ -51,7 +51,7 @@ fn with_complete_arguments(calls: &[ToolCall]) -> Vec<ToolCall> {
         .collect()
 }
 
-/// The system prompt of agent.md §1.11 (without the clock line: the request must be
+/// The system prompt (without the clock line: the request must be
 /// reproducible for a given history).
 fn system_prompt(settings: &AgentSettings) -> String {
     let instructions = settings
@@ -64,7 +64,7 @@ fn system_prompt(settings: &AgentSettings) -> String {
     )
 }
 
-/// The token budget of a request's messages (agent.md §2.4 step 2): `context.maxTokens` when
+/// The token budget of a request's messages: `context.maxTokens` when
 /// configured, otherwise the context window minus the answer's reservation and a margin.
 pub(crate) fn budget(context: &ContextSettings) -> u64 {
     context.max_tokens.unwrap_or_else(|| {
@@ -92,7 +92,7 @@ pub(crate) fn build_messages(
     fit(system, turns, budget)
 }
 
-/// Reasoning recorded for one answer (agent.md §2.5).
+/// Reasoning recorded for one answer.
 struct Reasoning<'a> {
     content: &'a str,
     signature: Option<&'a str>,
@@ -122,7 +122,7 @@ fn reasoning_by_message(history: &[Event]) -> HashMap<&str, Reasoning<'_>> {
         .collect()
 }
 
-/// Which image parts fall outside the window (agent.md §2.3): images are counted from the
+/// Which image parts fall outside the window: images are counted from the
 /// newest event backwards across user messages, environment input and tool results, both
 /// `image_url` and `image` parts; the newest `keep` stay. Keys are (event index, part index).
 fn omitted_images(history: &[Event], keep: usize) -> HashSet<(usize, usize)> {
@@ -347,7 +347,7 @@ impl Converter<'_> {
         out.extend(images);
     }
 
-    /// A tool result's `content` as model text plus image parts (agent.md §2.2, upstream's
+    /// A tool result's `content` as model text plus image parts (upstream's
     /// `convertToMultimodalToolCallResult`, with MCP text parts flattened).
     fn tool_content(&self, index: usize, content: &Value) -> (String, Vec<Value>) {
         let mut images = Vec::new();
@@ -430,7 +430,7 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default()
 }
 
-/// The gateway extension fields of agent.md §4.3 on an assistant message.
+/// The gateway's extension fields on an assistant message (the reasoning a provider wants back).
 fn add_reasoning(message: &mut Map<String, Value>, reasoning: &Reasoning<'_>) {
     if !reasoning.content.is_empty() {
         message.insert("reasoning_content".into(), json!(reasoning.content));
@@ -467,7 +467,7 @@ fn environment_message(content: &Value, description: Option<&str>) -> Option<Val
     }
 }
 
-/// Estimated tokens of a message (agent.md §2.4): UTF-8 bytes / 4 for text, a fixed cost per
+/// Estimated tokens of a message: UTF-8 bytes / 4 for text, a fixed cost per
 /// image (never the bytes of its data URL).
 fn estimate(message: &Value) -> u64 {
     fn measure(value: &Value, bytes: &mut u64, images: &mut u64) {
@@ -491,8 +491,8 @@ fn estimate(message: &Value) -> u64 {
     bytes.div_ceil(4) + images * IMAGE_TOKENS + 4
 }
 
-/// agent.md §2.4 steps 3–4: drop whole turns, oldest first, never the current one, with a note;
-/// then shorten the current turn's older tool results, oldest first, keeping the newest
+/// When the messages are over budget: drop whole turns, oldest first, never the current one, with a
+/// note; then shorten the current turn's older tool results, oldest first, keeping the newest
 /// iteration's. What still does not fit is sent as is: the provider's answer decides.
 fn fit(system: Value, mut turns: Vec<Turn>, budget: u64) -> Vec<Value> {
     let costs: Vec<u64> = turns

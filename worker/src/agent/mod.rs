@@ -20,8 +20,26 @@ use tokio::sync::mpsc;
 
 use crate::WorkerError;
 use crate::channel::{Outbox, spawn_writer};
+use crate::jail::Confinement;
 
-/// Stored events of the session, oldest first: the agent's whole memory (agent.md §2.1).
+/// Why the `Init`/`Ready` handshake with the supervisor failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("expected Init, got {0}")]
+    NotInit(&'static str),
+    #[error("supervisor closed the channel")]
+    Closed,
+    #[error("supervisor speaks protocol {supervisor}, this worker {PROTOCOL_VERSION}")]
+    Version { supervisor: u32 },
+    #[error("Init names a different session")]
+    OtherSession,
+    #[error("channel closed before Ready")]
+    ClosedBeforeReady,
+    #[error("second Init")]
+    SecondInit,
+}
+
+/// Stored events of the session, oldest first: the agent's whole memory.
 pub(crate) type History = Arc<Mutex<Vec<Event>>>;
 
 /// Where gateway replies go: one queue per in-flight model request.
@@ -64,6 +82,8 @@ pub(crate) struct Agent {
     pub(crate) models: ModelRoutes,
     /// The session's workspace, which every tool is confined to.
     pub(crate) workspace: tools::WorkspaceSlot,
+    /// The jail's limits and whether programs can run, for the tools.
+    pub(crate) confinement: Arc<Confinement>,
 }
 
 struct CurrentRun {
@@ -73,7 +93,11 @@ struct CurrentRun {
 }
 
 /// Speaks the worker protocol on `stream` until the supervisor closes it.
-pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), WorkerError> {
+pub(crate) async fn serve(
+    session_id: &str,
+    confinement: Confinement,
+    stream: UnixStream,
+) -> Result<(), WorkerError> {
     let (read, write) = stream.into_split();
     // Buffered: frames arrive in bursts, and each would otherwise cost two reads.
     let mut read = tokio::io::BufReader::with_capacity(64 * 1024, read);
@@ -81,34 +105,24 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
 
     let init = match read_frame::<_, ToWorker>(&mut read).await? {
         Some(ToWorker::Init(init)) => init,
-        Some(other) => {
-            return Err(WorkerError::Handshake(format!(
-                "expected Init, got {other:?}"
-            )));
-        }
-        None => {
-            return Err(WorkerError::Handshake(
-                "supervisor closed the channel".into(),
-            ));
-        }
+        Some(other) => return Err(HandshakeError::NotInit(name(&other)).into()),
+        None => return Err(HandshakeError::Closed.into()),
     };
     if init.protocol_version != PROTOCOL_VERSION {
-        return Err(WorkerError::Handshake(format!(
-            "supervisor speaks protocol {}, this worker {PROTOCOL_VERSION}",
-            init.protocol_version
-        )));
+        return Err(HandshakeError::Version {
+            supervisor: init.protocol_version,
+        }
+        .into());
     }
     if init.session_id != session_id {
-        return Err(WorkerError::Handshake(
-            "Init names a different session".into(),
-        ));
+        return Err(HandshakeError::OtherSession.into());
     }
     let history = memory::parse_history(&init.history);
     // A workspace that cannot be opened (removed behind our back) leaves the agent able to
     // talk; every tool call then says why it cannot run.
     let workspace = workspace::Workspace::open(Path::new(&init.workspace))
         .map(Arc::new)
-        .map_err(|e| e.to_string());
+        .map_err(Arc::new);
     if let Err(error) = &workspace {
         tracing::warn!(session_id = %init.session_id, %error, "workspace unavailable");
     }
@@ -119,6 +133,7 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
         outbox,
         models: ModelRoutes::default(),
         workspace,
+        confinement: Arc::new(confinement),
     };
     agent
         .outbox
@@ -127,7 +142,7 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
             pid: std::process::id(),
         })
         .await
-        .map_err(|_| WorkerError::Handshake("channel closed before Ready".into()))?;
+        .map_err(|_| HandshakeError::ClosedBeforeReady)?;
 
     let mut current: Option<CurrentRun> = None;
     while let Some(msg) = read_frame::<_, ToWorker>(&mut read).await? {
@@ -154,7 +169,11 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
                 }
             }
             ToWorker::Model(reply) => agent.models.deliver(reply),
-            ToWorker::Init(_) => return Err(WorkerError::Handshake("second Init".into())),
+            ToWorker::Init(_) => return Err(HandshakeError::SecondInit.into()),
+            // The probe server in front of the agent answers these; without it, the
+            // supervisor has no probe to send.
+            #[cfg(feature = "isolation-tests")]
+            ToWorker::Probe(_) => {}
         }
     }
     // The supervisor is gone: nobody can receive what a run would still produce.
@@ -163,4 +182,16 @@ pub(crate) async fn serve(session_id: &str, stream: UnixStream) -> Result<(), Wo
         run.task.abort();
     }
     Ok(())
+}
+
+/// A message's variant, for the error that says it came out of turn.
+fn name(msg: &ToWorker) -> &'static str {
+    match msg {
+        ToWorker::Init(_) => "Init",
+        ToWorker::Query(_) => "Query",
+        ToWorker::Abort { .. } => "Abort",
+        ToWorker::Model(_) => "Model",
+        #[cfg(feature = "isolation-tests")]
+        ToWorker::Probe(_) => "Probe",
+    }
 }

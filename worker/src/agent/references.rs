@@ -1,4 +1,4 @@
-//! Contextual references (agent.md §1.8): `@file:<path>` and `@dir:<path>` in a string query are
+//! Contextual references: `@file:<path>` and `@dir:<path>` in a string query are
 //! expanded by the worker, which can read the workspace, into the text of an `environment_input`
 //! event. The query itself is stored unchanged.
 //!
@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 use super::walk::{Step, WalkOptions, walk};
 use super::workspace::{FsError, Kind, Workspace, io_error};
 
-/// Per file (agent.md §1.8).
+/// Largest file expanded.
 const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
 /// For the whole expansion: it is stored, and sent with every later model request.
 const MAX_TOTAL_BYTES: usize = 4 * 1024 * 1024;
-/// Directory levels packed below a referenced directory (agent.md §1.8).
+/// Directory levels packed below a referenced directory.
 const MAX_DEPTH: usize = 8;
 /// Entries one `@dir:` walk visits at most.
 const MAX_ENTRIES: usize = 100_000;

@@ -1,6 +1,6 @@
-//! One run: the iteration loop of agent.md §1.2, with abort (§1.6) and model errors (§1.7).
+//! One run: the iteration loop (model call, tool calls, again), with abort and model errors.
 //!
-//! Every run ends with exactly one `agent_run_end`, whatever happened (ARCHITECTURE decision 5),
+//! Every run ends with exactly one `agent_run_end`, whatever happened (clients wait for it),
 //! preceded by a `RunResult` message carrying what a non-streaming caller gets back.
 
 use std::sync::{Arc, OnceLock, PoisonError};
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Agent, memory, references, tools};
 
-/// Calls beyond this many in one model response are answered with an error (agent.md §1.4).
+/// Calls beyond this many in one model response are answered with an error.
 const MAX_TOOL_CALLS_PER_RESPONSE: usize = 32;
 /// After an abort, how long a running tool gets to notice the token (file tools look between
 /// files and chunks; `run_command` stops its command within this) before its call is answered
@@ -102,7 +102,7 @@ struct Response {
     message_id: String,
     text: String,
     reasoning: String,
-    /// Anthropic continuation data, stored on the thinking event (agent.md §2.5).
+    /// Anthropic continuation data, stored on the thinking event.
     signature: Option<String>,
     redacted: Vec<String>,
     reasoning_started: Option<Instant>,
@@ -197,8 +197,9 @@ impl Run {
                     ModelOutcome::Aborted(partial) => {
                         return self.close_aborted(Some(partial), &[]).await;
                     }
-                    // agent.md §2.4 step 5: our estimate was too generous for this model; one
-                    // more try with half the budget, unless output was already shown.
+                    // The provider says the context is too long: our estimate was too generous for
+                    // this model; one more try with half the budget, unless output was already
+                    // shown.
                     ModelOutcome::Failed(partial, failure)
                         if failure.kind == ModelErrorKind::ContextLength
                             && !retried
@@ -229,8 +230,8 @@ impl Run {
                 if self.cancel.is_cancelled() {
                     return self.close_aborted(None, &response.calls[index..]).await;
                 }
-                // Calls beyond the cap still get their tool_call/tool_result pair (events.md
-                // §4.2), so the UI shows them and the next request stays valid.
+                // Calls beyond the cap still get their tool_call/tool_result pair, so the UI
+                // shows them and the next request stays valid.
                 let refused = (index >= MAX_TOOL_CALLS_PER_RESPONSE).then(|| {
                     format!(
                         "too many tool calls in one response (limit {MAX_TOOL_CALLS_PER_RESPONSE})"
@@ -271,7 +272,7 @@ impl Run {
         if let Some(max_tokens) = settings.context.max_output_tokens {
             params["max_tokens"] = json!(max_tokens);
         }
-        let tools = tools::definitions();
+        let tools = tools::definitions(&self.agent.confinement);
         if !tools.is_empty() {
             params["tools"] = json!(tools);
             params["tool_choice"] = json!("auto");
@@ -380,7 +381,7 @@ impl Run {
                 }
             }
             // Continuation data: never shown, stored on the thinking event so that the next
-            // request can send it back (agent.md §2.5).
+            // request can send it back.
             Delta::ReasoningSignature(signature) => {
                 response
                     .signature
@@ -445,7 +446,7 @@ impl Run {
     }
 
     /// Streaming mode: the thinking event goes out as soon as the model switches from reasoning
-    /// to answering (events.md §3.3).
+    /// to answering.
     async fn finish_streamed_thinking(&mut self, response: &mut Response) {
         if !self.stream || response.thinking_emitted || !response.has_reasoning() {
             return;
@@ -532,12 +533,12 @@ impl Run {
             name: name.clone(),
             arguments: arguments.clone(),
             start_time: now_ms(),
-            tool: tools::describe(&name),
+            tool: tools::describe(&self.agent.confinement, &name),
         })
         .await;
         let started = Instant::now();
-        if invalid.is_none() && !tools::exists(&name) {
-            // Upstream's answer, with elapsedMs 0 (agent.md §1.4 step 2).
+        if invalid.is_none() && !tools::exists(&self.agent.confinement, &name) {
+            // Upstream's answer, with elapsedMs 0.
             let message = tools::ToolError::NotFound(name.clone()).to_string();
             self.emit_tool_result(call, Err(tools::Failure::new(message)), 0)
                 .await;
@@ -566,7 +567,13 @@ impl Run {
         name: &str,
         arguments: &Value,
     ) -> Option<Result<Value, tools::Failure>> {
-        let tool = tools::execute(&self.agent.workspace, name, arguments, &self.cancel);
+        let tool = tools::execute(
+            &self.agent.workspace,
+            &self.agent.confinement,
+            name,
+            arguments,
+            &self.cancel,
+        );
         tokio::pin!(tool);
         let outcome = tokio::select! {
             biased;
@@ -583,7 +590,7 @@ impl Run {
         }
     }
 
-    /// Expands the query's `@file:`/`@dir:` references on the blocking pool (agent.md §1.8).
+    /// Expands the query's `@file:`/`@dir:` references on the blocking pool.
     async fn expand_references(&self, found: Vec<references::Reference>) -> String {
         let workspace = match &self.agent.workspace {
             Ok(workspace) => workspace.clone(),
@@ -632,7 +639,7 @@ impl Run {
         .await;
     }
 
-    /// The closing sequence of an abort (agent.md §1.6 step 4).
+    /// The closing sequence of an abort.
     async fn close_aborted(
         &mut self,
         partial: Option<Response>,
@@ -675,7 +682,7 @@ impl Run {
         }
     }
 
-    /// A failed model call (agent.md §1.7): partial text kept, one error event, and a result
+    /// A failed model call: partial text kept, one error event, and a result
     /// message that is returned to a non-streaming caller but never enters the history.
     async fn close_failed(&mut self, partial: Response, failure: ModelFailure) -> RunEnd {
         if !partial.text.is_empty() {
@@ -797,6 +804,7 @@ mod tests {
             outbox: tx,
             models: ModelRoutes::default(),
             workspace: Ok(Arc::new(Workspace::open(tmp.path()).unwrap())),
+            confinement: Arc::new(crate::jail::Confinement::unconfined()),
         };
         Harness { agent, outbox, tmp }
     }

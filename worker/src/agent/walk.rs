@@ -31,7 +31,7 @@ pub(crate) struct WalkOptions {
     /// Entries of the start directory are at depth 1; directories at this depth are reported
     /// but not entered.
     pub(crate) max_depth: usize,
-    /// Entries visited before the walk gives up (agent.md §3.6: 100 000).
+    /// Entries visited before the walk gives up.
     pub(crate) max_entries: usize,
 }
 

@@ -1,5 +1,5 @@
 //! The session workspace as tools see it: one directory handle, with every path resolved beneath
-//! it by the kernel (agent.md §3.2).
+//! it by the kernel.
 //!
 //! Why a handle and not path strings: the worker is not jailed yet, so a lexical check alone
 //! would be defeated by a symlink (`notes -> /etc`) or by a rename racing between check and use.
@@ -43,8 +43,8 @@ pub(crate) const MAX_DEPTH: usize = 128;
 /// Bytes written between two looks at the cancellation token.
 const WRITE_CHUNK: usize = 1024 * 1024;
 
-/// Why a workspace operation failed. The texts are the standard messages of agent.md §3.3; the
-/// path is always the one the model gave, so it can recognise its own argument.
+/// Why a workspace operation failed. The texts are the standard messages the model reads after
+/// `Error: `; the path is always the one the model gave, so it can recognise its own argument.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FsError {
     #[error("Path is outside the workspace: {0}")]
@@ -75,7 +75,8 @@ pub(crate) enum FsError {
     IntoItself(String),
     #[error("Directory tree too deep to delete: {0}")]
     TooDeep(String),
-    #[error("{}: {path}", no_space())]
+    /// The tools name the jail's disk quota, when there is one, in its place.
+    #[error("{}: {path}", no_space(None))]
     NoSpace { path: String },
     #[error(
         "Path too deep: {0} would put entries more than {max} levels below the workspace root",
@@ -213,8 +214,8 @@ pub(crate) struct Workspace {
 }
 
 /// What a tool says when the workspace is full: which quota, when the jail has one.
-pub(crate) fn no_space() -> String {
-    match crate::jail::limits().and_then(|l| l.disk) {
+pub(crate) fn no_space(quota: Option<u64>) -> String {
+    match quota {
         Some(quota) => format!(
             "No space left on device: the session's disk quota of {} is reached",
             shared::jail::human_bytes(quota)
@@ -254,9 +255,9 @@ impl Workspace {
         Ok(Self { root, prefixes })
     }
 
-    /// The lexical half of agent.md §3.2: relative paths are taken against the root, absolute
-    /// ones must lie under it, `..` may not climb above it, NUL is refused. What the path then
-    /// meets on disk is checked by the kernel when it is used.
+    /// The lexical half of confinement to the workspace: relative paths are taken against the root,
+    /// absolute ones must lie under it, `..` may not climb above it, NUL is refused. What the path
+    /// then meets on disk is checked by the kernel when it is used.
     ///
     /// # Errors
     /// `Outside` when the path leaves the workspace lexically.

@@ -1,4 +1,4 @@
-//! The self-audit (isolation.md W13): what the worker finds when it looks at itself after the
+//! The self-audit: what the worker finds when it looks at itself after the
 //! last jail step, gathered with syscalls (Landlock hides `/proc` from the worker), sent to the
 //! supervisor with `Jailed`, which refuses the session if anything is off.
 
@@ -59,7 +59,7 @@ fn outside(uid: u32, map: &[(u32, u32, u32)]) -> u32 {
         .map_or(uid, |(inside, out, _)| out + (uid - inside))
 }
 
-/// W13: the audit, from syscalls plus what the steps recorded in `found`.
+/// The audit, from syscalls plus what the steps recorded in `found`.
 pub(crate) fn gather(level: JailLevel, found: &Findings) -> JailAudit {
     let (cap_effective, cap_permitted, cap_inheritable) =
         privileges::read_capabilities().unwrap_or((u64::MAX, u64::MAX, u64::MAX));

@@ -1,4 +1,5 @@
-//! What a start-up probe (isolation.md §3.3) checks from inside a finished jail, beyond the
+//! What a start-up probe (the supervisor trying a level at start) checks from inside a finished
+//! jail, beyond the
 //! audit: that the root cannot be left, that the deny-list answers as designed, that the host's
 //! secrets are out of sight. Each check issues a side-effect-free call and compares the errno.
 

@@ -1,9 +1,10 @@
-//! File descriptors (isolation.md L1, W11): only 0, 1, 2 and the channel at 3 survive.
+//! File descriptors: only 0, 1, 2 and the channel at 3 survive, checked once when the launcher
+//! starts and again just before seccomp.
 //!
-//! L1 runs before any path operation: an inherited directory fd (or `/proc/self/fd/N` as cwd)
-//! walks out of both `chroot` and `pivot_root`, even for an unprivileged uid (runc
-//! CVE-2024-21626; verified on the CI host). The supervisor's descriptors are close-on-exec in
-//! Rust, but C libraries may not be, so nothing is assumed.
+//! The first clean-up runs before any path operation: an inherited directory fd (or
+//! `/proc/self/fd/N` as cwd) walks out of both `chroot` and `pivot_root`, even for an unprivileged
+//! uid (runc CVE-2024-21626; verified on the CI host). The supervisor's descriptors are
+//! close-on-exec in Rust, but C libraries may not be, so nothing is assumed.
 
 use super::JailError;
 
@@ -23,8 +24,8 @@ pub(crate) fn open_fds() -> Vec<i32> {
     (0..CHECKED_FDS).filter(|fd| is_open(*fd)).collect()
 }
 
-/// L1: closes every fd above 3 (`close_range`, or one by one where the kernel lacks it), then
-/// verifies that exactly 0–3 are open.
+/// The launcher's first step: closes every fd above 3 (`close_range`, or one by one where the
+/// kernel lacks it), then verifies that exactly 0–3 are open.
 pub(crate) fn close_inherited() -> Result<(), JailError> {
     // SAFETY: close_range closes fds of this single-threaded process; nothing above 3 is owned by
     // any Rust object yet (this runs first in the launcher).
@@ -47,8 +48,8 @@ pub(crate) fn close_inherited() -> Result<(), JailError> {
     verify_only_standard()
 }
 
-/// W11 (and the end of L1): only 0, 1, 2, 3 are open, and 0 is `/dev/null` (no terminal to
-/// inject keystrokes into).
+/// Only 0, 1, 2, 3 are open (after the launcher's clean-up, and again as the jail's last check
+/// before seccomp), and 0 is `/dev/null` (no terminal to inject keystrokes into).
 pub(crate) fn verify_only_standard() -> Result<(), JailError> {
     let open = open_fds();
     if open != [0, 1, 2, 3] {

@@ -1,4 +1,4 @@
-//! Landlock (isolation.md W10): a second, path-based wall that also stops what namespaces do not
+//! Landlock: a second, path-based wall that also stops what namespaces do not
 //! (a leaked directory fd, verified on the CI host), TCP bind/connect, abstract Unix sockets and
 //! signals outside the session.
 //!
@@ -49,8 +49,8 @@ fn file_rights(access: BitFlags<AccessFs>) -> BitFlags<AccessFs> {
     access & AccessFs::from_file(TESTED)
 }
 
-/// W10: handle every filesystem right of [`TESTED`], allow them only beneath the session's own
-/// trees, deny TCP bind/connect (no rule), scope abstract sockets and signals to the domain.
+/// Handles every filesystem right of [`TESTED`], allow them only beneath the session's own
+/// trees, denies TCP bind/connect (no rule), scopes abstract sockets and signals to the domain.
 pub(crate) fn install(level: JailLevel, system_root: bool) -> Result<Outcome, JailError> {
     let abi = kernel_abi();
     if abi == 0 {

@@ -1,5 +1,5 @@
-//! The jail: every kernel mechanism a session's worker is confined with, applied in the order of
-//! isolation.md §2.3. This file alone decides that order ([`enter_strict`], [`enter_chroot`],
+//! The jail: every kernel mechanism a session's worker is confined with, and the order they are
+//! applied in. This file alone decides that order ([`enter_strict`], [`enter_chroot`],
 //! [`enter_none`]); each step lives in the module named after its mechanism and says there why
 //! it sits where it does.
 //!
@@ -21,16 +21,13 @@ pub mod seccomp;
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
-use std::sync::OnceLock;
 
 use shared::jail::{JailAudit, JailFailure, JailLevel, JailLimits, JailSpec, WORKSPACE_INSIDE};
 
 /// A jail step that failed. Each variant names the step, so the supervisor's error event says
-/// what went wrong (isolation.md §3.2: `SANDBOX_SETUP_FAILED` with the step name).
+/// what went wrong (`SANDBOX_SETUP_FAILED` with the step name).
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    #[error("self-check: {0}")]
-    SelfCheck(String),
     #[error("fd hygiene: {0}")]
     Fds(String),
     #[error("environment: {0}")]
@@ -86,7 +83,6 @@ impl JailError {
     /// Short name of the failed step, as the probe report and the session error show it.
     pub fn step(&self) -> &'static str {
         match self {
-            Self::SelfCheck(_) => "self-check",
             Self::Fds(_) => "fd hygiene",
             Self::Environment(_) => "environment",
             Self::Clone { .. } => "clone",
@@ -156,35 +152,46 @@ pub(crate) struct Findings {
     pub landlock: String,
 }
 
-/// The limits this worker was started with, for the tools that need them later (the command
-/// timeout of `run_command`, and the memory cap its kill reports name).
-static LIMITS: OnceLock<JailLimits> = OnceLock::new();
-/// The level this worker is jailed at.
-static LEVEL: OnceLock<JailLevel> = OnceLock::new();
-/// Whether the read-only system root is there (programs can run).
-static COMMANDS: OnceLock<bool> = OnceLock::new();
-
-/// The limits of this worker's jail, once it is jailed.
-pub fn limits() -> Option<&'static JailLimits> {
-    LIMITS.get()
+/// What the finished jail means for the tools, handed to the agent as a value taken from the
+/// jail spec: the limits their messages name, and whether programs can run at all.
+#[derive(Debug, Clone)]
+pub(crate) struct Confinement {
+    /// `command_timeout` caps `run_command`; the memory, CPU-time and disk limits are named when
+    /// a command or a write runs into them.
+    pub(crate) limits: JailLimits,
+    /// Whether the jail has the read-only system root programs need (`strict` with
+    /// `isolation.commands`): `run_command` is offered only then.
+    pub(crate) commands: bool,
 }
 
-/// The level this worker is jailed at, once it is jailed.
-pub fn level() -> Option<JailLevel> {
-    LEVEL.get().copied()
-}
+impl Confinement {
+    /// The confinement `spec` builds.
+    pub(crate) fn of(spec: &JailSpec) -> Self {
+        Self {
+            limits: spec.limits.clone(),
+            commands: spec.system_root && spec.level == JailLevel::Strict,
+        }
+    }
 
-/// Whether this worker's jail has the read-only system root a command tool needs
-/// (`isolation.commands`, `strict` only).
-pub fn commands() -> bool {
-    COMMANDS.get().copied().unwrap_or(false)
-}
-
-/// Records what later code may ask about the finished jail.
-fn remember(spec: &JailSpec) {
-    let _ = LIMITS.set(spec.limits.clone());
-    let _ = LEVEL.set(spec.level);
-    let _ = COMMANDS.set(spec.system_root && spec.level == JailLevel::Strict);
+    /// No jail at all: what the unit tests run with (no limit below the tools' own maximums,
+    /// no quota, no commands).
+    #[cfg(test)]
+    pub(crate) fn unconfined() -> Self {
+        Self {
+            limits: JailLimits {
+                address_space: u64::MAX,
+                processes: u64::MAX,
+                open_files: u64::MAX,
+                file_size: u64::MAX,
+                cpu_seconds: u64::MAX,
+                tmp_size: 0,
+                command_timeout: u64::MAX,
+                memory_cgroup: None,
+                disk: None,
+            },
+            commands: false,
+        }
+    }
 }
 
 /// Returns `rc` as an `io::Result`, reading errno for `-1`.
@@ -211,7 +218,7 @@ pub(crate) fn c_path(path: &str) -> std::io::Result<CString> {
     CString::new(path).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// The L2 environment of a session at `level` (`workspace` is the host path, used as `HOME` at
+/// The environment of a session at `level` (`workspace` is the host path, used as `HOME` at
 /// `none`): the only variables a worker, and every program it runs, ever sees.
 pub(crate) fn environment(level: JailLevel, workspace: &str) -> [(&'static str, String); 5] {
     let home = match level {
@@ -228,14 +235,14 @@ pub(crate) fn environment(level: JailLevel, workspace: &str) -> [(&'static str, 
     ]
 }
 
-/// L2: the environment holds exactly the variables of [`environment`], and `umask` is private.
+/// The environment holds exactly the variables of [`environment`], and `umask` is private.
 ///
 /// Runs in the launcher before the clone, so every process of the session inherits it. The
-/// environment is already empty (L0 checked it); this makes the list explicit.
+/// environment is already empty (the self-check made sure); this makes the list explicit.
 pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), JailError> {
     let vars = environment(level, workspace);
     for (key, _) in std::env::vars_os() {
-        // SAFETY: the launcher is single-threaded at this point (checked by L0), so nothing can
+        // SAFETY: the launcher is single-threaded at this point (self-checked), so nothing can
         // read the environment concurrently.
         unsafe { std::env::remove_var(key) };
     }
@@ -245,7 +252,7 @@ pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), J
     }
     if std::env::vars_os().count() != vars.len() {
         return Err(JailError::Environment(
-            "environment is not exactly the L2 list".into(),
+            "environment is not exactly the session's list".into(),
         ));
     }
     // SAFETY: umask only changes this process's file-creation mask.
@@ -253,10 +260,10 @@ pub(crate) fn set_environment(level: JailLevel, workspace: &str) -> Result<(), J
     Ok(())
 }
 
-/// The worker side of `strict`, in the new namespaces (isolation.md W1–W13). `release` is the
+/// The worker side of `strict`, in the new namespaces. `release` is the
 /// read end of the launcher's pipe: a byte on it means the uid maps are written, EOF means the
 /// launcher died. Without a user namespace (root mode where user namespaces are unavailable) the
-/// child is real root until W5, which switches it to the session's host ids.
+/// child is real root until the privilege drop, which switches it to the session's host ids.
 pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, JailError> {
     let mut found = Findings {
         root: "pivot-root".into(),
@@ -268,32 +275,32 @@ pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, 
     // owner (EOVERFLOW), and an unmapped uid cannot be switched to.
     namespaces::await_release(&release)?;
 
-    // W2 (first half, still with our original kernel ids): everything that needs a lookup of a
-    // host path happens here, because after W1 the kernel checks those lookups against the
-    // session uid, which cannot traverse the server's private directories.
+    // Mounts, first half, still with our original kernel ids: everything that needs a lookup
+    // of a host path happens here, because once we are the inside user the kernel checks those
+    // lookups against the session uid, which cannot traverse the server's private directories.
     mounts::make_private()?;
     let workspace = mounts::open_host_dir(&spec.workspace, "workspace")?;
     let owner = spec.user_namespace.then_some(shared::jail::INSIDE_ID);
     mounts::mount_stage(&spec.stage, owner)?;
     found.uid_map = namespaces::read_uid_map();
 
-    // W1: become the inside user right away (user-namespace mode), so the files and mounts
+    // Become the inside user right away (user-namespace mode), so the files and mounts
     // below are owned by a mapped id.
     if spec.user_namespace {
         namespaces::become_inside_user()?;
     }
 
-    // W2 (rest) and W3: assemble the root on the tmpfs, then pivot into it and drop the host.
+    // Mounts, rest: assemble the root on the tmpfs, then pivot into it and drop the host.
     let mounted = mounts::populate(&workspace, spec)?;
     drop(workspace);
     found.proc = mounted.proc.clone();
     mounts::pivot_into_stage()?;
     found.mounts = mounts::read_mount_table(&mounted);
 
-    // W4: our own hostname, while CAP_SYS_ADMIN in the UTS namespace still exists.
+    // Our own hostname, while CAP_SYS_ADMIN in the UTS namespace still exists.
     namespaces::set_hostname()?;
 
-    // W5–W8: give up every privilege, then re-arm what the credential change cleared.
+    // Give up every privilege, then re-arm what the credential change cleared.
     let root_ids = if spec.user_namespace {
         None
     } else {
@@ -306,28 +313,27 @@ pub(crate) fn enter_strict(spec: &JailSpec, release: OwnedFd) -> Result<Jailed, 
     privileges::check_lifeline(&release)?;
     drop(release);
 
-    // W9: resource limits.
+    // Resource limits, once the worker can no longer raise them back.
     rlimits::install(&spec.limits)?;
 
-    // W10: Landlock, after the last mount (a domain forbids mount changes) and before seccomp.
+    // Landlock, after the last mount (a domain forbids mount changes) and before seccomp.
     let outcome = landlock::install(JailLevel::Strict, spec.system_root)?;
     found.landlock_abi = outcome.abi;
     found.landlock = outcome.status;
 
-    // W11: only the standard fds and the channel are left.
+    // Only the standard fds and the channel are left.
     fds::verify_only_standard()?;
 
-    // W12: seccomp last, it would block the steps above.
+    // seccomp last: it would block the steps above.
     seccomp::install(JailLevel::Strict)?;
 
-    remember(spec);
-    // W13: look at ourselves.
+    // Look at ourselves: the supervisor checks the audit before it uses the session.
     Ok(Jailed {
         audit: audit::gather(JailLevel::Strict, &found),
     })
 }
 
-/// The `chroot` level (isolation.md §2.3.2): the launcher itself becomes the worker, confined to
+/// The `chroot` level: the launcher itself becomes the worker, confined to
 /// the workspace by `chroot`, a per-session uid, Landlock and a stricter seccomp filter.
 pub(crate) fn enter_chroot(spec: &JailSpec, supervisor: libc::pid_t) -> Result<Jailed, JailError> {
     let mut found = Findings {
@@ -349,7 +355,7 @@ pub(crate) fn enter_chroot(spec: &JailSpec, supervisor: libc::pid_t) -> Result<J
     drop(workspace);
     found.mounts = vec!["/".into()];
 
-    // W5 (root branch): bounding set first (needs CAP_SETPCAP), then groups, gid, uid.
+    // The privilege drop (root): bounding set first (needs CAP_SETPCAP), then groups, gid, uid.
     privileges::drop_all(Some(ids))?;
     // The private tmp directory of this level lives in the workspace; created as the session.
     mounts::ensure_tmp_dir();
@@ -363,13 +369,12 @@ pub(crate) fn enter_chroot(spec: &JailSpec, supervisor: libc::pid_t) -> Result<J
     found.landlock = outcome.status;
     fds::verify_only_standard()?;
     seccomp::install(JailLevel::Chroot)?;
-    remember(spec);
     Ok(Jailed {
         audit: audit::gather(JailLevel::Chroot, &found),
     })
 }
 
-/// The `none` level: no confinement beyond what costs nothing (isolation.md §3.1): an empty
+/// The `none` level: no confinement beyond what costs nothing: an empty
 /// environment, fd hygiene, rlimits, no_new_privs and the seccomp deny-list.
 pub(crate) fn enter_none(spec: &JailSpec) -> Result<Jailed, JailError> {
     let mut found = Findings {
@@ -385,7 +390,6 @@ pub(crate) fn enter_none(spec: &JailSpec) -> Result<Jailed, JailError> {
     rlimits::install(&spec.limits)?;
     fds::verify_only_standard()?;
     seccomp::install(JailLevel::None)?;
-    remember(spec);
     Ok(Jailed {
         audit: audit::gather(JailLevel::None, &found),
     })

@@ -1,4 +1,4 @@
-//! The worker's filesystem view (isolation.md W2, W3, and the `chroot` level): a tmpfs root that
+//! The worker's filesystem view (at `strict`, and the `chroot` level's): a tmpfs root that
 //! holds only the workspace, a private `/tmp`, three device nodes, a fresh `/proc`, and with
 //! commands enabled a read-only system root; then `pivot_root` into it and the host tree detached.
 //!
@@ -77,8 +77,9 @@ pub(crate) fn open_host_dir(path: &str, what: &str) -> Result<OwnedFd, JailError
 /// Mounts the tmpfs that becomes the new root on the stage directory and makes it our cwd.
 ///
 /// `owner` (user-namespace mode) makes the inside user own the tmpfs root, so it can create the
-/// skeleton after W1. The stage is a directory in the server's own state (never `/tmp`, where a
-/// predictable name could be swapped for a symlink), and the mount lives only in our namespace.
+/// skeleton once it is that user. The stage is a directory in the server's own state (never `/tmp`,
+/// where a predictable name could be swapped for a symlink), and the mount lives only in our
+/// namespace.
 pub(crate) fn mount_stage(stage: &str, owner: Option<u32>) -> Result<(), JailError> {
     let mut data = "size=1m,mode=0755".to_owned();
     if let Some(id) = owner {
@@ -199,7 +200,7 @@ fn bind(source: &str, target: &str, extra: libc::c_ulong, what: &str) -> Result<
     .map_err(mount_err(format!("remounting {what}")))
 }
 
-/// W2 after W1: the skeleton on the stage tmpfs, relative to our cwd (the stage).
+/// The skeleton on the stage tmpfs, built as the inside user, relative to our cwd (the stage).
 ///
 /// Order inside: workspace, `/tmp`, `/dev`, `/proc` (needs the host `/proc` still visible in
 /// this namespace, or the kernel calls the mount "too revealing"), the optional system root, and
@@ -347,7 +348,7 @@ fn system_root(points: &mut Vec<String>) -> Result<(), JailError> {
     Ok(())
 }
 
-/// W3: `pivot_root(".", ".")`, detach the old root, and prove that it is gone: `..` of `/` is `/`.
+/// `pivot_root(".", ".")`, detach the old root, and prove that it is gone: `..` of `/` is `/`.
 ///
 /// Both arguments equal: the old root ends up stacked on the new one and is detached at once,
 /// without needing a put-old directory. Plain `chroot` would be escapable by anyone holding

@@ -1,4 +1,4 @@
-//! Namespaces (isolation.md L3, L4, W1, W4): the clone into fresh namespaces, the uid/gid maps
+//! Namespaces: the launcher's clone into fresh namespaces, the uid/gid maps
 //! the launcher writes for its child, and the child's switch to the inside identity.
 
 use std::io::{Read, Write};
@@ -38,11 +38,12 @@ pub(crate) enum Cloned {
     Child,
 }
 
-/// L3: one `clone` with every namespace flag, fork-like (no new stack: the child continues on a
+/// One `clone` with every namespace flag, fork-like (no new stack: the child continues on a
 /// copy-on-write copy of ours).
 ///
 /// The PID and mount namespaces must be owned by the new user namespace, so they are created in
-/// the same call; `CLONE_NEWUSER` requires a single-threaded caller, which the launcher is (L0).
+/// the same call; `CLONE_NEWUSER` requires a single-threaded caller, which the launcher is (its
+/// self-check made sure).
 pub(crate) fn clone_into_namespaces(user_namespace: bool) -> Result<Cloned, JailError> {
     let mut flags = NAMESPACES;
     if user_namespace {
@@ -50,7 +51,7 @@ pub(crate) fn clone_into_namespaces(user_namespace: bool) -> Result<Cloned, Jail
     }
     let flags = (flags | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: a raw clone without CLONE_VM and with a null stack behaves like fork(2): the child
-    // gets a private copy of our address space. The launcher is single-threaded (checked in L0),
+    // gets a private copy of our address space. The launcher is single-threaded (self-checked),
     // so no lock can be held by a thread that does not exist in the child. glibc's cached thread
     // id is not relied on afterwards (glibc ≥ 2.34 asks the kernel in raise/pthread_kill on self).
     let rc = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
@@ -61,9 +62,9 @@ pub(crate) fn clone_into_namespaces(user_namespace: bool) -> Result<Cloned, Jail
     }
 }
 
-/// L4 (launcher side): `setgroups` = `deny`, then one-id maps for uid and gid: inside
-/// [`INSIDE_ID`] to `host` (root mode: the session's host ids; rootless: our own, the only ids
-/// an unprivileged writer may map).
+/// The launcher's side of the id maps: `setgroups` = `deny`, then one-id maps for uid and gid:
+/// inside [`INSIDE_ID`] to `host` (root mode: the session's host ids; rootless: our own, the only
+/// ids an unprivileged writer may map).
 ///
 /// Written from outside the new namespace: a task inside it could map only its own id.
 pub(crate) fn write_maps(child: libc::pid_t, host: (u32, u32)) -> Result<(), JailError> {
@@ -82,7 +83,8 @@ pub(crate) fn write_maps(child: libc::pid_t, host: (u32, u32)) -> Result<(), Jai
 }
 
 /// The child waits until the launcher has written its maps. EOF means the launcher died first;
-/// then nobody would ever signal us, so we leave (this closes the fork/prctl race of L4).
+/// then nobody would ever signal us, so we leave (this closes the race between the clone and
+/// the child arming its parent-death signal).
 pub(crate) fn await_release(release: &OwnedFd) -> Result<(), JailError> {
     let mut byte = [0u8; 1];
     let mut file = std::fs::File::from(release.try_clone().map_err(|_| JailError::Released)?);
@@ -114,10 +116,11 @@ pub(crate) fn read_uid_map() -> Vec<(u32, u32, u32)> {
         .unwrap_or_default()
 }
 
-/// W1: `setresgid` then `setresuid` to the inside id, immediately after the maps exist.
+/// `setresgid` then `setresuid` to the inside id, immediately after the maps exist.
 ///
 /// Capabilities in the new user namespace survive this: the inside uid 0 is unmapped, so the
-/// kernel's "leaving root clears capabilities" rule does not apply; W5 drops them explicitly.
+/// kernel's "leaving root clears capabilities" rule does not apply; the privilege drop removes
+/// them explicitly.
 pub(crate) fn become_inside_user() -> Result<(), JailError> {
     let id = INSIDE_ID;
     set_ids(id, id)
@@ -145,7 +148,7 @@ pub(crate) fn clear_groups() -> Result<(), JailError> {
         .map_err(|source| JailError::SetIds { id: 0, source })
 }
 
-/// W4: the session's own hostname, in its own UTS namespace.
+/// The session's own hostname, in its own UTS namespace.
 pub(crate) fn set_hostname() -> Result<(), JailError> {
     const NAME: &[u8] = b"sandbox";
     // SAFETY: NAME is valid for NAME.len() bytes.
@@ -154,7 +157,8 @@ pub(crate) fn set_hostname() -> Result<(), JailError> {
         .map_err(|source| JailError::Hostname { source })
 }
 
-/// Creates the release pipe of L4: close-on-exec, so no `exec`'d command ever inherits it.
+/// Creates the release pipe (the child waits on it until its id maps exist): close-on-exec, so no
+/// `exec`'d command ever inherits it.
 pub(crate) fn release_pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 writes two fds into the array we pass.
@@ -168,7 +172,7 @@ pub(crate) fn release_pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
 }
 
 /// Lets the child go: one byte on the release pipe. The write end stays open in the launcher
-/// for as long as it lives, which makes it the child's lifeline (W8).
+/// for as long as it lives, which makes it the child's lifeline (its parent-death check).
 pub(crate) fn release(write: &OwnedFd) -> std::io::Result<()> {
     let byte = [1u8];
     // SAFETY: writes one byte from a valid buffer to an fd we own.

@@ -1,4 +1,4 @@
-//! Privileges (isolation.md W5–W8): every capability set emptied, the session identity in root
+//! Privileges: every capability set emptied, the session identity in root
 //! mode without user namespaces, `no_new_privs`, non-dumpable, and the parent-death signal armed
 //! again after the last credential change.
 
@@ -101,12 +101,13 @@ pub(crate) fn drop_bounding() -> Result<(), JailError> {
     Ok(())
 }
 
-/// W5: bounding set, ambient set, then (root mode without user namespace) supplementary groups,
+/// Bounding set, ambient set, then (root mode without user namespace) supplementary groups,
 /// gid and uid in that order, then every remaining set zeroed with `capset` and read back.
 ///
 /// The order is forced: the bounding drop needs `CAP_SETPCAP`, `setgroups` needs `CAP_SETGID`,
 /// and the uid switch takes both away. In user-namespace mode the task is not root of its
-/// namespace and keeps its capabilities across W1, so the explicit `capset` is what removes them.
+/// namespace and keeps its capabilities across the switch to the inside user, so the explicit
+/// `capset` is what removes them.
 pub(crate) fn drop_all(root_ids: Option<(u32, u32)>) -> Result<(), JailError> {
     drop_bounding()?;
     // SAFETY: clears this thread's ambient set; no memory is passed.
@@ -156,7 +157,7 @@ pub(crate) fn verify_empty() -> Result<(), JailError> {
     Ok(())
 }
 
-/// W6: `no_new_privs`. Required before Landlock and seccomp for a task without `CAP_SYS_ADMIN`,
+/// `no_new_privs`. Required before Landlock and seccomp for a task without `CAP_SYS_ADMIN`,
 /// and it makes setuid and file-capability binaries run without their privileges.
 pub(crate) fn set_no_new_privs() -> Result<(), JailError> {
     // SAFETY: prctl with integer arguments.
@@ -165,7 +166,7 @@ pub(crate) fn set_no_new_privs() -> Result<(), JailError> {
         .map_err(|source| JailError::NoNewPrivs { source })
 }
 
-/// W7: non-dumpable: `/proc/<pid>/{mem,environ,fd}` become unreadable to other processes of the
+/// Non-dumpable: `/proc/<pid>/{mem,environ,fd}` become unreadable to other processes of the
 /// same uid. After the last credential change, which resets the flag.
 pub(crate) fn set_non_dumpable() -> Result<(), JailError> {
     // SAFETY: prctl with integer arguments.
@@ -174,8 +175,8 @@ pub(crate) fn set_non_dumpable() -> Result<(), JailError> {
         .map_err(|source| JailError::Dumpable { source })
 }
 
-/// W8: SIGKILL when our parent dies. Every uid/gid change clears it (verified on the CI host),
-/// so it is armed after W5.
+/// SIGKILL when our parent dies. Every uid/gid change clears it (verified on the CI host), so it
+/// is armed after the privilege drop.
 pub(crate) fn arm_death_signal() -> Result<(), JailError> {
     // SAFETY: prctl with integer arguments.
     cvt(unsafe {
@@ -191,7 +192,7 @@ pub(crate) fn arm_death_signal() -> Result<(), JailError> {
     .map_err(|e| JailError::DeathSignal(e.to_string()))
 }
 
-/// W8's lifeline check for a PID-namespaced child, where `getppid()` says 0: the launcher holds
+/// The parent-death check for a PID-namespaced child, where `getppid()` says 0: the launcher holds
 /// the write end of the release pipe as long as it lives, so a hang-up means it is already gone
 /// and the death signal armed just now will never come.
 pub(crate) fn check_lifeline(release: &OwnedFd) -> Result<(), JailError> {
@@ -214,7 +215,8 @@ pub(crate) fn check_lifeline(release: &OwnedFd) -> Result<(), JailError> {
     Ok(())
 }
 
-/// W8 without a PID namespace: the parent must still be the process that started us.
+/// The parent-death check without a PID namespace: the parent must still be the process that
+/// started us.
 pub(crate) fn check_parent(expected: libc::pid_t) -> Result<(), JailError> {
     // SAFETY: getppid has no arguments.
     let parent = unsafe { libc::getppid() };

@@ -1,4 +1,4 @@
-//! Resource limits (isolation.md W9, §2.4): soft = hard, never above what we already have (root's
+//! Resource limits: soft = hard, never above what we already have (root's
 //! bounding set on the CI host lacks `CAP_SYS_RESOURCE`, so a raise would fail anyway).
 //!
 //! These are per-process backstops. The real per-session caps are the cgroup's (`pids.max`,
@@ -59,8 +59,8 @@ fn set(
         })
 }
 
-/// W9: every limit of §2.4, `SIGXFSZ` ignored (an oversize write fails with `EFBIG` instead of
-/// killing the worker), and a lower scheduling priority.
+/// Every limit of the spec's [`JailLimits`], `SIGXFSZ` ignored (an oversize write fails with
+/// `EFBIG` instead of killing the worker), and a lower scheduling priority.
 ///
 /// After the privilege drop (so the worker cannot raise them back: raising a hard limit needs
 /// `CAP_SYS_RESOURCE`), before Landlock and seccomp.

@@ -1,4 +1,4 @@
-//! seccomp (isolation.md W12, §2.5.2): the last jail step, a deny-list with default allow.
+//! seccomp: the last jail step, a deny-list with default allow.
 //!
 //! Three filters, installed back to back (the kernel runs every stacked filter and the strictest
 //! verdict wins; the groups do not overlap): a hand-written x32 guard, an `ENOSYS` group for
@@ -159,7 +159,7 @@ fn always_denied() -> Vec<i64> {
     calls
 }
 
-/// The `EPERM` deny-list of §2.5.2, plus the `chroot`-level extras (no network namespace there,
+/// The `EPERM` deny-list, plus the `chroot`-level extras (no network namespace there,
 /// and seccomp cannot look inside a `sockaddr`, so `connect` itself must go; shared IPC namespace).
 fn eperm_group(level: JailLevel) -> Result<BTreeMap<i64, Vec<SeccompRule>>, JailError> {
     use SeccompCmpArgLen::{Dword, Qword};
@@ -273,7 +273,7 @@ pub(crate) fn programs(level: JailLevel) -> Result<Vec<BpfProgram>, JailError> {
     Ok(vec![enosys, eperm])
 }
 
-/// W12: installs the filters of `level` on the calling (only) thread.
+/// Installs the filters of `level` on the calling (only) thread.
 pub(crate) fn install(level: JailLevel) -> Result<(), JailError> {
     for program in programs(level)? {
         seccompiler::apply_filter(&program).map_err(err)?;
@@ -281,8 +281,8 @@ pub(crate) fn install(level: JailLevel) -> Result<(), JailError> {
     Ok(())
 }
 
-/// L9: the launcher's own filter once it only waits for its child: an allow-list of what waiting
-/// and exiting take; everything else fails with `EPERM`.
+/// The launcher's own filter once it only waits for its child (at `strict`): an allow-list of what
+/// waiting and exiting take; everything else fails with `EPERM`.
 pub(crate) fn install_monitor() -> Result<(), JailError> {
     let mut allowed = vec![
         libc::SYS_wait4,
@@ -321,7 +321,8 @@ pub(crate) fn install_monitor() -> Result<(), JailError> {
     seccompiler::apply_filter(&program).map_err(err)
 }
 
-/// Test builds only (T59): a filter like a container runtime's default profile, refusing
+/// Test builds only (test T59 of `tests/tests/isolation_levels.rs`): a filter like a container
+/// runtime's default profile, refusing
 /// `unshare` and `clone` with namespace flags, so tests can show what happens on a host where
 /// `strict` is unavailable. The supervisor installs it in a launcher before `exec`.
 #[cfg(feature = "isolation-tests")]

@@ -1,5 +1,5 @@
 //! `edit_file {path, edits, dryRun?}`: exact-text replacements applied in order, all or nothing,
-//! answered with a fenced unified diff that the web UI's diff viewer renders (agent.md §3.4).
+//! answered with a fenced unified diff that the web UI's diff viewer renders.
 //!
 //! An `oldText` must match exactly once (Anthropic's uniqueness rule, safer than upstream's
 //! "first occurrence") unless `replaceAll` is set. When it matches nowhere, upstream's

@@ -17,7 +17,7 @@ pub(super) const TOOL: Tool = Tool {
     run,
 };
 
-/// Lines shown before the rest is summarised (agent.md §3.6).
+/// Lines shown before the rest is summarised.
 const MAX_LINES: usize = 1000;
 
 fn schema() -> Value {

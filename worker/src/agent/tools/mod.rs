@@ -1,5 +1,5 @@
-//! The built-in workspace tools (agent.md §3.4): the registry the model sees, the dispatch of a
-//! tool call to one, and the shape of results and errors (§3.3).
+//! The built-in workspace tools: the registry the model sees, the dispatch of a
+//! tool call to one, and the shape of results and errors.
 //!
 //! Each tool lives in its own file and is a [`Tool`]: name, description, JSON schema, and a
 //! blocking `run` that turns typed arguments into MCP-style content parts. Tools run on tokio's
@@ -26,11 +26,12 @@ use shared::events::ToolInfo;
 use tokio_util::sync::CancellationToken;
 
 use super::workspace::{FsError, Workspace};
+use crate::jail::Confinement;
 
 /// Files larger than this are not read by `edit_file` nor searched by `grep`, and `write_file`
-/// refuses content above it (agent.md §3.6).
+/// refuses content above it.
 const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
-/// Entries one walk visits before it stops with a note (agent.md §3.6).
+/// Entries one walk visits before it stops with a note.
 const MAX_WALK_ENTRIES: usize = 100_000;
 /// A NUL byte in this many leading bytes marks a file as binary.
 const BINARY_SNIFF_BYTES: usize = 8 * 1024;
@@ -47,6 +48,7 @@ pub(crate) struct Tool {
 pub(crate) struct Context<'a> {
     pub(crate) ws: &'a Workspace,
     pub(crate) cancel: &'a CancellationToken,
+    pub(crate) confinement: &'a Confinement,
 }
 
 /// The file tools, in the order they are offered to the model.
@@ -63,13 +65,13 @@ const TOOLS: &[Tool] = &[
 ];
 
 /// Offered after the file tools, and only where programs can run: a `strict` jail with the
-/// read-only system root (`isolation.commands`, agent.md §3.4). Anywhere else the model never
+/// read-only system root (`isolation.commands`). Anywhere else the model never
 /// sees `run_command`, and a call of it is an unknown tool.
 const COMMAND_TOOLS: &[Tool] = &[run_command::TOOL];
 
 /// The tools this worker offers.
-fn available() -> impl Iterator<Item = &'static Tool> {
-    let commands = if crate::jail::commands() {
+fn available(confinement: &Confinement) -> impl Iterator<Item = &'static Tool> {
+    let commands = if confinement.commands {
         COMMAND_TOOLS
     } else {
         &[]
@@ -77,8 +79,8 @@ fn available() -> impl Iterator<Item = &'static Tool> {
     TOOLS.iter().chain(commands)
 }
 
-/// Why a tool call failed. The `Display` text is what the model reads after `Error: ` (agent.md
-/// §3.3), so every variant's wording is part of the contract.
+/// Why a tool call failed. The `Display` text is what the model reads after `Error: `, so every
+/// variant's wording is part of the contract.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ToolError {
     #[error(transparent)]
@@ -109,16 +111,19 @@ pub(crate) enum ToolError {
     Regex(String),
     #[error("Invalid glob pattern {pattern:?}: {message}")]
     Glob { pattern: String, message: String },
-    /// The partial output goes in front of the error line (agent.md §3.3), see [`Failure`].
+    /// The partial output goes in front of the error line, see [`Failure`].
     #[error("Command timed out after {seconds}s")]
     TimedOut { seconds: u64, partial: String },
     #[error("Could not run the command: {0}")]
     Command(String),
-    /// The run was aborted while the tool ran (its result then says so, agent.md §1.6).
+    /// The run was aborted while the tool ran (its result then says so).
     #[error("aborted")]
     Aborted,
     #[error("Workspace unavailable: {0}")]
-    WorkspaceUnavailable(String),
+    WorkspaceUnavailable(#[source] Arc<FsError>),
+    /// A full workspace whose jail has a disk quota: the message names it.
+    #[error("{}: {path}", super::workspace::no_space(Some(*quota)))]
+    QuotaReached { path: String, quota: u64 },
     #[error("The tool failed unexpectedly: {0}")]
     Crashed(String),
 }
@@ -128,11 +133,21 @@ impl ToolError {
     pub(crate) fn is_aborted(&self) -> bool {
         matches!(self, Self::Fs(FsError::Aborted) | Self::Aborted)
     }
+
+    /// A full workspace names the quota it ran into, when the jail has one.
+    fn naming_quota(self, quota: Option<u64>) -> Self {
+        match (self, quota) {
+            (Self::Fs(FsError::NoSpace { path }), Some(quota)) => {
+                Self::QuotaReached { path, quota }
+            }
+            (error, _) => error,
+        }
+    }
 }
 
 /// A failed call as its `tool_result` shows it: `error` is the message, and `content` is
 /// `Error: <message>`, preceded by whatever output the tool produced before it failed (the
-/// partial output of a timed-out command, agent.md §3.3).
+/// partial output of a timed-out command).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Failure {
     pub(crate) message: String,
@@ -173,20 +188,20 @@ impl From<ToolError> for Failure {
 
 /// The session's workspace, or why it could not be opened (the tools then say so, and the
 /// agent can still talk).
-pub(crate) type WorkspaceSlot = Result<Arc<Workspace>, String>;
+pub(crate) type WorkspaceSlot = Result<Arc<Workspace>, Arc<FsError>>;
 
-fn find(name: &str) -> Option<&'static Tool> {
-    available().find(|tool| tool.name == name)
+fn find(confinement: &Confinement, name: &str) -> Option<&'static Tool> {
+    available(confinement).find(|tool| tool.name == name)
 }
 
 /// Whether `name` is a built-in tool.
-pub(crate) fn exists(name: &str) -> bool {
-    find(name).is_some()
+pub(crate) fn exists(confinement: &Confinement, name: &str) -> bool {
+    find(confinement, name).is_some()
 }
 
 /// Tool definitions in OpenAI `tools` format, as sent to the model.
-pub(crate) fn definitions() -> Vec<Value> {
-    available()
+pub(crate) fn definitions(confinement: &Confinement) -> Vec<Value> {
+    available(confinement)
         .map(|tool| {
             json!({
                 "type": "function",
@@ -201,8 +216,8 @@ pub(crate) fn definitions() -> Vec<Value> {
 }
 
 /// What `tool_call.tool` says about `name`.
-pub(crate) fn describe(name: &str) -> ToolInfo {
-    match find(name) {
+pub(crate) fn describe(confinement: &Confinement, name: &str) -> ToolInfo {
+    match find(confinement, name) {
         Some(tool) => ToolInfo {
             name: tool.name.to_owned(),
             description: tool.description.to_owned(),
@@ -219,25 +234,29 @@ pub(crate) fn describe(name: &str) -> ToolInfo {
 /// Runs the tool `name` with `arguments` (a JSON object) on the blocking pool.
 ///
 /// # Errors
-/// An unknown tool, invalid arguments, or the tool's own failure (agent.md §1.4).
+/// An unknown tool, invalid arguments, or the tool's own failure.
 pub(crate) async fn execute(
     workspace: &WorkspaceSlot,
+    confinement: &Arc<Confinement>,
     name: &str,
     arguments: &Value,
     cancel: &CancellationToken,
 ) -> Result<Value, ToolError> {
-    let tool = find(name).ok_or_else(|| ToolError::NotFound(name.to_owned()))?;
+    let tool = find(confinement, name).ok_or_else(|| ToolError::NotFound(name.to_owned()))?;
     let ws = workspace.clone().map_err(ToolError::WorkspaceUnavailable)?;
     let arguments = arguments.clone();
     let cancel = cancel.clone();
+    let confinement = confinement.clone();
     tokio::task::spawn_blocking(move || {
         (tool.run)(
             &Context {
                 ws: &ws,
                 cancel: &cancel,
+                confinement: &confinement,
             },
             &arguments,
         )
+        .map_err(|e| e.naming_quota(confinement.limits.disk))
     })
     .await
     .map_err(|e| ToolError::Crashed(e.to_string()))?
@@ -334,8 +353,16 @@ mod tests {
         arguments: Value,
         cancel: &CancellationToken,
     ) -> Result<Value, ToolError> {
-        let tool = find(name).expect("known tool");
-        (tool.run)(&Context { ws: &f.ws, cancel }, &arguments)
+        let confinement = Confinement::unconfined();
+        let tool = find(&confinement, name).expect("known tool");
+        (tool.run)(
+            &Context {
+                ws: &f.ws,
+                cancel,
+                confinement: &confinement,
+            },
+            &arguments,
+        )
     }
 
     /// The text of a one-part result.
@@ -350,7 +377,7 @@ mod tests {
 
     #[test]
     fn definitions_are_openai_tools_with_the_spec_names() {
-        let defs = definitions();
+        let defs = definitions(&Confinement::unconfined());
         let names: Vec<&str> = defs
             .iter()
             .map(|d| d["function"]["name"].as_str().unwrap())
@@ -375,8 +402,12 @@ mod tests {
             assert_eq!(def["function"]["parameters"]["additionalProperties"], false);
             assert!(!def["function"]["description"].as_str().unwrap().is_empty());
         }
-        assert_eq!(describe("read_file").schema["required"], json!(["path"]));
-        let unknown = describe("nope");
+        let confinement = Confinement::unconfined();
+        assert_eq!(
+            describe(&confinement, "read_file").schema["required"],
+            json!(["path"])
+        );
+        let unknown = describe(&confinement, "nope");
         assert_eq!(unknown.description, "Unknown tool");
         assert_eq!(unknown.schema, json!({"type": "object", "properties": {}}));
     }
@@ -408,19 +439,29 @@ mod tests {
         f.write("a.txt", "hello");
         let slot: WorkspaceSlot = Ok(Arc::new(Workspace::open(&f.root()).unwrap()));
         let cancel = CancellationToken::new();
-        let out = execute(&slot, "read_file", &json!({"path": "a.txt"}), &cancel)
-            .await
-            .unwrap();
+        let jail = Arc::new(Confinement::unconfined());
+        let out = execute(
+            &slot,
+            &jail,
+            "read_file",
+            &json!({"path": "a.txt"}),
+            &cancel,
+        )
+        .await
+        .unwrap();
         assert_eq!(out, json!([{"type": "text", "text": "hello"}]));
-        let err = execute(&slot, "nope", &json!({}), &cancel)
+        let err = execute(&slot, &jail, "nope", &json!({}), &cancel)
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "Tool \"nope\" not found");
-        let missing: WorkspaceSlot = Err("gone".into());
-        let err = execute(&missing, "read_file", &json!({"path": "a"}), &cancel)
+        let missing: WorkspaceSlot = Err(Arc::new(FsError::NotFound("/gone".into())));
+        let err = execute(&missing, &jail, "read_file", &json!({"path": "a"}), &cancel)
             .await
             .unwrap_err();
-        assert_eq!(err.to_string(), "Workspace unavailable: gone");
+        assert_eq!(
+            err.to_string(),
+            "Workspace unavailable: No such file or directory: /gone"
+        );
     }
 
     #[test]
@@ -443,6 +484,25 @@ mod tests {
         });
         assert_eq!(silent.content(), "Error: Command timed out after 2s");
         assert!(ToolError::Aborted.is_aborted());
+    }
+
+    #[test]
+    fn a_full_workspace_names_the_jails_quota() {
+        let full = || {
+            ToolError::Fs(FsError::NoSpace {
+                path: "big.bin".into(),
+            })
+        };
+        assert_eq!(
+            full().naming_quota(Some(64 << 20)).to_string(),
+            "No space left on device: the session's disk quota of 64 MiB is reached: big.bin"
+        );
+        assert_eq!(
+            full().naming_quota(None).to_string(),
+            "No space left on device: big.bin"
+        );
+        let other = ToolError::NotFound("x".into()).naming_quota(Some(1));
+        assert_eq!(other.to_string(), "Tool \"x\" not found");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `read_file {path, offset?, limit?}`: the raw text (no line numbers: the UI shows the result
-//! as the file), or an image part for png/jpeg/gif/webp, within the limits of agent.md §3.6.
+//! as the file), or an image part for png/jpeg/gif/webp, within the limits below.
 
 use std::io::{BufRead, BufReader, Read};
 

@@ -1,15 +1,14 @@
-//! `run_command {command, cwd?, timeout?}` (agent.md §3.4, §3.5): runs `/bin/sh -c <command>`
-//! inside the session's jail and answers with its output and exit status.
+//! `run_command {command, cwd?, timeout?}`: runs `/bin/sh -c <command>` inside the session's
+//! jail and answers with its output and exit status.
 //!
 //! Offered only where programs can run at all: `strict` with `isolation.commands`, whose jail
-//! has the read-only system root (isolation.md W2). The jail is the security boundary: the
-//! command runs with the worker's uid, no capabilities, no network, the same Landlock domain and
-//! seccomp filter, in the session's cgroup. This file only decides how a command is started,
-//! watched and stopped:
+//! has the read-only system root. The jail is the security boundary: the command runs with the
+//! worker's uid, no capabilities, no network, the same Landlock domain and seccomp filter, in the
+//! session's cgroup. This file only decides how a command is started, watched and stopped:
 //!
-//! * its own session and process group (`setsid`), stdin `/dev/null`, the L2 environment plus
-//!   `TERM=dumb` and nothing else, the working directory entered through a descriptor that was
-//!   resolved beneath the workspace;
+//! * its own session and process group (`setsid`), stdin `/dev/null`, the session's environment
+//!   plus `TERM=dumb` and nothing else, the working directory entered through a descriptor that
+//!   was resolved beneath the workspace;
 //! * stdout and stderr are drained as they come, so a chatty program never blocks on a full
 //!   pipe, and capped at 64 KiB each (first and last 32 KiB kept);
 //! * the command is over when the shell ends: background jobs may keep the pipes open, so what
@@ -24,7 +23,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, PoisonError};
@@ -33,10 +32,11 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::jail::{JailLevel, WORKSPACE_INSIDE, human_bytes};
+use shared::jail::{JailLevel, JailLimits, WORKSPACE_INSIDE, human_bytes};
 
 use super::{Context, Tool, ToolError, check_range, parse};
 use crate::reaper::{self, Watched};
@@ -50,21 +50,21 @@ pub(super) const TOOL: Tool = Tool {
     run,
 };
 
-/// `timeout` when the call gives none (agent.md §3.6).
+/// `timeout` when the call gives none.
 const DEFAULT_TIMEOUT_SECS: u64 = 60;
-/// The largest `timeout` a call may ask for (agent.md §3.6); the configured
-/// `isolation.limits.commandTimeout` caps it further.
+/// The largest `timeout` a call may ask for; the configured `isolation.limits.commandTimeout`
+/// caps it further.
 const MAX_TIMEOUT_SECS: u64 = 600;
-/// Bytes kept of each stream: the first half and the last half of this (agent.md §3.5).
+/// Bytes kept of each stream: the first half and the last half of this.
 const STREAM_CAP: usize = 64 * 1024;
 const HALF_CAP: usize = STREAM_CAP / 2;
 /// How long one wait for output lasts before the loop looks at the clock, the run's token and
 /// the child's status again: the delay with which an abort or a finished command is noticed.
 const TICK: Duration = Duration::from_millis(20);
-/// After a timeout, how long the process group has between SIGTERM and SIGKILL (agent.md §3.5).
+/// After a timeout, how long the process group has between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
-/// The same after an abort, shorter than §3.5's 2 s: an abort must be over in about a second
-/// (agent.md §1.6), and the run answers a tool that is still stopping after 1 s as aborted
+/// The same after an abort, shorter than [`TERM_GRACE`]: an abort must be over in about a
+/// second, and the run answers a tool that is still stopping after 1 s as aborted
 /// without waiting for it. The whole stop fits in that second, so by the time the run says
 /// "aborted" the command's processes are gone.
 const ABORT_TERM_GRACE: Duration = Duration::from_millis(500);
@@ -79,7 +79,7 @@ const BURST_BYTES: usize = 1024 * 1024;
 /// close std's own pipe that reports a failed exec).
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
-/// One command at a time per worker, its stop included (agent.md §3.5). Tools run one after the
+/// One command at a time per worker, its stop included. Tools run one after the
 /// other anyway; this matters when an aborted call is still stopping its command (it runs on a
 /// blocking thread the run no longer waits for) while the next run starts one: the
 /// `kill(-1)` of the old stop must not hit the new command.
@@ -113,7 +113,7 @@ struct Args {
 
 /// How the wait for a command ended.
 enum Ending {
-    Exited(libc::c_int),
+    Exited(WaitStatus),
     Aborted,
     TimedOut,
     /// The child's status could not be collected (it is not ours any more).
@@ -124,7 +124,8 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
     let args: Args = parse(TOOL.name, arguments)?;
     let requested = args.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
     check_range(TOOL.name, "timeout", requested, 1, MAX_TIMEOUT_SECS)?;
-    let seconds = effective_timeout(requested);
+    let limits = &cx.confinement.limits;
+    let seconds = effective_timeout(requested, limits);
     if args.command.contains('\0') {
         return Err(ToolError::InvalidArguments {
             tool: TOOL.name,
@@ -140,10 +141,11 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
     if cx.cancel.is_cancelled() {
         return Err(ToolError::Aborted);
     }
-    let mut command = shell(&args.command, cwd.as_raw_fd());
+    let mut command = shell(&args.command, cwd);
     let (mut child, watched) = reaper::spawn(&mut command)
         .map_err(|e| ToolError::Command(format!("could not start /bin/sh: {e}")))?;
-    drop(cwd);
+    // It holds the working directory's descriptor.
+    drop(command);
     let mut guard = KillOnUnwind(Some(watched.pid()));
     let mut output = Output::new(
         child.stdout.take().map(OwnedFd::from),
@@ -173,8 +175,9 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
             // background job still holding them is not waited for.
             output.drain();
             // A command that failed on a full workspace is told which quota it hit.
-            let full = status != 0 && cx.ws.is_full();
-            Ok(result_parts(&output, status, full))
+            let failed = !matches!(status, WaitStatus::Exited(_, 0));
+            let full = failed && cx.ws.is_full();
+            Ok(result_parts(&output, status, limits, full))
         }
         Ending::Aborted => {
             stop(&watched, &mut output, ABORT_TERM_GRACE);
@@ -199,13 +202,13 @@ fn run(cx: &Context<'_>, arguments: &Value) -> Result<Value, ToolError> {
 }
 
 /// The call's timeout, capped by the configured `commandTimeout` (at least 1 s).
-fn effective_timeout(requested: u64) -> u64 {
-    let configured = crate::jail::limits().map_or(MAX_TIMEOUT_SECS, |l| l.command_timeout);
-    requested.min(configured.max(1))
+fn effective_timeout(requested: u64, limits: &JailLimits) -> u64 {
+    requested.min(limits.command_timeout.max(1))
 }
 
-/// `/bin/sh -c <line>` as agent.md §3.5 wants it started.
-fn shell(line: &str, cwd: RawFd) -> Command {
+/// `/bin/sh -c <line>`, started in `cwd` (a directory descriptor the command keeps until it is
+/// dropped).
+fn shell(line: &str, cwd: OwnedFd) -> Command {
     let mut command = Command::new("/bin/sh");
     command
         .arg("-c")
@@ -219,20 +222,16 @@ fn shell(line: &str, cwd: RawFd) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
-    // allowed: setsid, fchdir and close_range are raw syscalls, and `cwd` is an open
-    // descriptor owned by the caller until the spawn has returned (O_CLOEXEC closes the
-    // child's copy at exec).
+    // SAFETY: `pre_exec` runs the closure in the forked child before exec, where only
+    // async-signal-safe calls are allowed: setsid and fchdir (through nix, which adds nothing
+    // but errno handling) and close_range are plain syscalls, on a descriptor the closure owns
+    // (O_CLOEXEC closes the child's copy at exec).
     unsafe {
         command.pre_exec(move || {
             // Its own session and process group, so the whole group can be signalled and no
             // terminal can ever be attached to it.
-            if libc::setsid() == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::fchdir(cwd) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::unistd::setsid()?;
+            nix::unistd::fchdir(&cwd)?;
             // A command gets fds 0-2 and nothing else. Everything the worker opens is
             // close-on-exec already (the channel included); this keeps it so for anything
             // opened later without the flag. Kernels before 5.11 lack the flag (EINVAL): there
@@ -282,10 +281,15 @@ impl Drop for KillOnUnwind {
     }
 }
 
-/// The result parts of a command that ended on its own (agent.md §3.5): STDOUT, STDERR, ERROR
+/// The result parts of a command that ended on its own: STDOUT, STDERR, ERROR
 /// for a non-zero exit or a signal, `(no output)` when there is nothing else. A non-zero exit is
 /// not a tool error: the model reads the ERROR part.
-fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value {
+fn result_parts(
+    output: &Output,
+    status: WaitStatus,
+    limits: &JailLimits,
+    disk_full: bool,
+) -> Value {
     let mut parts = Vec::new();
     for (name, capture) in [
         ("STDOUT", &output.streams[0]),
@@ -295,9 +299,12 @@ fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value 
             parts.push(json!({"type": "text", "name": name, "text": capture.capture.text()}));
         }
     }
-    if let Some(mut error) = describe_status(status) {
+    if let Some(mut error) = describe_status(status, limits) {
         if disk_full {
-            error = format!("{error} ({})", crate::agent::workspace::no_space());
+            error = format!(
+                "{error} ({})",
+                crate::agent::workspace::no_space(limits.disk)
+            );
         }
         parts.push(json!({"type": "text", "name": "ERROR", "text": error}));
     }
@@ -307,41 +314,39 @@ fn result_parts(output: &Output, status: libc::c_int, disk_full: bool) -> Value 
     Value::Array(parts)
 }
 
-/// The ERROR text for a raw wait status, `None` for a clean exit.
-fn describe_status(status: libc::c_int) -> Option<String> {
-    if libc::WIFEXITED(status) {
-        let code = libc::WEXITSTATUS(status);
-        if code == 0 {
-            return None;
+/// The ERROR text for a wait status, `None` for a clean exit.
+fn describe_status(status: WaitStatus, limits: &JailLimits) -> Option<String> {
+    match status {
+        WaitStatus::Exited(_, 0) => None,
+        WaitStatus::Exited(_, code) => {
+            // A shell reports a child that a signal killed as 128 + the signal.
+            let hint = if code > 128 {
+                limit_hint(code - 128, limits)
+                    .map(|hint| format!(" (128 + {}: {hint})", signal_name(code - 128)))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Some(format!("Command exited with code {code}{hint}"))
         }
-        // A shell reports a child that a signal killed as 128 + the signal.
-        let hint = if code > 128 {
-            limit_hint(code - 128)
-                .map(|hint| format!(" (128 + {}: {hint})", signal_name(code - 128)))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        return Some(format!("Command exited with code {code}{hint}"));
+        WaitStatus::Signaled(_, signal, _) => {
+            let number = signal as libc::c_int;
+            let hint = limit_hint(number, limits)
+                .map(|hint| format!(": {hint}"))
+                .unwrap_or_default();
+            Some(format!(
+                "Command killed by signal {number} ({}){hint}",
+                signal.as_str()
+            ))
+        }
+        other => Some(format!("Command ended with wait status {other:?}")),
     }
-    if libc::WIFSIGNALED(status) {
-        let signal = libc::WTERMSIG(status);
-        let hint = limit_hint(signal)
-            .map(|hint| format!(": {hint}"))
-            .unwrap_or_default();
-        return Some(format!(
-            "Command killed by signal {signal} ({}){hint}",
-            signal_name(signal)
-        ));
-    }
-    Some(format!("Command ended with wait status {status}"))
 }
 
 /// Which session limit may have sent `signal`: SIGKILL is what the OOM killer sends in a memory
 /// cgroup (the worker cannot read the cgroup's counters, hence "possibly"), SIGXCPU what the CPU
 /// time rlimit sends. Worded like the supervisor's limit messages.
-fn limit_hint(signal: libc::c_int) -> Option<String> {
-    let limits = crate::jail::limits()?;
+fn limit_hint(signal: libc::c_int, limits: &JailLimits) -> Option<String> {
     match signal {
         libc::SIGKILL => limits.memory_cgroup.map(|bytes| {
             format!(
@@ -552,6 +557,7 @@ fn continuation_prefix(bytes: &[u8]) -> usize {
 mod tests {
     use super::*;
     use crate::agent::workspace::tests::Fixture;
+    use crate::jail::Confinement;
     use tokio_util::sync::CancellationToken;
 
     fn call(f: &Fixture, arguments: Value) -> Result<Value, ToolError> {
@@ -563,7 +569,14 @@ mod tests {
         arguments: Value,
         cancel: &CancellationToken,
     ) -> Result<Value, ToolError> {
-        (TOOL.run)(&Context { ws: &f.ws, cancel }, &arguments)
+        (TOOL.run)(
+            &Context {
+                ws: &f.ws,
+                cancel,
+                confinement: &Confinement::unconfined(),
+            },
+            &arguments,
+        )
     }
 
     fn part<'a>(result: &'a Value, name: &str) -> Option<&'a str> {
@@ -796,21 +809,52 @@ mod tests {
 
     #[test]
     fn statuses_read_like_the_spec() {
-        assert_eq!(describe_status(0), None);
+        let pid = Pid::from_raw(1);
+        let unconfined = Confinement::unconfined().limits;
         assert_eq!(
-            describe_status(2 << 8),
+            describe_status(WaitStatus::Exited(pid, 0), &unconfined),
+            None
+        );
+        assert_eq!(
+            describe_status(WaitStatus::Exited(pid, 2), &unconfined),
             Some("Command exited with code 2".into())
         );
         assert_eq!(
-            describe_status(libc::SIGSEGV),
+            describe_status(
+                WaitStatus::Signaled(pid, Signal::SIGSEGV, false),
+                &unconfined
+            ),
             Some("Command killed by signal 11 (SIGSEGV)".into())
         );
-        // Outside a jail there are no limits to suspect.
+        // Without a memory cgroup there is no limit to suspect.
         assert_eq!(
-            describe_status(137 << 8),
+            describe_status(WaitStatus::Exited(pid, 137), &unconfined),
             Some("Command exited with code 137".into())
         );
         assert_eq!(signal_name(64), "signal 64");
+    }
+
+    #[test]
+    fn kills_name_the_limits_the_jail_has() {
+        let pid = Pid::from_raw(1);
+        let mut limits = Confinement::unconfined().limits;
+        limits.memory_cgroup = Some(256 << 20);
+        limits.cpu_seconds = 30;
+        assert_eq!(
+            describe_status(WaitStatus::Exited(pid, 137), &limits),
+            Some(
+                "Command exited with code 137 (128 + SIGKILL: possibly the session's memory \
+                 limit (256 MiB) was reached)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            describe_status(WaitStatus::Signaled(pid, Signal::SIGXCPU, false), &limits),
+            Some(
+                "Command killed by signal 24 (SIGXCPU): the CPU time limit (30 s) was reached"
+                    .into()
+            )
+        );
     }
 
     #[test]
@@ -857,8 +901,13 @@ mod tests {
 
     #[test]
     fn the_configured_limit_caps_the_timeout() {
-        // Outside a jail the cap is the spec's maximum.
-        assert_eq!(effective_timeout(60), 60);
-        assert_eq!(effective_timeout(600), 600);
+        let mut limits = Confinement::unconfined().limits;
+        assert_eq!(effective_timeout(60, &limits), 60);
+        assert_eq!(effective_timeout(600, &limits), 600);
+        limits.command_timeout = 5;
+        assert_eq!(effective_timeout(60, &limits), 5);
+        assert_eq!(effective_timeout(3, &limits), 3);
+        limits.command_timeout = 0;
+        assert_eq!(effective_timeout(60, &limits), 1);
     }
 }

@@ -17,7 +17,7 @@ pub(super) const TOOL: Tool = Tool {
     run,
 };
 
-/// Paths listed before the rest is summarised (agent.md §3.6).
+/// Paths listed before the rest is summarised.
 const MAX_RESULTS: usize = 1000;
 
 fn schema() -> Value {
