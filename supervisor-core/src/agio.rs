@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 use shared::protocol::Usage;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
@@ -78,7 +78,7 @@ pub struct Agio {
     endpoint: String,
     http: reqwest::Client,
     fixed: Static,
-    feeds: Mutex<HashMap<String, Feed>>,
+    feeds: Mutex<HashMap<SessionId, Feed>>,
     tasks: TaskTracker,
 }
 
@@ -118,27 +118,27 @@ impl Agio {
         })))
     }
 
-    fn feeds(&self) -> std::sync::MutexGuard<'_, HashMap<String, Feed>> {
+    fn feeds(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Feed>> {
         self.feeds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues `signal` for the session's collector, starting it on first use. Never waits.
-    fn signal(self: &Arc<Self>, session_id: &str, signal: Signal) {
+    fn signal(self: &Arc<Self>, session_id: &SessionId, signal: Signal) {
         let mut feeds = self.feeds();
-        let feed = feeds.entry(session_id.to_owned()).or_insert_with(|| {
+        let feed = feeds.entry(session_id.clone()).or_insert_with(|| {
             let (queue, inbox) = mpsc::channel(QUEUE);
             let want_ttft = Arc::new(AtomicBool::new(false));
-            let collector = Collector::new(self.clone(), session_id.to_owned(), want_ttft.clone());
+            let collector = Collector::new(self.clone(), session_id.clone(), want_ttft.clone());
             self.tasks.spawn(collector.run(inbox));
             Feed { queue, want_ttft }
         });
         if feed.queue.try_send(signal).is_err() {
-            tracing::debug!(session_id, "AGIO queue full; event dropped");
+            tracing::debug!(%session_id, "AGIO queue full; event dropped");
         }
     }
 
     /// An agent event the session just published (its `type` is already known).
-    pub fn observe(self: &Arc<Self>, session_id: &str, kind: &str, json: &Arc<str>) {
+    pub fn observe(self: &Arc<Self>, session_id: &SessionId, kind: &str, json: &Arc<str>) {
         let wanted = OBSERVED.contains(&kind)
             || (kind == "assistant_streaming_message" && self.wants_ttft(session_id));
         if wanted {
@@ -146,14 +146,14 @@ impl Agio {
         }
     }
 
-    fn wants_ttft(&self, session_id: &str) -> bool {
+    fn wants_ttft(&self, session_id: &SessionId) -> bool {
         self.feeds()
             .get(session_id)
             .is_some_and(|f| f.want_ttft.load(Ordering::Relaxed))
     }
 
     /// A worker asked for a model call: the start of a loop iteration.
-    pub fn model_request(self: &Arc<Self>, session_id: &str, params: &str) {
+    pub fn model_request(self: &Arc<Self>, session_id: &SessionId, params: &str) {
         #[derive(Deserialize)]
         struct Tools {
             #[serde(default)]
@@ -167,7 +167,7 @@ impl Agio {
     /// whole duration, retries included.
     pub(crate) fn model_finished(
         self: &Arc<Self>,
-        session_id: &str,
+        session_id: &SessionId,
         model: &str,
         usage: Option<&Usage>,
         ttft: Option<Duration>,
@@ -185,7 +185,7 @@ impl Agio {
     }
 
     /// The session is gone: its collector sends what it holds and stops.
-    pub fn close(&self, session_id: &str) {
+    pub fn close(&self, session_id: &SessionId) {
         self.feeds().remove(session_id);
     }
 
@@ -254,7 +254,7 @@ struct Collector {
     agio: Arc<Agio>,
     /// This session's batches, posted in order by its poster task.
     posts: mpsc::Sender<Vec<Value>>,
-    session_id: String,
+    session_id: SessionId,
     want_ttft: Arc<AtomicBool>,
     buffer: Vec<Value>,
     deadline: Option<tokio::time::Instant>,
@@ -275,7 +275,7 @@ struct Head {
 }
 
 impl Collector {
-    fn new(agio: Arc<Agio>, session_id: String, want_ttft: Arc<AtomicBool>) -> Self {
+    fn new(agio: Arc<Agio>, session_id: SessionId, want_ttft: Arc<AtomicBool>) -> Self {
         Self {
             posts: agio.poster(),
             agio,

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use shared::ids::now_ms;
+use shared::ids::{InvalidSessionId, now_ms};
 
 use crate::storage::{StorageError, TooLarge};
 
@@ -80,6 +80,13 @@ impl From<StorageError> for ApiError {
             StorageError::TooLarge(too_large) => Self::RecordTooLarge(too_large),
             other => Self::Storage(other),
         }
+    }
+}
+
+/// A session id that cannot be one names no session.
+impl From<InvalidSessionId> for ApiError {
+    fn from(e: InvalidSessionId) -> Self {
+        Self::SessionNotFound(e.0)
     }
 }
 

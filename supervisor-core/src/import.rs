@@ -14,7 +14,7 @@ use futures::StreamExt;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{Map, Value, json};
 use shared::events::is_streaming_type;
-use shared::ids::{is_valid_session_id, now_ms};
+use shared::ids::{SessionId, now_ms};
 
 use crate::config::{Config, StorageKind};
 use crate::storage::{SessionInfo, SharedStorage, StorageError};
@@ -129,11 +129,10 @@ async fn import_one(
     upstream: Upstream,
 ) -> Result<ImportReport, ImportError> {
     let mut report = ImportReport::default();
-    let id = upstream.info["id"].as_str().unwrap_or_default().to_owned();
-    if !is_valid_session_id(&id) {
+    let Ok(id) = SessionId::parse(upstream.info["id"].as_str().unwrap_or_default()) else {
         report.invalid_sessions += 1;
         return Ok(report);
-    }
+    };
     if storage.session(&id).await?.is_some() {
         report.existing += 1;
         return Ok(report);
@@ -178,7 +177,7 @@ async fn import_one(
         });
     }
     let info = SessionInfo {
-        id: id.clone(),
+        id: id.to_string(),
         created_at: number("createdAt"),
         updated_at: number("updatedAt"),
         workspace: workspace.to_string_lossy().into_owned(),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use nix::unistd::{SysconfVar, sysconf};
 use serde_json::{Value, json};
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -56,7 +56,9 @@ pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
     // A page of records at a time: each row keeps only a few small fields of its record.
     for page in ids.chunks(64) {
         for info in state.storage.sessions_by_ids(page).await? {
-            let live = state.sessions.get(&info.id);
+            let live = SessionId::parse(&info.id)
+                .ok()
+                .and_then(|id| state.sessions.get(&id));
             rows.push(json!({
                 "sessionId": info.id,
                 "name": info.metadata.as_ref().and_then(|m| m.get("name")).cloned().unwrap_or(Value::Null),
@@ -75,7 +77,7 @@ pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
 ///
 /// # Errors
 /// Unknown session, a run in progress, or a worker that cannot start.
-pub async fn restart(state: &Arc<AppState>, session_id: &str) -> Result<Value, ApiError> {
+pub async fn restart(state: &Arc<AppState>, session_id: &SessionId) -> Result<Value, ApiError> {
     let session = state.session(session_id).await?;
     let worker = session.restart_worker(state).await?;
     Ok(json!({"success": true, "sessionId": session.id, "pid": worker.pid}))
@@ -86,7 +88,7 @@ pub async fn restart(state: &Arc<AppState>, session_id: &str) -> Result<Value, A
 ///
 /// # Errors
 /// Unknown session.
-pub async fn stop(state: &AppState, session_id: &str) -> Result<Value, ApiError> {
+pub async fn stop(state: &AppState, session_id: &SessionId) -> Result<Value, ApiError> {
     let session = state.session(session_id).await?;
     let had_worker = session.activity.has_worker();
     session.stop_worker().await;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shared::ids::SessionId;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -138,7 +139,14 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     // Root mode: the host uid each stored session's files belong to, so none is handed out
     // twice and each session keeps its own.
     if let Some(ids) = isolation.host_ids() {
-        for problem in ids.load(storage.host_ids().await?) {
+        let mut recorded = Vec::new();
+        for (id, uid) in storage.host_ids().await? {
+            match SessionId::parse(&id) {
+                Ok(id) => recorded.push((id, uid)),
+                Err(e) => tracing::warn!(error = %e, uid, "a stored host uid names no session"),
+            }
+        }
+        for problem in ids.load(recorded) {
             tracing::warn!(%problem, "stored host uids");
         }
     }

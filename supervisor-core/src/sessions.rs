@@ -14,7 +14,7 @@ use futures::Stream;
 use serde::Deserialize;
 use serde_json::Value;
 use shared::events::{Event, EventBody, RunStatus, SystemLevel};
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 use shared::protocol::{AbortReason, Query, ToWorker};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -39,11 +39,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// The table of sessions this process has live.
 #[derive(Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<Session>>>,
+    map: Mutex<HashMap<SessionId, Arc<Session>>>,
 }
 
 impl Sessions {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Session>>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -51,11 +51,11 @@ impl Sessions {
         self.map().insert(session.id.clone(), session);
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+    pub fn get(&self, id: &SessionId) -> Option<Arc<Session>> {
         self.map().get(id).cloned()
     }
 
-    pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
+    pub fn remove(&self, id: &SessionId) -> Option<Arc<Session>> {
         self.map().remove(id)
     }
 
@@ -76,10 +76,10 @@ impl Sessions {
     }
 
     /// The session whose idle worker was used least recently, other than `except`.
-    pub fn least_recent_idle(&self, except: &str) -> Option<Arc<Session>> {
+    pub fn least_recent_idle(&self, except: &SessionId) -> Option<Arc<Session>> {
         self.map()
             .values()
-            .filter(|s| s.id != except && s.activity.has_worker() && !s.activity.is_running())
+            .filter(|s| s.id != *except && s.activity.has_worker() && !s.activity.is_running())
             .min_by_key(|s| s.activity.last_active_ms())
             .cloned()
     }
@@ -89,7 +89,7 @@ impl Sessions {
     pub async fn get_or_restore(
         &self,
         storage: &SharedStorage,
-        id: &str,
+        id: &SessionId,
     ) -> Result<Option<Arc<Session>>, StorageError> {
         if let Some(live) = self.get(id) {
             return Ok(Some(live));
@@ -99,7 +99,7 @@ impl Sessions {
         };
         let last_seq = storage.last_seq(id).await?;
         let restored = Arc::new(Session::new(
-            info.id,
+            id.clone(),
             PathBuf::from(info.workspace),
             last_seq,
         ));
@@ -109,7 +109,7 @@ impl Sessions {
             match map.get(id) {
                 Some(live) => (live.clone(), false),
                 None => {
-                    map.insert(id.to_owned(), restored.clone());
+                    map.insert(id.clone(), restored.clone());
                     (restored, true)
                 }
             }
@@ -157,7 +157,7 @@ struct Inner {
 
 /// One live session.
 pub struct Session {
-    pub id: String,
+    pub id: SessionId,
     pub workspace: PathBuf,
     pub bus: Bus,
     /// Sequence numbering; held while an event is stored, so numbering, storage order and
@@ -246,7 +246,7 @@ struct RunEndStatus {
 }
 
 impl Session {
-    pub fn new(id: String, workspace: PathBuf, last_seq: u64) -> Self {
+    pub fn new(id: SessionId, workspace: PathBuf, last_seq: u64) -> Self {
         Self {
             id,
             workspace,
@@ -325,16 +325,16 @@ impl Session {
         let _admission = state.admit(self).await?;
         let mut inner = self.inner.lock().await;
         if self.closed.is_cancelled() {
-            return Err(ApiError::SessionNotFound(self.id.clone()));
+            return Err(ApiError::SessionNotFound(self.id.to_string()));
         }
         if inner.run.is_some() {
-            return Err(ApiError::SessionBusy(self.id.clone()));
+            return Err(ApiError::SessionBusy(self.id.to_string()));
         }
         // A full session starts nothing it could not record.
         let cap = state.config.server.session_limits.stored_bytes.0;
         if self.stored_bytes() >= cap {
             return Err(ApiError::SessionStorageFull {
-                session: self.id.clone(),
+                session: self.id.to_string(),
                 limit: cap,
             });
         }
@@ -351,7 +351,7 @@ impl Session {
         });
         if let Err(e) = worker.send(query).await {
             return Err(ApiError::WorkerUnavailable {
-                session: self.id.clone(),
+                session: self.id.to_string(),
                 reason: e.to_string(),
             });
         }
@@ -389,7 +389,7 @@ impl Session {
             })
             .inspect_err(|_| METRICS.worker_start_failures.inc())
             .map_err(|e| ApiError::WorkerUnavailable {
-                session: self.id.clone(),
+                session: self.id.to_string(),
                 reason: e.to_string(),
             })?;
         inner.worker = Some(worker.clone());
@@ -409,7 +409,7 @@ impl Session {
         state: &Arc<AppState>,
     ) -> Result<WorkerHandle, ApiError> {
         if self.closed.is_cancelled() {
-            return Err(ApiError::SessionNotFound(self.id.clone()));
+            return Err(ApiError::SessionNotFound(self.id.to_string()));
         }
         self.stop_worker().await;
         let _admission = state.admit(self).await?;
@@ -923,7 +923,7 @@ impl Session {
 /// How a run that its agent could not finish is closed: an error `system` event, then
 /// `agent_run_end` with status `error` (ARCHITECTURE decision 5).
 fn closing_events(
-    session_id: &str,
+    session_id: &SessionId,
     reason: &str,
     details: Value,
     iterations: u32,
@@ -940,7 +940,7 @@ fn closing_events(
             details: Some(details),
         }),
         Event::new(EventBody::AgentRunEnd {
-            session_id: session_id.to_owned(),
+            session_id: session_id.to_string(),
             iterations,
             elapsed_ms: elapsed.as_millis() as u64,
             status: RunStatus::Error,
@@ -984,24 +984,24 @@ fn is_run_end(json: &str) -> bool {
 
 /// The exclusive-mode slot of api.md §2.2: the session currently running a query, if any.
 #[derive(Default)]
-pub struct ExclusiveSlot(Mutex<Option<String>>);
+pub struct ExclusiveSlot(Mutex<Option<SessionId>>);
 
 impl ExclusiveSlot {
-    pub fn holder(&self) -> Option<String> {
+    pub fn holder(&self) -> Option<SessionId> {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    pub fn claim(&self, session_id: &str) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(session_id.to_owned());
+    pub fn claim(&self, session_id: &SessionId) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(session_id.clone());
     }
 
     /// Clears the slot if (and only if) `session_id` holds it.
-    pub fn release(&self, session_id: &str) {
+    pub fn release(&self, session_id: &SessionId) {
         let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.as_deref() == Some(session_id) {
+        if slot.as_ref() == Some(session_id) {
             *slot = None;
         }
     }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde_json::{Map, Value, json};
-use shared::ids::{new_session_id, now_ms};
+use shared::ids::{SessionId, now_ms};
 use tokio_util::sync::CancellationToken;
 
 use crate::agio::Agio;
@@ -149,7 +149,7 @@ impl AppState {
     ///
     /// # Errors
     /// Every id of the range belongs to a stored session, or storage failed.
-    pub async fn host_id(&self, session_id: &str) -> Result<Option<u32>, ApiError> {
+    pub async fn host_id(&self, session_id: &SessionId) -> Result<Option<u32>, ApiError> {
         let isolation = self.isolation.clone();
         let Some(ids) = isolation.host_ids() else {
             return Ok(None);
@@ -160,7 +160,7 @@ impl AppState {
         let id = ids
             .assign(session_id)
             .map_err(|e| ApiError::WorkerUnavailable {
-                session: session_id.to_owned(),
+                session: session_id.to_string(),
                 reason: e.to_string(),
             })?;
         if let Err(e) = self.storage.set_host_id(session_id, id).await {
@@ -193,23 +193,17 @@ impl AppState {
                 Ok(())
             }
             Err(e) => Err(ApiError::WorkerUnavailable {
-                session: session.id.clone(),
+                session: session.id.to_string(),
                 reason: format!("the workspace's disk quota could not be set up: {e}"),
             }),
         }
     }
 
-    /// The live session `id`, restoring it from storage if needed (api.md §2.1).
+    /// The live session `id`, restored from storage if it is not loaded.
     ///
     /// # Errors
-    /// `SessionIdRequired` for an empty id, `SessionNotFound` when it exists nowhere.
-    pub async fn session(&self, id: &str) -> Result<Arc<Session>, ApiError> {
-        if id.is_empty() {
-            return Err(ApiError::SessionIdRequired);
-        }
-        if !shared::ids::is_valid_session_id(id) {
-            return Err(ApiError::SessionNotFound(id.to_owned()));
-        }
+    /// `SessionNotFound` when it exists nowhere.
+    pub async fn session(&self, id: &SessionId) -> Result<Arc<Session>, ApiError> {
         if let Some(live) = self.sessions.get(id) {
             return Ok(live);
         }
@@ -217,7 +211,7 @@ impl AppState {
             .sessions
             .get_or_restore(&self.storage, id)
             .await?
-            .ok_or_else(|| ApiError::SessionNotFound(id.to_owned()))?;
+            .ok_or_else(|| ApiError::SessionNotFound(id.to_string()))?;
         self.ensure_workspace(&session).await?;
         Ok(session)
     }
@@ -247,13 +241,13 @@ impl AppState {
         // Before the workspace exists: a refused record leaves nothing behind. The storage
         // checks again, as it does for every write.
         crate::storage::check_metadata(&metadata).map_err(ApiError::RecordTooLarge)?;
-        let id = new_session_id();
+        let id = SessionId::random();
         let workspace = self.workspace_root.join(&id);
         create_private_dir(&workspace).map_err(|e| {
             ApiError::Internal(format!("could not create the session workspace: {e}"))
         })?;
         let info = SessionInfo {
-            id: id.clone(),
+            id: id.to_string(),
             created_at: now,
             updated_at: now,
             workspace: workspace.to_string_lossy().into_owned(),
@@ -284,10 +278,10 @@ impl AppState {
     }
 
     /// A new session's host uid (recorded) and its workspace's disk quota.
-    async fn provision(&self, id: &str, workspace: &std::path::Path) -> Result<(), ApiError> {
+    async fn provision(&self, id: &SessionId, workspace: &std::path::Path) -> Result<(), ApiError> {
         let project = self.host_id(id).await?;
         let isolation = self.isolation.clone();
-        let (id, workspace) = (id.to_owned(), workspace.to_owned());
+        let (id, workspace) = (id.clone(), workspace.to_owned());
         tokio::task::spawn_blocking(move || isolation.disk().attach(&id, &workspace, project))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -325,7 +319,7 @@ impl AppState {
         if existed {
             Ok(())
         } else {
-            Err(ApiError::SessionNotFoundInStorage(session.id.clone()))
+            Err(ApiError::SessionNotFoundInStorage(session.id.to_string()))
         }
     }
 
@@ -353,20 +347,20 @@ impl AppState {
 /// Removes a session's workspace on a blocking thread: the tree may be of any shape and size,
 /// and nothing of it may block the runtime (see `workspace::remove`). A failure is logged; what
 /// could not be removed stays on disk.
-async fn remove_workspace(session_id: &str, workspace: std::path::PathBuf) {
+async fn remove_workspace(session_id: &SessionId, workspace: std::path::PathBuf) {
     let removal = tokio::task::spawn_blocking(move || crate::workspace::remove(&workspace)).await;
     match removal {
         Ok(Ok(removed)) => tracing::debug!(
-            session_id,
+            %session_id,
             files = removed.files,
             directories = removed.directories,
             "workspace removed"
         ),
         Ok(Err(e)) => {
-            tracing::warn!(session_id, error = %e, "could not remove the workspace");
+            tracing::warn!(%session_id, error = %e, "could not remove the workspace");
         }
         Err(e) => {
-            tracing::warn!(session_id, error = %e, "the workspace removal did not finish");
+            tracing::warn!(%session_id, error = %e, "the workspace removal did not finish");
         }
     }
 }

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use shared::ids::SessionId;
 
 use crate::error::ApiError;
 
@@ -66,19 +67,36 @@ impl Params {
     }
 }
 
-/// `sessionId` from the query string if non-empty, else from the body (api.md §2.1 step 1).
-pub fn session_id(params: &Params, body: Option<&Map<String, Value>>) -> Result<String, ApiError> {
-    params
+/// `sessionId` from the query string if non-empty, else from the body, as upstream reads it.
+/// It is checked here, once: one that cannot be a session id names no session.
+///
+/// # Errors
+/// `SessionIdRequired` when neither has one, `SessionNotFound` for one that is not an id.
+pub fn session_id(
+    params: &Params,
+    body: Option<&Map<String, Value>>,
+) -> Result<SessionId, ApiError> {
+    let raw = params
         .get("sessionId")
         .filter(|id| !id.is_empty())
-        .map(str::to_owned)
         .or_else(|| {
             body.and_then(|b| b.get("sessionId"))
                 .and_then(Value::as_str)
                 .filter(|id| !id.is_empty())
-                .map(str::to_owned)
         })
-        .ok_or(ApiError::SessionIdRequired)
+        .ok_or(ApiError::SessionIdRequired)?;
+    parse_session_id(raw)
+}
+
+/// A session id a client sent: one that cannot be an id names no session.
+///
+/// # Errors
+/// `SessionIdRequired` for an empty one, else `SessionNotFound`, naming what was sent.
+pub fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
+    if raw.is_empty() {
+        return Err(ApiError::SessionIdRequired);
+    }
+    Ok(SessionId::parse(raw)?)
 }
 
 /// Image MIME types a query may carry (agent.md §1.8).

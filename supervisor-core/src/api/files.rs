@@ -28,9 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cap_std::fs::Dir;
 use serde_json::{Value, json};
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 
-use super::body::{JsonObject, Params};
+use super::body::{JsonObject, Params, parse_session_id, session_id};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::workspace::{AccessError, Entry, SessionDir, read_beneath, read_file};
@@ -231,11 +231,8 @@ async fn blocking<T: Send + 'static>(
 
 /// The session (restored if needed) and its workspace path.
 async fn workspace_of(state: &AppState, params: &Params) -> Result<PathBuf, FileError> {
-    let id = params
-        .get("sessionId")
-        .filter(|id| !id.is_empty())
-        .ok_or(ApiError::SessionIdRequired)?;
-    let session = state.session(id).await?;
+    let id = session_id(params, None)?;
+    let session = state.session(&id).await?;
     Ok(session.workspace.clone())
 }
 
@@ -540,7 +537,7 @@ fn static_session(uri: &Uri, headers: &HeaderMap) -> Option<(String, Named)> {
         .and_then(|v| v.to_str().ok())
         .and_then(|r| r.split('?').next())
         .and_then(|r| r.trim_end_matches('/').rsplit('/').next())
-        .filter(|id| shared::ids::is_valid_session_id(id))
+        .filter(|id| SessionId::parse(id).is_ok())
         .map(|id| (id.to_owned(), Named::ByReferer))
 }
 
@@ -575,7 +572,11 @@ async fn serve_static(
     }
     let (id, named) = static_session(uri, headers)?;
     let explicit = named == Named::Explicitly;
-    let session = match state.session(&id).await {
+    let found = match parse_session_id(&id) {
+        Ok(id) => state.session(&id).await,
+        Err(e) => Err(e),
+    };
+    let session = match found {
         Ok(session) => session,
         Err(e) if explicit => return Some(ApiError::into_response(e)),
         Err(_) => return None,

@@ -86,7 +86,7 @@ pub(super) async fn switch_model(
     patch: Map<String, Value>,
 ) -> Result<SessionInfo, ApiError> {
     if session.is_running().await {
-        return Err(ApiError::SessionBusy(session.id.clone()));
+        return Err(ApiError::SessionBusy(session.id.to_string()));
     }
     let info = state
         .storage

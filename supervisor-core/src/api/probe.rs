@@ -31,6 +31,7 @@ mod debug {
     use axum::extract::State;
     use serde_json::{Value, json};
 
+    use shared::ids::SessionId;
     use shared::probe::Probe;
 
     use crate::api::body::{JsonObject, Params, session_id};
@@ -38,13 +39,13 @@ mod debug {
     use crate::state::AppState;
     use crate::workers::WorkerHandle;
 
-    async fn live_worker(state: &AppState, id: &str) -> Result<WorkerHandle, ApiError> {
+    async fn live_worker(state: &AppState, id: &SessionId) -> Result<WorkerHandle, ApiError> {
         let session = state.session(id).await?;
         session
             .worker()
             .await
             .ok_or_else(|| ApiError::WorkerUnavailable {
-                session: id.to_owned(),
+                session: id.to_string(),
                 reason: "no live worker (run a query first)".into(),
             })
     }
@@ -64,7 +65,7 @@ mod debug {
             .probe(probe)
             .await
             .map_err(|e| ApiError::WorkerUnavailable {
-                session: id.clone(),
+                session: id.to_string(),
                 reason: e.to_string(),
             })?;
         Ok(Json(json!({

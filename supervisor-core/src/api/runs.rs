@@ -47,11 +47,11 @@ async fn run_to_end(
             worker_lost: Some(reason),
             ..
         }) => Err(ApiError::WorkerCrashed {
-            session: session.id.clone(),
+            session: session.id.to_string(),
             reason,
         }),
         Ok(RunOutcome { .. }) | Err(_) => Err(ApiError::WorkerCrashed {
-            session: session.id.clone(),
+            session: session.id.to_string(),
             reason: "the run ended without a result".into(),
         }),
     }

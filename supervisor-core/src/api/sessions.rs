@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use shared::events::RunStatus;
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 
 use super::body::{JsonObject, Params, session_id};
 use super::raw_json;
@@ -76,9 +76,9 @@ fn parse_cursor(text: &str) -> Result<PageCursor, ApiError> {
     text.split_once('.')
         .and_then(|(created, id)| {
             let created_at = created.parse().ok()?;
-            shared::ids::is_valid_session_id(id).then(|| PageCursor {
+            SessionId::parse(id).ok().map(|id| PageCursor {
                 created_at,
-                id: id.to_owned(),
+                id: id.into(),
             })
         })
         .ok_or_else(|| {
@@ -151,7 +151,9 @@ pub(super) fn check_exclusive(state: &AppState) -> Result<(), ApiError> {
         return Ok(());
     }
     match state.exclusive.holder() {
-        Some(running) => Err(ApiError::ExclusiveModeBusy { running }),
+        Some(running) => Err(ApiError::ExclusiveModeBusy {
+            running: running.into(),
+        }),
         None => Ok(()),
     }
 }
@@ -181,7 +183,7 @@ async fn stored_info(state: &AppState, session: &Session) -> Result<SessionInfo,
         .storage
         .session(&session.id)
         .await?
-        .ok_or_else(|| ApiError::SessionNotFound(session.id.clone()))
+        .ok_or_else(|| ApiError::SessionNotFound(session.id.to_string()))
 }
 
 pub(super) async fn details(

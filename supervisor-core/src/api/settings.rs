@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Map, Value, json};
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 
 use super::body::{JsonObject, Params, session_id};
 use crate::error::ApiError;
@@ -28,10 +28,11 @@ pub(super) async fn get(
     let Some(id) = params.get("sessionId").filter(|id| !id.is_empty()) else {
         return Ok(Json(json!({"schema": schema, "currentValues": {}})));
     };
-    let stored = if shared::ids::is_valid_session_id(id) {
+    // An id that cannot be one has no stored settings.
+    let stored = if let Ok(id) = SessionId::parse(id) {
         state
             .storage
-            .session(id)
+            .session(&id)
             .await?
             .and_then(|info| info.metadata)
             .and_then(|m| m.get("runtimeSettings").and_then(Value::as_object).cloned())

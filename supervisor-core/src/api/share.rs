@@ -37,7 +37,7 @@ pub(super) async fn share(
         Ok(Shared::Url(url)) => Ok(Json(
             json!({"success": true, "url": url, "sessionId": session.id}),
         )),
-        Err(ShareError::SessionNotFound) => Err(ApiError::SessionNotFound(session.id.clone())),
+        Err(ShareError::SessionNotFound) => Err(ApiError::SessionNotFound(session.id.to_string())),
         Err(ShareError::Storage(e)) => Err(ApiError::Storage(e)),
         Err(e) => Err(ApiError::ShareFailed(e.to_string())),
     }

@@ -13,6 +13,7 @@ use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use shared::ids::SessionId;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::error::ApiError;
@@ -129,8 +130,12 @@ async fn run(state: &Arc<AppState>, request: Request) -> Result<Value, ApiError>
             json!({"success": true, "sessions": crate::ops::sessions(state).await?})
         }
         Request::Workers => json!({"success": true, "workers": crate::ops::workers(state).await}),
-        Request::Restart { session_id } => crate::ops::restart(state, &session_id).await?,
-        Request::Stop { session_id } => crate::ops::stop(state, &session_id).await?,
+        Request::Restart { session_id } => {
+            crate::ops::restart(state, &SessionId::parse(&session_id)?).await?
+        }
+        Request::Stop { session_id } => {
+            crate::ops::stop(state, &SessionId::parse(&session_id)?).await?
+        }
         Request::Drain => crate::ops::set_draining(state, true),
         Request::Resume => crate::ops::set_draining(state, false),
     })

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+use shared::ids::SessionId;
 use shared::protocol::{
     Delta, ModelErrorKind, ModelFailure, ModelRef, ModelReply, ModelRequest, ToWorker, Usage,
 };
@@ -138,13 +139,13 @@ impl Gateway {
     /// connection.
     pub fn start(
         self: &Arc<Self>,
-        session_id: &str,
+        session_id: &SessionId,
         request: ModelRequest,
         outbox: mpsc::Sender<ToWorker>,
         cancel: CancellationToken,
     ) -> JoinHandle<()> {
         let gateway = self.clone();
-        let session_id = session_id.to_owned();
+        let session_id = session_id.clone();
         let span = tracing::info_span!(
             "model_call",
             session_id = %session_id,

@@ -12,6 +12,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 
+use shared::ids::SessionId;
+
 use super::Isolation;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +26,7 @@ pub enum HostIdError {
 
 #[derive(Debug, Default)]
 struct Assigned {
-    by_session: HashMap<String, u32>,
+    by_session: HashMap<SessionId, u32>,
     taken: HashSet<u32>,
 }
 
@@ -65,7 +67,7 @@ impl HostIds {
     /// Takes in the ids recorded in storage. A recorded id is kept as it is, even outside the
     /// current range (the session's files belong to it); a clash between two records (edited
     /// by hand, or two stores merged) is reported, and the first record keeps the id.
-    pub fn load(&self, recorded: impl IntoIterator<Item = (String, u32)>) -> Vec<String> {
+    pub fn load(&self, recorded: impl IntoIterator<Item = (SessionId, u32)>) -> Vec<String> {
         let mut assigned = self.lock();
         let mut problems = Vec::new();
         for (session, id) in recorded {
@@ -85,7 +87,7 @@ impl HostIds {
     }
 
     /// The id of `session`, if it has one.
-    pub fn get(&self, session: &str) -> Option<u32> {
+    pub fn get(&self, session: &SessionId) -> Option<u32> {
         self.lock().by_session.get(session).copied()
     }
 
@@ -94,7 +96,7 @@ impl HostIds {
     ///
     /// # Errors
     /// Every id of the range is taken or reserved.
-    pub fn assign(&self, session: &str) -> Result<u32, HostIdError> {
+    pub fn assign(&self, session: &SessionId) -> Result<u32, HostIdError> {
         let mut assigned = self.lock();
         if let Some(id) = assigned.by_session.get(session) {
             return Ok(*id);
@@ -113,12 +115,12 @@ impl HostIds {
                 last: self.first + self.count.saturating_sub(1),
             })?;
         assigned.taken.insert(free);
-        assigned.by_session.insert(session.to_owned(), free);
+        assigned.by_session.insert(session.clone(), free);
         Ok(free)
     }
 
     /// Gives `session`'s id back (the session was deleted, or recording it failed).
-    pub fn release(&self, session: &str) {
+    pub fn release(&self, session: &SessionId) {
         let mut assigned = self.lock();
         if let Some(id) = assigned.by_session.remove(session)
             && !assigned.by_session.values().any(|other| *other == id)
@@ -173,7 +175,7 @@ impl Isolation {
     ///
     /// # Errors
     /// Root mode, and the session has no id: it must never fall back to any other identity.
-    pub fn session_ids(&self, session_id: &str) -> std::io::Result<Option<(u32, u32)>> {
+    pub fn session_ids(&self, session_id: &SessionId) -> std::io::Result<Option<(u32, u32)>> {
         if self.uid_mode != UidMode::PerSession {
             return Ok(None);
         }
@@ -193,27 +195,31 @@ impl Isolation {
 mod tests {
     use super::*;
 
+    fn sid(text: &str) -> SessionId {
+        SessionId::parse(text).unwrap()
+    }
+
     #[test]
     fn ids_are_unique_while_the_range_lasts() {
         // 9 ids for sessions (201..=209), 3 of them the host's.
         let ids = HostIds::new(200, 10, HashSet::from([203, 204, 209]));
         let mut seen = HashSet::new();
         for n in 0..6 {
-            let id = ids.assign(&format!("session-{n}")).unwrap();
+            let id = ids.assign(&sid(&format!("session-{n}"))).unwrap();
             assert!((201..=209).contains(&id), "{id} out of range");
             assert!(![203, 204, 209].contains(&id), "{id} is a host id");
             assert!(seen.insert(id), "{id} handed out twice");
         }
         assert!(matches!(
-            ids.assign("one-too-many"),
+            ids.assign(&sid("one-too-many")),
             Err(HostIdError::Exhausted {
                 first: 201,
                 last: 209
             })
         ));
-        let freed = ids.get("session-2").unwrap();
-        ids.release("session-2");
-        assert_eq!(ids.assign("one-too-many").unwrap(), freed);
+        let freed = ids.get(&sid("session-2")).unwrap();
+        ids.release(&sid("session-2"));
+        assert_eq!(ids.assign(&sid("one-too-many")).unwrap(), freed);
         assert_eq!(ids.assigned(), 6);
     }
 
@@ -221,8 +227,8 @@ mod tests {
     fn ids_that_a_hash_would_share_are_apart() {
         // Two slots: the old hash put about half of all pairs on the same uid.
         let ids = HostIds::new(500, 3, HashSet::new());
-        let a = ids.assign("V1StGXR8_Z5jdHi6B-myT").unwrap();
-        let b = ids.assign("another-session-id-01").unwrap();
+        let a = ids.assign(&sid("V1StGXR8_Z5jdHi6B-myT")).unwrap();
+        let b = ids.assign(&sid("another-session-id-01")).unwrap();
         assert_ne!(a, b);
         assert_eq!(HashSet::from([a, b]), HashSet::from([501, 502]));
     }
@@ -230,35 +236,31 @@ mod tests {
     #[test]
     fn an_assigned_id_is_stable_and_survives_a_reload() {
         let ids = HostIds::new(200_000, 65_536, HashSet::from([200_001]));
-        let a = ids.assign("a").unwrap();
+        let a = ids.assign(&sid("a")).unwrap();
         assert_eq!(
-            ids.assign("a").unwrap(),
+            ids.assign(&sid("a")).unwrap(),
             a,
             "asking again gives the same id"
         );
-        assert_eq!(ids.get("a"), Some(a));
-        assert_eq!(ids.get("b"), None);
+        assert_eq!(ids.get(&sid("a")), Some(a));
+        assert_eq!(ids.get(&sid("b")), None);
 
         // A restarted server loads what storage recorded.
         let restarted = HostIds::new(200_000, 65_536, HashSet::from([200_001]));
-        assert!(restarted.load([("a".to_owned(), a)]).is_empty());
-        assert_eq!(restarted.get("a"), Some(a));
-        assert_eq!(restarted.assign("a").unwrap(), a);
-        let b = restarted.assign("b").unwrap();
+        assert!(restarted.load([(sid("a"), a)]).is_empty());
+        assert_eq!(restarted.get(&sid("a")), Some(a));
+        assert_eq!(restarted.assign(&sid("a")).unwrap(), a);
+        let b = restarted.assign(&sid("b")).unwrap();
         assert_ne!(a, b);
     }
 
     #[test]
     fn clashing_records_are_reported() {
         let ids = HostIds::new(100, 10, HashSet::from([105]));
-        let problems = ids.load([
-            ("x".to_owned(), 102),
-            ("y".to_owned(), 102),
-            ("z".to_owned(), 105),
-        ]);
+        let problems = ids.load([(sid("x"), 102), (sid("y"), 102), (sid("z"), 105)]);
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert_eq!(ids.get("x"), Some(102));
-        let fresh = ids.assign("w").unwrap();
+        assert_eq!(ids.get(&sid("x")), Some(102));
+        let fresh = ids.assign(&sid("w")).unwrap();
         assert!(fresh != 102 && fresh != 105);
     }
 
@@ -269,19 +271,19 @@ mod tests {
             host_ids: HostIds::new(200_000, 65_536, HashSet::from([0])),
             ..super::Isolation::default()
         };
-        assert!(iso.session_ids("V1StGXR8_Z5jdHi6B-myT").is_err());
+        assert!(iso.session_ids(&sid("V1StGXR8_Z5jdHi6B-myT")).is_err());
         let id = iso
             .host_ids()
             .unwrap()
-            .assign("V1StGXR8_Z5jdHi6B-myT")
+            .assign(&sid("V1StGXR8_Z5jdHi6B-myT"))
             .unwrap();
         assert_eq!(
-            iso.session_ids("V1StGXR8_Z5jdHi6B-myT").unwrap(),
+            iso.session_ids(&sid("V1StGXR8_Z5jdHi6B-myT")).unwrap(),
             Some((id, id))
         );
         assert!(id > 200_000 && id < 265_536);
         iso.uid_mode = UidMode::Shared;
-        assert_eq!(iso.session_ids("x").unwrap(), None);
+        assert_eq!(iso.session_ids(&sid("x")).unwrap(), None);
         assert!(iso.host_ids().is_none());
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use shared::ids::SessionId;
 use shared::jail::{JailLevel, JailLimits, JailSpec};
 
 use super::Isolation;
@@ -23,21 +24,22 @@ impl Isolation {
     /// The jail spec of one session's launcher.
     pub fn session_spec(
         &self,
-        session_id: &str,
+        session_id: &SessionId,
         workspace: &Path,
         ids: Option<(u32, u32)>,
     ) -> JailSpec {
         self.spec_for(session_id, self.level, workspace, ids)
     }
 
-    /// S3: the session's cgroup, when cgroups are available.
-    pub fn session_cgroup(&self, session_id: &str) -> std::io::Result<Option<SessionGroup>> {
+    /// A session's cgroup named `name`, when cgroups are available. (Launchers get theirs
+    /// before they know their session, so the name is the pool's, not a session id.)
+    pub fn session_cgroup(&self, name: &str) -> std::io::Result<Option<SessionGroup>> {
         let Some(root) = &self.cgroup else {
             return Ok(None);
         };
         let l = &self.config.limits;
         root.create_session(
-            session_id,
+            name,
             GroupLimits {
                 memory: l.memory.0,
                 pids: l.pids,
@@ -67,6 +69,7 @@ impl Isolation {
         }
     }
 
+    /// The spec for `session_id` (a session's, or `probe`) at `level`.
     pub(super) fn spec_for(
         &self,
         session_id: &str,

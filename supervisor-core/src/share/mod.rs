@@ -18,7 +18,7 @@ use std::time::Duration;
 use reqwest::Url;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Map, Value, json};
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 
 use crate::config::ShareConfig;
 use crate::gateway::Gateway;
@@ -155,7 +155,7 @@ impl Sharing {
     /// The session has no record, the UI page cannot be read, or the provider refused the upload.
     pub async fn share(
         &self,
-        session_id: &str,
+        session_id: &SessionId,
         workspace: &Path,
         upload: bool,
     ) -> Result<Shared, ShareError> {
@@ -183,9 +183,9 @@ impl Sharing {
             return Ok(Shared::Html(html));
         };
         let query = first_user_text(&events);
-        let slug = self.make_slug(&info, &query).await;
+        let slug = self.make_slug(session_id, &info, &query).await;
         let url = upload_page(provider, &info, html, &slug, &query).await?;
-        tracing::info!(session_id, %url, "session shared");
+        tracing::info!(%session_id, %url, "session shared");
         Ok(Shared::Url(url))
     }
 
@@ -290,9 +290,9 @@ fn first_user_text(events: &[Value]) -> String {
 impl Sharing {
     /// The slug: the session's model summarises the first request; if it cannot (or answers
     /// something else), the request's own words are used.
-    async fn make_slug(&self, info: &SessionInfo, query: &str) -> String {
+    async fn make_slug(&self, session_id: &SessionId, info: &SessionInfo, query: &str) -> String {
         if query.trim().is_empty() {
-            return slug::slug("", &info.id);
+            return slug::slug("", session_id);
         }
         let selected = info.metadata.as_ref().and_then(|m| m.get("modelConfig"));
         let model = self.gateway.catalogue().for_selector(selected).clone();
@@ -310,11 +310,11 @@ impl Sharing {
         let suggested = match self.gateway.complete(&model.selector(), request).await {
             Ok(answer) => slug::from_answer(&answer),
             Err(failure) => {
-                tracing::info!(session_id = %info.id, error = %failure.message, "no slug from the model; using the request");
+                tracing::info!(%session_id, error = %failure.message, "no slug from the model; using the request");
                 None
             }
         };
-        slug::slug(suggested.as_deref().unwrap_or(query), &info.id)
+        slug::slug(suggested.as_deref().unwrap_or(query), session_id)
     }
 }
 
@@ -322,7 +322,7 @@ impl Sharing {
 /// A failed upload leaves its reference as it was.
 async fn upload_images(
     provider: &Provider,
-    session_id: &str,
+    session_id: &SessionId,
     workspace: &Path,
     events: &mut [Value],
 ) {
@@ -358,7 +358,7 @@ async fn upload_images(
 
 async fn upload_image(
     provider: &Provider,
-    session_id: &str,
+    session_id: &SessionId,
     workspace: &Path,
     reference: &str,
 ) -> Option<String> {
@@ -367,11 +367,11 @@ async fn upload_image(
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
-            tracing::info!(session_id, reference, error = %e, "a referenced image is not uploaded");
+            tracing::info!(%session_id, reference, error = %e, "a referenced image is not uploaded");
             return None;
         }
         Err(e) => {
-            tracing::warn!(session_id, reference, error = %e, "reading a workspace image did not finish");
+            tracing::warn!(%session_id, reference, error = %e, "reading a workspace image did not finish");
             return None;
         }
     };
@@ -395,7 +395,7 @@ async fn upload_image(
             .and_then(Value::as_str)
             .map(images::force_https),
         Err(e) => {
-            tracing::warn!(session_id, reference, error = %e, "could not upload a workspace image");
+            tracing::warn!(%session_id, reference, error = %e, "could not upload a workspace image");
             None
         }
     }

@@ -3,6 +3,7 @@
 //! same thing get different slugs.
 
 use sha2::{Digest, Sha256};
+use shared::ids::SessionId;
 
 /// Longest slug body before the hash, in characters.
 const MAX_CHARS: usize = 60;
@@ -35,7 +36,7 @@ const DICTIONARY: &[(&str, &str)] = &[
 
 /// `words` (the model's suggestion, or the prompt itself) made a slug, with the id's hash.
 /// Empty input gives `untitled-session-<hash>`.
-pub fn slug(words: &str, session_id: &str) -> String {
+pub fn slug(words: &str, session_id: &SessionId) -> String {
     let body = normalise(words);
     let body = if body.is_empty() {
         "untitled-session".to_owned()
@@ -46,7 +47,7 @@ pub fn slug(words: &str, session_id: &str) -> String {
 }
 
 /// The first six hex digits of SHA-256 of the session id.
-fn short_hash(session_id: &str) -> String {
+fn short_hash(session_id: &SessionId) -> String {
     Sha256::digest(session_id.as_bytes())
         .iter()
         .take(3)
@@ -133,22 +134,26 @@ pub fn from_answer(answer: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn id(text: &str) -> SessionId {
+        SessionId::parse(text).unwrap()
+    }
+
     #[test]
     fn english() {
-        let s = slug("Write a Haiku about the SEA, please!", "abc");
+        let s = slug("Write a Haiku about the SEA, please!", &id("abc"));
         assert!(s.starts_with("write-a-haiku-about-"), "{s}");
         assert_eq!(s.len(), "write-a-haiku-about-".len() + 6);
-        assert_eq!(short_hash("abc"), "ba7816");
+        assert_eq!(short_hash(&id("abc")), "ba7816");
     }
 
     #[test]
     fn other_scripts() {
-        assert!(slug("分析这个代码", "x").starts_with("analysis-code-"));
-        assert!(slug("你好世界", "x").starts_with("chinese-query-"));
-        assert!(slug("こんにちは", "x").starts_with("japanese-query-"));
-        assert!(slug("привет мир", "x").starts_with("cyrillic-query-"));
-        assert!(slug("", "x").starts_with("untitled-session-"));
-        assert!(slug("!!!", "x").starts_with("untitled-session-"));
+        assert!(slug("分析这个代码", &id("x")).starts_with("analysis-code-"));
+        assert!(slug("你好世界", &id("x")).starts_with("chinese-query-"));
+        assert!(slug("こんにちは", &id("x")).starts_with("japanese-query-"));
+        assert!(slug("привет мир", &id("x")).starts_with("cyrillic-query-"));
+        assert!(slug("", &id("x")).starts_with("untitled-session-"));
+        assert!(slug("!!!", &id("x")).starts_with("untitled-session-"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use shared::frame::{FrameError, read_frame, write_frame};
-use shared::ids::now_ms;
+use shared::ids::{SessionId, now_ms};
 use shared::jail::JailAudit;
 use shared::protocol::{
     AgentSettings, ContextSettings, FromWorker, Init, PROTOCOL_VERSION, ToWorker,
@@ -196,7 +196,7 @@ pub async fn start(
 
     let init = ToWorker::Init(Box::new(Init {
         protocol_version: PROTOCOL_VERSION,
-        session_id: session.id.clone(),
+        session_id: session.id.to_string(),
         // The workspace as the worker sees it: `/workspace` in a strict jail, `/` in a chroot.
         workspace: isolation.workspace_inside(&session.workspace),
         agent: agent_settings(state, stored.as_ref()),
@@ -309,7 +309,7 @@ async fn write_frames(
 
 /// Copies a worker's stderr into our log, escaped and within a budget, so a chatty or hostile
 /// worker cannot flood it.
-async fn log_stderr(session_id: String, stderr: impl AsyncRead + Unpin) {
+async fn log_stderr(session_id: SessionId, stderr: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(stderr).lines();
     let mut budget = STDERR_BUDGET;
     while let Ok(Some(line)) = lines.next_line().await {

@@ -28,6 +28,7 @@ use std::sync::mpsc as std_mpsc;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use shared::frame::read_frame;
+use shared::ids::SessionId;
 use shared::jail::{JailLevel, JailSpec};
 use shared::process::CHANNEL_FD;
 use shared::protocol::FromWorker;
@@ -79,7 +80,7 @@ enum Job {
     /// Top the pool up (at start, or after a launcher was taken).
     Fill,
     Session {
-        session_id: String,
+        session_id: SessionId,
         workspace: PathBuf,
         reply: oneshot::Sender<std::io::Result<Spawned>>,
     },
@@ -153,11 +154,15 @@ impl Spawner {
     ///
     /// # Errors
     /// The spawner is gone, or a step of S1–S6 failed.
-    pub async fn spawn(&self, session_id: &str, workspace: &Path) -> Result<Spawned, WorkerError> {
+    pub async fn spawn(
+        &self,
+        session_id: &SessionId,
+        workspace: &Path,
+    ) -> Result<Spawned, WorkerError> {
         let isolation = self.isolation.clone();
         if isolation.level == JailLevel::None {
             tracing::warn!(
-                session_id,
+                %session_id,
                 "starting a worker WITHOUT isolation (--isolation none)"
             );
         }
@@ -165,7 +170,7 @@ impl Spawner {
             // The fork already happened on the spawner thread; binding (chown, one write) may
             // run on any thread.
             let _ = self.jobs.send(Job::Fill);
-            let (id, ws) = (session_id.to_owned(), workspace.to_owned());
+            let (id, ws) = (session_id.clone(), workspace.to_owned());
             return tokio::task::spawn_blocking(move || bind(ready, &isolation, &id, &ws))
                 .await
                 .map_err(|e| WorkerError::Spawn(e.to_string()))?
@@ -174,7 +179,7 @@ impl Spawner {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job::Session {
-                session_id: session_id.to_owned(),
+                session_id: session_id.clone(),
                 workspace: workspace.to_owned(),
                 reply,
             })
@@ -307,7 +312,7 @@ impl Pool {
 fn bind(
     ready: Ready,
     isolation: &Isolation,
-    session_id: &str,
+    session_id: &SessionId,
     workspace: &Path,
 ) -> std::io::Result<Spawned> {
     let ids = isolation.session_ids(session_id)?;

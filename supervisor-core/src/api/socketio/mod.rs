@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
+use shared::ids::SessionId;
 use shared::protocol::AbortReason;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::layer::SocketIoLayer;
@@ -36,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{BODY_LIMIT, query_input};
+use super::body::{BODY_LIMIT, parse_session_id, query_input};
 use super::runs::abort_result;
 use crate::error::ApiError;
 use crate::sessions::Session;
@@ -166,12 +167,12 @@ async fn serve(
 
 /// The sessions one socket has joined, each with the task delivering its events.
 #[derive(Default)]
-struct Joined(HashMap<String, AbortHandle>);
+struct Joined(HashMap<SessionId, AbortHandle>);
 
 impl Joined {
     /// Records the delivery task of `session`, ending the one a previous join started (joining
     /// twice re-positions instead of delivering everything twice).
-    fn replace(&mut self, session: String, task: AbortHandle) {
+    fn replace(&mut self, session: SessionId, task: AbortHandle) {
         if let Some(old) = self.0.insert(session, task) {
             old.abort();
         }
@@ -223,7 +224,11 @@ async fn find_session(
         emit_or_log(socket, "error", "Session ID is required");
         return None;
     };
-    match state.session(&id).await {
+    let found = match parse_session_id(&id) {
+        Ok(id) => state.session(&id).await,
+        Err(e) => Err(e),
+    };
+    match found {
         Ok(session) => Some(session),
         Err(e) => {
             emit_or_log(socket, "error", &lookup_error(&e));

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use nix::mount::{MntFlags, MsFlags};
+use shared::ids::SessionId;
 
 use super::sys;
 
@@ -322,7 +323,7 @@ impl Images {
         std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
     }
 
-    fn image_of(&self, session: &str) -> PathBuf {
+    fn image_of(&self, session: &SessionId) -> PathBuf {
         self.dir.join(format!("{session}.img"))
     }
 
@@ -330,7 +331,7 @@ impl Images {
     ///
     /// # Errors
     /// No image could be formatted or mounted.
-    pub fn attach_new(&self, session: &str, workspace: &Path) -> io::Result<()> {
+    pub fn attach_new(&self, session: &SessionId, workspace: &Path) -> io::Result<()> {
         let pooled = self.lock_pool().pop_front();
         if let Some(sender) = self
             .refill
@@ -372,7 +373,7 @@ impl Images {
     ///
     /// # Errors
     /// Mounting failed.
-    pub fn ensure(&self, session: &str, workspace: &Path) -> io::Result<bool> {
+    pub fn ensure(&self, session: &SessionId, workspace: &Path) -> io::Result<bool> {
         let _one_at_a_time = self.remount.lock().unwrap_or_else(PoisonError::into_inner);
         if is_mount_point(workspace)? {
             return Ok(true);
@@ -391,15 +392,15 @@ impl Images {
 
     /// A deleted session's image: its mount is detached (whatever still holds it lets go
     /// later) and its file removed. The workspace directory is left, empty, for the caller.
-    pub fn release(&self, session: &str, workspace: &Path) {
+    pub fn release(&self, session: &SessionId, workspace: &Path) {
         if is_mount_point(workspace).unwrap_or(false)
             && let Err(e) = detach(workspace)
         {
-            tracing::warn!(session_id = session, error = %e, "could not unmount the workspace image");
+            tracing::warn!(session_id = %session, error = %e, "could not unmount the workspace image");
         }
         match std::fs::remove_file(self.image_of(session)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                tracing::warn!(session_id = session, error = %e, "could not remove the workspace image");
+                tracing::warn!(session_id = %session, error = %e, "could not remove the workspace image");
             }
             _ => {}
         }

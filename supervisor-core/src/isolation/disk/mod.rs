@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use shared::ids::SessionId;
 
 /// `isolation.limits.diskBackend`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +144,7 @@ impl Disk {
     /// The quota could not be set up (the session is not created then).
     pub fn attach(
         &self,
-        session: &str,
+        session: &SessionId,
         workspace: &Path,
         project: Option<u32>,
     ) -> std::io::Result<()> {
@@ -162,7 +163,7 @@ impl Disk {
     /// The quota could not be set up again.
     pub fn ensure(
         &self,
-        session: &str,
+        session: &SessionId,
         workspace: &Path,
         project: Option<u32>,
     ) -> std::io::Result<bool> {
@@ -185,7 +186,7 @@ impl Disk {
 
     /// A deleted session's quota. Called before its workspace directory is removed (an image
     /// is unmounted, so there is nothing left below the directory to walk).
-    pub fn release(&self, session: &str, workspace: &Path, project: Option<u32>) {
+    pub fn release(&self, session: &SessionId, workspace: &Path, project: Option<u32>) {
         match &self.backend {
             Backend::None(_) => {}
             Backend::Project(projects) => {
