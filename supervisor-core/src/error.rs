@@ -8,6 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use shared::ids::{InvalidSessionId, now_ms};
 
+use crate::provision::ProvisionError;
+use crate::sessions::RunError;
 use crate::storage::{StorageError, TooLarge};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,39 @@ impl From<StorageError> for ApiError {
         match e {
             StorageError::TooLarge(too_large) => Self::RecordTooLarge(too_large),
             other => Self::Storage(other),
+        }
+    }
+}
+
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Closed(id) => Self::SessionNotFound(id.into()),
+            RunError::Busy(id) => Self::SessionBusy(id.into()),
+            RunError::StorageFull { session, limit } => Self::SessionStorageFull {
+                session: session.into(),
+                limit,
+            },
+            RunError::WorkerUnavailable { session, reason } => Self::WorkerUnavailable {
+                session: session.into(),
+                reason,
+            },
+        }
+    }
+}
+
+impl From<ProvisionError> for ApiError {
+    fn from(e: ProvisionError) -> Self {
+        match e {
+            ProvisionError::Storage(e) => e.into(),
+            ProvisionError::HostId { ref session, .. }
+            | ProvisionError::Quota { ref session, .. } => Self::WorkerUnavailable {
+                session: session.to_string(),
+                reason: e.to_string(),
+            },
+            ProvisionError::NewQuota(_) | ProvisionError::Interrupted(_) => {
+                Self::Internal(e.to_string())
+            }
         }
     }
 }

@@ -23,6 +23,7 @@
 //! - `workspace`: every host-side access to a session's workspace (reads, listings, removal),
 //!   beneath a handle of the session directory.
 
+mod admission;
 mod agio;
 mod api;
 mod bus;
@@ -37,6 +38,7 @@ pub mod isolation;
 mod live_text;
 mod metrics;
 mod ops;
+mod provision;
 pub mod server;
 mod sessions;
 mod share;

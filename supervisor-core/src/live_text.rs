@@ -73,9 +73,32 @@ pub struct Delta<'a> {
     text: Cow<'a, str>,
 }
 
+/// An event a worker sent that cannot be published: the worker is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidEvent {
+    #[error("not a JSON object")]
+    NotAnObject,
+    /// Not an object with a string `type`, or a delta whose text fields are not strings.
+    #[error("{0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
 impl<'a> EventHead<'a> {
     pub fn parse(json: &'a str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(json)
+    }
+
+    /// The head of an event as a worker sent it: what publishing reads of it (a JSON object)
+    /// before numbering it, in one pass. Its `type` decides whether it is stored; a streaming
+    /// delta's text fields are read too.
+    ///
+    /// # Errors
+    /// Not a JSON object with a string `type`.
+    pub fn of(json: &'a str) -> Result<Self, InvalidEvent> {
+        if !json.starts_with('{') {
+            return Err(InvalidEvent::NotAnObject);
+        }
+        Ok(Self::parse(json)?)
     }
 
     /// A streaming delta: never stored as an event, staged until its text is.

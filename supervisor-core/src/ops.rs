@@ -3,7 +3,6 @@
 //! (`supervisor ctl ...`), so the two can never disagree.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use nix::unistd::{SysconfVar, sysconf};
 use serde_json::{Value, json};
@@ -79,7 +78,7 @@ pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
 /// Unknown session, a run in progress, or a worker that cannot start.
 pub async fn restart(state: &Arc<AppState>, session_id: &SessionId) -> Result<Value, ApiError> {
     let session = state.session(session_id).await?;
-    let worker = session.restart_worker(state).await?;
+    let worker = state.restart_worker(&session).await?;
     Ok(json!({"success": true, "sessionId": session.id, "pid": worker.pid}))
 }
 
@@ -97,7 +96,7 @@ pub async fn stop(state: &AppState, session_id: &SessionId) -> Result<Value, Api
 
 /// Refuses new runs (running ones finish), or takes them again.
 pub fn set_draining(state: &AppState, draining: bool) -> Value {
-    state.draining.store(draining, Ordering::Release);
+    state.admission.set_draining(draining);
     tracing::info!(draining, "drain mode changed");
     json!({"success": true, "draining": draining})
 }

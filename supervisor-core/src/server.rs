@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shared::ids::SessionId;
 use tokio::net::TcpListener;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::isolation::{Isolation, IsolationError};
-use crate::state::AppState;
+use crate::state::{AppState, Parts};
 use crate::workers::Spawner;
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -174,24 +174,17 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
             source,
         })?;
     let local: SocketAddr = listener.local_addr()?;
-    let state = Arc::new(AppState {
-        gateway,
-        agio,
-        storage,
+    let state = Arc::new(AppState::new(Parts {
         config,
         workspace_root,
-        sessions: Default::default(),
-        spawner,
+        storage,
         isolation,
-        exclusive: Default::default(),
+        spawner,
+        gateway,
+        agio,
         webui,
         sharing,
-        started: Instant::now(),
-        shutdown: CancellationToken::new(),
-        draining: Default::default(),
-        starting: Default::default(),
-        admission: Default::default(),
-    });
+    }));
     tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
     println!("supervisor listening on http://{local}");
@@ -265,9 +258,7 @@ fn prepare_workspace_root(path: &PathBuf) -> Result<PathBuf, ServeError> {
 /// accepted), running runs get `server.shutdownGraceSecs` to finish, then the rest are aborted,
 /// which ends each of them properly in the log before the workers go.
 async fn finish_runs(state: &AppState) {
-    state
-        .draining
-        .store(true, std::sync::atomic::Ordering::Release);
+    state.admission.set_draining(true);
     let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);
     let running = || {
         state

@@ -218,24 +218,17 @@ mod tests {
             Vec::new(),
         )
         .unwrap();
-        Arc::new(AppState {
-            gateway,
-            agio: None,
+        Arc::new(AppState::new(crate::state::Parts {
             config,
             workspace_root: dir,
             storage,
-            sessions: Default::default(),
-            spawner,
             isolation,
-            exclusive: Default::default(),
+            spawner,
+            gateway,
+            agio: None,
             webui,
             sharing,
-            started: std::time::Instant::now(),
-            shutdown: Default::default(),
-            draining: Default::default(),
-            starting: Default::default(),
-            admission: Default::default(),
-        })
+        }))
     }
 
     async fn call(

@@ -37,7 +37,7 @@ async fn run_to_end(
     session: &Arc<Session>,
     input: &Value,
 ) -> Result<String, ApiError> {
-    let outcome = session.start_run(state, input, false).await?;
+    let outcome = state.start_run(session, input, false).await?;
     match outcome.await {
         Ok(RunOutcome {
             result: Some(result),
@@ -78,7 +78,7 @@ async fn stream_run(
 ) -> Result<impl futures::Stream<Item = bytes::Bytes> + Send + 'static, ApiError> {
     // Follow from the current position before starting, so the run's first event is seen.
     let cursor = session.bus.follow_after(session.bus.latest());
-    session.start_run(state, input, true).await?;
+    state.start_run(session, input, true).await?;
     let events = session.follow(state.storage.clone(), state.shutdown.clone(), cursor, true);
     Ok(sse::batched(events, sse::event_frame))
 }

@@ -150,7 +150,7 @@ pub(super) fn check_exclusive(state: &AppState) -> Result<(), ApiError> {
     if !state.config.server.exclusive {
         return Ok(());
     }
-    match state.exclusive.holder() {
+    match state.sessions.exclusive().holder() {
         Some(running) => Err(ApiError::ExclusiveModeBusy {
             running: running.into(),
         }),

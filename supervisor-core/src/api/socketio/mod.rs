@@ -361,7 +361,7 @@ async fn send_query(socket: &SocketRef, state: &Arc<AppState>, payload: Option<V
         }
     };
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    if let Err(e) = session.start_run(state, &input, stream).await {
+    if let Err(e) = state.start_run(&session, &input, stream).await {
         emit_or_log(socket, "error", &e.to_string());
     }
 }
@@ -375,7 +375,7 @@ async fn abort_query(socket: &SocketRef, state: &Arc<AppState>, payload: Option<
 }
 
 fn server_status(socket: &SocketRef, state: &AppState) {
-    let running = state.exclusive.holder();
+    let running = state.sessions.exclusive().holder();
     let exclusive = state.config.server.exclusive;
     emit_or_log(
         socket,
