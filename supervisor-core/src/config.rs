@@ -135,22 +135,42 @@ pub struct WorkspaceOrigin {
     scheme_port: u16,
 }
 
+/// Why a `server.workspaceOrigin` is not an http(s) origin.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidOrigin {
+    #[error("{0}")]
+    Url(#[source] <reqwest::Url as std::str::FromStr>::Err),
+    #[error("the scheme must be http or https")]
+    Scheme,
+    #[error("an origin has no path, query or fragment")]
+    Path,
+    #[error("an origin has no user name or password")]
+    Credentials,
+    #[error("no host")]
+    NoHost,
+    #[error("no port")]
+    NoPort,
+}
+
 impl WorkspaceOrigin {
     /// # Errors
     /// Not an http(s) origin: a scheme, a host, an optional port, nothing else.
-    pub fn parse(origin: &str) -> Result<Self, String> {
-        let url = reqwest::Url::parse(origin).map_err(|e| e.to_string())?;
+    pub fn parse(origin: &str) -> Result<Self, InvalidOrigin> {
+        let url = reqwest::Url::parse(origin).map_err(InvalidOrigin::Url)?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err("the scheme must be http or https".into());
+            return Err(InvalidOrigin::Scheme);
         }
         if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-            return Err("an origin has no path, query or fragment".into());
+            return Err(InvalidOrigin::Path);
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err("an origin has no user name or password".into());
+            return Err(InvalidOrigin::Credentials);
         }
-        let host = url.host_str().ok_or("no host")?.to_ascii_lowercase();
-        let port = url.port_or_known_default().ok_or("no port")?;
+        let host = url
+            .host_str()
+            .ok_or(InvalidOrigin::NoHost)?
+            .to_ascii_lowercase();
+        let port = url.port_or_known_default().ok_or(InvalidOrigin::NoPort)?;
         let scheme_port = if url.scheme() == "https" { 443 } else { 80 };
         Ok(Self {
             host,
@@ -700,6 +720,8 @@ pub enum ConfigError {
     UnknownFormat { path: PathBuf },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error("invalid configuration: {0}")]
+    Isolation(#[from] crate::isolation::InvalidIsolation),
     #[error("invalid configuration: unknown key `{key}`{}", suggestion_text(.suggestion, .known))]
     UnknownKey {
         key: String,
@@ -759,7 +781,7 @@ pub fn load_with_env(
     figment = figment.merge(Serialized::defaults(flag_layer(flags)?));
     let mut config: Config = figment.extract().map_err(describe)?;
     validate(&config)?;
-    crate::isolation::validate(&config.isolation).map_err(ConfigError::Invalid)?;
+    crate::isolation::validate(&config.isolation)?;
     config.catalogue = catalogue::resolve(&config, &env)?;
     Ok(config)
 }

@@ -26,7 +26,7 @@ pub enum ImportError {
     )]
     MemoryTarget,
     #[error("{path}: {reason}")]
-    Source { path: PathBuf, reason: String },
+    Source { path: PathBuf, reason: SourceError },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("could not create the workspace directory {path}: {source}")]
@@ -36,6 +36,21 @@ pub enum ImportError {
     },
     #[error("could not start the runtime: {0}")]
     Runtime(std::io::Error),
+}
+
+/// Why an upstream store could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("no tarko.db or tarko.json in this directory")]
+    NoStore,
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("not a Tarko JSON store: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("no \"sessions\" object")]
+    NoSessions,
 }
 
 /// What an import did.
@@ -209,7 +224,7 @@ async fn import_one(
 /// Reads an upstream store: a SQLite database, a JSON document, or a directory holding
 /// `tarko.db` or `tarko.json` (upstream's default names).
 fn read_source(from: &Path) -> Result<Vec<Upstream>, ImportError> {
-    let fail = |reason: String| ImportError::Source {
+    let fail = |reason: SourceError| ImportError::Source {
         path: from.to_owned(),
         reason,
     };
@@ -220,22 +235,21 @@ fn read_source(from: &Path) -> Result<Vec<Upstream>, ImportError> {
                 return read_source(&candidate);
             }
         }
-        return Err(fail("no tarko.db or tarko.json in this directory".into()));
+        return Err(fail(SourceError::NoStore));
     }
-    let bytes = std::fs::read(from).map_err(|e| fail(e.to_string()))?;
+    let bytes = std::fs::read(from).map_err(|e| fail(e.into()))?;
     if bytes.starts_with(b"SQLite format 3\0") {
-        read_sqlite(from).map_err(|e| fail(e.to_string()))
+        read_sqlite(from).map_err(|e| fail(e.into()))
     } else {
         read_json(&bytes).map_err(fail)
     }
 }
 
-fn read_json(bytes: &[u8]) -> Result<Vec<Upstream>, String> {
-    let document: Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a Tarko JSON store: {e}"))?;
+fn read_json(bytes: &[u8]) -> Result<Vec<Upstream>, SourceError> {
+    let document: Value = serde_json::from_slice(bytes)?;
     let sessions = document["sessions"]
         .as_object()
-        .ok_or("no \"sessions\" object")?;
+        .ok_or(SourceError::NoSessions)?;
     let mut out: Vec<Upstream> = sessions
         .iter()
         .map(|(id, info)| {

@@ -110,11 +110,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     let exe = std::env::current_exe().map_err(ServeError::Executable)?;
     // The level in force is decided first, by probing the real launcher, before anything is
     // served; an unavailable level stops the server. Workers are only spawned once it is known.
-    let probe = async |spec, hooks| {
-        crate::workers::probe(&exe, spec, hooks)
-            .await
-            .map_err(|e| e.to_string())
-    };
+    let probe = async |spec, hooks| crate::workers::probe(&exe, spec, hooks).await;
     let isolation = Isolation::establish(
         &config.isolation,
         &workspace_root,

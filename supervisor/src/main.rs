@@ -13,6 +13,7 @@ use std::process::exit;
 use clap::Parser;
 use cli::{Cli, Command, CtlArgs, LogFormat, ServeArgs, WorkerArgs};
 use supervisor_core::config::{self, Config};
+use supervisor_core::ctl::client::Rendered;
 use tracing_subscriber::EnvFilter;
 
 /// Exit status of a configuration the server cannot start with (`EX_CONFIG`).
@@ -73,8 +74,8 @@ fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
         println!("{answer}");
     } else {
         match supervisor_core::ctl::client::render(&answer) {
-            Ok(text) => print!("{text}"),
-            Err(text) => eprint!("{text}"),
+            Rendered::Done(text) => print!("{text}"),
+            Rendered::Refused(text) => eprint!("{text}"),
         }
     }
     if answer["success"] == false {

@@ -40,9 +40,17 @@ async fn exchange(path: &Path, request: &Request) -> Result<Value, CtlError> {
     serde_json::from_str(&answer).map_err(|e| CtlError::Answer(e.to_string()))
 }
 
-/// A short human rendering of an answer: a table of workers or sessions, `ok ...`, or, as
-/// `Err`, the text for stderr when the server refused.
-pub fn render(answer: &Value) -> Result<String, String> {
+/// An answer as a person reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rendered {
+    /// A table of workers or sessions, or `ok ...`: for stdout.
+    Done(String),
+    /// What the server refused and why: for stderr.
+    Refused(String),
+}
+
+/// A short human rendering of an answer.
+pub fn render(answer: &Value) -> Rendered {
     let cell = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
@@ -67,7 +75,7 @@ pub fn render(answer: &Value) -> Result<String, String> {
             "cpuSecs",
             "events",
         ];
-        Ok(table(workers, &columns))
+        Rendered::Done(table(workers, &columns))
     } else if let Some(sessions) = answer["sessions"].as_array() {
         let columns = [
             "sessionId",
@@ -77,15 +85,15 @@ pub fn render(answer: &Value) -> Result<String, String> {
             "worker",
             "running",
         ];
-        Ok(table(sessions, &columns))
+        Rendered::Done(table(sessions, &columns))
     } else if answer["success"] == false {
-        Err(format!(
+        Rendered::Refused(format!(
             "error: {} ({})\n",
             cell(&answer["message"]),
             cell(&answer["code"])
         ))
     } else {
-        Ok(format!("ok {answer}\n"))
+        Rendered::Done(format!("ok {answer}\n"))
     }
 }
 
@@ -93,23 +101,25 @@ pub fn render(answer: &Value) -> Result<String, String> {
 mod tests {
     use serde_json::json;
 
-    use super::render;
+    use super::{Rendered, render};
 
     #[test]
     fn answers_render_as_tables_or_one_line() {
         let workers =
             json!({"success": true, "workers": [{"sessionId": "a", "pid": 7, "state": null}]});
-        let text = render(&workers).unwrap();
+        let Rendered::Done(text) = render(&workers) else {
+            panic!("a table expected")
+        };
         assert!(text.starts_with("sessionId\tpid\tstate\t"), "{text}");
         assert!(text.contains("\na\t7\t-\t"), "{text}");
         let refused = json!({"success": false, "code": "SESSION_NOT_FOUND", "message": "gone"});
         assert_eq!(
-            render(&refused).unwrap_err(),
-            "error: gone (SESSION_NOT_FOUND)\n"
+            render(&refused),
+            Rendered::Refused("error: gone (SESSION_NOT_FOUND)\n".into())
         );
         assert_eq!(
-            render(&json!({"success": true})).unwrap(),
-            "ok {\"success\":true}\n"
+            render(&json!({"success": true})),
+            Rendered::Done("ok {\"success\":true}\n".into())
         );
     }
 }

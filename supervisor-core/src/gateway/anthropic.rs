@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value, json};
 use shared::protocol::{Delta, ModelErrorKind, Usage};
 
-use super::http::{Dialect, Output};
+use super::http::{BuildError, Dialect, Output};
 use super::sse::SseEvent;
 use crate::config::catalogue::ModelEntry;
 
@@ -21,12 +21,12 @@ const DEFAULT_THINKING_BUDGET: u64 = 4096;
 const PLACEHOLDER: &str = "Empty";
 
 /// `{base}/v1/messages`, accepting a base URL that already ends in `/v1`.
-pub(super) fn url(base: &str) -> Result<reqwest::Url, String> {
-    let mut url = reqwest::Url::parse(base).map_err(|e| format!("bad base URL: {e}"))?;
+pub(super) fn url(base: &str) -> Result<reqwest::Url, BuildError> {
+    let mut url = reqwest::Url::parse(base).map_err(BuildError::BadBase)?;
     let has_version = url.path().trim_end_matches('/').ends_with("/v1");
     let mut segments = url
         .path_segments_mut()
-        .map_err(|()| "the base URL cannot take a path".to_owned())?;
+        .map_err(|()| BuildError::CannotTakePath)?;
     segments.pop_if_empty();
     if !has_version {
         segments.push("v1");

@@ -63,6 +63,19 @@ pub(super) fn new_call_id() -> String {
     format!("call_{}_{}", now_ms(), &random[..8])
 }
 
+/// Why a request could not be built: the model's configuration is at fault, not the provider.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BuildError {
+    #[error("model {0} has no base URL")]
+    NoBaseUrl(String),
+    #[error("bad base URL: {0}")]
+    BadBase(#[source] <reqwest::Url as std::str::FromStr>::Err),
+    #[error("the base URL cannot take a path")]
+    CannotTakePath,
+    #[error("could not encode: {0}")]
+    Encode(serde_json::Error),
+}
+
 /// A key as a header value marked sensitive, so that no debug output of the request shows it.
 /// `None` for a key that cannot be a header value (the call then goes out without it and the
 /// provider answers 401, which says what is wrong without echoing anything).
@@ -297,8 +310,8 @@ impl HttpCall<'_> {
         let stream = self.request.stream && self.entry.settings.streaming;
         let (url, body) = match self.prepare(stream) {
             Ok(prepared) => prepared,
-            Err(message) => {
-                return Outcome::Failed(failure(ModelErrorKind::Config, message, 0));
+            Err(e) => {
+                return Outcome::Failed(failure(ModelErrorKind::Config, e.to_string(), 0));
             }
         };
         let settings = &self.entry.settings;
@@ -371,12 +384,12 @@ impl HttpCall<'_> {
     }
 
     /// The URL and body, built once: every attempt sends the same bytes.
-    fn prepare(&self, stream: bool) -> Result<(reqwest::Url, Bytes), String> {
+    fn prepare(&self, stream: bool) -> Result<(reqwest::Url, Bytes), BuildError> {
         let base = self
             .entry
             .base_url
             .as_deref()
-            .ok_or_else(|| format!("model {} has no base URL", self.entry.id))?;
+            .ok_or_else(|| BuildError::NoBaseUrl(self.entry.id.clone()))?;
         let (url, body) = match self.entry.adapter {
             Adapter::Anthropic => (
                 anthropic::url(base)?,
@@ -387,7 +400,7 @@ impl HttpCall<'_> {
                 openai::body(self.entry, self.params, stream),
             ),
         };
-        let body = serde_json::to_vec(&body).map_err(|e| format!("could not encode: {e}"))?;
+        let body = serde_json::to_vec(&body).map_err(BuildError::Encode)?;
         Ok((url, Bytes::from(body)))
     }
 

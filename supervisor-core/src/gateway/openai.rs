@@ -5,7 +5,7 @@
 use serde_json::{Map, Value, json};
 use shared::protocol::{Delta, ModelErrorKind, Usage};
 
-use super::http::{Dialect, Output, new_call_id};
+use super::http::{BuildError, Dialect, Output, new_call_id};
 use super::sse::SseEvent;
 use crate::config::ReasoningPassback;
 use crate::config::catalogue::{Adapter, ModelEntry};
@@ -29,18 +29,18 @@ const PASS_THROUGH: [&str; 7] = [
 ];
 
 /// The request URL.
-pub(super) fn url(entry: &ModelEntry, base: &str) -> Result<reqwest::Url, String> {
-    let mut url = reqwest::Url::parse(base).map_err(|e| format!("bad base URL: {e}"))?;
+pub(super) fn url(entry: &ModelEntry, base: &str) -> Result<reqwest::Url, BuildError> {
+    let mut url = reqwest::Url::parse(base).map_err(BuildError::BadBase)?;
     if entry.adapter == (Adapter::OpenAi { azure: true }) {
         url.path_segments_mut()
-            .map_err(|()| "the base URL cannot take a path".to_owned())?
+            .map_err(|()| BuildError::CannotTakePath)?
             .pop_if_empty()
             .extend(["openai", "deployments", &entry.id, "chat", "completions"]);
         url.query_pairs_mut()
             .append_pair("api-version", &entry.settings.api_version);
     } else {
         url.path_segments_mut()
-            .map_err(|()| "the base URL cannot take a path".to_owned())?
+            .map_err(|()| BuildError::CannotTakePath)?
             .pop_if_empty()
             .extend(["chat", "completions"]);
     }

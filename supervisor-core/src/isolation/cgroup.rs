@@ -141,12 +141,29 @@ fn sweep_stale(parent: &Path) {
     }
 }
 
+/// Why cgroups are unavailable to this server (reported, not fatal: rlimits remain).
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupUnavailable {
+    #[error("no cgroup hierarchy with the {0} controller that shows this process's group")]
+    NoHierarchy(&'static str),
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup v2: {step}: {source}")]
+    V2 {
+        step: &'static str,
+        source: std::io::Error,
+    },
+}
+
 impl CgroupRoot {
     /// Finds a usable hierarchy and creates this supervisor's parent group in it.
     ///
     /// # Errors
-    /// A description of why cgroups are unavailable (reported, not fatal).
-    pub fn prepare() -> Result<Self, String> {
+    /// Why cgroups are unavailable.
+    pub fn prepare() -> Result<Self, CgroupUnavailable> {
         let pid = std::process::id();
         let groups = own_groups();
         let mounts = cgroup_mounts();
@@ -183,9 +200,7 @@ impl CgroupRoot {
                 if controller == "cpu" {
                     continue;
                 }
-                return Err(format!(
-                    "no cgroup hierarchy with the {controller} controller that shows this process's group"
-                ));
+                return Err(CgroupUnavailable::NoHierarchy(controller));
             };
             sweep_stale(&parent);
             let dir = parent.join(format!("agentd-{pid}"));
@@ -199,7 +214,10 @@ impl CgroupRoot {
                     for (_, made) in &dirs {
                         let _ = std::fs::remove_dir(made);
                     }
-                    return Err(format!("cannot create {}: {e}", dir.display()));
+                    return Err(CgroupUnavailable::Create {
+                        path: dir,
+                        source: e,
+                    });
                 }
             }
             dirs.push((controller, dir));
@@ -212,8 +230,8 @@ impl CgroupRoot {
     /// v2: the "no internal processes" rule means controllers can only be enabled for children
     /// of a group without processes of its own, so the supervisor first moves itself into a
     /// leaf next to its sessions' parent (isolation.md S3).
-    fn prepare_v2(own_dir: &Path, pid: u32) -> Result<Self, String> {
-        let fail = |what: &str, e: std::io::Error| format!("cgroup v2: {what}: {e}");
+    fn prepare_v2(own_dir: &Path, pid: u32) -> Result<Self, CgroupUnavailable> {
+        let fail = |step, source| CgroupUnavailable::V2 { step, source };
         sweep_stale(own_dir);
         let enable = "+memory +pids +cpu";
         let enabled =

@@ -197,43 +197,57 @@ impl Default for IsolationConfig {
     }
 }
 
+/// An impossible value in the `isolation` section, naming the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidIsolation {
+    #[error("isolation.uidBase must be above 0 and isolation.uidCount at least 2")]
+    UidRange,
+    #[error("isolation.uidBase + isolation.uidCount overflows")]
+    UidOverflow,
+    #[error("isolation.limits too small: memory ≥ 16MiB, pids ≥ 8, openFiles ≥ 16, tmpSize ≥ 1MiB")]
+    TooSmall,
+    #[error("isolation.limits.cpus must be a positive number")]
+    Cpus,
+    #[error("isolation.limits: addressSpace ≥ 256MiB, fileSize and cpuSeconds above 0")]
+    Rlimits,
+    #[error("isolation.limits.disk must be at least 16MiB")]
+    Disk,
+    #[error("isolation.limits.totalMemory must hold at least one session's memory")]
+    TotalMemory,
+    #[error("isolation.limits.totalPids must be between one session's pids and {MAX_PIDS}")]
+    TotalPids,
+}
+
 /// Checks the section once every source (file, `AGENTD_*`, flags) is layered in by
 /// `config::load`.
 ///
 /// # Errors
 /// An impossible value, naming the key.
-pub(crate) fn validate(config: &IsolationConfig) -> Result<(), String> {
+pub(crate) fn validate(config: &IsolationConfig) -> Result<(), InvalidIsolation> {
     if config.uid_base == 0 || config.uid_count < 2 {
-        return Err("isolation.uidBase must be above 0 and isolation.uidCount at least 2".into());
+        return Err(InvalidIsolation::UidRange);
     }
     if config.uid_base.checked_add(config.uid_count).is_none() {
-        return Err("isolation.uidBase + isolation.uidCount overflows".into());
+        return Err(InvalidIsolation::UidOverflow);
     }
     let l = &config.limits;
     if l.memory.0 < 16 * MIB || l.pids < 8 || l.open_files < 16 || l.tmp_size.0 < MIB {
-        return Err(
-            "isolation.limits too small: memory ≥ 16MiB, pids ≥ 8, openFiles ≥ 16, tmpSize ≥ 1MiB"
-                .into(),
-        );
+        return Err(InvalidIsolation::TooSmall);
     }
     if !(l.cpus > 0.0 && l.cpus.is_finite()) {
-        return Err("isolation.limits.cpus must be a positive number".into());
+        return Err(InvalidIsolation::Cpus);
     }
     if l.address_space.0 < 256 * MIB || l.file_size.0 == 0 || l.cpu_seconds == 0 {
-        return Err(
-            "isolation.limits: addressSpace ≥ 256MiB, fileSize and cpuSeconds above 0".into(),
-        );
+        return Err(InvalidIsolation::Rlimits);
     }
     if l.disk.0 < 16 * MIB {
-        return Err("isolation.limits.disk must be at least 16MiB".into());
+        return Err(InvalidIsolation::Disk);
     }
     if l.total_memory.is_some_and(|t| t.0 < l.memory.0) {
-        return Err("isolation.limits.totalMemory must hold at least one session's memory".into());
+        return Err(InvalidIsolation::TotalMemory);
     }
     if l.total_pids.is_some_and(|t| t < l.pids || t > MAX_PIDS) {
-        return Err(format!(
-            "isolation.limits.totalPids must be between one session's pids and {MAX_PIDS}"
-        ));
+        return Err(InvalidIsolation::TotalPids);
     }
     Ok(())
 }
@@ -275,9 +289,15 @@ mod tests {
     fn impossible_totals_and_disks_are_refused() {
         let mut c = IsolationConfig::default();
         c.limits.total_memory = Some(ByteSize(MIB));
-        assert!(validate(&c).unwrap_err().contains("totalMemory"));
+        assert_eq!(validate(&c), Err(InvalidIsolation::TotalMemory));
+        assert!(
+            validate(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("totalMemory")
+        );
         c.limits.total_memory = None;
         c.limits.disk = ByteSize(MIB);
-        assert!(validate(&c).unwrap_err().contains("disk"));
+        assert_eq!(validate(&c), Err(InvalidIsolation::Disk));
     }
 }

@@ -31,7 +31,7 @@ use shared::jail::{JailLevel, JailSpec};
 
 use cgroup::CgroupRoot;
 pub(crate) use config::validate;
-pub use config::{ByteSize, IsolationConfig, LimitsConfig, RequestedLevel};
+pub use config::{ByteSize, InvalidIsolation, IsolationConfig, LimitsConfig, RequestedLevel};
 use disk::Disk;
 pub use hardening::harden_process;
 use host_ids::{HostIds, UidMode, host_database_ids};
@@ -53,6 +53,8 @@ pub enum IsolationError {
         "isolation level 'none' refused on the non-loopback address {0}: pass --allow-insecure-remote as well if you really mean it"
     )]
     InsecureRemote(String),
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
     #[error("could not prepare {path}: {source}")]
     Prepare {
         path: PathBuf,
@@ -132,7 +134,7 @@ impl Isolation {
         workspace_root: &Path,
         stage: &Path,
         listen_host: &str,
-        launch: &impl AsyncFn(JailSpec, LaunchHooks) -> Result<ProbeOutcome, String>,
+        launch: &impl AsyncFn(JailSpec, LaunchHooks) -> std::io::Result<ProbeOutcome>,
     ) -> Result<Self, IsolationError> {
         let root = is_root();
         let requested = config.level;
@@ -282,8 +284,7 @@ impl Isolation {
             workspace_root,
             root,
             config.uid_base,
-        )
-        .map_err(IsolationError::Unavailable)?;
+        )?;
         if iso.disk.enforced_limit().is_none() {
             iso.warnings.push(format!(
                 "no disk quota: {}",

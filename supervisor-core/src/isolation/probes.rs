@@ -150,7 +150,7 @@ impl Isolation {
     /// in-jail checks of `worker::jail::checks`.
     pub(super) async fn run_probe(
         &self,
-        launch: &impl AsyncFn(JailSpec, LaunchHooks) -> Result<ProbeOutcome, String>,
+        launch: &impl AsyncFn(JailSpec, LaunchHooks) -> std::io::Result<ProbeOutcome>,
         workspace_root: &Path,
         name: &'static str,
         level: JailLevel,
@@ -184,7 +184,9 @@ impl Isolation {
         let _ = std::fs::remove_dir_all(&dir);
         let outcome = match outcome {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => return fail("spawn", e),
+            Ok(Err(e)) => {
+                return fail("spawn", format!("could not start the worker process: {e}"));
+            }
             Err(_) => return fail("timeout", "the probe did not answer in time".into()),
         };
         match outcome {

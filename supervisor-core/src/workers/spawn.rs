@@ -201,11 +201,10 @@ pub async fn probe(
     exe: &Path,
     spec: JailSpec,
     hooks: LaunchHooks,
-) -> Result<ProbeOutcome, WorkerError> {
+) -> std::io::Result<ProbeOutcome> {
     // A child dropped on error is killed (kill_on_drop).
     let (mut child, channel) = start_launcher(exe, &["--probe".to_owned()], None, hooks)
-        .and_then(|(child, channel)| Ok((child, release(&spec, channel)?)))
-        .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+        .and_then(|(child, channel)| Ok((child, release(&spec, channel)?)))?;
     let mut read = channel;
     let outcome = match read_frame::<_, FromWorker>(&mut read).await {
         Ok(Some(FromWorker::Jailed(audit))) => match read_frame::<_, FromWorker>(&mut read).await {

@@ -74,6 +74,24 @@ struct Pooled {
     mount: PathBuf,
 }
 
+/// Why images cannot be used for the workspaces.
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesUnavailable {
+    #[error("mkfs.ext4 was not found (install e2fsprogs)")]
+    NoMkfs,
+    #[error("cannot create {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot bind-mount {path}: {source}")]
+    Bind { path: PathBuf, source: nix::Error },
+    #[error("cannot make {path} private: {source}")]
+    Private { path: PathBuf, source: nix::Error },
+    /// The first pooled image could not be made: loop devices, ext4 or the mount failed.
+    #[error("{0}")]
+    FirstImage(io::Error),
+    #[error("cannot start the image thread: {0}")]
+    Thread(io::Error),
+}
+
 pub struct Images {
     dir: PathBuf,
     pool_dir: PathBuf,
@@ -143,16 +161,19 @@ impl Images {
     ///
     /// # Errors
     /// Why images cannot be used here.
-    pub fn prepare(root: &Path, limit: u64) -> Result<Arc<Self>, String> {
+    pub fn prepare(root: &Path, limit: u64) -> Result<Arc<Self>, ImagesUnavailable> {
         let mkfs = MKFS
             .iter()
             .map(PathBuf::from)
             .find(|p| p.is_file())
-            .ok_or("mkfs.ext4 was not found (install e2fsprogs)")?;
+            .ok_or(ImagesUnavailable::NoMkfs)?;
         let dir = root.join(".disk");
         let pool_dir = dir.join("pool");
         for d in [&dir, &pool_dir] {
-            mkdir_private(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            mkdir_private(d).map_err(|source| ImagesUnavailable::Create {
+                path: d.clone(),
+                source,
+            })?;
         }
         let mounted = mount_points();
         for stale in mounted.iter().filter(|m| m.parent() == Some(&pool_dir)) {
@@ -181,7 +202,10 @@ impl Images {
                 MsFlags::MS_BIND,
                 None::<&str>,
             )
-            .map_err(|e| format!("cannot bind-mount {}: {e}", pool_dir.display()))?;
+            .map_err(|source| ImagesUnavailable::Bind {
+                path: pool_dir.clone(),
+                source,
+            })?;
         }
         nix::mount::mount(
             None::<&str>,
@@ -190,7 +214,10 @@ impl Images {
             MsFlags::MS_PRIVATE,
             None::<&str>,
         )
-        .map_err(|e| format!("cannot make {} private: {e}", pool_dir.display()))?;
+        .map_err(|source| ImagesUnavailable::Private {
+            path: pool_dir.clone(),
+            source,
+        })?;
         let images = Arc::new(Self {
             dir,
             pool_dir,
@@ -202,7 +229,7 @@ impl Images {
             refill: Mutex::default(),
             remount: Mutex::default(),
         });
-        let first = images.pooled().map_err(|e| e.to_string())?;
+        let first = images.pooled().map_err(ImagesUnavailable::FirstImage)?;
         images.lock_pool().push_back(first);
         let (tx, rx) = mpsc::channel();
         *images.refill.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
@@ -215,7 +242,7 @@ impl Images {
                     filler.fill();
                 }
             })
-            .map_err(|e| format!("cannot start the image thread: {e}"))?;
+            .map_err(ImagesUnavailable::Thread)?;
         Ok(images)
     }
 

@@ -32,6 +32,21 @@ pub enum DiskBackend {
     None,
 }
 
+/// The rootless reason: without privileges a server can use neither backend.
+const ROOTLESS: &str =
+    "rootless: an unprivileged server can neither set project quotas nor mount images";
+
+/// A disk quota backend asked for by name is unavailable (the server stops, as for a level).
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk quota backend unavailable: {ROOTLESS}")]
+    Rootless,
+    #[error("disk quota backend 'project' unavailable: {0}")]
+    Project(#[from] project::ProjectsUnavailable),
+    #[error("disk quota backend 'image' unavailable: {0}")]
+    Image(#[from] image::ImagesUnavailable),
+}
+
 enum Backend {
     None(String),
     Project(project::Projects),
@@ -78,7 +93,7 @@ impl Disk {
         root: &Path,
         privileged: bool,
         probe_id: u32,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DiskError> {
         if wanted == DiskBackend::None {
             return Ok(Self::none(
                 limit,
@@ -86,11 +101,9 @@ impl Disk {
             ));
         }
         if !privileged {
-            let reason =
-                "rootless: an unprivileged server can neither set project quotas nor mount images";
             return match wanted {
-                DiskBackend::Auto => Ok(Self::none(limit, reason)),
-                _ => Err(format!("disk quota backend unavailable: {reason}")),
+                DiskBackend::Auto => Ok(Self::none(limit, ROOTLESS)),
+                _ => Err(DiskError::Rootless),
             };
         }
         let mut reasons = Vec::new();
@@ -102,11 +115,7 @@ impl Disk {
                         backend: Backend::Project(projects),
                     });
                 }
-                Err(reason) if wanted == DiskBackend::Project => {
-                    return Err(format!(
-                        "disk quota backend 'project' unavailable: {reason}"
-                    ));
-                }
+                Err(reason) if wanted == DiskBackend::Project => return Err(reason.into()),
                 Err(reason) => reasons.push(format!("project quotas: {reason}")),
             }
         }
@@ -115,9 +124,7 @@ impl Disk {
                 limit,
                 backend: Backend::Image(images),
             }),
-            Err(reason) if wanted == DiskBackend::Image => {
-                Err(format!("disk quota backend 'image' unavailable: {reason}"))
-            }
+            Err(reason) if wanted == DiskBackend::Image => Err(reason.into()),
             Err(reason) => {
                 reasons.push(format!("images: {reason}"));
                 Ok(Self::none(limit, reasons.join("; ")))

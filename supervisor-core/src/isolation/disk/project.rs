@@ -9,10 +9,27 @@
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::image::open_dir;
 use super::sys;
+
+/// Why project quotas cannot be used for the workspaces.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectsUnavailable {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error(
+        "the workspace filesystem tracks project quotas but does not enforce them (mount it with prjquota or pquota)"
+    )]
+    NotEnforced,
+    #[error(
+        "the workspace filesystem has no project quotas ({0}; ext4 needs the quota and project features and the prjquota mount option, XFS pquota)"
+    )]
+    Absent(io::Error),
+    #[error("cannot set a project quota: {0}")]
+    Set(io::Error),
+}
 
 pub struct Projects {
     /// The workspace root: quota calls name the filesystem through it.
@@ -27,19 +44,15 @@ impl Projects {
     ///
     /// # Errors
     /// Why project quotas cannot be used here.
-    pub fn probe(root: &Path, limit: u64, probe_id: u32) -> Result<Self, String> {
-        let root_dir =
-            open_dir(root).map_err(|e| format!("cannot open {}: {e}", root.display()))?;
+    pub fn probe(root: &Path, limit: u64, probe_id: u32) -> Result<Self, ProjectsUnavailable> {
+        let root_dir = open_dir(root).map_err(|source| ProjectsUnavailable::Open {
+            path: root.to_owned(),
+            source,
+        })?;
         match sys::project_quotas_enforced(&root_dir) {
             Ok(true) => {}
-            Ok(false) => {
-                return Err("the workspace filesystem tracks project quotas but does not enforce them (mount it with prjquota or pquota)".into());
-            }
-            Err(e) => {
-                return Err(format!(
-                    "the workspace filesystem has no project quotas ({e}; ext4 needs the quota and project features and the prjquota mount option, XFS pquota)"
-                ));
-            }
+            Ok(false) => return Err(ProjectsUnavailable::NotEnforced),
+            Err(e) => return Err(ProjectsUnavailable::Absent(e)),
         }
         let projects = Self {
             root: root_dir,
@@ -51,7 +64,7 @@ impl Projects {
         let probed = projects.apply(&scratch, probe_id);
         let _ = std::fs::remove_dir(&scratch);
         let _ = sys::set_project_limits(&projects.root, probe_id, 0, 0);
-        probed.map_err(|e| format!("cannot set a project quota: {e}"))?;
+        probed.map_err(ProjectsUnavailable::Set)?;
         Ok(projects)
     }
 
