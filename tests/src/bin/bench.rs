@@ -1,7 +1,8 @@
 //! Load generator behind `scripts/bench.sh`: starts the release `supervisor` on a loopback port
 //! and measures it from outside, the way a client sees it. It reports; it asserts nothing.
 //!
-//! Usage: bench <path to supervisor> [--json <file>] [--only levels|fleet|soak|durable|restart]
+//! Usage: bench <path to supervisor> [--json <file>] [--only SECTION]
+//! where SECTION is levels, fleet, soak, durable, restart, or one of `costs` (see there).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,6 +12,10 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
+
+// In a folder of its own: a file directly in src/bin would be a binary of its own.
+#[path = "bench/costs.rs"]
+mod costs;
 
 const SAMPLES: usize = 100;
 
@@ -87,7 +92,13 @@ async fn main() -> Result<()> {
             "soak" => soak(&binary).await?,
             "durable" => durable_figures(&binary, &client).await?,
             "restart" => restart_with_stored_sessions(&binary, &client, 10_000).await?,
-            _ => bail!("--only takes levels, fleet, soak, durable or restart"),
+            other => match costs::section(&binary, other).await? {
+                Some(figures) => figures,
+                None => bail!(
+                    "--only takes levels, fleet, soak, durable, restart, {}",
+                    costs::SECTIONS
+                ),
+            },
         };
         println!("{}", serde_json::to_string_pretty(&figures)?);
         return Ok(());
@@ -168,6 +179,7 @@ async fn main() -> Result<()> {
 
     let durable = durable_figures(&binary, &client).await?;
     let restart = restart_with_stored_sessions(&binary, &client, 10_000).await?;
+    let costs = costs::all(&binary).await?;
 
     let report = json!({
         "samples": SAMPLES,
@@ -190,6 +202,7 @@ async fn main() -> Result<()> {
                 "isolation_levels": levels,
         "fleet": fleet,
         "soak": soak,
+        "costs": costs,
     });
     print_table(&report);
     if let Some(path) = json_out {
@@ -833,4 +846,5 @@ fn print_table(report: &Value) {
             );
         }
     }
+    costs::print(&report["costs"]);
 }
