@@ -280,16 +280,27 @@ const DISKS: [(&str, Option<&str>); 2] = [("default_disk", None), ("no_disk_quot
 
 /// A server with the default configuration, or with `diskBackend` set.
 async fn start_with_disk(binary: &Path, dir: &Path, backend: Option<&str>) -> Result<Running> {
-    let Some(backend) = backend else {
-        return start(binary, dir, &[]).await;
-    };
-    let config = dir.join("disk.json");
+    match backend {
+        None => start(binary, dir, &[]).await,
+        Some(backend) => start_with_limits(binary, dir, json!({"diskBackend": backend})).await,
+    }
+}
+
+/// A server with these `isolation.limits`.
+async fn start_with_limits(binary: &Path, dir: &Path, limits: Value) -> Result<Running> {
+    let config = dir.join("limits.json");
     std::fs::write(
         &config,
-        json!({"isolation": {"limits": {"diskBackend": backend}}}).to_string(),
+        json!({"isolation": {"limits": limits}}).to_string(),
     )?;
     let config = config.to_string_lossy().into_owned();
     start(binary, dir, &["--config", &config]).await
+}
+
+/// Totals far above what the default (the host's memory less a reserve, at 1 GiB per session)
+/// admits, for the sections that keep more sessions busy or live than that.
+fn raised_totals() -> Value {
+    json!({"totalMemory": "1100GiB", "totalPids": 300_000})
 }
 
 /// Delete a session whose worker is live (it has just answered), 100 times, one at a time. The
@@ -409,7 +420,8 @@ async fn stream_query(client: &reqwest::Client, base: &str, id: &str, text: &str
 }
 
 /// 50 clients, each with its own session, asking back to back for 10 s with memory storage:
-/// first whole answers, then streamed ones (18 events each), each run on a fresh server.
+/// first whole answers, then streamed ones (18 events each), each run on a fresh server whose
+/// totals admit 50 busy workers.
 async fn load(binary: &Path) -> Result<Value> {
     Ok(json!({
         "non_streaming": load_run(binary, false).await?,
@@ -419,7 +431,7 @@ async fn load(binary: &Path) -> Result<Value> {
 
 async fn load_run(binary: &Path, streamed: bool) -> Result<Value> {
     let dir = tempfile::tempdir()?;
-    let server = start(binary, dir.path(), &[]).await?;
+    let server = start_with_limits(binary, dir.path(), raised_totals()).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CLIENTS)
         .build()?;
@@ -489,8 +501,9 @@ async fn load_run(binary: &Path, streamed: bool) -> Result<Value> {
     Ok(report)
 }
 
-/// The cost of one query early and late in a conversation: the 10th query of 50 sessions, and
-/// queries 1,500 to 1,549 of one session, each measured alone on an otherwise idle server.
+/// The cost of one query early and late in a conversation: queries 10 to 14 of 10 sessions,
+/// and queries 1,500 to 1,549 of one session, each measured alone on an otherwise idle server.
+/// Ten sessions stay far below what admission allows, so no query restarts an evicted worker.
 async fn turns(binary: &Path) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let server = start(binary, dir.path(), &[]).await?;
@@ -499,7 +512,7 @@ async fn turns(binary: &Path) -> Result<Value> {
     let measured = 50;
 
     let mut early = Vec::new();
-    for _ in 0..measured {
+    for _ in 0..LIVE {
         let id = create(&client, &base).await?;
         for _ in 1..10 {
             query(&client, &base, &id, "hi").await?;
@@ -507,12 +520,14 @@ async fn turns(binary: &Path) -> Result<Value> {
         early.push(id);
     }
     let (mut at_10, mut cpu_10) = (Vec::new(), TreeCpu::default());
-    for id in &early {
-        let before = server_cpu(&server)?;
-        let t = Instant::now();
-        query(&client, &base, id, "hi").await?;
-        at_10.push(t.elapsed());
-        cpu_10.add(server_cpu(&server)?.since(before));
+    for _ in 0..measured / LIVE {
+        for id in &early {
+            let before = server_cpu(&server)?;
+            let t = Instant::now();
+            query(&client, &base, id, "hi").await?;
+            at_10.push(t.elapsed());
+            cpu_10.add(server_cpu(&server)?.since(before));
+        }
     }
     for id in &early {
         delete_session(&client, &base, id).await?;
@@ -550,16 +565,9 @@ async fn turns(binary: &Path) -> Result<Value> {
 async fn thousand(binary: &Path) -> Result<Value> {
     let sessions = 1000;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("thousand.json");
-    std::fs::write(
-        &config,
-        json!({"isolation": {"limits": {
-            "totalMemory": "1100GiB", "totalPids": 300_000, "diskBackend": "none",
-        }}})
-        .to_string(),
-    )?;
-    let config = config.to_string_lossy().into_owned();
-    let server = start(binary, dir.path(), &["--config", &config]).await?;
+    let mut limits = raised_totals();
+    limits["diskBackend"] = json!("none");
+    let server = start_with_limits(binary, dir.path(), limits).await?;
     let client = reqwest::Client::new();
     let base = server.base.clone();
     let mut ids = Vec::new();
