@@ -26,6 +26,23 @@ struct Running {
     base: String,
     /// From spawn to the listening line.
     started_in: Duration,
+    /// Its directory, under which it mounts its sessions' workspace images.
+    dir: PathBuf,
+}
+
+impl Drop for Running {
+    /// Kills the server and detaches what it left mounted: a supervisor keeps its sessions'
+    /// images mounted across restarts by design, so a killed one leaves them behind, and every
+    /// mount on the host is copied into each new worker's mount namespace, which would make the
+    /// next sections' worker starts slower.
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        e2e::detach_mounts_under(&self.dir);
+    }
 }
 
 async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
@@ -57,6 +74,7 @@ async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
         pid,
         base,
         started_in: t.elapsed(),
+        dir: dir.to_owned(),
     })
 }
 
@@ -104,12 +122,8 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let Running {
-        mut child,
-        pid,
-        base,
-        ..
-    } = start(&binary, dir.path(), &[]).await?;
+    let server = start(&binary, dir.path(), &[]).await?;
+    let (pid, base) = (server.pid, server.base.clone());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
         .build()?;
@@ -171,7 +185,7 @@ async fn main() -> Result<()> {
     let loaded_rss = rss_kib(pid)?;
 
     let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
-    let _ = child.start_kill();
+    drop(server);
 
     let levels = level_figures(&binary, &client).await?;
     let fleet = fleet_figures(&binary, &client).await?;
