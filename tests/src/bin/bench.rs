@@ -374,10 +374,28 @@ async fn soak(binary: &Path) -> Result<Value> {
     // which says nothing about leaks.
     let db = dir.path().join("soak.db");
     let db = db.to_str().context("path")?;
+    // 500 runs at once are 500 busy workers: far above the default totals (which answer 429
+    // past them), so they are raised as in `fleet`, without a disk quota.
+    let config = dir.path().join("soak.json");
+    std::fs::write(
+        &config,
+        json!({"isolation": {"limits": {
+            "totalMemory": "1100GiB", "totalPids": 300_000, "diskBackend": "none",
+        }}})
+        .to_string(),
+    )?;
+    let config = config.to_string_lossy().into_owned();
     let server = start(
         binary,
         dir.path(),
-        &["--storage-type", "sqlite", "--storage-path", db],
+        &[
+            "--storage-type",
+            "sqlite",
+            "--storage-path",
+            db,
+            "--config",
+            &config,
+        ],
     )
     .await?;
     let client = reqwest::Client::new();
