@@ -1,7 +1,8 @@
 //! The cost of each request path as a client and the host see it: latency, and the CPU the
-//! server spent on it (the supervisor and every process of its sessions), read from
-//! `/proc/<pid>/stat` before and after. CPU is the figure that matters on a loaded host; the
-//! latency of one client on an idle server hides it.
+//! server spent on it (the supervisor and every process below it), read before and after from
+//! the processes' CPU clocks and, for those already reaped, their parents' `/proc/<pid>/stat`.
+//! CPU is the figure that matters on a loaded host; the latency of one client on an idle server
+//! hides it, and on this shared machine latency is mostly other people's load.
 //!
 //! Sections: `delete` (a session with a live worker), `first` (the first query of a new
 //! session), `load` (50 clients at once for 10 s, answers whole and streamed), `turns` (a query
