@@ -1,7 +1,8 @@
 //! Load generator behind `scripts/bench.sh`: starts the release `supervisor` on a loopback port
 //! and measures it from outside, the way a client sees it. It reports; it asserts nothing.
 //!
-//! Usage: bench <path to supervisor> [--json <file>] [--only levels|fleet|soak|durable|restart]
+//! Usage: bench <path to supervisor> [--json <file>] [--only SECTION]
+//! where SECTION is levels, fleet, soak, durable, restart, or one of `costs` (see there).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +14,10 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+// In a folder of its own: a file directly in src/bin would be a binary of its own.
+#[path = "bench/costs.rs"]
+mod costs;
+
 const SAMPLES: usize = 100;
 
 /// A running server under measurement, killed on drop.
@@ -22,13 +27,15 @@ struct Running {
     base: String,
     /// From spawn to the listening line.
     started_in: Duration,
-    /// The directory it runs in.
+    /// Its directory, under which it mounts its sessions' workspace images.
     dir: PathBuf,
 }
 
 impl Drop for Running {
-    /// Kills the server and detaches the workspace images it leaves mounted (a supervisor keeps
-    /// them for its next start), so that its temporary directory can be removed.
+    /// Kills the server and detaches what it left mounted: a supervisor keeps its sessions'
+    /// images mounted across restarts by design, so a killed one leaves them behind, and every
+    /// mount on the host is copied into each new worker's mount namespace, which would make the
+    /// next sections' worker starts slower.
     fn drop(&mut self) {
         let _ = self.child.start_kill();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -104,7 +111,13 @@ async fn main() -> Result<()> {
             "soak" => soak(&binary).await?,
             "durable" => durable_figures(&binary, &client).await?,
             "restart" => restart_with_stored_sessions(&binary, &client, 10_000).await?,
-            _ => bail!("--only takes levels, fleet, soak, durable or restart"),
+            other => match costs::section(&binary, other).await? {
+                Some(figures) => figures,
+                None => bail!(
+                    "--only takes levels, fleet, soak, durable, restart, {}",
+                    costs::SECTIONS
+                ),
+            },
         };
         println!("{}", serde_json::to_string_pretty(&figures)?);
         return Ok(());
@@ -181,6 +194,7 @@ async fn main() -> Result<()> {
 
     let durable = durable_figures(&binary, &client).await?;
     let restart = restart_with_stored_sessions(&binary, &client, 10_000).await?;
+    let costs = costs::all(&binary).await?;
 
     let report = json!({
         "samples": SAMPLES,
@@ -204,6 +218,7 @@ async fn main() -> Result<()> {
                 "isolation_levels": levels,
         "fleet": fleet,
         "soak": soak,
+        "costs": costs,
     });
     print_table(&report);
     if let Some(path) = json_out {
@@ -361,10 +376,28 @@ async fn soak(binary: &Path) -> Result<Value> {
     // which says nothing about leaks.
     let db = dir.path().join("soak.db");
     let db = db.to_str().context("path")?;
+    // 500 runs at once are 500 busy workers: far above the default totals (which answer 429
+    // past them), so they are raised as in `fleet`, without a disk quota.
+    let config = dir.path().join("soak.json");
+    std::fs::write(
+        &config,
+        json!({"isolation": {"limits": {
+            "totalMemory": "1100GiB", "totalPids": 300_000, "diskBackend": "none",
+        }}})
+        .to_string(),
+    )?;
+    let config = config.to_string_lossy().into_owned();
     let server = start(
         binary,
         dir.path(),
-        &["--storage-type", "sqlite", "--storage-path", db],
+        &[
+            "--storage-type",
+            "sqlite",
+            "--storage-path",
+            db,
+            "--config",
+            &config,
+        ],
     )
     .await?;
     let client = reqwest::Client::new();
@@ -889,4 +922,5 @@ fn print_table(report: &Value) {
             );
         }
     }
+    costs::print(&report["costs"]);
 }
