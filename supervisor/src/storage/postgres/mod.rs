@@ -404,3 +404,262 @@ impl Storage for PostgresStorage {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{base_url, in_schema, new_schema, skipped};
+    use super::*;
+
+    fn info(id: &str) -> SessionInfo {
+        SessionInfo {
+            id: id.into(),
+            created_at: 1,
+            updated_at: 1,
+            workspace: format!("/w/{id}"),
+            metadata: None,
+        }
+    }
+
+    /// A plain connection to `schema`, for looking under the store.
+    async fn sql(schema: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&in_schema(&base_url(), schema), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    async fn ledger(schema: &str) -> Vec<(i32, String)> {
+        sql(schema)
+            .await
+            .query(
+                "SELECT version, kind FROM schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    }
+
+    /// Four nodes starting at once on an empty schema: each opens, and the schema is
+    /// migrated exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_at_once_migrate_once() {
+        if skipped() {
+            return;
+        }
+        let schema = new_schema().await;
+        let url = in_schema(&base_url(), &schema);
+        let opened = futures::future::join_all((0..4).map(|_| PostgresStorage::open(&url))).await;
+        for store in &opened {
+            assert!(store.is_ok(), "{:?}", store.as_ref().err());
+        }
+        let expected: Vec<(i32, String)> = schema::MIGRATIONS
+            .iter()
+            .map(|m| (m.version, "expand".to_owned()))
+            .collect();
+        assert_eq!(ledger(&schema).await, expected);
+    }
+
+    /// A release that only added to the schema leaves it usable by this one; a release that
+    /// removed something this one needs makes it refuse to start, saying why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_newer_schema_is_used_unless_it_contracted() {
+        if skipped() {
+            return;
+        }
+        let schema = new_schema().await;
+        let url = in_schema(&base_url(), &schema);
+        drop(PostgresStorage::open(&url).await.unwrap());
+        let latest = schema::latest();
+        let client = sql(&schema).await;
+        // What a newer release's expand migration could do: a new column, a new table.
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE sessions ADD COLUMN owner TEXT;
+                 CREATE TABLE tenants (id TEXT PRIMARY KEY);
+                 INSERT INTO schema_migrations (version, name, kind, requires)
+                 VALUES ({}, 'owners', 'expand', 1)",
+                latest + 1
+            ))
+            .await
+            .unwrap();
+        let store = PostgresStorage::open(&url).await.unwrap();
+        store.create_session(info("kept")).await.unwrap();
+        store
+            .append_event("kept", 1, r#"{"a":1}"#.into(), 2)
+            .await
+            .unwrap();
+        assert_eq!(store.session("kept").await.unwrap().unwrap().updated_at, 2);
+        drop(store);
+
+        client
+            .execute(
+                "INSERT INTO schema_migrations (version, name, kind, requires)
+                 VALUES ($1, 'drop the old owner column', 'contract', $2)",
+                &[&(latest + 2), &(latest + 1)],
+            )
+            .await
+            .unwrap();
+        let refused = PostgresStorage::open(&url).await.err().unwrap().to_string();
+        assert!(
+            refused.contains(&format!("migration {}", latest + 2))
+                && refused.contains("upgrade this node"),
+            "{refused}"
+        );
+        assert_eq!(
+            ledger(&schema).await.len(),
+            schema::MIGRATIONS.len() + 2,
+            "a refused start changes nothing"
+        );
+    }
+
+    /// Every migration can run again over what it already did: a ledger lost after the fact
+    /// is rebuilt and the data stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migrations_are_idempotent() {
+        if skipped() {
+            return;
+        }
+        let schema = new_schema().await;
+        let url = in_schema(&base_url(), &schema);
+        let store = PostgresStorage::open(&url).await.unwrap();
+        store.create_session(info("s")).await.unwrap();
+        drop(store);
+        sql(&schema)
+            .await
+            .batch_execute("DELETE FROM schema_migrations")
+            .await
+            .unwrap();
+        let store = PostgresStorage::open(&url).await.unwrap();
+        assert!(store.session("s").await.unwrap().is_some());
+        assert_eq!(ledger(&schema).await.len(), schema::MIGRATIONS.len());
+    }
+
+    #[test]
+    fn a_contract_names_the_oldest_release_it_works_with() {
+        let change = schema::Change::Contract { requires: 4 };
+        assert_ne!(change, schema::Change::Expand);
+    }
+
+    /// A write the server refuses (text PostgreSQL cannot hold) fails alone: the writes
+    /// committed with it in the same batch are kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_write_fails_alone() {
+        if skipped() {
+            return;
+        }
+        let url = in_schema(&base_url(), &new_schema().await);
+        let store = PostgresStorage::open(&url).await.unwrap();
+        for s in 0..8 {
+            store.create_session(info(&format!("s{s}"))).await.unwrap();
+        }
+        let mut bad = info("bad");
+        bad.workspace = "nul\0byte".into();
+        let ids: Vec<String> = (0..8).map(|s| format!("s{s}")).collect();
+        let appends = futures::future::join_all(ids.iter().flat_map(|id| {
+            let store = &store;
+            (1..=5).map(move |seq| store.append_event(id, seq, r#"{"a":1}"#.into(), seq))
+        }));
+        let (refused, appended) = tokio::join!(store.create_session(bad), appends);
+        assert!(
+            matches!(&refused, Err(StorageError::Postgres(m)) if m.contains("22021")),
+            "{refused:?}"
+        );
+        for result in appended {
+            result.unwrap();
+        }
+        for s in 0..8 {
+            let stored = store.events_after(&format!("s{s}"), 0, 10).await.unwrap();
+            assert_eq!(
+                stored.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                [1, 2, 3, 4, 5]
+            );
+        }
+        assert!(store.session("bad").await.unwrap().is_none());
+    }
+
+    /// The server ending every connection of the store (as a restart does) costs at most the
+    /// operations in flight: the next ones connect again, and nothing acknowledged is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_connects_again_after_its_connections_end() {
+        if skipped() {
+            return;
+        }
+        let schema = new_schema().await;
+        let name = format!("agentd_{}", uuid::Uuid::new_v4().simple());
+        let url = format!(
+            "{}&application_name={name}",
+            in_schema(&base_url(), &schema)
+        );
+        let store = PostgresStorage::open(&url).await.unwrap();
+        store.create_session(info("s")).await.unwrap();
+        for seq in 1..=3 {
+            store
+                .append_event("s", seq, r#"{"a":1}"#.into(), seq)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.events_after("s", 0, 10).await.unwrap().len(), 3);
+        let ended: i64 = sql(&schema)
+            .await
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            ended >= 2,
+            "the writer's and a reader's connection: {ended}"
+        );
+        let mut seq = 4;
+        let mut failures = Vec::new();
+        while seq <= 6 {
+            match store.append_event("s", seq, r#"{"a":1}"#.into(), seq).await {
+                Ok(()) => seq += 1,
+                Err(e) => {
+                    assert!(matches!(e, StorageError::Unavailable(_)), "{e}");
+                    failures.push(e);
+                    assert!(failures.len() < 50, "never came back: {failures:?}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let stored: Vec<u64> = loop {
+            match store.events_after("s", 0, 10).await {
+                Ok(events) => break events.iter().map(|e| e.seq).collect(),
+                Err(e) => {
+                    assert!(matches!(e, StorageError::Unavailable(_)), "{e}");
+                    failures.push(e);
+                    assert!(failures.len() < 50, "never came back: {failures:?}");
+                }
+            }
+        };
+        assert_eq!(stored, [1, 2, 3, 4, 5, 6]);
+    }
+
+    /// No database at the address: the start fails as unavailable, naming the address but
+    /// not the password.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_database_is_named_without_its_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("postgres://agentd:hunter2@127.0.0.1:{port}/agentd");
+        let error = PostgresStorage::open(&url).await.err().unwrap();
+        let message = error.to_string();
+        assert!(matches!(error, StorageError::Unavailable(_)), "{message}");
+        assert!(
+            message.contains(&format!("postgres://agentd:***@127.0.0.1:{port}/agentd")),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}

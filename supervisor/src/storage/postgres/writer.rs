@@ -617,3 +617,37 @@ fn outcome(write: &Write, rows: &[Row]) -> Answer {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::PostgresStorage;
+    use super::super::connect::settings;
+    use super::super::testing::{base_url, in_schema, new_schema, skipped};
+    use super::*;
+
+    /// After losing the answer to a commit, the writer learns from the server whether it
+    /// happened: yes for a transaction that committed, no for one that rolled back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_fate_of_a_commit_is_learned_from_the_server() {
+        if skipped() {
+            return;
+        }
+        let url = in_schema(&base_url(), &new_schema().await);
+        drop(PostgresStorage::open(&url).await.unwrap());
+        let config = settings(&url).unwrap();
+        let conn = connect(&config).await.unwrap();
+        for (end, committed) in [("COMMIT", true), ("ROLLBACK", false)] {
+            conn.client.batch_execute("BEGIN").await.unwrap();
+            let xid: i64 = conn
+                .client
+                .query_one(&conn.statements.xid, &[])
+                .await
+                .unwrap()
+                .get(0);
+            conn.client.batch_execute(end).await.unwrap();
+            let (learned, conn) = resolve(&config, xid).await;
+            assert_eq!(learned, Some(committed), "{end}");
+            assert!(conn.is_some(), "the connection it asked on is kept");
+        }
+    }
+}
