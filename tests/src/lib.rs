@@ -20,6 +20,7 @@ use tokio::time::{Instant, sleep, timeout};
 
 pub mod clients;
 pub mod fake_llm;
+pub mod pg;
 
 /// How long the server may take to print its listening line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
