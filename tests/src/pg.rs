@@ -39,8 +39,19 @@ pub fn base_url() -> Result<String> {
 
 /// `url` (URL form) working in `schema`.
 pub fn in_schema(url: &str, schema: &str) -> String {
+    in_schema_with(url, schema, &[])
+}
+
+/// `url` (URL form) working in `schema`, with server settings for its sessions
+/// (`("synchronous_commit", "off")`).
+pub fn in_schema_with(url: &str, schema: &str, settings: &[(&str, &str)]) -> String {
     let joint = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{joint}options=-c%20search_path%3D{schema}")
+    let mut options = format!("-c search_path={schema}");
+    for (name, value) in settings {
+        options.push_str(&format!(" -c {name}={value}"));
+    }
+    let encoded = options.replace(' ', "%20").replace('=', "%3D");
+    format!("{url}{joint}options={encoded}")
 }
 
 /// The password in a URL-form `url`, to check it shows nowhere.
@@ -64,6 +75,11 @@ fn unique_name() -> String {
 
 /// A new, empty schema in the test database; its URL.
 pub async fn new_schema() -> Result<String> {
+    new_schema_with(&[]).await
+}
+
+/// [`new_schema`], its URL carrying server settings (see [`in_schema_with`]).
+pub async fn new_schema_with(settings: &[(&str, &str)]) -> Result<String> {
     let base = base_url()?;
     let name = unique_name();
     let (client, connection) = tokio_postgres::connect(&base, NoTls)
@@ -76,7 +92,7 @@ pub async fn new_schema() -> Result<String> {
         .context("create a test schema")?;
     drop(client);
     let _ = task.await;
-    Ok(in_schema(&base, &name))
+    Ok(in_schema_with(&base, &name, settings))
 }
 
 /// The URL of the schema that belongs to `dir`: made on first use and named in a file there,
