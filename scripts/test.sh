@@ -37,6 +37,16 @@ scripts/build-ui-vendor.sh --check
 # A missing client is a failure here, not a skipped test.
 export E2E_REQUIRE_CLIENTS=1
 
+log "postgresql"
+# The postgres storage tests (unit and end-to-end) run against a throwaway cluster: started
+# here in a temporary directory, on loopback only, and stopped and removed however this ends.
+# Without AGENTD_TEST_PG_URL those tests fail rather than skip. fsync is off: the tests crash
+# processes, never the machine, and a disk flush per commit would only slow them.
+source scripts/pg-throwaway.sh
+trap pg_throwaway_stop EXIT
+pg_throwaway_start off
+unset AGENTD_TEST_PG_SKIP
+
 log "format"
 cargo fmt --all -- --check
 

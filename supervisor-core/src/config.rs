@@ -423,8 +423,36 @@ pub struct ShareConfig {
 pub struct StorageConfig {
     #[serde(rename = "type", default)]
     pub kind: StorageKind,
+    /// The file or directory of the `file` and `sqlite` backends.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// The database of the `postgres` backend (`STORAGE_URL`), e.g.
+    /// `postgres://agentd:secret@db.internal/agentd`.
+    #[serde(default)]
+    pub url: Option<StorageUrl>,
+}
+
+/// A database URL, which may carry a password: it is never printed as it is. Its `Debug` shows
+/// nothing of it; logs and health show the storage's redacted form.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StorageUrl(String);
+
+impl StorageUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, password included: for connecting, never for showing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for StorageUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageUrl(<redacted>)")
+    }
 }
 
 impl StorageConfig {
@@ -446,6 +474,7 @@ pub enum StorageKind {
     Memory,
     File,
     Sqlite,
+    Postgres,
 }
 
 /// One model as configured (`model`, each of `server.models[]`): upstream's `AgentModel` plus
@@ -896,6 +925,30 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
     let storage = &config.server.storage;
+    match (storage.kind, &storage.url, &storage.path) {
+        (StorageKind::Postgres, None, _) => {
+            return Err(ConfigError::Invalid(
+                "server.storage.type postgres needs server.storage.url (or STORAGE_URL), e.g. \
+                 postgres://agentd:secret@db.internal/agentd"
+                    .into(),
+            ));
+        }
+        (StorageKind::Postgres, _, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "server.storage.path is for the file and sqlite backends; postgres takes \
+                 server.storage.url"
+                    .into(),
+            ));
+        }
+        (StorageKind::Memory | StorageKind::File | StorageKind::Sqlite, Some(_), _) => {
+            return Err(ConfigError::Invalid(
+                "server.storage.url is for the postgres backend; set server.storage.type to \
+                 postgres or leave the url out"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
     if storage.kind == StorageKind::File
         && storage
             .path
@@ -1041,17 +1094,21 @@ fn env_layer(env: &impl Fn(&str) -> Option<String>) -> Result<Value, ConfigError
     }
     if let Some(kind) = env("STORAGE_TYPE") {
         let kind = kind.trim().to_ascii_lowercase();
-        if !matches!(kind.as_str(), "memory" | "file" | "sqlite") {
+        if !matches!(kind.as_str(), "memory" | "file" | "sqlite" | "postgres") {
             return Err(ConfigError::Env {
                 name: "STORAGE_TYPE",
                 value: kind,
-                problem: "server.storage.type must be memory, file or sqlite".into(),
+                problem: "server.storage.type must be memory, file, sqlite or postgres".into(),
             });
         }
         layer["server"]["storage"]["type"] = json!(kind);
     }
     if let Some(path) = env("STORAGE_PATH") {
         layer["server"]["storage"]["path"] = json!(path);
+    }
+    // No flag sets the URL: it may carry a password, which would show in the process list.
+    if let Some(url) = env("STORAGE_URL") {
+        layer["server"]["storage"]["url"] = json!(url);
     }
     if let Some(provider) = env("MODEL_PROVIDER") {
         layer["model"]["provider"] = json!(provider);
@@ -1595,6 +1652,53 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("isolation.uidCount"), "{err}");
+    }
+
+    /// The postgres backend takes its URL from the file or `STORAGE_URL` (no flag), needs one,
+    /// and refuses the other backend's key; the URL's password never shows in `Debug`.
+    #[test]
+    fn postgres_storage_takes_a_url() {
+        let url = "postgres://agentd:hunter2@db.internal:5432/agentd";
+        let file = format!("[server.storage]\ntype = \"postgres\"\nurl = \"{url}\"\n");
+        let c = load_str("toml", &file, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.server.storage.kind, StorageKind::Postgres);
+        assert_eq!(c.server.storage.url.as_ref().unwrap().expose(), url);
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "Debug shows the password"
+        );
+
+        let env = [("STORAGE_TYPE", "Postgres"), ("STORAGE_URL", url)];
+        let c = load_str("toml", "", &env, &Overrides::default()).unwrap();
+        assert_eq!(c.server.storage.kind, StorageKind::Postgres);
+        assert_eq!(c.server.storage.url.unwrap().expose(), url);
+        let flags = Overrides {
+            storage_type: Some("postgres".into()),
+            ..Overrides::default()
+        };
+        let c = load_str("toml", "", &[("STORAGE_URL", url)], &flags).unwrap();
+        assert_eq!(c.server.storage.kind, StorageKind::Postgres);
+
+        let refused = |text: &str, env: &[(&str, &str)]| {
+            load_str("toml", text, env, &Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refused("[server.storage]\ntype = \"postgres\"\n", &[]);
+        assert!(err.contains("server.storage.url"), "{err}");
+        let err = refused("", &[("STORAGE_TYPE", "sqlite"), ("STORAGE_URL", url)]);
+        assert!(
+            err.contains("server.storage.url is for the postgres"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = refused(&format!("{file}path = \"/p\"\n"), &[]);
+        assert!(err.contains("server.storage.path"), "{err}");
+        let err = refused("[server.storage]\ntype = \"postgres\"\nuri = \"x\"\n", &[]);
+        assert!(
+            err.contains("server.storage.uri") && err.contains("`url`"),
+            "{err}"
+        );
     }
 
     /// The data directory holds the control socket and the default stores, from the file,

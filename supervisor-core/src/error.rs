@@ -143,7 +143,9 @@ impl ApiError {
             | Self::NoSessions => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
-            Self::WorkerUnavailable { .. } | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::WorkerUnavailable { .. }
+            | Self::Draining
+            | Self::Storage(StorageError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::SessionStorageFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
@@ -180,6 +182,7 @@ impl ApiError {
             Self::SessionStorageFull { .. } => "SESSION_STORAGE_FULL",
             Self::Draining => "SERVER_DRAINING",
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
+            Self::Storage(StorageError::Unavailable(_)) => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
             Self::Internal(_) | Self::SummaryFailed(_) => "INTERNAL_ERROR",
         }
@@ -216,6 +219,7 @@ impl ApiError {
             Self::SessionStorageFull { .. } => "Session storage full".into(),
             Self::Draining => "Server draining".into(),
             Self::WorkerCrashed { .. } => "Worker crashed".into(),
+            Self::Storage(StorageError::Unavailable(_)) => "Storage unavailable".into(),
             Self::Storage(_) => "Storage error".into(),
             Self::Internal(_) => "Internal server error".into(),
         }
@@ -294,13 +298,14 @@ impl ApiError {
 }
 
 impl ApiError {
-    /// `Retry-After` for refusals that pass: overload and draining.
+    /// `Retry-After` for refusals that pass: overload, draining, a database coming back.
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Overloaded {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             Self::Draining => Some(5),
+            Self::Storage(StorageError::Unavailable(_)) => Some(2),
             _ => None,
         }
     }

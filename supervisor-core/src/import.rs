@@ -22,7 +22,7 @@ use crate::storage::{SessionInfo, SharedStorage, StorageError};
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error(
-        "cannot import into memory storage: nothing would be kept; set server.storage.type to file or sqlite"
+        "cannot import into memory storage: nothing would be kept; set server.storage.type to file, sqlite or postgres"
     )]
     MemoryTarget,
     #[error("{path}: {reason}")]
@@ -100,7 +100,7 @@ pub fn run(config: &Config, from: &Path) -> Result<ImportReport, ImportError> {
         .build()
         .map_err(ImportError::Runtime)?;
     runtime.block_on(async {
-        let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
+        let storage = crate::storage::open(&config.server.storage, &config.server.data_dir).await?;
         std::fs::create_dir_all(&config.workspace).map_err(|source| ImportError::Workspace {
             path: config.workspace.clone(),
             source,

@@ -131,7 +131,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     if config.catalogue.is_offline() {
         tracing::warn!("no model is configured; using the built-in offline echo model");
     }
-    let storage = crate::storage::open(&config.server.storage, &config.server.data_dir)?;
+    let storage = crate::storage::open(&config.server.storage, &config.server.data_dir).await?;
     // Root mode: the host uid each stored session's files belong to, so none is handed out
     // twice and each session keeps its own.
     if let Some(ids) = isolation.host_ids() {

@@ -130,7 +130,8 @@ pub struct ServeArgs {
     /// The server's own files: control socket, default storage, jail stage [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Storage backend: memory, file or sqlite [default: memory].
+    /// Storage backend: memory, file, sqlite or postgres (its URL from STORAGE_URL or the
+    /// config file, never a flag: it may hold a password) [default: memory].
     #[arg(long)]
     storage_type: Option<String>,
     /// File or directory of the file and sqlite backends.

@@ -21,6 +21,7 @@ pub mod fake_llm;
 pub mod http;
 pub mod logs;
 pub mod opts;
+pub mod pg;
 pub mod process;
 pub mod raw_http;
 pub mod server;

@@ -18,21 +18,25 @@ const STREAMING: [&str; 3] = [
     "assistant_streaming_tool_call",
 ];
 
-/// A server whose workspace and store live in `dir`, so a second server can take over.
+/// A server whose workspace and store live in `dir`, so a second server can take over (a
+/// postgres store is a schema of the test database, named in `dir`).
 fn durable(dir: &Path, kind: &str) -> ServerOpts {
+    let opts = ServerOpts::new()
+        .without_workspace_flag()
+        .arg("--workspace")
+        .arg(dir.join("ws").display().to_string())
+        .arg("--storage-type")
+        .arg(kind);
+    if kind == "postgres" {
+        let url = e2e::pg::schema_url_in_blocking(dir).expect("a schema in the test database");
+        return opts.env("STORAGE_URL", url);
+    }
     let store = if kind == "sqlite" {
         dir.join("sessions.db")
     } else {
         dir.join("store")
     };
-    ServerOpts::new()
-        .without_workspace_flag()
-        .arg("--workspace")
-        .arg(dir.join("ws").display().to_string())
-        .arg("--storage-type")
-        .arg(kind)
-        .arg("--storage-path")
-        .arg(store.display().to_string())
+    opts.arg("--storage-path").arg(store.display().to_string())
 }
 
 fn ty(v: &Value) -> &str {
@@ -128,6 +132,14 @@ async fn file_kill9_mid_stream_keeps_what_the_client_saw() -> Result<()> {
     kill9_mid_stream_keeps_what_the_client_saw("file").await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_kill9_mid_stream_keeps_what_the_client_saw() -> Result<()> {
+    if e2e::pg::skipped()? {
+        return Ok(());
+    }
+    kill9_mid_stream_keeps_what_the_client_saw("postgres").await
+}
+
 async fn restart_and_continue(kind: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut server = Server::start(durable(dir.path(), kind)).await?;
@@ -194,6 +206,14 @@ async fn sqlite_restart_and_continue_the_conversation() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_restart_and_continue_the_conversation() -> Result<()> {
     restart_and_continue("file").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_and_continue_the_conversation() -> Result<()> {
+    if e2e::pg::skipped()? {
+        return Ok(());
+    }
+    restart_and_continue("postgres").await
 }
 
 /// Every seq from `first` on, once, in order.
@@ -491,12 +511,8 @@ fn upstream_json(path: &Path) -> Result<()> {
 }
 
 fn import(from: &Path, dir: &Path, kind: &str) -> Result<String> {
-    let store: PathBuf = if kind == "sqlite" {
-        dir.join("sessions.db")
-    } else {
-        dir.join("store")
-    };
-    let output = std::process::Command::new(supervisor_bin()?)
+    let mut command = std::process::Command::new(supervisor_bin()?);
+    command
         .env_clear()
         .arg("import")
         .arg("--from")
@@ -504,10 +520,18 @@ fn import(from: &Path, dir: &Path, kind: &str) -> Result<String> {
         .arg("--workspace")
         .arg(dir.join("ws"))
         .arg("--storage-type")
-        .arg(kind)
-        .arg("--storage-path")
-        .arg(store)
-        .output()?;
+        .arg(kind);
+    if kind == "postgres" {
+        command.env("STORAGE_URL", e2e::pg::schema_url_in_blocking(dir)?);
+    } else {
+        let store: PathBuf = if kind == "sqlite" {
+            dir.join("sessions.db")
+        } else {
+            dir.join("store")
+        };
+        command.arg("--storage-path").arg(store);
+    }
+    let output = command.output()?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     ensure!(
         output.status.success(),
@@ -588,6 +612,14 @@ async fn import_upstream_stores_into_sqlite() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_upstream_stores_into_file() -> Result<()> {
     import_upstream("file").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_upstream_stores_into_postgres() -> Result<()> {
+    if e2e::pg::skipped()? {
+        return Ok(());
+    }
+    import_upstream("postgres").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -943,6 +975,14 @@ async fn file_kill9_keeps_the_streamed_answer_as_interrupted_history() -> Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_kill9_keeps_the_streamed_answer_as_interrupted_history() -> Result<()> {
+    if e2e::pg::skipped()? {
+        return Ok(());
+    }
+    kill9_keeps_the_streamed_answer("postgres", Crash::Server).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_kill9_keeps_the_streamed_answer_as_interrupted_history() -> Result<()> {
     kill9_keeps_the_streamed_answer("memory", Crash::Worker).await
 }
@@ -1092,9 +1132,15 @@ async fn worker_kill9_during_tool_arguments_keeps_the_call_as_streamed() -> Resu
 // Listing sessions: pages, a streamed full listing, bounded memory
 // ------------------------------------------------------------------------------------------------
 
-/// A server whose store (of `kind`) is in its default place in the data directory.
+/// A server whose store (of `kind`) is in its default place in the data directory (postgres:
+/// a new schema of the test database).
 fn in_data_dir(kind: &str) -> ServerOpts {
-    ServerOpts::new().arg("--storage-type").arg(kind)
+    let opts = ServerOpts::new().arg("--storage-type").arg(kind);
+    if kind == "postgres" {
+        let url = e2e::pg::new_schema_blocking().expect("a schema in the test database");
+        return opts.env("STORAGE_URL", url);
+    }
+    opts
 }
 
 fn listed_ids(page: &Value) -> Result<Vec<String>> {
@@ -1217,6 +1263,14 @@ async fn sqlite_paging_walks_every_session_once_under_writes() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_paging_walks_every_session_once_under_writes() -> Result<()> {
     paging_walks_every_session_once_under_writes("file").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_paging_walks_every_session_once_under_writes() -> Result<()> {
+    if e2e::pg::skipped()? {
+        return Ok(());
+    }
+    paging_walks_every_session_once_under_writes("postgres").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,14 +29,20 @@ pub(super) async fn system_health(
         }
     }
     let model = state.config.default_model();
+    // The type only: where the store lives is the operator's business (`supervisor ctl`);
+    // a database's URL is shown with its password masked, for telling nodes' stores apart.
+    let descriptor = state.storage.descriptor();
+    let mut storage = json!({"type": descriptor.kind});
+    if let Some(url) = descriptor.url {
+        storage["url"] = json!(url);
+    }
     Ok(Json(json!({
         "status": "healthy",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime": state.started.elapsed().as_secs(),
         "sessions": {"active": state.sessions.len(), "total": total},
         "workers": {"live": live_workers},
-        // The type only: where the store lives is the operator's business (`supervisor ctl`).
-        "storage": {"type": state.storage.descriptor().kind},
+        "storage": storage,
         "model": {"provider": model.provider, "id": model.id, "offline": model.provider == "echo"},
         "isolation": state.isolation.clone().report(),
     })))

@@ -335,6 +335,7 @@ impl Storage for FileStorage {
         StorageDescriptor {
             kind: "file",
             path: Some(self.dir.clone()),
+            url: None,
         }
     }
 

@@ -40,6 +40,7 @@ impl Storage for MemoryStorage {
         StorageDescriptor {
             kind: "memory",
             path: None,
+            url: None,
         }
     }
 

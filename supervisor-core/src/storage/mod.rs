@@ -1,6 +1,7 @@
 //! Where sessions and their events live: one trait, one backend per `server.storage.type`
-//! (ARCHITECTURE decision 8): `memory` (the default), `file` and `sqlite`. All three pass the
-//! same conformance suite at the bottom of this file.
+//! (ARCHITECTURE decision 8): `memory` (the default), `file`, `sqlite` and `postgres` (the
+//! store several nodes can share). All of them pass the same conformance suite at the bottom of
+//! this file.
 //!
 //! Events are kept as the exact JSON text the worker produced, each with the session's `seq`, so
 //! nothing is re-serialised on the way from worker to storage to client.
@@ -13,6 +14,7 @@
 mod file;
 pub mod limits;
 mod memory;
+mod postgres;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use serde_json::{Map, Value};
 pub use file::FileStorage;
 pub use limits::{TooLarge, check_metadata};
 pub use memory::MemoryStorage;
+pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
 use crate::config::{StorageConfig, StorageKind};
@@ -54,6 +57,9 @@ pub struct StorageDescriptor {
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// The database's URL with any password masked (`postgres`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +77,12 @@ pub enum StorageError {
     },
     #[error("sqlite: {0}")]
     Sqlite(String),
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The database server cannot be reached right now (down, restarting, out of
+    /// connections); the same operation may succeed once it is back.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("stored data is unusable: {0}")]
     Corrupt(String),
     #[error("the session record would be too large: {0}")]
@@ -131,12 +143,20 @@ pub(crate) fn recency_key(updated_at: u64, created_at: u64, id: &str) -> impl Or
 /// Opens the backend the configuration names; `data_dir` holds its default location.
 ///
 /// # Errors
-/// The backend's file or directory cannot be opened.
-pub fn open(config: &StorageConfig, data_dir: &Path) -> Result<SharedStorage, StorageError> {
+/// The backend's file or directory cannot be opened, or its database cannot be reached.
+pub async fn open(config: &StorageConfig, data_dir: &Path) -> Result<SharedStorage, StorageError> {
     Ok(match config.kind {
         StorageKind::Memory => Arc::new(MemoryStorage::new()),
         StorageKind::File => Arc::new(FileStorage::open(&config.resolved_path(data_dir))?),
         StorageKind::Sqlite => Arc::new(SqliteStorage::open(&config.resolved_path(data_dir))?),
+        StorageKind::Postgres => {
+            // The configuration is checked at load time; this only names what is missing.
+            let url = config
+                .url
+                .as_ref()
+                .ok_or_else(|| StorageError::Postgres("server.storage.url is not set".into()))?;
+            Arc::new(PostgresStorage::open(url.expose()).await?)
+        }
     })
 }
 
@@ -704,6 +724,9 @@ mod conformance {
         (durable, $open:expr) => {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn reopen_after_close() {
+                if skipped() {
+                    return;
+                }
                 let dir = tempfile::tempdir().unwrap();
                 {
                     let store: Arc<dyn Storage> = ($open)(dir.path());
@@ -751,13 +774,22 @@ mod conformance {
         };
     }
 
+    /// The suite against one backend. `skip_if` names a function that says (printing why)
+    /// that a backend needing an outside service was deliberately left out of this run.
     macro_rules! suite {
-        ($name:ident, $open:expr $(, $durable:ident)?) => {
+        ($name:ident, $open:expr $(, $durable:ident)? $(; skip_if $skip:path)?) => {
             mod $name {
                 use super::*;
 
+                fn skipped() -> bool {
+                    false $(|| $skip())?
+                }
+
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn lifecycle() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::lifecycle(&*store).await;
@@ -765,6 +797,9 @@ mod conformance {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn events() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::events(&*store).await;
@@ -772,6 +807,9 @@ mod conformance {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn live_text() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::live_text(&*store).await;
@@ -779,6 +817,9 @@ mod conformance {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn paging() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::paging(&*store).await;
@@ -786,12 +827,18 @@ mod conformance {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn paging_under_writes() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     super::paging_under_writes(($open)(dir.path())).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn record_limits() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::record_limits(&*store).await;
@@ -799,6 +846,9 @@ mod conformance {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn host_ids() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::host_ids(&*store).await;
@@ -806,6 +856,9 @@ mod conformance {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn concurrent_writers() {
+                    if skipped() {
+                        return;
+                    }
                     let dir = tempfile::tempdir().unwrap();
                     super::concurrent_writers(($open)(dir.path())).await;
                 }
@@ -827,5 +880,12 @@ mod conformance {
         |dir: &Path| Arc::new(SqliteStorage::open(&dir.join("sessions.db")).unwrap())
             as Arc<dyn Storage>,
         durable
+    );
+    // Each test in a schema of its own in the database `AGENTD_TEST_PG_URL` names.
+    suite!(
+        postgres,
+        |dir: &Path| crate::storage::postgres::testing::open_in(dir) as Arc<dyn Storage>,
+        durable;
+        skip_if crate::storage::postgres::testing::skipped
     );
 }

@@ -493,6 +493,7 @@ impl Storage for SqliteStorage {
         StorageDescriptor {
             kind: "sqlite",
             path: Some(self.path.clone()),
+            url: None,
         }
     }
 

@@ -2,7 +2,10 @@
 //! and measures it from outside, the way a client sees it. It reports; it asserts nothing.
 //!
 //! Usage: bench <path to supervisor> [--json <file>] [--only SECTION]
-//! where SECTION is levels, fleet, soak, durable, restart, or one of `costs` (see there).
+//! where SECTION is levels, fleet, soak, durable, restart, postgres, or one of `costs` (see there).
+//!
+//! The postgres figures need a PostgreSQL database to work in, named by `AGENTD_TEST_PG_URL`
+//! (scripts/bench.sh starts a throwaway cluster and sets it); without one they are skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -47,6 +50,16 @@ impl Drop for Running {
 }
 
 async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
+    start_with_env(binary, dir, storage, &[]).await
+}
+
+/// [`start`] with environment variables (a database URL is never a flag).
+async fn start_with_env(
+    binary: &Path,
+    dir: &Path,
+    storage: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Running> {
     let t = Instant::now();
     let mut child = tokio::process::Command::new(binary)
         .args(["--host", "127.0.0.1", "--port", "0", "--workspace"])
@@ -55,6 +68,7 @@ async fn start(binary: &Path, dir: &Path, storage: &[&str]) -> Result<Running> {
         // Its own directory: the control socket and default data paths are relative to it.
         .current_dir(dir)
         .env_clear()
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -111,10 +125,11 @@ async fn main() -> Result<()> {
             "soak" => soak(&binary).await?,
             "durable" => durable_figures(&binary, &client).await?,
             "restart" => restart_with_stored_sessions(&binary, &client, 10_000).await?,
+            "postgres" => postgres_figures(&binary, &client).await?,
             other => match costs::section(&binary, other).await? {
                 Some(figures) => figures,
                 None => bail!(
-                    "--only takes levels, fleet, soak, durable, restart, {}",
+                    "--only takes levels, fleet, soak, durable, restart, postgres, {}",
                     costs::SECTIONS
                 ),
             },
@@ -194,6 +209,7 @@ async fn main() -> Result<()> {
 
     let durable = durable_figures(&binary, &client).await?;
     let restart = restart_with_stored_sessions(&binary, &client, 10_000).await?;
+    let postgres = postgres_figures(&binary, &client).await?;
     let costs = costs::all(&binary).await?;
 
     let report = json!({
@@ -215,6 +231,7 @@ async fn main() -> Result<()> {
                 "sqlite_stored_events_per_second_8_sessions": durable["stored_events_per_second"],
         "sqlite_appends_per_second_8_writers": durable["appends_per_second"],
                 "restart_10000_sessions": restart,
+        "postgres": postgres,
                 "isolation_levels": levels,
         "fleet": fleet,
         "soak": soak,
@@ -612,9 +629,17 @@ async fn durable_figures(binary: &Path, client: &reqwest::Client) -> Result<Valu
 /// batched transactions), with 8 sessions appending at once, each waiting for every append as
 /// the server does.
 async fn sqlite_appends_per_second() -> Result<f64> {
-    use supervisor_core::storage::{SessionInfo, SqliteStorage, Storage};
     let dir = tempfile::tempdir()?;
-    let store = std::sync::Arc::new(SqliteStorage::open(&dir.path().join("appends.db"))?);
+    let store = supervisor_core::storage::SqliteStorage::open(&dir.path().join("appends.db"))?;
+    appends_per_second(std::sync::Arc::new(store)).await
+}
+
+/// Event appends per second through a backend, 8 sessions appending at once, each waiting
+/// for every append as the server does.
+async fn appends_per_second(
+    store: std::sync::Arc<dyn supervisor_core::storage::Storage>,
+) -> Result<f64> {
+    use supervisor_core::storage::SessionInfo;
     let sessions = 8u64;
     let per_session = 2_000u64;
     for s in 0..sessions {
@@ -650,6 +675,110 @@ async fn sqlite_appends_per_second() -> Result<f64> {
         task.await??;
     }
     Ok(((sessions * per_session) as f64 / t.elapsed().as_secs_f64()).round())
+}
+
+/// PostgreSQL, in the database `AGENTD_TEST_PG_URL` names: the durable cost of a warm-session
+/// query beside memory (interleaved, so both see the same machine), stored events per second
+/// with 8 sessions querying at once, and appends per second through the backend with 8
+/// writers. Twice: with the server's `synchronous_commit` (on by default: every commit waits
+/// for the disk) and with `synchronous_commit=off` set in the URL (a commit is acknowledged
+/// before its WAL reaches the disk, as SQLite's `synchronous = NORMAL` does).
+async fn postgres_figures(binary: &Path, client: &reqwest::Client) -> Result<Value> {
+    if std::env::var_os(e2e::pg::URL_VAR).is_none() {
+        println!(
+            "postgres figures skipped: {} names no database",
+            e2e::pg::URL_VAR
+        );
+        return Ok(json!({"skipped": format!("{} is not set", e2e::pg::URL_VAR)}));
+    }
+    let mut figures = serde_json::Map::new();
+    for (label, settings) in [
+        ("synchronous_commit_default", &[][..]),
+        (
+            "synchronous_commit_off",
+            &[("synchronous_commit", "off")][..],
+        ),
+    ] {
+        figures.insert(
+            label.into(),
+            postgres_figures_with(binary, client, settings).await?,
+        );
+    }
+    Ok(Value::Object(figures))
+}
+
+async fn postgres_figures_with(
+    binary: &Path,
+    client: &reqwest::Client,
+    settings: &[(&str, &str)],
+) -> Result<Value> {
+    let memory_dir = tempfile::tempdir()?;
+    let pg_dir = tempfile::tempdir()?;
+    let url = e2e::pg::new_schema_with(settings).await?;
+    let memory = start(binary, memory_dir.path(), &[]).await?;
+    let pg = start_with_env(
+        binary,
+        pg_dir.path(),
+        &["--storage-type", "postgres"],
+        &[("STORAGE_URL", &url)],
+    )
+    .await?;
+    let memory_session = create(client, &memory.base).await?;
+    let pg_session = create(client, &pg.base).await?;
+    query(client, &memory.base, &memory_session, "warm up").await?;
+    query(client, &pg.base, &pg_session, "warm up").await?;
+    let mut memory_ms = Vec::new();
+    let mut pg_ms = Vec::new();
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        query(client, &memory.base, &memory_session, "hi").await?;
+        memory_ms.push(t.elapsed());
+        let t = Instant::now();
+        query(client, &pg.base, &pg_session, "hi").await?;
+        pg_ms.push(t.elapsed());
+    }
+    let p50 = |d: &[Duration]| summary(d)["p50"].as_f64().unwrap_or(0.0);
+    let cost = ((p50(&pg_ms) - p50(&memory_ms)) * 1000.0).round() / 1000.0;
+
+    // Throughput: 8 sessions, each running queries back to back; every query stores 4 events.
+    let sessions = 8;
+    let per_session = 50;
+    let mut ids = Vec::new();
+    for _ in 0..sessions {
+        let id = create(client, &pg.base).await?;
+        query(client, &pg.base, &id, "warm up").await?;
+        ids.push(id);
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let client = client.clone();
+            let base = pg.base.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_session {
+                    query(&client, &base, &id, "hi").await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let stored_per_second = (sessions * per_session * 4) as f64 / t.elapsed().as_secs_f64();
+    drop((memory, pg));
+
+    let store =
+        supervisor_core::storage::PostgresStorage::open(&e2e::pg::new_schema_with(settings).await?)
+            .await?;
+    Ok(json!({
+        "query_ms": summary(&pg_ms),
+        "memory_query_ms": summary(&memory_ms),
+        "durable_cost_ms_p50": cost,
+        "stored_events_per_second_8_sessions": stored_per_second.round(),
+        "appends_per_second_8_writers": appends_per_second(std::sync::Arc::new(store)).await?,
+    }))
 }
 
 async fn create(client: &reqwest::Client, base: &str) -> Result<String> {
@@ -875,6 +1004,20 @@ fn print_table(report: &Value) {
             s["p50"].to_string(),
             s["p99"].to_string()
         );
+    }
+    for mode in ["synchronous_commit_default", "synchronous_commit_off"] {
+        let figures = &report["postgres"][mode];
+        for key in [
+            "durable_cost_ms_p50",
+            "stored_events_per_second_8_sessions",
+            "appends_per_second_8_writers",
+        ] {
+            println!(
+                "{:<48} {:>12}",
+                format!("postgres.{mode}.{key}"),
+                figures[key].to_string()
+            );
+        }
     }
     for (section, keys) in [
         (
