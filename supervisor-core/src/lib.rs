@@ -16,6 +16,7 @@
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
 //! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
 //! - `metrics`: `GET /metrics`.
+//! - [`principal`]: who a request acts for (tenant, user, role).
 //! - [`isolation`]: the isolation level in force: its configuration, probes, per-session host
 //!   ids, disk quotas, cgroups, jail specs, audit check and report.
 //! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
@@ -38,6 +39,7 @@ pub mod isolation;
 mod live_text;
 mod metrics;
 mod ops;
+pub mod principal;
 mod provision;
 pub mod server;
 mod sessions;

@@ -1,0 +1,60 @@
+//! Who a request acts for. Every request carries one [`Principal`]; handlers never look at
+//! credentials, only at this.
+//!
+//! How a principal is established (tokens, OIDC, a trusted proxy, a cookie, or local mode) is
+//! the `auth` layer's business: it puts the principal in the request's extensions before any
+//! handler runs. A request that reached a handler without one is served as the local operator,
+//! which is what local mode means (a loopback server with no `[auth]` section).
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+/// The tenant of sessions made without one (local mode, imports without `--tenant`).
+pub const DEFAULT_TENANT: &str = "default";
+
+/// What a principal may do beyond its own tenant's sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every tenant's sessions and the operations routes.
+    Admin,
+    /// Its own tenant's sessions.
+    Member,
+}
+
+/// The tenant, user and role a request acts for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Principal {
+    pub tenant: String,
+    pub user: String,
+    pub role: Role,
+}
+
+impl Principal {
+    /// The operator of a server in local mode: an admin of the default tenant.
+    #[must_use]
+    pub fn local() -> Self {
+        Self {
+            tenant: DEFAULT_TENANT.to_owned(),
+            user: "local".to_owned(),
+            role: Role::Admin,
+        }
+    }
+
+    #[must_use]
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .unwrap_or_else(Principal::local))
+    }
+}
