@@ -70,6 +70,21 @@ pub enum ApiError {
     },
     #[error("The server is shutting down or draining and starts no new runs")]
     Draining,
+    #[error("Invalid path: {0}")]
+    InvalidPath(&'static str),
+    #[error("Path not found")]
+    PathNotFound,
+    #[error("Invalid path type")]
+    InvalidPathType,
+    #[error("File is larger than the limit of {limit} bytes")]
+    FileTooLarge { limit: u64 },
+    #[error("Search query parameter is required")]
+    SearchQueryRequired,
+    #[error("Paths array is required")]
+    PathsRequired,
+    /// The host failed us while reading a workspace (not the client's doing).
+    #[error("{0}")]
+    WorkspaceAccess(String),
     #[error("Storage failed: {0}")]
     Storage(StorageError),
     #[error("Internal error: {0}")]
@@ -118,6 +133,20 @@ impl From<ProvisionError> for ApiError {
     }
 }
 
+/// Anything that did not resolve inside the workspace is "not found" to the client: it learns
+/// nothing about what lies outside.
+impl From<crate::workspace::AccessError> for ApiError {
+    fn from(e: crate::workspace::AccessError) -> Self {
+        use crate::workspace::AccessError;
+        match e {
+            AccessError::NotFound | AccessError::Outside => Self::PathNotFound,
+            AccessError::NotRegular => Self::InvalidPathType,
+            AccessError::TooLarge { limit } => Self::FileTooLarge { limit },
+            AccessError::Io(e) => Self::WorkspaceAccess(e.to_string()),
+        }
+    }
+}
+
 /// A session id that cannot be one names no session.
 impl From<InvalidSessionId> for ApiError {
     fn from(e: InvalidSessionId) -> Self {
@@ -135,7 +164,13 @@ impl ApiError {
             | Self::MessagesRequired
             | Self::InvalidParameters(_)
             | Self::InvalidModel { .. }
-            | Self::RuntimeSettingsRequired => StatusCode::BAD_REQUEST,
+            | Self::RuntimeSettingsRequired
+            | Self::InvalidPath(_)
+            | Self::InvalidPathType
+            | Self::SearchQueryRequired
+            | Self::PathsRequired => StatusCode::BAD_REQUEST,
+            Self::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PathNotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SessionNotFound(_)
             | Self::SessionNotFoundInStorage(_)
@@ -152,6 +187,7 @@ impl ApiError {
             Self::WorkerCrashed { .. }
             | Self::Storage(_)
             | Self::Internal(_)
+            | Self::WorkspaceAccess(_)
             | Self::SummaryFailed(_)
             | Self::ShareFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -184,7 +220,15 @@ impl ApiError {
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
             Self::Storage(StorageError::Unavailable(_)) => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
-            Self::Internal(_) | Self::SummaryFailed(_) => "INTERNAL_ERROR",
+            Self::InvalidPath(_) => "INVALID_PATH",
+            Self::PathNotFound => "PATH_NOT_FOUND",
+            Self::InvalidPathType => "INVALID_PATH_TYPE",
+            Self::FileTooLarge { .. } => "FILE_TOO_LARGE",
+            Self::SearchQueryRequired => "QUERY_PARAM_REQUIRED",
+            Self::PathsRequired => "PATHS_REQUIRED",
+            Self::Internal(_) | Self::SummaryFailed(_) | Self::WorkspaceAccess(_) => {
+                "INTERNAL_ERROR"
+            }
         }
     }
 
@@ -222,6 +266,13 @@ impl ApiError {
             Self::Storage(StorageError::Unavailable(_)) => "Storage unavailable".into(),
             Self::Storage(_) => "Storage error".into(),
             Self::Internal(_) => "Internal server error".into(),
+            Self::FileTooLarge { .. } => "File too large".into(),
+            Self::WorkspaceAccess(_) => "Failed to access workspace files".into(),
+            Self::InvalidPath(_)
+            | Self::PathNotFound
+            | Self::InvalidPathType
+            | Self::SearchQueryRequired
+            | Self::PathsRequired => self.to_string(),
         }
     }
 

@@ -224,7 +224,7 @@ impl Drop for CleanupIsolation {
     }
 }
 
-/// The base directory of all workspaces (S2): owned by the server and not writable by any
+/// The base directory of all workspaces: owned by the server and not writable by any
 /// session; `0711` as root (sessions with their own uids may traverse to their own directory),
 /// `0700` rootless (every session is the server's uid anyway).
 fn prepare_workspace_root(path: &PathBuf) -> Result<PathBuf, ServeError> {
@@ -235,8 +235,7 @@ fn prepare_workspace_root(path: &PathBuf) -> Result<PathBuf, ServeError> {
     };
     std::fs::create_dir_all(path).map_err(fail)?;
     let path = std::fs::canonicalize(path).map_err(fail)?;
-    // SAFETY: geteuid has no arguments and cannot fail.
-    let mode = if unsafe { libc::geteuid() } == 0 {
+    let mode = if nix::unistd::geteuid().is_root() {
         0o711
     } else {
         0o700

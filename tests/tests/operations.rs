@@ -146,3 +146,31 @@ async fn stop_ends_the_worker_until_the_next_query() -> Result<()> {
     }
     Ok(())
 }
+
+/// An operator reading the logs sees which route each line came from, by its pattern (no ids or
+/// query strings from the request line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_name_the_matched_route() -> Result<()> {
+    let server = Server::start_default().await?;
+    let sid = server.create_session().await?;
+    let created = "http{method=POST route=/api/v1/sessions/create}";
+    let under = |span: &str, message: &str| {
+        server
+            .logs()
+            .lines()
+            .any(|l| l.contains(span) && l.contains(message))
+    };
+    wait_until(T, "the create's log line", async || {
+        under(created, "session created")
+    })
+    .await
+    .with_context(|| server.logs())?;
+    server.query(&sid, "hello").await?;
+    let queried = "http{method=POST route=/api/v1/sessions/query}";
+    wait_until(T, "the query's log line", async || {
+        under(queried, "run started")
+    })
+    .await
+    .with_context(|| server.logs())?;
+    Ok(())
+}

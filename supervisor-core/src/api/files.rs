@@ -23,12 +23,12 @@ use std::time::SystemTime;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cap_std::fs::Dir;
 use serde_json::{Value, json};
-use shared::ids::{SessionId, now_ms};
+use shared::ids::SessionId;
 
 use super::body::{JsonObject, Params, parse_session_id, session_id};
 use crate::error::ApiError;
@@ -54,123 +54,33 @@ pub(super) fn routes() -> axum::Router<Arc<AppState>> {
         .route("/api/v1/sessions/workspace/validate", post(validate))
 }
 
-/// What the file API answers when it cannot.
-#[derive(Debug, thiserror::Error)]
-pub enum FileError {
-    #[error("{0}")]
-    Session(#[from] ApiError),
-    #[error("Invalid path: {0}")]
-    InvalidPath(&'static str),
-    #[error("Path not found")]
-    NotFound,
-    #[error("Invalid path type")]
-    InvalidType,
-    #[error("File is larger than the limit of {limit} bytes")]
-    TooLarge { limit: u64 },
-    #[error("Search query parameter is required")]
-    QueryRequired,
-    #[error("Paths array is required")]
-    PathsRequired,
-    #[error("{what}: {message}")]
-    Internal { what: &'static str, message: String },
-}
-
-impl IntoResponse for FileError {
-    fn into_response(self) -> Response {
-        let (status, code, error) = match &self {
-            Self::Session(e) => return ApiError::into_response(clone_api_error(e)),
-            Self::InvalidPath(_) => (StatusCode::BAD_REQUEST, "INVALID_PATH", self.to_string()),
-            Self::NotFound => (StatusCode::NOT_FOUND, "PATH_NOT_FOUND", self.to_string()),
-            Self::InvalidType => (
-                StatusCode::BAD_REQUEST,
-                "INVALID_PATH_TYPE",
-                self.to_string(),
-            ),
-            Self::TooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "FILE_TOO_LARGE",
-                "File too large".to_owned(),
-            ),
-            Self::QueryRequired => (
-                StatusCode::BAD_REQUEST,
-                "QUERY_PARAM_REQUIRED",
-                self.to_string(),
-            ),
-            Self::PathsRequired => (StatusCode::BAD_REQUEST, "PATHS_REQUIRED", self.to_string()),
-            Self::Internal { what, .. } => {
-                tracing::error!(error = %self, "workspace file API failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL_ERROR",
-                    (*what).to_owned(),
-                )
-            }
-        };
-        let message = match &self {
-            Self::Internal { message, .. } => message.clone(),
-            other => other.to_string(),
-        };
-        let body = json!({
-            "error": error,
-            "code": code,
-            "message": message,
-            "details": {"timestamp": now_ms()},
-        });
-        (status, Json(body)).into_response()
-    }
-}
-
-/// `ApiError` is not `Clone`; the few variants the file API can produce are rebuilt.
-fn clone_api_error(e: &ApiError) -> ApiError {
-    match e {
-        ApiError::SessionIdRequired => ApiError::SessionIdRequired,
-        ApiError::SessionNotFound(id) => ApiError::SessionNotFound(id.clone()),
-        other => ApiError::Internal(other.to_string()),
-    }
-}
-
 /// A request path made safe to hand to cap-std: relative, no `..`, no NUL or backslash, not too
 /// long. `""` is the workspace root. cap-std remains the real barrier; this gives clear 400s.
-fn relative_path(raw: &str) -> Result<PathBuf, FileError> {
+fn relative_path(raw: &str) -> Result<PathBuf, ApiError> {
     if raw.len() > MAX_PATH {
-        return Err(FileError::InvalidPath("longer than 4096 bytes"));
+        return Err(ApiError::InvalidPath("longer than 4096 bytes"));
     }
     if raw.contains('\0') {
-        return Err(FileError::InvalidPath("contains NUL"));
+        return Err(ApiError::InvalidPath("contains NUL"));
     }
     if raw.contains('\\') {
-        return Err(FileError::InvalidPath("contains a backslash"));
+        return Err(ApiError::InvalidPath("contains a backslash"));
     }
     let mut clean = PathBuf::new();
     for component in Path::new(raw).components() {
         match component {
             // Upstream clients send `/`-rooted paths meaning the workspace root.
             Component::RootDir | Component::CurDir => {}
-            Component::ParentDir => return Err(FileError::InvalidPath("contains `..`")),
+            Component::ParentDir => return Err(ApiError::InvalidPath("contains `..`")),
             Component::Normal(part) => clean.push(part),
-            Component::Prefix(_) => return Err(FileError::InvalidPath("not a Unix path")),
+            Component::Prefix(_) => return Err(ApiError::InvalidPath("not a Unix path")),
         }
     }
     Ok(clean)
 }
 
-impl From<AccessError> for FileError {
-    /// Anything that did not resolve inside the workspace is "not found" to the client.
-    fn from(e: AccessError) -> Self {
-        match e {
-            AccessError::NotFound | AccessError::Outside => Self::NotFound,
-            AccessError::NotRegular => Self::InvalidType,
-            AccessError::TooLarge { limit } => Self::TooLarge { limit },
-            AccessError::Io(e) => Self::Internal {
-                what: "Failed to access workspace files",
-                message: e.to_string(),
-            },
-        }
-    }
-}
-
 /// Maps an I/O error met on a handle inside the workspace (a listing, a lookup).
-fn resolve_error(e: std::io::Error) -> FileError {
+fn resolve_error(e: std::io::Error) -> ApiError {
     AccessError::from(e).into()
 }
 
@@ -219,18 +129,15 @@ fn display_join(base: &str, name: &str) -> String {
 
 /// Runs blocking filesystem work off the runtime.
 async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, FileError> + Send + 'static,
-) -> Result<T, FileError> {
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| FileError::Internal {
-            what: "Failed to access workspace files",
-            message: e.to_string(),
-        })?
+        .map_err(|e| ApiError::WorkspaceAccess(e.to_string()))?
 }
 
 /// The session (restored if needed) and its workspace path.
-async fn workspace_of(state: &AppState, params: &Params) -> Result<PathBuf, FileError> {
+async fn workspace_of(state: &AppState, params: &Params) -> Result<PathBuf, ApiError> {
     let id = session_id(params, None)?;
     let session = state.session(&id).await?;
     Ok(session.workspace.clone())
@@ -240,7 +147,7 @@ async fn workspace_of(state: &AppState, params: &Params) -> Result<PathBuf, File
 async fn files(
     State(state): State<Arc<AppState>>,
     params: Params,
-) -> Result<Json<Value>, FileError> {
+) -> Result<Json<Value>, ApiError> {
     let workspace = workspace_of(&state, &params).await?;
     let requested = params.get("path").unwrap_or("/").to_owned();
     let relative = relative_path(&requested)?;
@@ -311,9 +218,12 @@ async fn files(
 async fn search(
     State(state): State<Arc<AppState>>,
     params: Params,
-) -> Result<Json<Value>, FileError> {
+) -> Result<Json<Value>, ApiError> {
     let workspace = workspace_of(&state, &params).await?;
-    let query = params.get("q").ok_or(FileError::QueryRequired)?.to_owned();
+    let query = params
+        .get("q")
+        .ok_or(ApiError::SearchQueryRequired)?
+        .to_owned();
     let kind = params.get("type").unwrap_or("all").to_owned();
     blocking(move || {
         let session_dir = SessionDir::open(&workspace)?;
@@ -456,12 +366,12 @@ async fn validate(
     State(state): State<Arc<AppState>>,
     params: Params,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, FileError> {
+) -> Result<Json<Value>, ApiError> {
     let workspace = workspace_of(&state, &params).await?;
     let paths: Vec<String> = body
         .get("paths")
         .and_then(Value::as_array)
-        .ok_or(FileError::PathsRequired)?
+        .ok_or(ApiError::PathsRequired)?
         .iter()
         .map(|p| p.as_str().unwrap_or_default().to_owned())
         .collect();
@@ -585,7 +495,7 @@ async fn serve_static(
     let decoded = match percent_decode(&path) {
         Some(decoded) => decoded,
         None if explicit => {
-            return Some(FileError::InvalidPath("malformed percent-encoding").into_response());
+            return Some(ApiError::InvalidPath("malformed percent-encoding").into_response());
         }
         None => return None,
     };
@@ -607,14 +517,8 @@ async fn serve_static(
         Ok(Err(AccessError::NotFound)) if !explicit => None,
         // An entry that exists but may not be served (a symlink leading out, a FIFO, ...) is
         // refused outright rather than answered with the UI's page.
-        Ok(Err(e)) => Some(FileError::from(e).into_response()),
-        Err(e) => Some(
-            FileError::Internal {
-                what: "Failed to access workspace files",
-                message: e.to_string(),
-            }
-            .into_response(),
-        ),
+        Ok(Err(e)) => Some(ApiError::from(e).into_response()),
+        Err(e) => Some(ApiError::WorkspaceAccess(e.to_string()).into_response()),
     }
 }
 

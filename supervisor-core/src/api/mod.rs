@@ -19,11 +19,12 @@ mod system;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -78,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(files::workspace_static)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(http_span))
         .with_state(state.clone());
     // The rewrite must run before `routes` matches a path, so it wraps it from outside.
     Router::new()
@@ -89,6 +91,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(socketio::layer(state.clone()))
         .layer(middleware::from_fn(cors))
         .layer(middleware::from_fn_with_state(state.clone(), level_header))
+}
+
+/// One span per request, named by the route that matched (`/api/v1/sessions/query`, not the
+/// raw path, which would carry ids and query strings into the logs). Instrumented rather than
+/// entered, so that no guard is held across the handler's awaits.
+async fn http_span(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let span = tracing::info_span!("http", method = %request.method(), route = %route);
+    next.run(request).instrument(span).await
 }
 
 /// Adds `X-Isolation-Level` to every response: clients and proxies can see what protects the

@@ -7,15 +7,15 @@ use shared::jail::{INSIDE_ID, JailAudit, JailLevel, WORKSPACE_INSIDE};
 use super::{Isolation, own_ids};
 
 impl Isolation {
-    /// Checks a worker's self-audit against what this level promises (W13): any problem and
-    /// the session is refused.
+    /// Checks a worker's self-audit (the jail's report of what it did to itself) against what
+    /// this level promises: any problem and the session is refused.
     pub fn check_audit(&self, audit: &JailAudit, ids: Option<(u32, u32)>) -> Vec<String> {
         let expected = ids.map_or(own_ids().0, |(uid, _)| uid);
         audit_problems(audit, self.level, self.user_namespace, expected)
     }
 }
 
-/// The audit rules of each level (W13, T25).
+/// The audit rules of each level: what the jail must have achieved for the level to hold.
 pub(super) fn audit_problems(
     audit: &JailAudit,
     level: JailLevel,

@@ -1,4 +1,4 @@
-//! Per-session cgroups (isolation.md §2.6, S3, S6, S8): memory, process and CPU caps that hold for
+//! Per-session cgroups (isolation.md §2.6): memory, process and CPU caps that hold for
 //! the whole session, whatever it forks.
 //!
 //! cgroup v2 is preferred when the supervisor's own group offers `memory` and `pids`; otherwise
@@ -229,7 +229,7 @@ impl CgroupRoot {
 
     /// v2: the "no internal processes" rule means controllers can only be enabled for children
     /// of a group without processes of its own, so the supervisor first moves itself into a
-    /// leaf next to its sessions' parent (isolation.md S3).
+    /// leaf next to its sessions' parent .
     fn prepare_v2(own_dir: &Path, pid: u32) -> Result<Self, CgroupUnavailable> {
         let fail = |step, source| CgroupUnavailable::V2 { step, source };
         sweep_stale(own_dir);
@@ -356,7 +356,7 @@ impl CgroupRoot {
         json!({"version": self.version(), "controllers": self.controllers()})
     }
 
-    /// S3: the session's group with its limits, before any of its processes exists.
+    /// The session's group with its limits, before any of its processes exists.
     ///
     /// # Errors
     /// The group could not be created or a limit could not be written.
@@ -466,13 +466,12 @@ fn read_pids(dir: &Path) -> Vec<i32> {
 /// SIGCONT then SIGKILL to every member (a stopped task may ignore a lone SIGKILL, nsjail notes).
 fn kill_members(dir: &Path) -> bool {
     let pids = read_pids(dir);
-    for pid in &pids {
-        // SAFETY: kill with integer arguments; the pids were members of a session group, which
-        // only session processes can be in.
-        unsafe {
-            libc::kill(*pid, libc::SIGCONT);
-            libc::kill(*pid, libc::SIGKILL);
-        }
+    for &pid in &pids {
+        // The pids were members of a session group, which only session processes can be in; one
+        // that has exited since is ESRCH, which changes nothing.
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
     pids.is_empty()
 }
@@ -486,7 +485,7 @@ fn counter(file: &Path, key: &str) -> u64 {
 }
 
 impl SessionGroup {
-    /// S6: puts `pid` (the launcher, still waiting for its "go") in every hierarchy, so all it
+    /// Puts `pid` (the launcher, still waiting for its "go") in every hierarchy, so all it
     /// forks later is counted and capped.
     ///
     /// # Errors
@@ -518,7 +517,7 @@ impl SessionGroup {
         None
     }
 
-    /// S8: kills whatever is left in the group (a daemon that escaped its PID namespace's end
+    /// At the session's end: kills whatever is left in the group (a daemon that escaped its PID namespace's end
     /// at `chroot` level, say), waits until it is empty, and removes it.
     pub async fn teardown(&mut self) {
         if self.torn_down {

@@ -156,7 +156,8 @@ impl UidMode {
     }
 }
 
-/// Ids in the host passwd and group databases: never handed to a session (S1).
+/// Ids in the host passwd and group databases: never handed to a session, so that a session's
+/// files and processes never belong to a host user.
 pub(super) fn host_database_ids() -> HashSet<u32> {
     let mut ids = HashSet::new();
     for file in ["/etc/passwd", "/etc/group"] {
@@ -170,7 +171,7 @@ pub(super) fn host_database_ids() -> HashSet<u32> {
 }
 
 impl Isolation {
-    /// S1: the host uid/gid of a session in root mode; `None` when sessions use the server's.
+    /// The host uid/gid of a session in root mode; `None` when sessions use the server's.
     /// The id was assigned and recorded in storage before (see [`crate::host_ids`]).
     ///
     /// # Errors

@@ -288,7 +288,7 @@ pub async fn start<S: SessionLink>(
         agent: agent_settings(ctx, stored.as_ref()),
         history,
     }));
-    // First the jail's self-audit (W13), checked before the session is used; then Init/Ready.
+    // First the jail's self-audit (what its jail achieved), checked before the session is used; then Init/Ready.
     let handshake = async {
         let audit = match read_frame::<_, FromWorker>(&mut read).await {
             Ok(Some(FromWorker::Jailed(audit))) => {

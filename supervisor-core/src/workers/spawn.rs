@@ -1,15 +1,22 @@
 //! Starting worker processes: one long-lived spawner thread re-executes our own binary in its
-//! hidden `worker` mode (isolation.md S1–S6).
+//! hidden `worker` mode.
 //!
 //! Why a dedicated thread: the parent-death signal armed in the child fires when the *thread*
 //! that forked it exits, not the process. tokio's blocking-pool threads come and go, so a worker
 //! spawned from one would be killed some seconds later. This thread lives as long as the
 //! supervisor, so a worker dies exactly when the supervisor does, even under SIGKILL.
 //!
-//! Per session, in order: its host identity (S1), its workspace directory owned by that identity
-//! (S2), its cgroup with limits (S3), the channel (S4), the exec with an empty environment and
-//! only fd 3 (S5), then the launcher is placed in the cgroup and only after that receives its jail
-//! spec, which is its "go" (S6): no session process ever runs outside its cgroup.
+//! Per session, in order (the steps are named S1–S8 in the comments below):
+//! - S1: its host identity (a uid/gid of its own in root mode);
+//! - S2: its workspace directory, owned by that identity;
+//! - S3: its cgroup, with its limits, before any of its processes exists;
+//! - S4: the channel (a socket pair, fd 3 in the child);
+//! - S5: the exec of the launcher, with an empty environment and only fd 3;
+//! - S6: the launcher is placed in the cgroup, and only after that receives its jail spec,
+//!   which is its "go": no session process ever runs outside its cgroup;
+//! - S8 (at the end): whatever is left of the session is killed and its cgroup removed.
+//!
+//! (S7, the jail itself, is the worker's side.)
 //!
 //! Steps S3–S5 and the cgroup placement do not depend on the session, and they are the slow
 //! part (the exec, and a cgroup v1 migration that waits for an RCU grace period), so the spawner

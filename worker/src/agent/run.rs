@@ -13,6 +13,7 @@ use shared::protocol::{
     AbortReason, Delta, FromWorker, ModelErrorKind, ModelFailure, ModelReply, ModelRequest, Query,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{Agent, memory, references, tools};
 
@@ -61,22 +62,27 @@ pub(crate) async fn execute(agent: Agent, query: Query, abort: Abort) {
         iterations: 0,
     };
     let span = tracing::info_span!("run", session_id = %run.agent.session_id, run_id = %run.run_id);
-    let _guard = span.enter();
-    let end = run.drive(input).await;
-    let _ = run
-        .agent
-        .outbox
-        .send(FromWorker::RunResult {
-            run_id: run.run_id.clone(),
-            json: end.result.to_json(),
+    // Instrumented rather than entered: a guard held across the awaits below would tag
+    // whatever else this thread polls in between with this run's span.
+    async move {
+        let end = run.drive(input).await;
+        let _ = run
+            .agent
+            .outbox
+            .send(FromWorker::RunResult {
+                run_id: run.run_id.clone(),
+                json: end.result.to_json(),
+            })
+            .await;
+        run.emit(EventBody::AgentRunEnd {
+            session_id: run.agent.session_id.clone(),
+            iterations: run.iterations,
+            elapsed_ms: run.started.elapsed().as_millis() as u64,
+            status: end.status,
         })
         .await;
-    run.emit(EventBody::AgentRunEnd {
-        session_id: run.agent.session_id.clone(),
-        iterations: run.iterations,
-        elapsed_ms: run.started.elapsed().as_millis() as u64,
-        status: end.status,
-    })
+    }
+    .instrument(span)
     .await;
 }
 
