@@ -2,7 +2,8 @@
 //! and measures it from outside, the way a client sees it. It reports; it asserts nothing.
 //!
 //! Usage: bench <path to supervisor> [--json <file>] [--only SECTION]
-//! where SECTION is levels, fleet, soak, durable, restart, postgres, or one of `costs` (see there).
+//! where SECTION is basic, levels, fleet, soak, durable, restart, postgres, or one of `costs`
+//! (see there).
 //!
 //! The postgres figures need a PostgreSQL database to work in, named by `AGENTD_TEST_PG_URL`
 //! (scripts/bench.sh starts a throwaway cluster and sets it); without one they are skipped.
@@ -120,6 +121,7 @@ async fn main() -> Result<()> {
         // One section on its own, for looking into one figure without the whole run.
         let client = reqwest::Client::new();
         let figures = match section.as_str() {
+            "basic" => basic_figures(&binary).await?,
             "levels" => level_figures(&binary, &client).await?,
             "fleet" => fleet_figures(&binary, &client).await?,
             "soak" => soak(&binary).await?,
@@ -129,7 +131,7 @@ async fn main() -> Result<()> {
             other => match costs::section(&binary, other).await? {
                 Some(figures) => figures,
                 None => bail!(
-                    "--only takes levels, fleet, soak, durable, restart, postgres, {}",
+                    "--only takes basic, levels, fleet, soak, durable, restart, postgres, {}",
                     costs::SECTIONS
                 ),
             },
@@ -137,71 +139,8 @@ async fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&figures)?);
         return Ok(());
     }
-    let dir = tempfile::tempdir()?;
-    let server = start(&binary, dir.path(), &[]).await?;
-    let (pid, base) = (server.pid, server.base.clone());
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(4)
-        .build()?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle_rss = rss_kib(pid)?;
-
-    let mut create = Vec::new();
-    let mut first_query = Vec::new();
-    let mut warm_query = Vec::new();
-    let mut sessions = Vec::new();
-    for _ in 0..SAMPLES {
-        let t = Instant::now();
-        let created: Value = client
-            .post(format!("{base}/api/v1/sessions/create"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        create.push(t.elapsed());
-        let id = created["sessionId"]
-            .as_str()
-            .context("no sessionId")?
-            .to_owned();
-        let t = Instant::now();
-        query(&client, &base, &id, "hi").await?;
-        first_query.push(t.elapsed());
-        sessions.push(id);
-    }
-    let warm = &sessions[0];
-    for _ in 0..SAMPLES {
-        let t = Instant::now();
-        query(&client, &base, warm, "hi").await?;
-        warm_query.push(t.elapsed());
-    }
-    let workers: Value = get_json(&client, format!("{base}/api/v1/workers")).await?;
-    let worker_pids: Vec<u32> = workers["workers"]
-        .as_array()
-        .map(|w| {
-            w.iter()
-                .filter_map(|w| w["pid"].as_u64())
-                .map(|p| p as u32)
-                .collect()
-        })
-        .unwrap_or_default();
-    let worker_rss: Vec<u64> = worker_pids
-        .iter()
-        .filter_map(|p| rss_kib(*p).ok())
-        .collect();
-    // RSS counts the executable's pages, which every worker shares through the page cache;
-    // private (anonymous) memory and PSS say what each additional session really costs.
-    let worker_private: Vec<u64> = worker_pids
-        .iter()
-        .filter_map(|p| status_kib(*p, "RssAnon:").ok())
-        .collect();
-    let worker_pss: Vec<u64> = worker_pids
-        .iter()
-        .filter_map(|p| pss_kib(*p).ok())
-        .collect();
-    let loaded_rss = rss_kib(pid)?;
-
-    let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
-    drop(server);
+    let basic = basic_figures(&binary).await?;
+    let client = reqwest::Client::new();
 
     let levels = level_figures(&binary, &client).await?;
     let fleet = fleet_figures(&binary, &client).await?;
@@ -212,19 +151,7 @@ async fn main() -> Result<()> {
     let postgres = postgres_figures(&binary, &client).await?;
     let costs = costs::all(&binary).await?;
 
-    let report = json!({
-        "samples": SAMPLES,
-        "create_session_ms": summary(&create),
-        "first_query_new_session_ms": summary(&first_query),
-        "query_warm_session_ms": summary(&warm_query),
-        "sse_events_per_second_one_session": (events as f64 / elapsed.as_secs_f64()).round(),
-        "sse_events_counted": events,
-        "supervisor_idle_rss_kib": idle_rss,
-        "supervisor_rss_with_live_workers_kib": loaded_rss,
-        "live_workers": worker_rss.len(),
-                        "worker_rss_kib_median": median_u64(&worker_rss),
-        "worker_private_kib_median": median_u64(&worker_private),
-        "worker_pss_kib_median": median_u64(&worker_pss),
+    let mut report = json!({
         "sqlite_query_warm_session_ms": durable["sqlite_query_ms"],
         "sqlite_durable_cost_per_query_ms_p50": durable["durable_cost_ms_p50"],
         "sqlite_sse_events_per_second_one_session": durable["sse_events_per_second_one_session"],
@@ -237,6 +164,9 @@ async fn main() -> Result<()> {
         "soak": soak,
         "costs": costs,
     });
+    if let (Some(report), Value::Object(basic)) = (report.as_object_mut(), basic) {
+        report.extend(basic);
+    }
     print_table(&report);
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
@@ -1066,4 +996,88 @@ fn print_table(report: &Value) {
         }
     }
     costs::print(&report["costs"]);
+}
+
+/// The basic figures: create, first and warm query latency, the server's and its workers'
+/// memory, and the SSE rate of one session, against one server on the default config.
+async fn basic_figures(binary: &Path) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let server = start(binary, dir.path(), &[]).await?;
+    let (pid, base) = (server.pid, server.base.clone());
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4)
+        .build()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_kib(pid)?;
+
+    let mut create = Vec::new();
+    let mut first_query = Vec::new();
+    let mut warm_query = Vec::new();
+    let mut sessions = Vec::new();
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        let created: Value = client
+            .post(format!("{base}/api/v1/sessions/create"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        create.push(t.elapsed());
+        let id = created["sessionId"]
+            .as_str()
+            .context("no sessionId")?
+            .to_owned();
+        let t = Instant::now();
+        query(&client, &base, &id, "hi").await?;
+        first_query.push(t.elapsed());
+        sessions.push(id);
+    }
+    let warm = &sessions[0];
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        query(&client, &base, warm, "hi").await?;
+        warm_query.push(t.elapsed());
+    }
+    let workers: Value = get_json(&client, format!("{base}/api/v1/workers")).await?;
+    let worker_pids: Vec<u32> = workers["workers"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(|w| w["pid"].as_u64())
+                .map(|p| p as u32)
+                .collect()
+        })
+        .unwrap_or_default();
+    let worker_rss: Vec<u64> = worker_pids
+        .iter()
+        .filter_map(|p| rss_kib(*p).ok())
+        .collect();
+    // RSS counts the executable's pages, which every worker shares through the page cache;
+    // private (anonymous) memory and PSS say what each additional session really costs.
+    let worker_private: Vec<u64> = worker_pids
+        .iter()
+        .filter_map(|p| status_kib(*p, "RssAnon:").ok())
+        .collect();
+    let worker_pss: Vec<u64> = worker_pids
+        .iter()
+        .filter_map(|p| pss_kib(*p).ok())
+        .collect();
+    let loaded_rss = rss_kib(pid)?;
+
+    let (events, elapsed) = flood(&client, &base, warm, 100_000).await?;
+    drop(server);
+    Ok(json!({
+        "samples": SAMPLES,
+        "create_session_ms": summary(&create),
+        "first_query_new_session_ms": summary(&first_query),
+        "query_warm_session_ms": summary(&warm_query),
+        "sse_events_per_second_one_session": (events as f64 / elapsed.as_secs_f64()).round(),
+        "sse_events_counted": events,
+        "supervisor_idle_rss_kib": idle_rss,
+        "supervisor_rss_with_live_workers_kib": loaded_rss,
+        "live_workers": worker_rss.len(),
+                        "worker_rss_kib_median": median_u64(&worker_rss),
+        "worker_private_kib_median": median_u64(&worker_private),
+        "worker_pss_kib_median": median_u64(&worker_pss),
+    }))
 }
