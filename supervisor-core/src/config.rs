@@ -244,6 +244,10 @@ pub struct HttpTimeouts {
     /// A connection with no request in progress is closed after this many idle seconds.
     #[serde(default = "default_http_idle_timeout")]
     pub idle_timeout_secs: u64,
+    /// A request's body must have arrived whole within this many seconds of its head, or the
+    /// request fails (408): a body sent a byte at a time holds nothing for long either.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_secs: u64,
 }
 
 impl Default for HttpTimeouts {
@@ -251,12 +255,16 @@ impl Default for HttpTimeouts {
         Self {
             header_read_timeout_secs: default_header_read_timeout(),
             idle_timeout_secs: default_http_idle_timeout(),
+            body_read_timeout_secs: default_body_read_timeout(),
         }
     }
 }
 
 fn default_header_read_timeout() -> u64 {
     20
+}
+fn default_body_read_timeout() -> u64 {
+    60
 }
 fn default_http_idle_timeout() -> u64 {
     75

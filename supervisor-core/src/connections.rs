@@ -1,6 +1,7 @@
 //! Serving HTTP connections (HTTP/1.1 and cleartext HTTP/2) with the two timeouts of
 //! `server.http`: a connection must deliver a request head within `headerReadTimeoutSecs`, and
-//! one with no request in progress is closed after `idleTimeoutSecs`.
+//! one with no request in progress is closed after `idleTimeoutSecs`. A request body must have
+//! arrived whole within `bodyReadTimeoutSecs` of its head (see [`Deadline`]).
 //!
 //! Why not hyper's own `header_read_timeout`: its timer starts whenever the connection waits for
 //! a request head, so on HTTP/1 it also ends every idle keep-alive connection after the same
@@ -39,6 +40,7 @@ use tokio_util::task::TaskTracker;
 pub struct Timeouts {
     pub header_read: Duration,
     pub idle: Duration,
+    pub body_read: Duration,
 }
 
 impl Timeouts {
@@ -46,6 +48,7 @@ impl Timeouts {
         Self {
             header_read: Duration::from_secs(http.header_read_timeout_secs),
             idle: Duration::from_secs(http.idle_timeout_secs),
+            body_read: Duration::from_secs(http.body_read_timeout_secs),
         }
     }
 }
@@ -117,6 +120,7 @@ async fn serve_connection(
     let service = Tracked {
         app,
         activity: activity.clone(),
+        body_read: timeouts.body_read,
     };
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -357,6 +361,7 @@ impl AsyncWrite for Watched {
 struct Tracked {
     app: Router,
     activity: Arc<Activity>,
+    body_read: Duration,
 }
 
 type Responding = Pin<Box<dyn Future<Output = Result<Response<Guarded>, Infallible>> + Send>>;
@@ -368,7 +373,9 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
-        let responding = tower::ServiceExt::oneshot(self.app.clone(), request.map(Body::new));
+        let deadline = Instant::now() + self.body_read;
+        let request = request.map(|body| Body::new(Deadline::new(body, deadline)));
+        let responding = tower::ServiceExt::oneshot(self.app.clone(), request);
         Box::pin(async move {
             let response = responding.await?;
             Ok(response.map(|body| Guarded {
@@ -376,6 +383,55 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
                 _in_flight: guard,
             }))
         })
+    }
+}
+
+/// A request body that fails once its deadline has passed before its end. A request in
+/// progress is never timed out by the connection's watchdog (it may be a stream), so without
+/// this a client could hold a connection and a task forever by sending a body a byte at a time.
+/// The handler reading the body gets the error and answers 408.
+struct Deadline {
+    body: Incoming,
+    expires: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// What a handler sees when the body did not arrive in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within the body read timeout")]
+pub struct BodyTimedOut;
+
+impl Deadline {
+    fn new(body: Incoming, deadline: Instant) -> Self {
+        Self {
+            body,
+            expires: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+}
+
+impl hyper::body::Body for Deadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(axum::Error::new)));
+        }
+        match self.expires.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -412,6 +468,7 @@ mod tests {
     const T: Timeouts = Timeouts {
         header_read: Duration::from_secs(10),
         idle: Duration::from_secs(60),
+        body_read: Duration::from_secs(60),
     };
 
     fn expired_at(activity: &Activity, after: Duration) -> Option<Expiry> {

@@ -18,6 +18,10 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("Request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error(
+        "The request body did not arrive in time (server.http.bodyReadTimeoutSecs); send it whole"
+    )]
+    BodyTimedOut,
     /// A session record would be over one of its limits; `details.field` names which.
     #[error("{0}")]
     RecordTooLarge(TooLarge),
@@ -177,6 +181,7 @@ impl ApiError {
             | Self::NotFound { .. }
             | Self::NoSessions => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTimedOut => StatusCode::REQUEST_TIMEOUT,
             Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
             Self::WorkerUnavailable { .. }
             | Self::Draining
@@ -196,6 +201,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidJson(_) => "INVALID_JSON",
+            Self::BodyTimedOut => "REQUEST_TIMEOUT",
             Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Self::InvalidRequest(_) => "INVALID_REQUEST",
             Self::SessionIdRequired => "SESSION_ID_REQUIRED",
@@ -236,6 +242,7 @@ impl ApiError {
     fn short(&self) -> String {
         match self {
             Self::InvalidJson(_) => "Invalid JSON".into(),
+            Self::BodyTimedOut => "Request timeout".into(),
             Self::PayloadTooLarge { .. } | Self::RecordTooLarge(_) => "Payload too large".into(),
             Self::InvalidRequest(m) => m.clone(),
             Self::SessionIdRequired => "Session ID is required".into(),

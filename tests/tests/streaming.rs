@@ -291,7 +291,11 @@ async fn busy_session_rejects_second_query() -> Result<()> {
 
 /// A server whose connections must send a request head within 1 s and may idle for 2 s.
 async fn short_timeouts() -> Result<Server> {
-    let config = json!({"server": {"http": {"headerReadTimeoutSecs": 1, "idleTimeoutSecs": 2}}});
+    let config = json!({"server": {"http": {
+        "headerReadTimeoutSecs": 1,
+        "idleTimeoutSecs": 2,
+        "bodyReadTimeoutSecs": 1,
+    }}});
     Server::start(ServerOpts::new().config_file("http.json", config.to_string())).await
 }
 
@@ -357,6 +361,44 @@ async fn a_half_sent_request_is_closed_after_the_header_timeout() -> Result<()> 
     let mut silent = TcpStream::connect(("127.0.0.1", server.port())).await?;
     let sent = read_until_closed(&mut silent).await?;
     ensure!(sent.is_empty(), "{:?}", String::from_utf8_lossy(&sent));
+    Ok(())
+}
+
+/// Slowloris on the body: a request whose head arrived is in progress, which the connection's
+/// watchdog leaves alone (it may be a stream), so a body trickled a byte at a time must fail on
+/// its own deadline, with a 408 and nothing created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_fails_after_the_body_timeout() -> Result<()> {
+    let server = short_timeouts().await?;
+    let head = "POST /api/v1/sessions/create HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    let mut tcp = TcpStream::connect(("127.0.0.1", server.port())).await?;
+    tcp.write_all(head.as_bytes()).await?;
+    tcp.write_all(b"{").await?;
+    // One more byte every 100 ms, for up to 300 bytes: far past the 1 s allowed.
+    let mut answer = Vec::new();
+    for _ in 0..300 {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => {
+                answer.extend_from_slice(&buf[..n]);
+                answer.extend(read_until_closed(&mut tcp).await?);
+                break;
+            }
+        }
+        if tcp.write_all(b" ").await.is_err() {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    ensure!(answer.contains(r#""code":"REQUEST_TIMEOUT""#), "{answer:?}");
+    let listed = server.get("/api/v1/sessions").await?;
+    ensure!(listed.json["sessions"] == json!([]), "{}", listed.json);
+    // A body sent whole is read as usual.
+    server.create_session().await?;
     Ok(())
 }
 

@@ -26,12 +26,26 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit: BODY_LIMIT }
+            } else if timed_out(&rejection) {
+                ApiError::BodyTimedOut
             } else {
                 ApiError::InvalidRequest(rejection.body_text())
             }
         })?;
         parse_object(&bytes).map(JsonObject)
     }
+}
+
+/// Whether the body failed because it did not arrive in time (the connection's deadline).
+fn timed_out(rejection: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(rejection);
+    while let Some(e) = cause {
+        if e.is::<crate::connections::BodyTimedOut>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
