@@ -63,9 +63,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     if !is_per_connection(&e) {
                         // EMFILE and friends: pausing lets descriptors free up instead of
@@ -86,7 +86,13 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        connections.spawn(serve_connection(tcp, app.clone(), timeouts, stop.clone()));
+        connections.spawn(serve_connection(
+            tcp,
+            peer,
+            app.clone(),
+            timeouts,
+            stop.clone(),
+        ));
     }
     drop(listener);
     connections.close();
@@ -105,6 +111,7 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 
 async fn serve_connection(
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     app: Router,
     timeouts: Timeouts,
     stop: CancellationToken,
@@ -117,6 +124,7 @@ async fn serve_connection(
     let service = Tracked {
         app,
         activity: activity.clone(),
+        peer,
     };
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -357,6 +365,8 @@ impl AsyncWrite for Watched {
 struct Tracked {
     app: Router,
     activity: Arc<Activity>,
+    /// The TCP peer, given to the router as `ConnectInfo` (a trusted proxy is known by it).
+    peer: std::net::SocketAddr,
 }
 
 type Responding = Pin<Box<dyn Future<Output = Result<Response<Guarded>, Infallible>> + Send>>;
@@ -368,7 +378,11 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
-        let responding = tower::ServiceExt::oneshot(self.app.clone(), request.map(Body::new));
+        let mut request = request.map(Body::new);
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        let responding = tower::ServiceExt::oneshot(self.app.clone(), request);
         Box::pin(async move {
             let response = responding.await?;
             Ok(response.map(|body| Guarded {
