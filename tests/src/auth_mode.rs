@@ -70,7 +70,8 @@ pub(crate) fn admin_token(tmp: &Path) -> Result<String> {
 /// Tokens by server base URL, for the node scripts (which get the URL as an argument).
 static TOKENS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
 
-pub(crate) fn remember(base_url: &str, token: &str) {
+/// Makes the node scripts run against `base_url` send `token` (`E2E_TOKEN`).
+pub fn remember(base_url: &str, token: &str) {
     TOKENS
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

@@ -1068,3 +1068,99 @@ async fn jwts_from_a_configured_issuer_and_nothing_else() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_another_port_can_neither_read_nor_drive_the_server() -> Result<()> {
+    if !e2e::clients::available(e2e::clients::Needs::Browser)? {
+        return Ok(());
+    }
+    let server = Server::start(ServerOpts::new().local_mode()).await?;
+    let artifacts = e2e::clients::artifacts_dir()?;
+    let report = e2e::clients::run_node(
+        "browser.mjs",
+        &[
+            "cross-origin",
+            server.base_url(),
+            &e2e::clients::arg(&artifacts)?,
+        ],
+    )
+    .await?;
+    // Reading is blocked (no CORS permission, and the server refuses the origin anyway).
+    let list = &report["list"];
+    ensure!(
+        list.get("error").is_some() || list["status"] == 403,
+        "{report}"
+    );
+    ensure!(!list.to_string().contains("\"sessions\""), "{report}");
+    ensure!(
+        report["createJson"].get("error").is_some(),
+        "a preflighted POST: {report}"
+    );
+    // The simple POSTs were sent (opaque answers) and refused by the server: nothing exists.
+    ensure!(
+        count_sessions(&server, &[]).await? == 0,
+        "a page of another origin created a session: {report}"
+    );
+    ensure!(
+        server.logs().contains("ORIGIN_NOT_ALLOWED"),
+        "the refusals are recorded"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_uis_work_after_a_cookie_login() -> Result<()> {
+    if !e2e::clients::available(e2e::clients::Needs::OfficialUi)? {
+        return Ok(());
+    }
+    let artifacts = e2e::clients::artifacts_dir()?;
+    let official = Server::start(
+        ServerOpts::new()
+            .config_file("c.toml", TOKENS)
+            .arg("--webui-static-path")
+            .arg(e2e::clients::arg(&e2e::clients::official_ui_dir())?),
+    )
+    .await?;
+    let token = create_token(&official, &["--tenant", "default", "--user", "ann"])?;
+    e2e::auth_mode::remember(official.base_url(), &token);
+    let report = e2e::clients::run_node(
+        "browser.mjs",
+        &[
+            "official",
+            official.base_url(),
+            &e2e::clients::arg(&artifacts)?,
+        ],
+    )
+    .await?;
+    ensure!(
+        report["apiErrors"].as_array().is_some_and(Vec::is_empty),
+        "{report}"
+    );
+    ensure!(
+        report["afterReload"]["user"].as_u64() >= Some(1),
+        "history after reload: {report}"
+    );
+
+    // The built-in UI's scenario looks at the workers view too, which is an admin's.
+    let builtin = Server::start(ServerOpts::new().config_file("c.toml", TOKENS)).await?;
+    let token = create_token(&builtin, &["--tenant", "default", "--role", "admin"])?;
+    e2e::auth_mode::remember(builtin.base_url(), &token);
+    let report = e2e::clients::run_node(
+        "browser.mjs",
+        &[
+            "builtin",
+            builtin.base_url(),
+            &e2e::clients::arg(&artifacts)?,
+        ],
+    )
+    .await?;
+    ensure!(
+        report["pageErrors"].as_array().is_some_and(Vec::is_empty),
+        "{report}"
+    );
+    ensure!(
+        report["afterReload"]["assistant"].as_u64() >= Some(1),
+        "{report}"
+    );
+    Ok(())
+}

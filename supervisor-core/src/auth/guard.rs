@@ -19,6 +19,9 @@ pub struct Guard {
     hosts: Vec<String>,
     /// `server.allowedOrigins`, parsed.
     origins: Vec<(WorkspaceOrigin, HeaderValue)>,
+    /// `server.workspaceOrigin`: a name this server answers to (for workspace files), never an
+    /// origin whose pages may call the API (agent-written pages are served there).
+    workspace: Option<WorkspaceOrigin>,
 }
 
 impl Guard {
@@ -40,6 +43,7 @@ impl Guard {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             origins,
+            workspace: server.workspace_origin(),
         }
     }
 
@@ -76,12 +80,17 @@ impl Guard {
 
     fn host_allowed(&self, host: &str) -> bool {
         let name = host_name(host).to_ascii_lowercase();
-        if self.hosts.iter().any(|h| *h == name) {
+        if self.hosts.iter().any(|h| *h == name)
+            || self
+                .workspace
+                .as_ref()
+                .is_some_and(|w| w.matches_host(host))
+        {
             return true;
         }
         // Off loopback with no names configured, any name reaches the server: authentication,
         // not the name, protects it (DNS rebinding gets no credentials).
-        !self.loopback && self.hosts.is_empty() || is_loopback_host(&name)
+        (!self.loopback && self.hosts.is_empty()) || is_loopback_host(&name)
     }
 }
 
@@ -153,7 +162,7 @@ fn same_origin(origin: &str, host: &str) -> bool {
     let (authority, default_port) = authority;
     let with_port = |a: &str| -> String {
         let a = a.to_ascii_lowercase();
-        if a.ends_with(']') || !a.contains(':') || a.starts_with('[') && !a.contains("]:") {
+        if a.ends_with(']') || !a.contains(':') || (a.starts_with('[') && !a.contains("]:")) {
             format!("{a}:{default_port}")
         } else {
             a
