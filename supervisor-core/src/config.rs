@@ -69,6 +69,9 @@ pub struct Config {
     /// Isolation level, per-session limits and commands (all of it in `crate::isolation`).
     #[serde(default)]
     pub isolation: crate::isolation::IsolationConfig,
+    /// How callers prove who they are (`crate::auth`); absent, local mode.
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +117,18 @@ pub struct ServerConfig {
     /// sandboxed. Absent, such files are always downloads, so none renders on the API's origin.
     #[serde(default)]
     pub workspace_origin: Option<String>,
+    /// Origins (`scheme://host[:port]`) besides the server's own whose pages may call the API
+    /// from a browser; they get CORS answers. Any other `Origin` is refused.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Host names this server answers to besides the loopback ones (a name in `/etc/hosts`, the
+    /// name a reverse proxy forwards): any other `Host` is refused, which stops DNS rebinding.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Serve a non-loopback address without any `[auth]` method (`--allow-unauthenticated`):
+    /// for a server behind something else that authenticates. Logged and shown in health.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
 }
 
 impl ServerConfig {
@@ -177,6 +192,11 @@ impl WorkspaceOrigin {
             port,
             scheme_port,
         })
+    }
+
+    /// Whether a request's `Origin` header is this origin (scheme, host and port).
+    pub fn matches_origin(&self, header: &str) -> bool {
+        Self::parse(header).is_ok_and(|other| other == *self)
     }
 
     /// Whether a request's `Host` header (`host`, `host:port`, `[v6]:port`) names this origin.
@@ -370,6 +390,9 @@ impl Default for ServerConfig {
             session_limits: SessionLimits::default(),
             http: HttpTimeouts::default(),
             workspace_origin: None,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            allow_unauthenticated: false,
         }
     }
 }
@@ -747,6 +770,8 @@ pub struct Overrides {
     pub allow_insecure_isolation: bool,
     /// `isolation.allowInsecureRemote` (`--allow-insecure-remote`).
     pub allow_insecure_remote: bool,
+    /// `server.allowUnauthenticated` (`--allow-unauthenticated`).
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -998,6 +1023,17 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     if let Some(webui) = &config.webui {
         validate_webui(webui)?;
     }
+    for origin in &config.server.allowed_origins {
+        if let Err(reason) = WorkspaceOrigin::parse(origin) {
+            return Err(ConfigError::Invalid(format!(
+                "server.allowedOrigins must hold http(s) origins like \"https://app.example.com\", \
+                 got {origin:?}: {reason}"
+            )));
+        }
+    }
+    if let Some(auth) = &config.auth {
+        auth.validate().map_err(ConfigError::Invalid)?;
+    }
     if let Some(origin) = &config.server.workspace_origin
         && let Err(reason) = WorkspaceOrigin::parse(origin)
     {
@@ -1190,6 +1226,9 @@ fn flag_layer(flags: &Overrides) -> Result<Value, ConfigError> {
     }
     if flags.allow_insecure_remote {
         layer["isolation"]["allowInsecureRemote"] = json!(true);
+    }
+    if flags.allow_unauthenticated {
+        layer["server"]["allowUnauthenticated"] = json!(true);
     }
     Ok(layer)
 }

@@ -66,9 +66,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     if !is_per_connection(&e) {
                         // EMFILE and friends: pausing lets descriptors free up instead of
@@ -89,7 +89,13 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        connections.spawn(serve_connection(tcp, app.clone(), timeouts, stop.clone()));
+        connections.spawn(serve_connection(
+            tcp,
+            peer,
+            app.clone(),
+            timeouts,
+            stop.clone(),
+        ));
     }
     drop(listener);
     connections.close();
@@ -108,6 +114,7 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 
 async fn serve_connection(
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     app: Router,
     timeouts: Timeouts,
     stop: CancellationToken,
@@ -121,6 +128,7 @@ async fn serve_connection(
         app,
         activity: activity.clone(),
         body_read: timeouts.body_read,
+        peer,
     };
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -362,6 +370,8 @@ struct Tracked {
     app: Router,
     activity: Arc<Activity>,
     body_read: Duration,
+    /// The TCP peer, given to the router as `ConnectInfo` (a trusted proxy is known by it).
+    peer: std::net::SocketAddr,
 }
 
 type Responding = Pin<Box<dyn Future<Output = Result<Response<Guarded>, Infallible>> + Send>>;
@@ -374,7 +384,10 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
         let deadline = Instant::now() + self.body_read;
-        let request = request.map(|body| Body::new(Deadline::new(body, deadline)));
+        let mut request = request.map(|body| Body::new(Deadline::new(body, deadline)));
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         let responding = tower::ServiceExt::oneshot(self.app.clone(), request);
         Box::pin(async move {
             let response = responding.await?;

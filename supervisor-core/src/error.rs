@@ -89,6 +89,21 @@ pub enum ApiError {
     /// The host failed us while reading a workspace (not the client's doing).
     #[error("{0}")]
     WorkspaceAccess(String),
+    /// No principal, or a refused credential (see `crate::auth::AuthError`).
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("Only an admin may do this")]
+    AdminOnly,
+    /// A browser page of another origin (see `crate::auth::guard`).
+    #[error(
+        "Requests from origin {0} are not allowed; add it to server.allowedOrigins to permit it"
+    )]
+    OriginNotAllowed(String),
+    /// A `Host` this server does not answer to (DNS rebinding).
+    #[error("This server does not answer to host {0}; add it to server.allowedHosts to permit it")]
+    HostNotAllowed(String),
+    #[error("This route takes a JSON body (Content-Type: application/json), not {0}")]
+    UnsupportedMediaType(String),
     #[error("Storage failed: {0}")]
     Storage(StorageError),
     #[error("Internal error: {0}")]
@@ -182,6 +197,11 @@ impl ApiError {
             | Self::NoSessions => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTimedOut => StatusCode::REQUEST_TIMEOUT,
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::AdminOnly | Self::OriginNotAllowed(_) | Self::HostNotAllowed(_) => {
+                StatusCode::FORBIDDEN
+            }
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::ExclusiveModeBusy { .. } | Self::SessionBusy(_) => StatusCode::CONFLICT,
             Self::WorkerUnavailable { .. }
             | Self::Draining
@@ -217,6 +237,11 @@ impl ApiError {
             Self::NotFound { .. } => "NOT_FOUND",
             Self::NoSessions => "NO_SESSIONS",
             Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
+            Self::Unauthenticated(_) => "UNAUTHORIZED",
+            Self::AdminOnly => "FORBIDDEN",
+            Self::OriginNotAllowed(_) => "ORIGIN_NOT_ALLOWED",
+            Self::HostNotAllowed(_) => "HOST_NOT_ALLOWED",
+            Self::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE",
             Self::ExclusiveModeBusy { .. } => "EXCLUSIVE_MODE_BUSY",
             Self::SessionBusy(_) => "SESSION_BUSY",
             Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
@@ -261,6 +286,11 @@ impl ApiError {
             Self::NotFound { .. } => "Not found".into(),
             Self::NoSessions => "No sessions found".into(),
             Self::MethodNotAllowed { .. } => "Method not allowed".into(),
+            Self::Unauthenticated(_) => "Unauthorized".into(),
+            Self::AdminOnly => "Forbidden".into(),
+            Self::OriginNotAllowed(_) => "Origin not allowed".into(),
+            Self::HostNotAllowed(_) => "Host not allowed".into(),
+            Self::UnsupportedMediaType(_) => "Unsupported media type".into(),
             Self::ExclusiveModeBusy { .. } => {
                 "Server is in exclusive mode and another session is currently running".into()
             }
@@ -310,6 +340,9 @@ impl ApiError {
                 details["limit"] = json!(t.limit);
                 details["unit"] = json!(t.unit);
             }
+            Self::OriginNotAllowed(origin) => details["origin"] = json!(origin),
+            Self::HostNotAllowed(host) => details["host"] = json!(host),
+            Self::UnsupportedMediaType(ty) => details["contentType"] = json!(ty),
             Self::NotFound { method, path } | Self::MethodNotAllowed { method, path } => {
                 details["method"] = json!(method);
                 details["path"] = json!(path);
@@ -374,6 +407,12 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        if let Self::Unauthenticated(_) = self {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }

@@ -16,7 +16,9 @@
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
 //! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
 //! - `metrics`: `GET /metrics`.
-//! - [`principal`]: who a request acts for (tenant, user, role).
+//! - [`principal`]: who a request acts for (tenant, user, role); [`auth`]: how it is
+//!   established (tokens, OIDC, a trusted proxy, the login cookie, local mode), the browser
+//!   guard, and the one rule of who may use a session.
 //! - [`isolation`]: the isolation level in force: its configuration, probes, per-session host
 //!   ids, disk quotas, cgroups, jail specs, audit check and report.
 //! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
@@ -27,6 +29,7 @@
 mod admission;
 mod agio;
 mod api;
+pub mod auth;
 mod bus;
 pub mod config;
 mod connections;
@@ -47,5 +50,7 @@ mod share;
 mod state;
 pub mod storage;
 mod webui;
+
+pub use api::{RouteSpec, route_table};
 mod workers;
 mod workspace;

@@ -101,6 +101,72 @@ pub fn set_draining(state: &AppState, draining: bool) -> Value {
     json!({"success": true, "draining": draining})
 }
 
+/// A token record as the operator sees it: everything but the hash.
+fn shown_token(token: &crate::storage::TokenRecord) -> Value {
+    let mut value = json!(token);
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("hash");
+    }
+    value
+}
+
+/// Creates an API token; the answer holds its secret, which is shown nowhere else.
+///
+/// # Errors
+/// A bad tenant, user or name; storage failed.
+pub async fn create_token(
+    state: &AppState,
+    new: crate::auth::tokens::NewToken,
+) -> Result<Value, ApiError> {
+    use crate::auth::tokens::TokenError;
+    let (record, secret) = crate::auth::tokens::create(&*state.storage, new, now_ms())
+        .await
+        .map_err(|e| match e {
+            TokenError::Invalid(message) => ApiError::InvalidRequest(message),
+            TokenError::Storage(e) => e.into(),
+        })?;
+    crate::auth::record(&crate::auth::Event::TokenCreated {
+        id: &record.id,
+        tenant: &record.tenant,
+    });
+    let mut answer = json!({"success": true, "token": shown_token(&record), "secret": secret});
+    if !state.config.auth.as_ref().is_some_and(|a| a.tokens) {
+        answer["warning"] = json!("this server does not accept tokens until [auth] tokens = true");
+    }
+    Ok(answer)
+}
+
+/// Every API token, without hashes.
+///
+/// # Errors
+/// Storage failed.
+pub async fn list_tokens(state: &AppState) -> Result<Value, ApiError> {
+    let tokens: Vec<Value> = state
+        .storage
+        .tokens()
+        .await?
+        .iter()
+        .map(shown_token)
+        .collect();
+    Ok(json!({"success": true, "tokens": tokens}))
+}
+
+/// Revokes a token: refused from the next request on (tokens are read on every use).
+///
+/// # Errors
+/// Storage failed.
+pub async fn revoke_token(state: &AppState, id: &str) -> Result<Value, ApiError> {
+    if !state.storage.revoke_token(id, now_ms()).await? {
+        return Ok(json!({
+            "success": false,
+            "code": "TOKEN_NOT_FOUND",
+            "message": format!("no token {id}"),
+        }));
+    }
+    crate::auth::record(&crate::auth::Event::TokenRevoked { id });
+    Ok(json!({"success": true, "id": id, "revoked": true}))
+}
+
 /// User plus system CPU time of a process, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -3,10 +3,11 @@
 //!
 //! How a principal is established (tokens, OIDC, a trusted proxy, a cookie, or local mode) is
 //! the `auth` layer's business: it puts the principal in the request's extensions before any
-//! handler runs. A request that reached a handler without one is served as the local operator,
-//! which is what local mode means (a loopback server with no `[auth]` section).
+//! handler runs (in local mode, a loopback server with no `[auth]` section, the local
+//! operator). A request that reached a handler without one is refused (401): a missing
+//! principal must never turn into a default one.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::http::request::Parts;
 
 /// The tenant of sessions made without one (local mode, imports without `--tenant`).
@@ -48,13 +49,24 @@ impl Principal {
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Principal {
-    type Rejection = std::convert::Infallible;
+    type Rejection = crate::error::ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(parts
-            .extensions
-            .get::<Principal>()
-            .cloned()
-            .unwrap_or_else(Principal::local))
+        parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
+            crate::error::ApiError::Unauthenticated("Authentication required".into())
+        })
+    }
+}
+
+/// For the few handlers that serve public content too (the fallback): `None` when no
+/// principal was established.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for Principal {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<Principal>().cloned())
     }
 }

@@ -55,6 +55,16 @@ pub enum ServeError {
     WebUi(#[from] crate::webui::WebUiError),
     #[error(transparent)]
     Share(#[from] crate::share::ShareError),
+    #[error(
+        "refusing to serve {host} without authentication: anyone who can reach it could read and \
+         drive every session. Enable API tokens in the config file:\n\n    [auth]\n    tokens = true\n\n\
+         then make one with `supervisor ctl tokens create --tenant <name>` (or configure \
+         [[auth.oidc]] or [auth.proxy]). If something in front of this server already \
+         authenticates every caller, pass --allow-unauthenticated instead."
+    )]
+    Unauthenticated { host: String },
+    #[error("[auth]: {0}")]
+    Auth(String),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -64,7 +74,11 @@ impl ServeError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Isolation(_) | Self::Workspace { .. } | Self::DataDir(_)
+            Self::Isolation(_)
+                | Self::Workspace { .. }
+                | Self::DataDir(_)
+                | Self::Unauthenticated { .. }
+                | Self::Auth(_)
         )
     }
 }
@@ -102,7 +116,27 @@ fn raise_descriptor_limit() {
     }
 }
 
+/// Local mode (no `[auth]` method) is only for a loopback address: off it, anyone who can reach
+/// the port would be an admin. `--allow-unauthenticated` is the way round, loudly.
+fn check_exposure(config: &Config) -> Result<(), ServeError> {
+    let enabled = config
+        .auth
+        .as_ref()
+        .is_some_and(crate::auth::AuthConfig::enabled);
+    if enabled || crate::auth::guard::is_loopback_host(&config.server.host) {
+        return Ok(());
+    }
+    if config.server.allow_unauthenticated {
+        tracing::warn!(host = %config.server.host, "serving a non-loopback address WITHOUT authentication (--allow-unauthenticated): every caller is an admin");
+        return Ok(());
+    }
+    Err(ServeError::Unauthenticated {
+        host: config.server.host.clone(),
+    })
+}
+
 async fn serve(mut config: Config) -> Result<(), ServeError> {
+    check_exposure(&config)?;
     raise_descriptor_limit();
     let workspace_root = prepare_workspace_root(&config.workspace)?;
     // Absolute from here on: the jail stage inside it is handed to workers.
@@ -170,6 +204,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
             source,
         })?;
     let local: SocketAddr = listener.local_addr()?;
+    let auth = crate::auth::Auth::new(&config, storage.clone()).map_err(ServeError::Auth)?;
     let state = Arc::new(AppState::new(Parts {
         config,
         workspace_root,
@@ -180,6 +215,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
         agio,
         webui,
         sharing,
+        auth,
     }));
     tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::isolation::Isolation;
+use crate::principal::Principal;
 use crate::provision::Provisioner;
 use crate::sessions::{RunOutcome, Session, Sessions};
 use crate::share::Sharing;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub started: Instant,
     /// Cancelled when the server has stopped its runs; long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// Who callers are (`crate::auth`).
+    pub auth: crate::auth::Auth,
 }
 
 /// What the state is made of, gathered at start-up.
@@ -60,6 +63,7 @@ pub struct Parts {
     pub agio: Option<Arc<Agio>>,
     pub webui: Arc<WebUi>,
     pub sharing: Sharing,
+    pub auth: crate::auth::Auth,
 }
 
 impl AppState {
@@ -75,6 +79,7 @@ impl AppState {
             agio,
             webui,
             sharing,
+            auth,
         } = parts;
         let provisioner = Provisioner::new(isolation.clone(), storage.clone());
         let workers = crate::workers::Context {
@@ -109,6 +114,37 @@ impl AppState {
             sharing,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
+            auth,
+        }
+    }
+
+    /// The session `id` as [`Self::session`] gives it, if `principal` may use it. One the
+    /// principal may not use answers exactly like one that does not exist, and nothing is done
+    /// to it first (it is not even restored).
+    ///
+    /// # Errors
+    /// `SessionNotFound` for a session that does not exist or is another tenant's.
+    pub async fn session_for(
+        &self,
+        principal: &Principal,
+        id: &SessionId,
+    ) -> Result<Arc<Session>, ApiError> {
+        self.check_access(principal, id).await?;
+        self.session(id).await
+    }
+
+    /// `SessionNotFound` unless session `id` exists and `principal` may use it.
+    ///
+    /// # Errors
+    /// As said; storage failures.
+    pub async fn check_access(
+        &self,
+        principal: &Principal,
+        id: &SessionId,
+    ) -> Result<(), ApiError> {
+        match self.storage.session(id).await? {
+            Some(info) if crate::auth::may_access(principal, info.tenant()) => Ok(()),
+            _ => Err(ApiError::SessionNotFound(id.to_string())),
         }
     }
 

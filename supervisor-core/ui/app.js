@@ -1003,7 +1003,7 @@
   // ----------------------------------------------------------------------------------------
 
   function showView(name) {
-    for (const view of ['home', 'chat', 'workers', 'missing']) $(`view-${view}`).hidden = view !== name;
+    for (const view of ['home', 'chat', 'workers', 'missing', 'login']) $(`view-${view}`).hidden = view !== name;
     // On a narrow screen the session list folds away once a view is chosen.
     $('sidebar').classList.remove('open');
     $('tab-chat').classList.toggle('active', name !== 'workers');
@@ -1110,10 +1110,42 @@
     setRunning(false, 'idle');
   }
 
-  function start() {
+  /**
+   * The sign-in screen of a server with auth on: the token goes to `/auth/login` once, which
+   * answers with an HttpOnly cookie (the page never keeps the token), then the page starts over.
+   */
+  function showLogin() {
+    $('new-session').hidden = true;
+    $('tab-workers').hidden = true;
+    showView('login');
+    $('login-form').onsubmit = async (e) => {
+      e.preventDefault();
+      const token = $('login-token').value.trim();
+      if (!token) return;
+      try {
+        await api('/auth/login', { method: 'POST', body: { token } });
+        $('login-token').value = '';
+        window.location.reload();
+      } catch (error) {
+        $('login-error').textContent = error.message || 'Sign-in failed';
+        $('login-error').hidden = false;
+      }
+    };
+    $('login-token').focus();
+  }
+
+  async function start() {
     if (REPLAY) {
       startReplay();
       return;
+    }
+    try {
+      await api('/auth/me');
+    } catch (error) {
+      if (error.status === 401) {
+        showLogin();
+        return;
+      }
     }
     renderWelcome();
     bindControls();

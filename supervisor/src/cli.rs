@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use supervisor_core::config::Overrides;
 use supervisor_core::ctl::Request;
+use supervisor_core::principal::Role;
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +70,41 @@ pub enum CtlAction {
     Drain,
     /// Accept new runs again after a drain.
     Resume,
+    /// API tokens (`[auth] tokens = true`).
+    #[command(subcommand)]
+    Tokens(TokensAction),
+}
+
+#[derive(Subcommand)]
+pub enum TokensAction {
+    /// Make a token; its secret is printed once, as the last line of stdout.
+    Create {
+        /// The tenant whose sessions the token reaches.
+        #[arg(long)]
+        tenant: String,
+        /// Who the token acts as [default: token-<id>].
+        #[arg(long)]
+        user: Option<String>,
+        /// member (its tenant's sessions) or admin (every tenant, the operations routes).
+        #[arg(long, value_enum, default_value = "member")]
+        role: RoleArg,
+        /// How long it lasts: 30d, 12h, 90m, 3600s [default: until revoked].
+        #[arg(long, value_parser = supervisor_core::auth::tokens::parse_duration)]
+        expires: Option<u64>,
+        /// A label, such as the machine it is for.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Every token (never their secrets).
+    List,
+    /// Refuse a token from the next request on.
+    Revoke { id: String },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    Member,
+    Admin,
 }
 
 impl CtlAction {
@@ -86,6 +122,24 @@ impl CtlAction {
             },
             Self::Drain => Request::Drain,
             Self::Resume => Request::Resume,
+            Self::Tokens(TokensAction::Create {
+                tenant,
+                user,
+                role,
+                expires,
+                name,
+            }) => Request::TokensCreate(supervisor_core::auth::tokens::NewToken {
+                tenant,
+                user,
+                role: match role {
+                    RoleArg::Member => Role::Member,
+                    RoleArg::Admin => Role::Admin,
+                },
+                expires_in_secs: expires,
+                name,
+            }),
+            Self::Tokens(TokensAction::List) => Request::TokensList,
+            Self::Tokens(TokensAction::Revoke { id }) => Request::TokensRevoke { id },
         }
     }
 }
@@ -161,6 +215,10 @@ pub struct ServeArgs {
     /// With `none`, also permit a non-loopback listen address [env: AGENTD_ALLOW_INSECURE_REMOTE=1].
     #[arg(long)]
     allow_insecure_remote: bool,
+    /// Serve a non-loopback address with no `[auth]` method (something in front of this server
+    /// must authenticate callers) [config: server.allowUnauthenticated].
+    #[arg(long)]
+    allow_unauthenticated: bool,
     /// Test builds only: become this uid (and gid) before serving, to exercise rootless mode.
     #[cfg(feature = "isolation-tests")]
     #[arg(long)]
@@ -189,6 +247,7 @@ impl ServeArgs {
             isolation: self.isolation.clone(),
             allow_insecure_isolation: self.allow_insecure_isolation,
             allow_insecure_remote: self.allow_insecure_remote,
+            allow_unauthenticated: self.allow_unauthenticated,
         }
     }
 }

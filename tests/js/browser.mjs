@@ -6,6 +6,11 @@
 //   node browser.mjs replay   <htmlFile> <artifactsDir> <name> <text>...
 //   node browser.mjs interrupted <baseUrl> <artifactsDir> <serverPid>
 //   node browser.mjs workspace <pageUrl> <artifactsDir> <name>
+//   node browser.mjs cross-origin <baseUrl> <artifactsDir>
+//
+// With E2E_TOKEN set (a server with auth on: tests/tests/auth.rs, or the harness's
+// E2E_AUTH=token), `official` signs in through `/api/v1/auth/login` (the cookie is then the
+// page's) and `builtin` through the built-in UI's sign-in screen, before doing anything else.
 //
 // Each scenario prints one JSON report as its last line; the Rust tests (tests/tests/browser.rs,
 // tests/tests/share.rs) assert on it. Screenshots go to <artifactsDir>/<scenario>-*.png.
@@ -91,9 +96,16 @@ async function streamTypes(seen) {
 
 const shot = (page, name) => page.screenshot({ path: path.join(artifacts, `${name}.png`) });
 
+const TOKEN = process.env.E2E_TOKEN;
+
 async function official() {
-  const { page, close } = await launch();
+  const { context, page, close } = await launch();
   const seen = watch(page);
+  if (TOKEN) {
+    // The official UI has no sign-in of its own; the cookie set here is the browser's.
+    const login = await context.request.post(`${target}/api/v1/auth/login`, { data: { token: TOKEN } });
+    if (!login.ok()) throw new Error(`login: ${login.status()} ${await login.text()}`);
+  }
   await page.goto(`${target}/`);
   await page.locator('textarea').first().fill(TOOL_PROMPT);
   await page.keyboard.press('Control+Enter');
@@ -148,6 +160,15 @@ async function builtin() {
   const seen = watch(page);
   page.on('dialog', (dialog) => dialog.accept());
   await page.goto(`${target}/`);
+  if (TOKEN) {
+    await page.locator('#view-login:not([hidden])').waitFor();
+    await page.locator('#login-token').fill(TOKEN);
+    await page.locator('#login-submit').click();
+    await page.locator('#new-session:not([hidden])').waitFor();
+    await page.locator('#view-login[hidden]').waitFor({ state: 'attached' });
+    // The 401 that brought up the sign-in screen is not a failure.
+    seen.apiErrors.length = 0;
+  }
   await page.locator('#new-session').click();
   await page.waitForURL(/#\/session\//);
   const sessionId = new URL(page.url()).hash.replace('#/session/', '');
@@ -543,7 +564,53 @@ async function workspace() {
   return report;
 }
 
+/**
+ * A page served from another loopback port (another local app, or a page the operator
+ * visits) trying to read and drive the server: every attempt must fail, and the report says
+ * how each one did.
+ */
+async function crossOrigin() {
+  const http = await import('node:http');
+  const hostile = http.createServer((request, response) => {
+    response.writeHead(200, { 'content-type': 'text/html' });
+    response.end('<!doctype html><title>elsewhere</title><p>hi</p>');
+  });
+  await new Promise((resolve) => hostile.listen(0, '127.0.0.1', resolve));
+  const origin = `http://127.0.0.1:${hostile.address().port}`;
+  const { page, close } = await launch();
+  await page.goto(`${origin}/`);
+  const report = await page.evaluate(async (base) => {
+    const attempt = async (f) => {
+      try {
+        const response = await f();
+        return { status: response.status, type: response.type, body: await response.text() };
+      } catch (error) {
+        return { error: String(error) };
+      }
+    };
+    return {
+      origin: location.origin,
+      list: await attempt(() => fetch(`${base}/api/v1/sessions`)),
+      createJson: await attempt(() => fetch(`${base}/api/v1/sessions/create`, {
+        method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}',
+      })),
+      // A "simple" request: no preflight, sent whatever the answer; the server must refuse it.
+      createText: await attempt(() => fetch(`${base}/api/v1/sessions/create`, {
+        method: 'POST', mode: 'no-cors', headers: { 'content-type': 'text/plain' }, body: '{}',
+      })),
+      oneshotText: await attempt(() => fetch(`${base}/api/v1/oneshot/query`, {
+        method: 'POST', mode: 'no-cors', headers: { 'content-type': 'text/plain' },
+        body: '{"query":"from another page"}',
+      })),
+    };
+  }, target);
+  await close();
+  hostile.close();
+  return report;
+}
+
 const scenarios = {
+  'cross-origin': crossOrigin,
   official,
   builtin,
   'builtin-states': builtinStates,

@@ -12,8 +12,11 @@ import { io } from 'socket.io-client';
 const [scenario, base, sessionId, pauseMs] = process.argv.slice(2);
 const LIMIT_MS = 30000;
 
+// E2E_TOKEN: the harness runs with auth on (tests/src/auth_mode.rs).
+const harnessAuth = process.env.E2E_TOKEN ? { auth: { token: process.env.E2E_TOKEN } } : {};
+
 function connect(options = {}) {
-  const socket = io(base, { reconnection: false, timeout: LIMIT_MS, ...options });
+  const socket = io(base, { reconnection: false, timeout: LIMIT_MS, ...harnessAuth, ...options });
   return new Promise((resolve, reject) => {
     socket.once('connect', () => resolve(socket));
     socket.once('connect_error', (error) => reject(new Error(`connect_error: ${error.message}`)));
@@ -332,7 +335,39 @@ async function seedClient() {
   return { logs };
 }
 
-const scenarios = { basics, closed, room, late, restore, quiet, 'seed-events': seedEvents, 'seed-client': seedClient };
+// With auth on (tests/tests/auth.rs): argv is <base> <sessionId> <ownerToken> <otherTenantToken>.
+// The handshake without a token and with a wrong one is refused; another tenant's token connects
+// but finds the session missing, for a join and for a query alike.
+async function auth() {
+  const [owner, other] = process.argv.slice(5);
+  const refusal = async (options) => {
+    try {
+      const socket = await connect(options);
+      socket.close();
+      return 'connected';
+    } catch (error) {
+      return error.message;
+    }
+  };
+  const report = {
+    anonymous: await refusal({}),
+    wrongToken: await refusal({ auth: { token: `${owner}x` } }),
+  };
+  const b = await connect({ auth: { token: other } });
+  let error = once(b, 'error', 'error after joining another tenant\'s session');
+  b.emit('join-session', sessionId);
+  report.otherTenant = await error;
+  error = once(b, 'error', 'error after querying another tenant\'s session');
+  b.emit('send-query', { sessionId, query: 'from-b' });
+  report.otherTenantQuery = await error;
+  b.close();
+  const a = await connect({ auth: { token: owner } });
+  report.owner = await join(a, sessionId);
+  a.close();
+  return report;
+}
+
+const scenarios = { basics, closed, room, late, restore, quiet, auth, 'seed-events': seedEvents, 'seed-client': seedClient };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

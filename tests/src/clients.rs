@@ -123,6 +123,7 @@ pub async fn run_node(script: &str, args: &[&str]) -> Result<Value> {
         .args(args)
         .current_dir(js_dir())
         .env("CHROMIUM", chromium())
+        .envs(crate::auth_mode::token_for_args(args).map(|t| ("E2E_TOKEN", t)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -17,10 +17,19 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The client a [`Server`] talks through: no proxy, a bounded connect.
-pub(crate) fn client() -> Result<reqwest::Client> {
+/// The client a [`Server`] talks through: no proxy, a bounded connect, and the server's token
+/// on every request when there is one (see `auth_mode`).
+pub(crate) fn client(token: Option<&str>) -> Result<reqwest::Client> {
     install_crypto();
+    let mut headers = HeaderMap::new();
+    if let Some(token) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().context("token header")?,
+        );
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .no_proxy()
         .connect_timeout(Duration::from_secs(10))
         .build()

@@ -9,12 +9,14 @@
 //! - [`http`]: the JSON client and [`Resp`]; [`api`]: the session calls built on it;
 //! - [`raw_http`]: the raw-socket HTTP client; [`sse`]: the one SSE reader;
 //! - [`assertions`]: shape checks; [`process`]: pids and polling;
-//! - [`fake_llm`]: the scripted model server; [`clients`]: node and Chromium clients.
+//! - [`fake_llm`]: the scripted model server; [`clients`]: node and Chromium clients;
+//! - [`auth_mode`]: `E2E_AUTH=token`, the suites run with an API token.
 
 use std::time::Duration;
 
 pub mod api;
 pub mod assertions;
+pub mod auth_mode;
 pub mod cleanup;
 pub mod clients;
 pub mod fake_llm;

@@ -65,6 +65,8 @@ pub struct ServerOpts {
     pub no_host_flag: bool,
     /// Do not pass `--workspace <tmp>/ws`.
     pub no_workspace_flag: bool,
+    /// Start in local mode even under `E2E_AUTH=token` (a test of local mode itself).
+    pub local_mode: bool,
 }
 
 impl ServerOpts {
@@ -92,6 +94,10 @@ impl ServerOpts {
     }
     pub fn without_host_flag(mut self) -> Self {
         self.no_host_flag = true;
+        self
+    }
+    pub fn local_mode(mut self) -> Self {
+        self.local_mode = true;
         self
     }
     pub fn without_workspace_flag(mut self) -> Self {

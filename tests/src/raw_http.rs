@@ -57,6 +57,9 @@ impl Server {
             .context("connect")?;
         let (rd, mut wr) = stream.into_split();
         let mut req = String::from(head.trim_end());
+        if let Some(token) = &self.token {
+            req.push_str(&format!("\r\nAuthorization: Bearer {token}"));
+        }
         req.push_str(&format!(
             "\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()

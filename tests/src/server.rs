@@ -30,6 +30,8 @@ pub struct Server {
     ws: PathBuf,
     logs: Logs,
     pub(crate) http: reqwest::Client,
+    /// The admin token every harness client sends (`E2E_AUTH=token`).
+    pub(crate) token: Option<String>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Worker pids seen in `/api/v1/workers`; killed on drop if still alive (safety net so a
     /// failing test never leaks workers).
@@ -57,6 +59,7 @@ impl Server {
 
     /// Starts the server and waits (up to 30 s) for its listening line on stdout.
     pub async fn start(opts: ServerOpts) -> Result<Server> {
+        let (opts, with_token) = crate::auth_mode::with_tokens(opts);
         let Prepared { tmp, ws, mut cmd } = prepare(&opts)?;
         let roots = opts.roots(tmp.path());
         let mut child = cmd.spawn().context("spawn supervisor")?;
@@ -103,6 +106,13 @@ impl Server {
                 return Err(e);
             }
         };
+        let token = if with_token {
+            let token = crate::auth_mode::admin_token(tmp.path())?;
+            crate::auth_mode::remember(&url, &token);
+            Some(token)
+        } else {
+            None
+        };
         Ok(Server {
             child,
             pid,
@@ -110,7 +120,8 @@ impl Server {
             base_url: url,
             ws,
             logs,
-            http: crate::http::client()?,
+            http: crate::http::client(token.as_deref())?,
+            token,
             tasks: vec![out_task, err_task],
             seen_workers: Mutex::default(),
             roots,

@@ -17,8 +17,8 @@ async fn health_version_and_agent_options() -> Result<()> {
     r.expect_status(200, "health")?;
     ensure!(r.json == json!({"status": "ok"}), "health body: {}", r.text);
     ensure!(
-        r.header("access-control-allow-origin").as_deref() == Some("*"),
-        "CORS header missing on health: {:?}",
+        r.header("access-control-allow-origin").is_none(),
+        "wildcard CORS on health: {:?}",
         r.headers
     );
     let ct = r.header("content-type").unwrap_or_default();
@@ -89,8 +89,8 @@ async fn create_list_details_update_delete() -> Result<()> {
         .await?;
     r.expect_status(201, "create")?;
     ensure!(
-        r.header("access-control-allow-origin").as_deref() == Some("*"),
-        "CORS header on create"
+        r.header("access-control-allow-origin").is_none(),
+        "wildcard CORS on create"
     );
     let a = r.json["sessionId"]
         .as_str()

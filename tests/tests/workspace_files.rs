@@ -176,7 +176,11 @@ async fn workspace_files_are_sandboxed_and_active_ones_downloaded() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workspace_origin_gets_pages_inline_and_still_sandboxed() -> Result<()> {
     let port = free_port()?;
-    let config = json!({"server": {"workspaceOrigin": format!("http://files.test:{port}")}});
+    // api.test is the API's name here: a name this server answers to must be configured.
+    let config = json!({"server": {
+        "workspaceOrigin": format!("http://files.test:{port}"),
+        "allowedHosts": ["api.test"],
+    }});
     let server = Server::start(
         ServerOpts::new()
             .without_port_flag()

@@ -16,13 +16,33 @@ use crate::error::ApiError;
 pub const BODY_LIMIT: usize = 20 * 1024 * 1024;
 
 /// A JSON object body. An empty body counts as `{}` (upstream handlers see an empty object);
-/// anything that is not a JSON object is `INVALID_JSON`.
+/// anything that is not a JSON object is `INVALID_JSON`. A body must say it is JSON: a form or
+/// `text/plain` body is what a page of another site can POST without asking first (no CORS
+/// preflight), so it is refused (415) rather than parsed.
 pub struct JsonObject(pub Map<String, Value>);
+
+/// Whether a `Content-Type` is JSON (`application/json`, `application/<x>+json`).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
 
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit: BODY_LIMIT }
@@ -32,6 +52,12 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
                 ApiError::InvalidRequest(rejection.body_text())
             }
         })?;
+        let empty = bytes.iter().all(u8::is_ascii_whitespace);
+        match content_type {
+            Some(ct) if !is_json(&ct) => return Err(ApiError::UnsupportedMediaType(ct)),
+            None if !empty => return Err(ApiError::UnsupportedMediaType("no Content-Type".into())),
+            _ => {}
+        }
         parse_object(&bytes).map(JsonObject)
     }
 }

@@ -32,6 +32,7 @@ use shared::ids::SessionId;
 
 use super::body::{JsonObject, Params, parse_session_id, session_id};
 use crate::error::ApiError;
+use crate::principal::Principal;
 use crate::state::AppState;
 use crate::workspace::{AccessError, Entry, SessionDir, read_beneath, read_file};
 
@@ -46,12 +47,28 @@ const SEARCH_DEPTH: usize = 5;
 const SEARCH_RESULTS: usize = 20;
 const SEARCH_BUDGET: usize = 50_000;
 
-/// The routes of this module, merged into the router in `api/mod.rs`.
-pub(super) fn routes() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/api/v1/sessions/workspace/files", get(files))
-        .route("/api/v1/sessions/workspace/search", get(search))
-        .route("/api/v1/sessions/workspace/validate", post(validate))
+/// The routes of this module, added to the table in `api/mod.rs`.
+pub(super) fn routes(table: super::Table) -> super::Table {
+    use crate::auth::Access::Member;
+    table
+        .route(
+            "/api/v1/sessions/workspace/files",
+            &["GET"],
+            Member,
+            get(files),
+        )
+        .route(
+            "/api/v1/sessions/workspace/search",
+            &["GET"],
+            Member,
+            get(search),
+        )
+        .route(
+            "/api/v1/sessions/workspace/validate",
+            &["POST"],
+            Member,
+            post(validate),
+        )
 }
 
 /// A request path made safe to hand to cap-std: relative, no `..`, no NUL or backslash, not too
@@ -137,18 +154,23 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The session (restored if needed) and its workspace path.
-async fn workspace_of(state: &AppState, params: &Params) -> Result<PathBuf, ApiError> {
+async fn workspace_of(
+    state: &AppState,
+    principal: &Principal,
+    params: &Params,
+) -> Result<PathBuf, ApiError> {
     let id = session_id(params, None)?;
-    let session = state.session(&id).await?;
+    let session = state.session_for(principal, &id).await?;
     Ok(session.workspace.clone())
 }
 
 /// `GET /api/v1/sessions/workspace/files?sessionId=&path=` (api.md §3.11).
 async fn files(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    let workspace = workspace_of(&state, &params).await?;
+    let workspace = workspace_of(&state, &principal, &params).await?;
     let requested = params.get("path").unwrap_or("/").to_owned();
     let relative = relative_path(&requested)?;
     blocking(move || {
@@ -217,13 +239,11 @@ async fn files(
 /// `GET /api/v1/sessions/workspace/search?sessionId=&q=&type=` (api.md §3.12).
 async fn search(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    let workspace = workspace_of(&state, &params).await?;
-    let query = params
-        .get("q")
-        .ok_or(ApiError::SearchQueryRequired)?
-        .to_owned();
+    let workspace = workspace_of(&state, &principal, &params).await?;
+    let query = params.get("q").ok_or(ApiError::SearchQueryRequired)?.to_owned();
     let kind = params.get("type").unwrap_or("all").to_owned();
     blocking(move || {
         let session_dir = SessionDir::open(&workspace)?;
@@ -364,10 +384,11 @@ fn rank(name: &str, relative: &str, query: &str, is_dir: bool) -> i64 {
 /// `POST /api/v1/sessions/workspace/validate?sessionId=` (api.md §3.13).
 async fn validate(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let workspace = workspace_of(&state, &params).await?;
+    let workspace = workspace_of(&state, &principal, &params).await?;
     let paths: Vec<String> = body
         .get("paths")
         .and_then(Value::as_array)
@@ -455,11 +476,12 @@ fn static_session(uri: &Uri, headers: &HeaderMap) -> Option<(String, Named)> {
 /// `/api/` that contain a `.` or start with `/static/` or `/assets/`.
 pub(super) async fn workspace_static(
     State(state): State<Arc<AppState>>,
+    principal: Option<Principal>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    match serve_static(&state, &method, &uri, &headers).await {
+    match serve_static(&state, principal.as_ref(), &method, &uri, &headers).await {
         Some(response) => response,
         None => super::web_ui_or_not_found(State(state), method, uri).await,
     }
@@ -468,6 +490,7 @@ pub(super) async fn workspace_static(
 /// A workspace file, a 404/400 JSON answer, or `None` to let the web UI answer.
 async fn serve_static(
     state: &AppState,
+    principal: Option<&Principal>,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
@@ -482,9 +505,12 @@ async fn serve_static(
     }
     let (id, named) = static_session(uri, headers)?;
     let explicit = named == Named::Explicitly;
-    let found = match parse_session_id(&id) {
-        Ok(id) => state.session(&id).await,
-        Err(e) => Err(e),
+    // A request without a principal (auth on, no credential) sees no workspace: it is answered
+    // like one naming a session that does not exist.
+    let found = match (parse_session_id(&id), principal) {
+        (Ok(id), Some(principal)) => state.session_for(principal, &id).await,
+        (Ok(id), None) => Err(ApiError::SessionNotFound(id.to_string())),
+        (Err(e), _) => Err(e),
     };
     let session = match found {
         Ok(session) => session,

@@ -1,9 +1,11 @@
 //! The HTTP surface: every route in one table, plus the layers every response passes through.
 //!
-//! From the outside in: CORS; Socket.IO at `/socket.io/` (outside the body limit, which
-//! engine.io enforces itself); the `<webui.base>/api/...` rewrite; then the routes, and for
-//! every other GET the web UI, else a JSON 404.
+//! From the outside in: the browser guard and the principal (`crate::auth::layer`); Socket.IO
+//! at `/socket.io/` (outside the body limit, which engine.io enforces itself); the
+//! `<webui.base>/api/...` rewrite; then the routes, each behind its access check
+//! (`crate::auth::require`), and for every other GET the web UI, else a JSON 404.
 
+mod auth;
 mod body;
 mod files;
 mod models;
@@ -20,62 +22,221 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use tracing::Instrument;
 
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::state::AppState;
 
 pub use body::BODY_LIMIT;
 
-/// The application: routes, body limit, CORS, Socket.IO, the web UI and the JSON 404/405
-/// answers.
+/// Who may call one route: its path, its methods, and the [`Access`] its route layer enforces.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteSpec {
+    pub path: &'static str,
+    pub methods: &'static [&'static str],
+    pub access: Access,
+}
+
+/// The routes being assembled: every route is added through [`Table::route`], which puts the
+/// access check on it and records it, so the list of routes and their access cannot drift
+/// from the router (the route access matrix test walks [`route_table`]).
+pub(crate) struct Table {
+    router: Router<Arc<AppState>>,
+    specs: Vec<RouteSpec>,
+}
+
+impl Table {
+    pub(crate) fn route(
+        mut self,
+        path: &'static str,
+        methods: &'static [&'static str],
+        access: Access,
+        handler: MethodRouter<Arc<AppState>>,
+    ) -> Self {
+        let handler = handler.route_layer(middleware::from_fn(move |request, next| {
+            crate::auth::require(access, request, next)
+        }));
+        self.router = self.router.route(path, handler);
+        self.specs.push(RouteSpec {
+            path,
+            methods,
+            access,
+        });
+        self
+    }
+}
+
+/// Every route of the API.
+fn table() -> Table {
+    use Access::{Admin, Member, Public};
+    let table = Table {
+        router: Router::new(),
+        specs: Vec::new(),
+    }
+    .route("/api/v1/health", &["GET"], Public, get(system::health))
+    // Public, with its details for admins only.
+    .route(
+        "/api/v1/system/health",
+        &["GET"],
+        Public,
+        get(system::system_health),
+    )
+    .route("/api/v1/version", &["GET"], Member, get(system::version))
+    .route(
+        "/api/v1/agent/options",
+        &["GET"],
+        Member,
+        get(system::agent_options),
+    )
+    .route("/api/v1/models", &["GET"], Member, get(models::list))
+    .route("/api/v1/workers", &["GET"], Admin, get(system::workers))
+    .route(
+        "/api/v1/sessions/restart",
+        &["POST"],
+        Admin,
+        post(system::restart),
+    )
+    .route(
+        "/api/v1/sessions/stop",
+        &["POST"],
+        Admin,
+        post(system::stop),
+    )
+    .route(
+        "/api/v1/runtime-settings",
+        &["GET", "POST"],
+        Member,
+        get(settings::get).post(settings::set),
+    )
+    .route("/api/v1/share/config", &["GET"], Member, get(share::config))
+    .route("/api/v1/sessions", &["GET"], Member, get(sessions::list))
+    .route(
+        "/api/v1/sessions/create",
+        &["POST"],
+        Member,
+        post(sessions::create),
+    )
+    .route(
+        "/api/v1/sessions/details",
+        &["GET"],
+        Member,
+        get(sessions::details),
+    )
+    .route(
+        "/api/v1/sessions/events",
+        &["GET"],
+        Member,
+        get(sessions::events),
+    )
+    .route(
+        "/api/v1/sessions/events/latest",
+        &["GET"],
+        Member,
+        get(sessions::latest_events),
+    )
+    .route(
+        crate::auth::TICKET_ROUTE,
+        &["GET"],
+        Member,
+        get(sessions::follow),
+    )
+    .route(
+        "/api/v1/sessions/status",
+        &["GET"],
+        Member,
+        get(sessions::status),
+    )
+    .route(
+        "/api/v1/sessions/update",
+        &["POST"],
+        Member,
+        post(sessions::update),
+    )
+    .route(
+        "/api/v1/sessions/delete",
+        &["POST"],
+        Member,
+        post(sessions::delete),
+    )
+    .route(
+        "/api/v1/sessions/restore",
+        &["POST"],
+        Member,
+        post(sessions::restore),
+    )
+    .route(
+        "/api/v1/sessions/share",
+        &["POST"],
+        Member,
+        post(share::share),
+    )
+    .route(
+        "/api/v1/sessions/model",
+        &["POST"],
+        Member,
+        post(models::set_session_model),
+    )
+    .route(
+        "/api/v1/sessions/generate-summary",
+        &["POST"],
+        Member,
+        post(models::generate_summary),
+    )
+    .route(
+        "/api/v1/sessions/query",
+        &["POST"],
+        Member,
+        post(runs::query),
+    )
+    .route(
+        "/api/v1/sessions/query/stream",
+        &["POST"],
+        Member,
+        post(runs::query_stream),
+    )
+    .route(
+        "/api/v1/sessions/abort",
+        &["POST"],
+        Member,
+        post(runs::abort),
+    )
+    .route(
+        "/api/v1/oneshot/query",
+        &["POST"],
+        Member,
+        post(runs::oneshot),
+    )
+    .route(
+        "/api/v1/oneshot/query/stream",
+        &["POST"],
+        Member,
+        post(runs::oneshot_stream),
+    )
+    .route("/api/v1/auth/login", &["POST"], Public, post(auth::login))
+    .route("/api/v1/auth/logout", &["POST"], Public, post(auth::logout))
+    .route("/api/v1/auth/me", &["GET"], Member, get(auth::me))
+    .route("/api/v1/auth/ticket", &["POST"], Member, post(auth::ticket))
+    .route("/metrics", &["GET"], Admin, get(system::metrics));
+    probe::routes(files::routes(table))
+}
+
+/// Every route with its methods and who may call it, as the router enforces it.
+pub fn route_table() -> Vec<RouteSpec> {
+    table().specs
+}
+
+/// The application: routes, body limit, the browser guard and the principal, Socket.IO, the
+/// web UI and the JSON 404/405 answers.
 pub fn router(state: Arc<AppState>) -> Router {
-    let routes = Router::new()
-        .route("/api/v1/health", get(system::health))
-        .route("/api/v1/system/health", get(system::system_health))
-        .route("/api/v1/version", get(system::version))
-        .route("/api/v1/agent/options", get(system::agent_options))
-        .route("/api/v1/models", get(models::list))
-        .route("/api/v1/workers", get(system::workers))
-        .route("/api/v1/sessions/restart", post(system::restart))
-        .route("/api/v1/sessions/stop", post(system::stop))
-        .route(
-            "/api/v1/runtime-settings",
-            get(settings::get).post(settings::set),
-        )
-        .route("/api/v1/share/config", get(share::config))
-        .route("/api/v1/sessions", get(sessions::list))
-        .route("/api/v1/sessions/create", post(sessions::create))
-        .route("/api/v1/sessions/details", get(sessions::details))
-        .route("/api/v1/sessions/events", get(sessions::events))
-        .route(
-            "/api/v1/sessions/events/latest",
-            get(sessions::latest_events),
-        )
-        .route("/api/v1/sessions/events/stream", get(sessions::follow))
-        .route("/api/v1/sessions/status", get(sessions::status))
-        .route("/api/v1/sessions/update", post(sessions::update))
-        .route("/api/v1/sessions/delete", post(sessions::delete))
-        .route("/api/v1/sessions/restore", post(sessions::restore))
-        .route("/api/v1/sessions/share", post(share::share))
-        .route("/api/v1/sessions/model", post(models::set_session_model))
-        .route(
-            "/api/v1/sessions/generate-summary",
-            post(models::generate_summary),
-        )
-        .route("/api/v1/sessions/query", post(runs::query))
-        .route("/api/v1/sessions/query/stream", post(runs::query_stream))
-        .route("/api/v1/sessions/abort", post(runs::abort))
-        .route("/api/v1/oneshot/query", post(runs::oneshot))
-        .route("/api/v1/oneshot/query/stream", post(runs::oneshot_stream))
-        .route("/metrics", get(system::metrics))
-        .merge(files::routes())
-        .merge(probe::routes())
+    let routes = table()
+        .router
         // The workspace static server (api.md §11.1) first, then the web UI, then a JSON 404.
+        // Each checks what it serves itself: the web UI is public, workspace files are not.
         .fallback(files::workspace_static)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -89,7 +250,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             strip_web_ui_base,
         ))
         .layer(socketio::layer(state.clone()))
-        .layer(middleware::from_fn(cors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::layer,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), level_header))
 }
 
@@ -170,30 +334,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     }
 }
 
-/// CORS exactly as upstream (api.md §1.2): any origin, preflight answered with 204.
-async fn cors(request: Request, next: Next) -> Response {
-    let mut response = if request.method() == Method::OPTIONS {
-        let mut preflight = StatusCode::NO_CONTENT.into_response();
-        let headers = preflight.headers_mut();
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET,POST,PUT,DELETE,OPTIONS"),
-        );
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("Content-Type,Authorization"),
-        );
-        preflight
-    } else {
-        next.run(request).await
-    };
-    response.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    response
-}
-
 /// A JSON body built from already-serialised parts, so stored events are sent as they were
 /// stored, without parsing and re-serialising them.
 fn raw_json(body: String) -> Response {
@@ -208,6 +348,7 @@ fn raw_json(body: String) -> Response {
 mod tests {
     use super::*;
     use axum::body::Body;
+    use axum::http::StatusCode;
     use tower::ServiceExt;
 
     fn test_state() -> Arc<AppState> {
@@ -233,7 +374,9 @@ mod tests {
             Vec::new(),
         )
         .unwrap();
+        let auth = crate::auth::Auth::new(&config, storage.clone()).unwrap();
         Arc::new(AppState::new(crate::state::Parts {
+            auth,
             config,
             workspace_root: dir,
             storage,
@@ -252,11 +395,11 @@ mod tests {
         uri: &str,
         body: &str,
     ) -> (StatusCode, serde_json::Value) {
-        let request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Body::from(body.to_owned()))
-            .unwrap();
+        let mut request = Request::builder().method(method).uri(uri);
+        if !body.is_empty() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = request.body(Body::from(body.to_owned())).unwrap();
         let response = app.oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -392,13 +535,45 @@ mod tests {
     #[tokio::test]
     async fn preflight_and_cors() {
         let app = router(test_state());
+        let preflight = |origin: Option<&str>| {
+            let mut request = Request::builder()
+                .method(Method::OPTIONS)
+                .uri("/api/v1/sessions")
+                .header(header::HOST, "127.0.0.1:3000");
+            if let Some(origin) = origin {
+                request = request.header(header::ORIGIN, origin);
+            }
+            request.body(Body::empty()).unwrap()
+        };
+        let own = app.clone().oneshot(preflight(None)).await.unwrap();
+        assert_eq!(own.status(), StatusCode::NO_CONTENT);
+        assert!(
+            !own.headers()
+                .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        );
+        // Another page, even on this machine, gets no permission at all.
+        let foreign = app
+            .oneshot(preflight(Some("http://127.0.0.1:4000")))
+            .await
+            .unwrap();
+        assert_eq!(foreign.status(), StatusCode::FORBIDDEN);
+        assert!(
+            !foreign
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_text_body_is_not_json() {
+        let app = router(test_state());
         let request = Request::builder()
-            .method(Method::OPTIONS)
-            .uri("/api/v1/sessions")
-            .body(Body::empty())
+            .method(Method::POST)
+            .uri("/api/v1/sessions/create")
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from("{}"))
             .unwrap();
         let response = app.oneshot(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::NO_CONTENT);
-        assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 }

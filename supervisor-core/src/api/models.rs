@@ -42,6 +42,7 @@ pub(super) async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
 /// and retires the live worker so that the next query runs with the new model.
 pub(super) async fn set_session_model(
     State(state): State<Arc<AppState>>,
+    principal: crate::principal::Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
@@ -64,7 +65,7 @@ pub(super) async fn set_session_model(
             id: model_id,
         });
     }
-    let session = state.session(&id).await?;
+    let session = state.session_for(&principal, &id).await?;
     let mut patch = Map::new();
     patch.insert("modelConfig".into(), model.clone());
     let info = switch_model(&state, &session, patch).await?;
@@ -183,6 +184,7 @@ fn title_of(answer: &str) -> String {
 /// the supervisor itself (no worker is involved, nothing is stored).
 pub(super) async fn generate_summary(
     State(state): State<Arc<AppState>>,
+    principal: crate::principal::Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
@@ -192,7 +194,7 @@ pub(super) async fn generate_summary(
         .and_then(Value::as_array)
         .filter(|m| !m.is_empty())
         .ok_or(ApiError::MessagesRequired)?;
-    let session = state.session(&id).await?;
+    let session = state.session_for(&principal, &id).await?;
     let stored = state.storage.session(&session.id).await?;
     let selected = stored
         .as_ref()

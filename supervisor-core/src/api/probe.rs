@@ -4,23 +4,19 @@
 //! worker and answers `{ok, errno, errname, detail}`; `GET /api/v1/debug/jail?sessionId=`
 //! returns the worker's accepted self-audit. Release builds have no such routes.
 
-use std::sync::Arc;
-
-use axum::Router;
-
-use crate::state::AppState;
-
 #[cfg(not(feature = "isolation-tests"))]
-pub(super) fn routes() -> Router<Arc<AppState>> {
-    Router::new()
+pub(super) fn routes(table: super::Table) -> super::Table {
+    table
 }
 
+/// Admin only: a probe runs inside any session's jail.
 #[cfg(feature = "isolation-tests")]
-pub(super) fn routes() -> Router<Arc<AppState>> {
+pub(super) fn routes(table: super::Table) -> super::Table {
+    use crate::auth::Access::Admin;
     use axum::routing::{get, post};
-    Router::new()
-        .route("/api/v1/debug/probe", post(debug::probe))
-        .route("/api/v1/debug/jail", get(debug::jail))
+    table
+        .route("/api/v1/debug/probe", &["POST"], Admin, post(debug::probe))
+        .route("/api/v1/debug/jail", &["GET"], Admin, get(debug::jail))
 }
 
 #[cfg(feature = "isolation-tests")]

@@ -13,6 +13,7 @@ use super::body::{JsonObject, Params, query_input, session_id};
 use super::sessions::check_exclusive;
 use super::{raw_json, sse};
 use crate::error::{ApiError, QueryError};
+use crate::principal::Principal;
 use crate::sessions::{AbortOutcome, RunOutcome, Session};
 use crate::state::AppState;
 
@@ -20,13 +21,14 @@ use crate::state::AppState;
 /// family's shape (`error` is an object), so a client reads `error.code` whatever went wrong.
 pub(super) async fn query(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Result<Params, ApiError>,
     body: Result<JsonObject, ApiError>,
 ) -> Result<Response, QueryError> {
     let (params, JsonObject(body)) = (params?, body?);
     let id = session_id(&params, Some(&body))?;
     let input = query_input(&body)?;
-    let session = state.session(&id).await?;
+    let session = state.session_for(&principal, &id).await?;
     let result = run_to_end(&state, &session, &input).await?;
     Ok(raw_json(format!("{{\"result\":{result}}}")))
 }
@@ -59,12 +61,13 @@ async fn run_to_end(
 
 pub(super) async fn query_stream(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let id = session_id(&params, Some(&body))?;
     let input = query_input(&body)?;
-    let session = state.session(&id).await?;
+    let session = state.session_for(&principal, &id).await?;
     let frames = stream_run(&state, &session, &input).await?;
     Ok(sse::response(frames))
 }
@@ -85,10 +88,13 @@ async fn stream_run(
 
 pub(super) async fn abort(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, Some(&body))?)
+        .await?;
     let outcome = session.abort(AbortReason::Requested).await;
     Ok(axum::Json(abort_result(outcome)).into_response())
 }

@@ -17,6 +17,7 @@ use shared::ids::{SessionId, now_ms};
 use super::body::{JsonObject, Params, session_id};
 use super::raw_json;
 use crate::error::ApiError;
+use crate::principal::Principal;
 use crate::sessions::Session;
 use crate::state::AppState;
 use crate::storage::{PageCursor, SessionInfo, StorageError, StoredEvent};
@@ -34,6 +35,7 @@ const STREAM_PAGE: usize = 32;
 /// is built and streamed a few records at a time.
 pub(super) async fn list(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
 ) -> Result<Response, ApiError> {
     let limit = number_param(&params, "limit")?;
@@ -43,7 +45,7 @@ pub(super) async fn list(
         .map(parse_cursor)
         .transpose()?;
     if limit.is_none() && cursor.is_none() {
-        return full_listing(state).await;
+        return full_listing(state, principal).await;
     }
     let limit = match limit {
         Some(0) => {
@@ -52,12 +54,28 @@ pub(super) async fn list(
         Some(n) => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
         None => DEFAULT_PAGE,
     };
-    // One more than asked tells whether another page exists.
-    let mut page = state
-        .storage
-        .sessions_page(cursor.as_ref(), limit + 1)
-        .await?;
-    let more = page.len() > limit;
+    // One more than asked tells whether another page exists. Pages are read until enough of
+    // the caller's tenant's sessions are found, so a page is full whoever else has sessions.
+    let mut page = Vec::new();
+    let mut after = cursor;
+    let more = loop {
+        let read = state
+            .storage
+            .sessions_page(after.as_ref(), limit + 1)
+            .await?;
+        let last_read = read.len() <= limit;
+        after = read.last().map(PageCursor::after);
+        page.extend(
+            read.into_iter()
+                .filter(|info| crate::auth::may_access(&principal, info.tenant())),
+        );
+        if page.len() > limit {
+            break true;
+        }
+        if last_read {
+            break false;
+        }
+    };
     page.truncate(limit);
     let next = page
         .last()
@@ -90,11 +108,15 @@ fn parse_cursor(text: &str) -> Result<PageCursor, ApiError> {
 /// unless it is the very first of the array.
 fn array_items(
     state: &AppState,
+    principal: &Principal,
     records: Vec<SessionInfo>,
     first: &mut bool,
 ) -> Result<Vec<u8>, StorageError> {
     let mut out = Vec::new();
-    for record in records {
+    for record in records
+        .into_iter()
+        .filter(|info| crate::auth::may_access(principal, info.tenant()))
+    {
         if !std::mem::take(first) {
             out.push(b',');
         }
@@ -109,23 +131,23 @@ fn array_items(
 /// however many sessions there are. A session updated meanwhile is listed once, at the place
 /// it had when the listing began; one deleted meanwhile is left out. A storage failure before
 /// the first records is an error answer; after it, the body is cut short.
-async fn full_listing(state: Arc<AppState>) -> Result<Response, ApiError> {
+async fn full_listing(state: Arc<AppState>, principal: Principal) -> Result<Response, ApiError> {
     let ids = state.storage.ids_by_recency().await?;
     let first_end = ids.len().min(STREAM_PAGE);
     let first_page = state.storage.sessions_by_ids(&ids[..first_end]).await?;
     let mut first = true;
     let mut head = b"{\"sessions\":[".to_vec();
-    head.extend(array_items(&state, first_page, &mut first)?);
+    head.extend(array_items(&state, &principal, first_page, &mut first)?);
     let rest = futures::stream::try_unfold(
-        (state, ids, first_end, first),
-        |(state, ids, at, mut first)| async move {
+        (state, principal, ids, first_end, first),
+        |(state, principal, ids, at, mut first)| async move {
             if at >= ids.len() {
                 return Ok(None);
             }
             let end = (at + STREAM_PAGE).min(ids.len());
             let page = state.storage.sessions_by_ids(&ids[at..end]).await?;
-            let chunk = Bytes::from(array_items(&state, page, &mut first)?);
-            Ok(Some((chunk, (state, ids, end, first))))
+            let chunk = Bytes::from(array_items(&state, &principal, page, &mut first)?);
+            Ok(Some((chunk, (state, principal, ids, end, first))))
         },
     )
     .inspect(|item: &Result<Bytes, StorageError>| {
@@ -188,9 +210,12 @@ async fn stored_info(state: &AppState, session: &Session) -> Result<SessionInfo,
 
 pub(super) async fn details(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    let session = state.session(&session_id(&params, None)?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, None)?)
+        .await?;
     let info = state.shown(stored_info(&state, &session).await?);
     let mut value = serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?;
     value["active"] = json!(state.sessions.get(&session.id).is_some());
@@ -236,9 +261,12 @@ fn number_param(params: &Params, key: &str) -> Result<Option<u64>, ApiError> {
 /// The stored history, all of it or a page: `after=<seq>` (exclusive) and `limit=<n>`.
 pub(super) async fn events(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
 ) -> Result<Response, ApiError> {
-    let session = state.session(&session_id(&params, None)?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, None)?)
+        .await?;
     let after = number_param(&params, "after")?.unwrap_or(0);
     let limit = number_param(&params, "limit")?;
     let wanted = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
@@ -263,10 +291,13 @@ pub(super) async fn events(
 /// EventSource; it wins), then the live stream, for as long as the client stays.
 pub(super) async fn follow(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let session = state.session(&session_id(&params, None)?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, None)?)
+        .await?;
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -293,12 +324,22 @@ pub(super) async fn follow(
 /// (upstream requires one only by accident, api.md §2.3).
 pub(super) async fn latest_events(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
 ) -> Result<Response, ApiError> {
-    let ids = state.storage.ids_by_recency().await?;
-    let Some(latest) = ids.into_iter().next() else {
-        return Err(ApiError::NoSessions);
-    };
-    let Some(info) = state.storage.session(&latest).await? else {
+    // The caller's tenant's most recent session.
+    let mut info = None;
+    for chunk in state.storage.ids_by_recency().await?.chunks(STREAM_PAGE) {
+        info = state
+            .storage
+            .sessions_by_ids(chunk)
+            .await?
+            .into_iter()
+            .find(|info| crate::auth::may_access(&principal, info.tenant()));
+        if info.is_some() {
+            break;
+        }
+    }
+    let Some(info) = info else {
         return Err(ApiError::NoSessions);
     };
     let events = events_json(&state.storage.events_after(&info.id, 0, usize::MAX).await?);
@@ -324,9 +365,12 @@ async fn status_json(session: &Session) -> Value {
 
 pub(super) async fn status(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    let session = state.session(&session_id(&params, None)?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, None)?)
+        .await?;
     let settled = session.settled_status(STATUS_SETTLE).await;
     Ok(Json(
         json!({"sessionId": session.id, "status": status_value(settled)}),
@@ -336,10 +380,13 @@ pub(super) async fn status(
 /// Shallow metadata merge; seed-style top-level `name` and `tags` fold into the metadata.
 pub(super) async fn update(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, Some(&body))?)
+        .await?;
     let mut patch = match body.get("metadata") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m.clone(),
@@ -380,10 +427,13 @@ pub(super) async fn update(
 
 pub(super) async fn delete(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, Some(&body))?)
+        .await?;
     state.delete_session(&session).await?;
     Ok(Json(json!({"success": true})))
 }
@@ -391,10 +441,13 @@ pub(super) async fn delete(
 /// The seed's explicit restore: make a stored session live again (api.md §17 row 2).
 pub(super) async fn restore(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, Some(&body))?)
+        .await?;
     let info = stored_info(&state, &session).await?;
     Ok(Json(json!({
         "success": true,

@@ -17,6 +17,7 @@ use crate::state::AppState;
 /// session simply has no values.
 pub(super) async fn get(
     State(state): State<Arc<AppState>>,
+    principal: crate::principal::Principal,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
     let Some(configured) = &state.config.server.runtime_settings else {
@@ -28,12 +29,13 @@ pub(super) async fn get(
     let Some(id) = params.get("sessionId").filter(|id| !id.is_empty()) else {
         return Ok(Json(json!({"schema": schema, "currentValues": {}})));
     };
-    // An id that cannot be one has no stored settings.
+    // An id that cannot be one, or names another tenant's session, has no stored settings.
     let stored = if let Ok(id) = SessionId::parse(id) {
         state
             .storage
             .session(&id)
             .await?
+            .filter(|info| crate::auth::may_access(&principal, info.tenant()))
             .and_then(|info| info.metadata)
             .and_then(|m| m.get("runtimeSettings").and_then(Value::as_object).cloned())
             .unwrap_or_default()
@@ -64,6 +66,7 @@ fn with_defaults(mut values: Map<String, Value>, schema: &Value) -> Map<String, 
 /// agent options; a declarative config has no such transform, so the worker is left as it is.
 pub(super) async fn set(
     State(state): State<Arc<AppState>>,
+    principal: crate::principal::Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
@@ -73,7 +76,7 @@ pub(super) async fn set(
         .filter(|v| v.is_object())
         .cloned()
         .ok_or(ApiError::RuntimeSettingsRequired)?;
-    let session = state.session(&id).await?;
+    let session = state.session_for(&principal, &id).await?;
     let mut patch = Map::new();
     patch.insert("runtimeSettings".into(), settings.clone());
     let info = state

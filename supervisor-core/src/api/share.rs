@@ -21,10 +21,13 @@ pub(super) async fn config(State(state): State<Arc<AppState>>) -> Json<Value> {
 /// `upload: true` and a provider configured, the URL it was uploaded to (`url`).
 pub(super) async fn share(
     State(state): State<Arc<AppState>>,
+    principal: crate::principal::Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let session = state.session(&session_id(&params, Some(&body))?).await?;
+    let session = state
+        .session_for(&principal, &session_id(&params, Some(&body))?)
+        .await?;
     let upload = body.get("upload").and_then(Value::as_bool).unwrap_or(false);
     match state
         .sharing

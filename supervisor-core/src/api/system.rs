@@ -13,14 +13,34 @@ use crate::error::ApiError;
 use crate::metrics::Gauges;
 use crate::state::AppState;
 
-pub(super) async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// Public: whether the server answers, and whether it is open to anyone (a server started with
+/// `--allow-unauthenticated` says so to every caller, which they may as well know).
+pub(super) async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let mut body = json!({"status": "ok"});
+    if unauthenticated(&state) {
+        body["unauthenticated"] = json!(true);
+    }
+    Json(body)
 }
 
-/// The seed's health report (api.md §17 row 3), plus workers, model and isolation level.
+/// A non-loopback server with no `[auth]` method (`--allow-unauthenticated`).
+fn unauthenticated(state: &AppState) -> bool {
+    !state.auth.enforced() && !crate::auth::guard::is_loopback_host(&state.config.server.host)
+}
+
+/// The seed's health report (api.md §17 row 3), plus workers, model and isolation level. Its
+/// details (counts, storage, model, isolation) are for admins; anyone else gets the status.
 pub(super) async fn system_health(
     State(state): State<Arc<AppState>>,
+    principal: Option<crate::principal::Principal>,
 ) -> Result<Json<Value>, ApiError> {
+    if !principal.is_some_and(|p| p.is_admin()) {
+        let mut body = json!({"status": "healthy"});
+        if unauthenticated(&state) {
+            body["unauthenticated"] = json!(true);
+        }
+        return Ok(Json(body));
+    }
     let total = state.storage.count_sessions().await?;
     let mut live_workers = 0;
     for session in state.sessions.all() {
@@ -45,6 +65,7 @@ pub(super) async fn system_health(
         "storage": storage,
         "model": {"provider": model.provider, "id": model.id, "offline": model.provider == "echo"},
         "isolation": state.isolation.clone().report(),
+        "auth": {"required": state.auth.enforced(), "unauthenticated": unauthenticated(&state)},
     })))
 }
 

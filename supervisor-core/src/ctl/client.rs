@@ -76,6 +76,30 @@ pub fn render(answer: &Value) -> Rendered {
             "events",
         ];
         Rendered::Done(table(workers, &columns))
+    } else if let Some(secret) = answer["secret"].as_str() {
+        // The secret alone on the last line, for scripts (`| tail -n1`).
+        let token = &answer["token"];
+        Rendered::Done(format!(
+            "created token {} for tenant {} (user {}, role {}, expires {})\n\
+             this secret is shown once; keep it:\n{secret}\n",
+            cell(&token["id"]),
+            cell(&token["tenant"]),
+            cell(&token["user"]),
+            cell(&token["role"]),
+            cell(&token["expiresAt"]),
+        ))
+    } else if let Some(tokens) = answer["tokens"].as_array() {
+        let columns = [
+            "id",
+            "name",
+            "tenant",
+            "user",
+            "role",
+            "createdAt",
+            "expiresAt",
+            "revokedAt",
+        ];
+        Rendered::Done(table(tokens, &columns))
     } else if let Some(sessions) = answer["sessions"].as_array() {
         let columns = [
             "sessionId",

@@ -38,6 +38,15 @@ pub enum Request {
     },
     Drain,
     Resume,
+    /// A new API token; the answer carries its secret, the only time it is ever shown.
+    #[serde(rename = "tokens-create")]
+    TokensCreate(crate::auth::tokens::NewToken),
+    #[serde(rename = "tokens-list")]
+    TokensList,
+    #[serde(rename = "tokens-revoke")]
+    TokensRevoke {
+        id: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +117,7 @@ async fn answer(stream: Stream, state: Arc<AppState>) {
     let reply = match read {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
+                // No secret is in a request (a created token's is in its answer only).
                 tracing::info!(?request, "control request");
                 run(&state, request).await.unwrap_or_else(
                     |e| json!({"success": false, "code": e.code(), "message": e.to_string()}),
@@ -138,5 +148,8 @@ async fn run(state: &Arc<AppState>, request: Request) -> Result<Value, ApiError>
         }
         Request::Drain => crate::ops::set_draining(state, true),
         Request::Resume => crate::ops::set_draining(state, false),
+        Request::TokensCreate(new) => crate::ops::create_token(state, new).await?,
+        Request::TokensList => crate::ops::list_tokens(state).await?,
+        Request::TokensRevoke { id } => crate::ops::revoke_token(state, &id).await?,
     })
 }

@@ -6,6 +6,7 @@
 //! <dir>/events/<id>.seq      the highest sequence number reserved (see Storage::reserve_seq)
 //! <dir>/events/<id>.live     the live run's streamed text, one record per line like the log
 //! <dir>/sessions/<id>.uid    the session's host uid (root mode), replaced atomically
+//! <dir>/tokens.json          every API token record (hashes, never secrets), replaced atomically
 //! ```
 //!
 //! Only an index (id, `createdAt`, `updatedAt`) is kept in memory, built when the directory is
@@ -32,8 +33,8 @@ use std::time::UNIX_EPOCH;
 use serde_json::{Map, Value};
 
 use super::{
-    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
-    recency_key,
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
+    check_metadata, recency_key,
 };
 use crate::data_dir;
 
@@ -141,6 +142,27 @@ impl FileStorage {
 
     fn host_id_path(&self, id: &str) -> PathBuf {
         self.dir.join("sessions").join(format!("{id}.uid"))
+    }
+
+    fn tokens_path(&self) -> PathBuf {
+        self.dir.join("tokens.json")
+    }
+
+    /// Every token record; none when the file does not exist yet.
+    fn read_tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        let path = self.tokens_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(StorageError::io(&path, e)),
+        }
+    }
+
+    fn write_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StorageError> {
+        let path = self.tokens_path();
+        let bytes = serde_json::to_vec(tokens).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        replace_file(&path, &path.with_extension("json.tmp"), &bytes)
     }
 
     fn reserved(&self, id: &str) -> u64 {
@@ -614,6 +636,36 @@ impl Storage for FileStorage {
             }
         }
         Ok(ids)
+    }
+
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
+        // The state lock serialises the read-modify-write of the tokens file.
+        let _state = self.state();
+        let mut tokens = self.read_tokens()?;
+        if tokens.iter().any(|t| t.id == token.id) {
+            return Err(StorageError::AlreadyExists(token.id));
+        }
+        tokens.push(token);
+        self.write_tokens(&tokens)
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StorageError> {
+        Ok(self.read_tokens()?.into_iter().find(|t| t.id == id))
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        self.read_tokens()
+    }
+
+    async fn revoke_token(&self, id: &str, now: u64) -> Result<bool, StorageError> {
+        let _state = self.state();
+        let mut tokens = self.read_tokens()?;
+        let Some(token) = tokens.iter_mut().find(|t| t.id == id) else {
+            return Ok(false);
+        };
+        token.revoked_at.get_or_insert(now);
+        self.write_tokens(&tokens)?;
+        Ok(true)
     }
 }
 

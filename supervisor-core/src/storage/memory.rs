@@ -6,14 +6,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::{Map, Value};
 
 use super::{
-    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
-    recency_key,
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
+    check_metadata, recency_key,
 };
 
 #[derive(Default)]
 pub struct MemoryStorage {
     // A std mutex is right here: every critical section is a short map operation with no await.
     sessions: Mutex<HashMap<String, Entry>>,
+    /// API tokens, oldest first.
+    tokens: Mutex<Vec<TokenRecord>>,
 }
 
 struct Entry {
@@ -244,5 +246,38 @@ impl Storage for MemoryStorage {
             .iter()
             .filter_map(|(id, e)| e.host_id.map(|h| (id.clone(), h)))
             .collect())
+    }
+
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
+        let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        if tokens.iter().any(|t| t.id == token.id) {
+            return Err(StorageError::AlreadyExists(token.id));
+        }
+        tokens.push(token);
+        Ok(())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StorageError> {
+        let tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(tokens.iter().find(|t| t.id == id).cloned())
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        Ok(self
+            .tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone())
+    }
+
+    async fn revoke_token(&self, id: &str, now: u64) -> Result<bool, StorageError> {
+        let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(match tokens.iter_mut().find(|t| t.id == id) {
+            Some(token) => {
+                token.revoked_at.get_or_insert(now);
+                true
+            }
+            None => false,
+        })
     }
 }

@@ -16,6 +16,7 @@ pub mod limits;
 mod memory;
 mod postgres;
 mod sqlite;
+mod tokens;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub use limits::{TooLarge, check_metadata};
 pub use memory::MemoryStorage;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
+pub use tokens::{MAX_TOKEN_NAME, TokenRecord};
 
 use crate::config::{StorageConfig, StorageKind};
 
@@ -41,6 +43,15 @@ pub struct SessionInfo {
     pub workspace: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+}
+
+impl SessionInfo {
+    /// The tenant the session belongs to, which decides who may use it
+    /// (`crate::auth::may_access`). Sessions are not yet stored with a tenant, so every one
+    /// belongs to the default tenant.
+    pub fn tenant(&self) -> &str {
+        crate::principal::DEFAULT_TENANT
+    }
 }
 
 /// One stored event with its per-session sequence number.
@@ -258,6 +269,22 @@ pub trait Storage: Send + Sync {
 
     /// Every stored session's recorded host id, read once at start.
     async fn host_ids(&self) -> Result<Vec<(String, u32)>, StorageError>;
+
+    /// Stores a new API token record.
+    ///
+    /// # Errors
+    /// `AlreadyExists` when its id is taken.
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError>;
+
+    /// The token record `id`, revoked and expired ones included.
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StorageError>;
+
+    /// Every token record, oldest first.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError>;
+
+    /// Marks token `id` revoked at `now` (an earlier revocation stands); `false` when there is
+    /// no such token.
+    async fn revoke_token(&self, id: &str, now: u64) -> Result<bool, StorageError>;
 }
 
 /// Storage as the rest of the supervisor holds it.
@@ -352,6 +379,42 @@ mod conformance {
         assert!(!store.delete_session("b").await.unwrap());
         assert!(store.session("b").await.unwrap().is_none());
         assert_eq!(store.count_sessions().await.unwrap(), 1);
+    }
+
+    async fn tokens(store: &dyn Storage) {
+        let token = |id: &str, at: u64| TokenRecord {
+            id: id.into(),
+            name: Some("laptop".into()),
+            tenant: "acme".into(),
+            user: "ann".into(),
+            role: crate::principal::Role::Member,
+            created_at: at,
+            expires_at: Some(at + 1000),
+            revoked_at: None,
+            hash: format!("{id}-hash"),
+        };
+        assert!(store.token("t1").await.unwrap().is_none());
+        store.create_token(token("t1", 10)).await.unwrap();
+        store.create_token(token("t2", 20)).await.unwrap();
+        assert!(matches!(
+            store.create_token(token("t1", 30)).await,
+            Err(StorageError::AlreadyExists(_))
+        ));
+        assert_eq!(store.token("t1").await.unwrap().unwrap(), token("t1", 10));
+        let ids: Vec<String> = store
+            .tokens()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, ["t1", "t2"]);
+        assert!(store.revoke_token("t1", 50).await.unwrap());
+        assert!(store.revoke_token("t1", 60).await.unwrap());
+        assert!(!store.revoke_token("nope", 60).await.unwrap());
+        let revoked = store.token("t1").await.unwrap().unwrap();
+        assert_eq!(revoked.revoked_at, Some(50), "the first revocation stands");
+        assert_eq!(store.token("t2").await.unwrap().unwrap().revoked_at, None);
     }
 
     async fn events(store: &dyn Storage) {
@@ -852,6 +915,16 @@ mod conformance {
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::host_ids(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn tokens() {
+                    if skipped() {
+                        return;
+                    }
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::tokens(&*store).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,8 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use super::{
-    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, check_metadata,
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
+    check_metadata,
 };
 use crate::data_dir;
 
@@ -64,6 +65,14 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL,
         PRIMARY KEY (sessionId, seq)
     ) WITHOUT ROWID;",
+    // 5 (identity: API tokens): one row per token, its record as JSON (a hash, never the
+    // secret); `revokedAt` apart so a revocation is one UPDATE.
+    "CREATE TABLE IF NOT EXISTS apiTokens (
+        id TEXT PRIMARY KEY,
+        createdAt INTEGER NOT NULL,
+        record TEXT NOT NULL,
+        revokedAt INTEGER
+    );",
 ];
 
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
@@ -104,6 +113,12 @@ enum Write {
         id: String,
         host_id: u32,
         reply: Reply<()>,
+    },
+    CreateToken(TokenRecord, Reply<()>),
+    RevokeToken {
+        id: String,
+        now: u64,
+        reply: Reply<bool>,
     },
 }
 
@@ -355,6 +370,16 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
             record,
             reply,
         } => Outcome::Unit(reply, append_live_text(conn, &id, seq, &record)),
+        Write::CreateToken(token, reply) => Outcome::Unit(reply, create_token(conn, &token)),
+        Write::RevokeToken { id, now, reply } => Outcome::Bool(
+            reply,
+            conn.execute(
+                "UPDATE apiTokens SET revokedAt = COALESCE(revokedAt, ?2) WHERE id = ?1",
+                params![id, now as i64],
+            )
+            .map(|n| n > 0)
+            .map_err(StorageError::sqlite),
+        ),
         Write::ClearLiveText { id, upto, reply } => Outcome::Unit(
             reply,
             conn.prepare_cached("DELETE FROM liveText WHERE sessionId = ?1 AND seq <= ?2")
@@ -363,6 +388,37 @@ fn apply(conn: &Connection, write: Write) -> Outcome {
                 .map_err(StorageError::sqlite),
         ),
     }
+}
+
+fn create_token(conn: &Connection, token: &TokenRecord) -> Result<(), StorageError> {
+    let record = serde_json::to_string(token).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    match conn.execute(
+        "INSERT INTO apiTokens (id, createdAt, record, revokedAt) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            token.id,
+            token.created_at as i64,
+            record,
+            token.revoked_at.map(|t| t as i64)
+        ],
+    ) {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Err(StorageError::AlreadyExists(token.id.clone()))
+        }
+        Err(e) => Err(StorageError::sqlite(e)),
+    }
+}
+
+/// A token row: its record, with the revocation the row holds.
+fn token_from_row(row: &rusqlite::Row<'_>) -> Result<TokenRecord, StorageError> {
+    let record: String = row.get(0).map_err(StorageError::sqlite)?;
+    let revoked: Option<i64> = row.get(1).map_err(StorageError::sqlite)?;
+    let mut token: TokenRecord =
+        serde_json::from_str(&record).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    token.revoked_at = revoked.map(|t| t as u64);
+    Ok(token)
 }
 
 fn create(conn: &Connection, info: SessionInfo) -> Result<SessionInfo, StorageError> {
@@ -739,6 +795,46 @@ impl Storage for SqliteStorage {
         })
         .await
     }
+
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
+        self.write(|reply| Write::CreateToken(token, reply)).await
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StorageError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT record, revokedAt FROM apiTokens WHERE id = ?1")
+                .map_err(StorageError::sqlite)?;
+            let mut rows = statement.query([&id]).map_err(StorageError::sqlite)?;
+            match rows.next().map_err(StorageError::sqlite)? {
+                Some(row) => token_from_row(row).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT record, revokedAt FROM apiTokens ORDER BY createdAt, id")
+                .map_err(StorageError::sqlite)?;
+            let mut rows = statement.query([]).map_err(StorageError::sqlite)?;
+            let mut tokens = Vec::new();
+            while let Some(row) = rows.next().map_err(StorageError::sqlite)? {
+                tokens.push(token_from_row(row)?);
+            }
+            Ok(tokens)
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: &str, now: u64) -> Result<bool, StorageError> {
+        let id = id.to_owned();
+        self.write(|reply| Write::RevokeToken { id, now, reply })
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -775,7 +871,7 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(SCHEMA_VERSION, 4);
+        assert_eq!(SCHEMA_VERSION, 5);
         let indexed: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_master WHERE name = 'idx_sessions_createdAt'",
@@ -794,6 +890,10 @@ mod tests {
             store.live_text_after("old", 0).await.unwrap().len(),
             1,
             "the live-text table is added by migration"
+        );
+        assert!(
+            store.tokens().await.unwrap().is_empty(),
+            "the API token table is added by migration"
         );
     }
 

@@ -10,6 +10,12 @@
 //! join, and again when a run starts or ends), `server-status`, `abort-result`, `error` (a
 //! string). A deleted session's sockets get the pseudo-event `{type: "closed", sessionId}`.
 //!
+//! A socket acts for the principal of its handshake: the HTTP request's (the login cookie or an
+//! `Authorization` header), else the `auth: {token}` of the Socket.IO handshake; a handshake
+//! with neither is refused (`connect_error`) when auth is on. Every event that names a session
+//! checks it with `crate::auth::may_access` like the HTTP routes do: another tenant's session is
+//! `Session not found`.
+//!
 //! Delivery is per socket, not a room broadcast: each joined socket follows the session's event
 //! log with its own cursor ([`Session::follow`]), so a slow socket never loses events, and a
 //! socket that joins with `after: <seq>` first receives every event after that seq (the live
@@ -31,6 +37,7 @@ use serde_json::{Map, Value, json};
 use shared::ids::SessionId;
 use shared::protocol::AbortReason;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
@@ -39,7 +46,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::{BODY_LIMIT, parse_session_id, query_input};
 use super::runs::abort_result;
+use crate::auth::AuthError;
 use crate::error::ApiError;
+use crate::principal::Principal;
 use crate::sessions::Session;
 use crate::state::AppState;
 
@@ -63,11 +72,52 @@ pub fn layer(state: Arc<AppState>) -> SocketIoLayer {
     // and spawns the future it returns. The handlers must be registered before that call
     // returns, or events a client sends right after connecting (its buffered emits) would find
     // no handler and be dropped.
-    io.ns("/", move |socket: SocketRef| -> Ready<()> {
+    let handshake_state = state.clone();
+    let handler = move |socket: SocketRef| -> Ready<()> {
         connected(socket, state.clone());
         ready(())
-    });
+    };
+    let authenticate = move |socket: SocketRef, TryData(auth): TryData<Value>| {
+        let state = handshake_state.clone();
+        async move { authenticate(&state, &socket, auth.ok()).await }
+    };
+    io.ns("/", handler.with(authenticate));
     layer
+}
+
+/// Establishes the socket's principal before it connects: the one the HTTP layer found on the
+/// handshake request, else the handshake's `auth.token`.
+async fn authenticate(
+    state: &AppState,
+    socket: &SocketRef,
+    auth: Option<Value>,
+) -> Result<(), AuthError> {
+    let principal = match socket.req_parts().extensions.get::<Principal>() {
+        Some(principal) => principal.clone(),
+        None => {
+            let token = auth
+                .as_ref()
+                .and_then(|a| a.get("token"))
+                .and_then(Value::as_str)
+                .ok_or(AuthError::Missing)
+                .inspect_err(|e| {
+                    crate::auth::record(&crate::auth::Event::Denied {
+                        path: "/socket.io/",
+                        reason: &e.to_string(),
+                        principal: None,
+                    });
+                })?;
+            state.auth.credential(token).await.inspect_err(|e| {
+                crate::auth::record(&crate::auth::Event::Denied {
+                    path: "/socket.io/",
+                    reason: &e.to_string(),
+                    principal: None,
+                });
+            })?
+        }
+    };
+    socket.extensions.insert(principal);
+    Ok(())
 }
 
 /// A client event waiting for its socket's task.
@@ -141,6 +191,11 @@ async fn serve(
     mut queue: mpsc::Receiver<Command>,
     gone: CancellationToken,
 ) {
+    // Set by `authenticate` before the socket connected; a socket without one serves nothing.
+    let Some(principal) = socket.extensions.get::<Principal>() else {
+        let _ = socket.clone().disconnect();
+        return;
+    };
     let mut joined = Joined::default();
     loop {
         let command = tokio::select! {
@@ -151,15 +206,17 @@ async fn serve(
             },
         };
         match command {
-            Command::Join(payload) => join(&socket, &state, &mut joined, payload).await,
+            Command::Join(payload) => {
+                join(&socket, &state, &principal, &mut joined, payload).await;
+            }
             Command::Leave(payload) => {
                 if let Some(id) = payload.as_ref().and_then(session_id_of) {
                     joined.leave(&id);
                 }
             }
-            Command::Query(payload) => send_query(&socket, &state, payload).await,
-            Command::Abort(payload) => abort_query(&socket, &state, payload).await,
-            Command::ServerStatus => server_status(&socket, &state),
+            Command::Query(payload) => send_query(&socket, &state, &principal, payload).await,
+            Command::Abort(payload) => abort_query(&socket, &state, &principal, payload).await,
+            Command::ServerStatus => server_status(&socket, &state, &principal).await,
         }
     }
     joined.leave_all();
@@ -218,6 +275,7 @@ fn lookup_error(error: &ApiError) -> String {
 async fn find_session(
     socket: &SocketRef,
     state: &AppState,
+    principal: &Principal,
     payload: Option<&Value>,
 ) -> Option<Arc<Session>> {
     let Some(id) = payload.and_then(session_id_of) else {
@@ -225,7 +283,7 @@ async fn find_session(
         return None;
     };
     let found = match parse_session_id(&id) {
-        Ok(id) => state.session(&id).await,
+        Ok(id) => state.session_for(principal, &id).await,
         Err(e) => Err(e),
     };
     match found {
@@ -244,10 +302,11 @@ fn status_payload(status: shared::events::RunStatus) -> Value {
 async fn join(
     socket: &SocketRef,
     state: &Arc<AppState>,
+    principal: &Principal,
     joined: &mut Joined,
     payload: Option<Value>,
 ) {
-    let Some(session) = find_session(socket, state, payload.as_ref()).await else {
+    let Some(session) = find_session(socket, state, principal, payload.as_ref()).await else {
         return;
     };
     // Positioned before the status is read, so nothing published after it is missed; a seq
@@ -344,8 +403,13 @@ fn emit_or_log<T: serde::Serialize + ?Sized>(socket: &SocketRef, event: &str, da
 /// Starts a run; its events reach every joined socket through their followers. `stream: true`
 /// (our addition) asks for a streaming run, so sockets also see the
 /// `assistant_streaming_message` deltas; upstream's socket queries were non-streaming.
-async fn send_query(socket: &SocketRef, state: &Arc<AppState>, payload: Option<Value>) {
-    let Some(session) = find_session(socket, state, payload.as_ref()).await else {
+async fn send_query(
+    socket: &SocketRef,
+    state: &Arc<AppState>,
+    principal: &Principal,
+    payload: Option<Value>,
+) {
+    let Some(session) = find_session(socket, state, principal, payload.as_ref()).await else {
         return;
     };
     let body = payload
@@ -366,16 +430,28 @@ async fn send_query(socket: &SocketRef, state: &Arc<AppState>, payload: Option<V
     }
 }
 
-async fn abort_query(socket: &SocketRef, state: &Arc<AppState>, payload: Option<Value>) {
-    let Some(session) = find_session(socket, state, payload.as_ref()).await else {
+async fn abort_query(
+    socket: &SocketRef,
+    state: &Arc<AppState>,
+    principal: &Principal,
+    payload: Option<Value>,
+) {
+    let Some(session) = find_session(socket, state, principal, payload.as_ref()).await else {
         return;
     };
     let outcome = session.abort(AbortReason::Requested).await;
     emit_or_log(socket, "abort-result", &abort_result(outcome));
 }
 
-fn server_status(socket: &SocketRef, state: &AppState) {
-    let running = state.sessions.exclusive().holder();
+async fn server_status(socket: &SocketRef, state: &AppState, principal: &Principal) {
+    let mut running = state.sessions.exclusive().holder();
+    // Another tenant's running session is not named, only counted as busy.
+    let busy = running.is_some();
+    if let Some(id) = &running
+        && state.check_access(principal, id).await.is_err()
+    {
+        running = None;
+    }
     let exclusive = state.config.server.exclusive;
     emit_or_log(
         socket,
@@ -383,7 +459,7 @@ fn server_status(socket: &SocketRef, state: &AppState) {
         &json!({
             "isExclusive": exclusive,
             "runningSessionId": running,
-            "canAcceptNewRequest": !exclusive || running.is_none(),
+            "canAcceptNewRequest": !exclusive || !busy,
         }),
     );
 }

@@ -31,7 +31,9 @@ use tokio_postgres::{NoTls, Row};
 
 use self::connect::{ANSWER_TIMEOUT, describe, storage_error};
 use self::writer::{Done, Queued, Write};
-use super::{PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent};
+use super::{
+    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
+};
 
 /// Connections the reads share; with the writer's, a node holds at most one more than this.
 const READERS: usize = 8;
@@ -111,6 +113,34 @@ impl PostgresStorage {
         }
     }
 
+    /// Runs one statement that changes rows on a pooled connection, outside the writer's
+    /// pipeline: for the rare writes no session event waits behind (API tokens).
+    async fn execute(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StorageError> {
+        let run = async {
+            let client = self.readers.get().await.map_err(pool_error)?;
+            let statement = client
+                .prepare_cached(sql)
+                .await
+                .map_err(|e| storage_error(&e))?;
+            client
+                .execute(&statement, params)
+                .await
+                .map_err(|e| storage_error(&e))
+        };
+        tokio::time::timeout(ANSWER_TIMEOUT, run)
+            .await
+            .map_err(|_| {
+                StorageError::Unavailable(format!(
+                    "the database did not answer within {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                ))
+            })?
+    }
+
     /// Runs one read on a pooled connection, its statement prepared once per connection.
     async fn read(
         &self,
@@ -137,6 +167,16 @@ impl PostgresStorage {
                 ))
             })?
     }
+}
+
+/// A token row: its record, with the revocation the row holds.
+fn token_from_row(row: &Row) -> Result<TokenRecord, StorageError> {
+    let record: String = row.try_get(0).map_err(|e| storage_error(&e))?;
+    let revoked: Option<i64> = row.try_get(1).map_err(|e| storage_error(&e))?;
+    let mut token: TokenRecord =
+        serde_json::from_str(&record).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    token.revoked_at = revoked.and_then(|t| u64::try_from(t).ok());
+    Ok(token)
 }
 
 fn pool_error(error: PoolError) -> StorageError {
@@ -402,6 +442,46 @@ impl Storage for PostgresStorage {
                     .map_err(|_| StorageError::Corrupt(format!("host uid {host_id} out of range")))
             })
             .collect()
+    }
+
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
+        const SQL: &str = "INSERT INTO api_tokens (id, created_at, record, revoked_at) \
+                           VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING";
+        let record =
+            serde_json::to_string(&token).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let created = i64::try_from(token.created_at).unwrap_or(i64::MAX);
+        let revoked = token
+            .revoked_at
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        match self
+            .execute(SQL, &[&token.id, &created, &record, &revoked])
+            .await?
+        {
+            0 => Err(StorageError::AlreadyExists(token.id)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StorageError> {
+        const SQL: &str = "SELECT record, revoked_at FROM api_tokens WHERE id = $1";
+        let rows = self.read(SQL, &[&id]).await?;
+        rows.first().map(token_from_row).transpose()
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        const SQL: &str = "SELECT record, revoked_at FROM api_tokens ORDER BY created_at, id";
+        self.read(SQL, &[])
+            .await?
+            .iter()
+            .map(token_from_row)
+            .collect()
+    }
+
+    async fn revoke_token(&self, id: &str, now: u64) -> Result<bool, StorageError> {
+        const SQL: &str =
+            "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1";
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        Ok(self.execute(SQL, &[&id, &now]).await? > 0)
     }
 }
 

@@ -64,18 +64,19 @@ pub(super) struct Migration {
 }
 
 /// Every migration, oldest first; versions count up from 1 without gaps.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "sessions, events and live text",
-    change: Change::Expand,
-    // Ids sort by their bytes (`COLLATE "C"`), as every other backend orders them, whatever
-    // the database's locale. Times are milliseconds since the epoch. `last_event_seq` is the
-    // highest stored event's seq, kept on the row so an append checks its order without
-    // reading the log; `reserved_seq` is the highest one handed out (`Storage::reserve_seq`).
-    // No index on `updated_at`: an append changes it, and an indexed column would make every
-    // append rewrite the row's index entries; a full listing sorts instead. The fill factor
-    // leaves room on each page for those in-place updates.
-    sql: r#"
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "sessions, events and live text",
+        change: Change::Expand,
+        // Ids sort by their bytes (`COLLATE "C"`), as every other backend orders them, whatever
+        // the database's locale. Times are milliseconds since the epoch. `last_event_seq` is the
+        // highest stored event's seq, kept on the row so an append checks its order without
+        // reading the log; `reserved_seq` is the highest one handed out (`Storage::reserve_seq`).
+        // No index on `updated_at`: an append changes it, and an indexed column would make every
+        // append rewrite the row's index entries; a full listing sorts instead. The fill factor
+        // leaves room on each page for those in-place updates.
+        sql: r#"
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT COLLATE "C" PRIMARY KEY,
     created_at BIGINT NOT NULL,
@@ -101,7 +102,23 @@ CREATE TABLE IF NOT EXISTS live_text (
     PRIMARY KEY (session_id, seq)
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "identity: api tokens",
+        change: Change::Expand,
+        // One row per API token: its record as JSON (a hash, never the secret), with the
+        // revocation apart so revoking is one UPDATE that every node sees on its next read.
+        sql: r#"
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    created_at BIGINT NOT NULL,
+    record TEXT NOT NULL,
+    revoked_at BIGINT
+);
+"#,
+    },
+];
 
 /// The newest schema version this release knows.
 pub(super) fn latest() -> i32 {
