@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
 
 pub mod catalogue;
+pub mod tenants;
 
 use crate::isolation::ByteSize;
 pub use catalogue::Catalogue;
@@ -69,6 +70,14 @@ pub struct Config {
     /// Isolation level, per-session limits and commands (all of it in `crate::isolation`).
     #[serde(default)]
     pub isolation: crate::isolation::IsolationConfig,
+    /// `[tenants.<name>]`: quotas, rate limits and provider keys per tenant
+    /// (`config::tenants`).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, tenants::TenantConfig>,
+    /// The tenants' sections resolved, with their keys. Filled by [`load_with_env`]; never
+    /// serialised.
+    #[serde(skip)]
+    pub tenant_limits: tenants::Tenants,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -812,6 +821,7 @@ pub fn load_with_env(
     validate(&config)?;
     crate::isolation::validate(&config.isolation)?;
     config.catalogue = catalogue::resolve(&config, &env)?;
+    config.tenant_limits = tenants::resolve(&config.tenants, &config.catalogue, &env)?;
     Ok(config)
 }
 

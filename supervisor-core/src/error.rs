@@ -70,6 +70,26 @@ pub enum ApiError {
     },
     #[error("The server is shutting down or draining and starts no new runs")]
     Draining,
+    /// A tenant quota (`[tenants.<name>]`) would be exceeded; `limit` is its key.
+    #[error("Tenant {tenant} has reached its {limit} quota ({used} of {max})")]
+    QuotaExceeded {
+        tenant: String,
+        limit: &'static str,
+        used: u64,
+        max: u64,
+        retry_after_secs: u64,
+    },
+    #[error("Tenant {tenant} is over its rate of {limit} requests per second (requestsPerSecond)")]
+    RateLimited {
+        tenant: String,
+        limit: u32,
+        retry_after_secs: u64,
+    },
+    /// A share link that does not exist, was revoked or has expired: all three look the same.
+    #[error("No such share link")]
+    ShareLinkNotFound,
+    #[error("{0} is for admins only")]
+    AdminOnly(&'static str),
     #[error("Storage failed: {0}")]
     Storage(StorageError),
     #[error("Internal error: {0}")]
@@ -146,7 +166,11 @@ impl ApiError {
             Self::WorkerUnavailable { .. }
             | Self::Draining
             | Self::Storage(StorageError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::QuotaExceeded { .. } | Self::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::ShareLinkNotFound => StatusCode::NOT_FOUND,
+            Self::AdminOnly(_) => StatusCode::FORBIDDEN,
             Self::SessionStorageFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
             Self::WorkerCrashed { .. }
@@ -179,6 +203,10 @@ impl ApiError {
             Self::SessionBusy(_) => "SESSION_BUSY",
             Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
             Self::Overloaded { .. } => "SERVER_OVERLOADED",
+            Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::ShareLinkNotFound => "SHARE_LINK_NOT_FOUND",
+            Self::AdminOnly(_) => "FORBIDDEN",
             Self::SessionStorageFull { .. } => "SESSION_STORAGE_FULL",
             Self::Draining => "SERVER_DRAINING",
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
@@ -216,6 +244,10 @@ impl ApiError {
             Self::SessionBusy(_) => "Agent is already executing a task".into(),
             Self::WorkerUnavailable { .. } => "Worker unavailable".into(),
             Self::Overloaded { .. } => "Server overloaded".into(),
+            Self::QuotaExceeded { .. } => "Quota exceeded".into(),
+            Self::RateLimited { .. } => "Rate limited".into(),
+            Self::ShareLinkNotFound => "Not found".into(),
+            Self::AdminOnly(_) => "Forbidden".into(),
             Self::SessionStorageFull { .. } => "Session storage full".into(),
             Self::Draining => "Server draining".into(),
             Self::WorkerCrashed { .. } => "Worker crashed".into(),
@@ -251,6 +283,23 @@ impl ApiError {
                 details["size"] = json!(t.size);
                 details["limit"] = json!(t.limit);
                 details["unit"] = json!(t.unit);
+            }
+            Self::QuotaExceeded {
+                tenant,
+                limit,
+                used,
+                max,
+                ..
+            } => {
+                details["tenant"] = json!(tenant);
+                details["limit"] = json!(limit);
+                details["used"] = json!(used);
+                details["max"] = json!(max);
+            }
+            Self::RateLimited { tenant, limit, .. } => {
+                details["tenant"] = json!(tenant);
+                details["limit"] = json!("requestsPerSecond");
+                details["max"] = json!(limit);
             }
             Self::NotFound { method, path } | Self::MethodNotAllowed { method, path } => {
                 details["method"] = json!(method);
@@ -302,6 +351,12 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Overloaded {
+                retry_after_secs, ..
+            }
+            | Self::QuotaExceeded {
+                retry_after_secs, ..
+            }
+            | Self::RateLimited {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             Self::Draining => Some(5),

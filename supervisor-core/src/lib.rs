@@ -16,7 +16,8 @@
 //! - [`import`]: bringing sessions over from an upstream Tarko store.
 //! - [`ctl`]: the control socket and its client; `ops`: what it and the HTTP ops routes do.
 //! - `metrics`: `GET /metrics`.
-//! - [`principal`]: who a request acts for (tenant, user, role).
+//! - [`principal`]: who a request acts for (tenant, user, role); `quota`: each tenant's quotas
+//!   and request rate; [`audit`]: the audit log.
 //! - [`isolation`]: the isolation level in force: its configuration, probes, per-session host
 //!   ids, disk quotas, cgroups, jail specs, audit check and report.
 //! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
@@ -27,6 +28,7 @@
 mod admission;
 mod agio;
 mod api;
+pub mod audit;
 mod bus;
 pub mod config;
 mod connections;
@@ -41,6 +43,7 @@ mod metrics;
 mod ops;
 pub mod principal;
 mod provision;
+mod quota;
 pub mod server;
 mod sessions;
 mod share;

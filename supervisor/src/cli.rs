@@ -28,6 +28,9 @@ pub enum Command {
         /// The upstream store.
         #[arg(long)]
         from: PathBuf,
+        /// The tenant the imported sessions belong to.
+        #[arg(long, default_value = supervisor_core::principal::DEFAULT_TENANT)]
+        tenant: String,
         // Boxed: the serve flags are big next to the other variants.
         #[command(flatten)]
         target: Box<ServeArgs>,
@@ -69,6 +72,15 @@ pub enum CtlAction {
     Drain,
     /// Accept new runs again after a drain.
     Resume,
+    /// The audit log, newest first: who did what to which session, when, and how it ended.
+    Audit {
+        /// Only entries older than this id (the `nextBefore` of the previous page).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Entries per page [default: 100, at most 500].
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 impl CtlAction {
@@ -86,6 +98,7 @@ impl CtlAction {
             },
             Self::Drain => Request::Drain,
             Self::Resume => Request::Resume,
+            Self::Audit { before, limit } => Request::Audit { before, limit },
         }
     }
 }

@@ -12,9 +12,11 @@ mod runs;
 mod sessions;
 mod settings;
 mod share;
+mod share_links;
 mod socketio;
 mod sse;
 mod system;
+mod tenancy;
 
 use std::sync::Arc;
 
@@ -71,12 +73,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions/abort", post(runs::abort))
         .route("/api/v1/oneshot/query", post(runs::oneshot))
         .route("/api/v1/oneshot/query/stream", post(runs::oneshot_stream))
+        .route("/api/v1/usage", get(tenancy::usage))
+        .route("/api/v1/audit", get(tenancy::audit))
+        .route("/api/v1/shares", get(share_links::list))
+        .route("/api/v1/shares/create", post(share_links::create))
+        .route("/api/v1/shares/revoke", post(share_links::revoke))
+        .route("/s/{token}", get(share_links::open))
         .route("/metrics", get(system::metrics))
         .merge(files::routes())
         .merge(probe::routes())
         // The workspace static server (api.md §11.1) first, then the web UI, then a JSON 404.
         .fallback(files::workspace_static)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            tenancy::rate_limit,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state.clone());
     // The rewrite must run before `routes` matches a path, so it wraps it from outside.

@@ -17,6 +17,7 @@ use shared::ids::{SessionId, now_ms};
 use super::body::{JsonObject, Params, session_id};
 use super::raw_json;
 use crate::error::ApiError;
+use crate::principal::Principal;
 use crate::sessions::Session;
 use crate::state::AppState;
 use crate::storage::{PageCursor, SessionInfo, StorageError, StoredEvent};
@@ -160,6 +161,7 @@ pub(super) fn check_exclusive(state: &AppState) -> Result<(), ApiError> {
 
 pub(super) async fn create(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     check_exclusive(&state)?;
@@ -173,7 +175,7 @@ pub(super) async fn create(
             Some(_) => return Err(ApiError::InvalidRequest(format!("{key} must be an object"))),
         }
     }
-    let (session, info) = state.create_session(extra).await?;
+    let (session, info) = state.create_session(&principal, extra).await?;
     let body = json!({"sessionId": session.id, "session": state.shown(info), "events": []});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -380,11 +382,12 @@ pub(super) async fn update(
 
 pub(super) async fn delete(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     params: Params,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let session = state.session(&session_id(&params, Some(&body))?).await?;
-    state.delete_session(&session).await?;
+    state.delete_session(&principal, &session).await?;
     Ok(Json(json!({"success": true})))
 }
 

@@ -38,6 +38,22 @@ pub enum Request {
     },
     Drain,
     Resume,
+    /// The audit log, newest first, a page at a time.
+    Audit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
+}
+
+/// Who a control-socket request acts as: whoever can open the socket operates the server.
+fn operator() -> crate::principal::Principal {
+    crate::principal::Principal {
+        tenant: crate::principal::DEFAULT_TENANT.to_owned(),
+        user: "ctl".to_owned(),
+        role: crate::principal::Role::Admin,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,12 +147,13 @@ async fn run(state: &Arc<AppState>, request: Request) -> Result<Value, ApiError>
         }
         Request::Workers => json!({"success": true, "workers": crate::ops::workers(state).await}),
         Request::Restart { session_id } => {
-            crate::ops::restart(state, &SessionId::parse(&session_id)?).await?
+            crate::ops::restart(state, &operator(), &SessionId::parse(&session_id)?).await?
         }
         Request::Stop { session_id } => {
-            crate::ops::stop(state, &SessionId::parse(&session_id)?).await?
+            crate::ops::stop(state, &operator(), &SessionId::parse(&session_id)?).await?
         }
         Request::Drain => crate::ops::set_draining(state, true),
         Request::Resume => crate::ops::set_draining(state, false),
+        Request::Audit { before, limit } => crate::ops::audit(state, before, limit).await?,
     })
 }

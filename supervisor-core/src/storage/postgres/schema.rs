@@ -64,18 +64,19 @@ pub(super) struct Migration {
 }
 
 /// Every migration, oldest first; versions count up from 1 without gaps.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "sessions, events and live text",
-    change: Change::Expand,
-    // Ids sort by their bytes (`COLLATE "C"`), as every other backend orders them, whatever
-    // the database's locale. Times are milliseconds since the epoch. `last_event_seq` is the
-    // highest stored event's seq, kept on the row so an append checks its order without
-    // reading the log; `reserved_seq` is the highest one handed out (`Storage::reserve_seq`).
-    // No index on `updated_at`: an append changes it, and an indexed column would make every
-    // append rewrite the row's index entries; a full listing sorts instead. The fill factor
-    // leaves room on each page for those in-place updates.
-    sql: r#"
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "sessions, events and live text",
+        change: Change::Expand,
+        // Ids sort by their bytes (`COLLATE "C"`), as every other backend orders them, whatever
+        // the database's locale. Times are milliseconds since the epoch. `last_event_seq` is the
+        // highest stored event's seq, kept on the row so an append checks its order without
+        // reading the log; `reserved_seq` is the highest one handed out (`Storage::reserve_seq`).
+        // No index on `updated_at`: an append changes it, and an indexed column would make every
+        // append rewrite the row's index entries; a full listing sorts instead. The fill factor
+        // leaves room on each page for those in-place updates.
+        sql: r#"
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT COLLATE "C" PRIMARY KEY,
     created_at BIGINT NOT NULL,
@@ -101,7 +102,56 @@ CREATE TABLE IF NOT EXISTS live_text (
     PRIMARY KEY (session_id, seq)
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "tenancy: the tenant of each session",
+        change: Change::Expand,
+        // Existing sessions, and rows written by a node that predates tenancy, belong to the
+        // default tenant.
+        sql: r#"
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS tenant TEXT NOT NULL DEFAULT 'default';
+CREATE INDEX IF NOT EXISTS sessions_by_tenant ON sessions (tenant);
+"#,
+    },
+    Migration {
+        version: 3,
+        name: "tenancy: share links",
+        change: Change::Expand,
+        // By the SHA-256 of their token; they go with their session.
+        sql: r#"
+CREATE TABLE IF NOT EXISTS share_links (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    token_hash TEXT COLLATE "C" NOT NULL UNIQUE,
+    session_id TEXT COLLATE "C" NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    tenant TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT
+);
+CREATE INDEX IF NOT EXISTS share_links_by_tenant ON share_links (tenant, created_at DESC);
+CREATE INDEX IF NOT EXISTS share_links_by_session ON share_links (session_id);
+"#,
+    },
+    Migration {
+        version: 4,
+        name: "tenancy: the audit log",
+        change: Change::Expand,
+        sql: r#"
+CREATE TABLE IF NOT EXISTS audit (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at BIGINT NOT NULL,
+    tenant TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT
+);
+"#,
+    },
+];
 
 /// The newest schema version this release knows.
 pub(super) fn latest() -> i32 {
