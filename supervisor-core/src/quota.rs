@@ -68,6 +68,9 @@ impl TokenLedger {
     }
 }
 
+/// A per-tenant gauge of `/metrics`: its name, help and value for a tenant.
+type Gauge<'a> = (&'static str, &'static str, &'a dyn Fn(&str) -> u64);
+
 /// The quota state of the server.
 pub struct Quotas {
     tenants: Tenants,
@@ -378,7 +381,7 @@ impl Quotas {
         tenants.sort();
         tenants.dedup();
         let mut out = String::new();
-        let gauges: [(&str, &str, &dyn Fn(&str) -> u64); 4] = [
+        let gauges: [Gauge<'_>; 4] = [
             (
                 "agent_tenant_sessions_live",
                 "Loaded sessions per tenant.",

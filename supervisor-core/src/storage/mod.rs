@@ -600,7 +600,7 @@ mod conformance {
             tenant: tenant.into(),
             created_by: "u".into(),
             created_at: at,
-            expires_at: (at % 2 == 0).then_some(at + 1000),
+            expires_at: at.is_multiple_of(2).then_some(at + 1000),
         }
     }
 
@@ -667,7 +667,7 @@ mod conformance {
             action: "session.create".into(),
             target: format!("s{n}"),
             outcome: "ok".into(),
-            detail: (n % 2 == 0).then(|| format!("d{n}")),
+            detail: n.is_multiple_of(2).then(|| format!("d{n}")),
         }
     }
 

@@ -99,6 +99,8 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+/// A write run as it is, answering a number.
+type RunWrite = Box<dyn FnOnce(&Connection) -> Result<u64, StorageError> + Send>;
 
 enum Write {
     Create(SessionInfo, Reply<SessionInfo>),
@@ -139,10 +141,7 @@ enum Write {
     },
     /// A rare write with no variant of its own (share links, audit entries), answering a
     /// number (a count or an id).
-    Run(
-        Box<dyn FnOnce(&Connection) -> Result<u64, StorageError> + Send>,
-        Reply<u64>,
-    ),
+    Run(RunWrite, Reply<u64>),
 }
 
 pub struct SqliteStorage {
