@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use e2e::clients::{Needs, arg, artifacts_dir, available, run_node};
 use e2e::{Resp, Server, ServerOpts, supervisor_bin, wait_until};
 use serde_json::{Value, json};
 
@@ -489,6 +490,34 @@ async fn share_links_are_unguessable_revocable_and_expire() -> Result<()> {
         page.header("access-control-allow-credentials").is_none(),
         "credentials allowed"
     );
+    // The page replays in a browser under that policy, and reaches for nothing.
+    if available(Needs::Browser)? {
+        let artifacts = artifacts_dir()?;
+        let opened = run_node(
+            "browser.mjs",
+            &[
+                "replay",
+                &server.url(&format!("/s/{token}")),
+                &arg(&artifacts)?,
+                "share-link",
+                "echo: shown words",
+            ],
+        )
+        .await?;
+        // The browser's own fetch of the page's icon (a server asset, outside the page's
+        // policy) aside.
+        let fetched: Vec<&str> = opened["requests"]
+            .as_array()
+            .context("requests")?
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|url| !url.ends_with("/favicon.svg") && !url.ends_with("/favicon.ico"))
+            .collect();
+        ensure!(
+            fetched.is_empty() && opened["pageErrors"].as_array().is_some_and(Vec::is_empty),
+            "the shared page: {opened}"
+        );
+    }
     // Nothing beneath the link, and no workspace file through it.
     for path in [
         format!("/s/{token}/private.txt"),
