@@ -752,3 +752,76 @@ async fn the_audit_log_records_who_did_what() -> Result<()> {
     check(through_ctl["entries"].as_array().context("entries")?)?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_calls_models_with_its_own_key() -> Result<()> {
+    const SERVER_KEY: &str = "sk-server-key-0123456789abcdef";
+    const ACME_KEY: &str = "sk-acme-own-key-0123456789abcdef";
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("tarko.json");
+    upstream(&store, &["AcmeSessionAAAAAAAAAA"])?;
+    ensure!(import(&store, dir.path(), Some("acme")).status.success());
+    let fake = e2e::fake_llm::FakeLlm::start().await?;
+    let config = json!({"tenants": {"acme": {"keys": {"openai": "ACME_OPENAI_KEY"}}}});
+    let server = Server::start(
+        sqlite_opts(dir.path(), Some(config))
+            .env("OPENAI_API_KEY", SERVER_KEY)
+            .env("OPENAI_BASE_URL", fake.openai_base_url())
+            .env("MODEL_PROVIDER", "openai")
+            .env("MODEL_ID", "fake-model")
+            .env("ACME_OPENAI_KEY", ACME_KEY),
+    )
+    .await?;
+    let own = server.create_session().await?;
+    server.query(&own, "from the default tenant").await?;
+    let acme = "AcmeSessionAAAAAAAAAA";
+    server
+        .query(acme, &format!("from acme, pasting {ACME_KEY}"))
+        .await?;
+    let keys: Vec<String> = fake
+        .model_requests()
+        .iter()
+        .map(|r| {
+            r["headers"]["authorization"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    ensure!(
+        keys == [format!("Bearer {SERVER_KEY}"), format!("Bearer {ACME_KEY}")],
+        "the keys sent: {keys:?}"
+    );
+    // The key stays in the supervisor: not in the worker's environment.
+    let pid = server.wait_worker_pid(acme).await?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    ensure!(
+        !environ
+            .windows(ACME_KEY.len())
+            .any(|w| w == ACME_KEY.as_bytes()),
+        "the tenant's key is in its worker's environment"
+    );
+    // Each tenant's tokens are its own.
+    let metrics = server.get("/metrics").await?.text;
+    for tenant in ["default", "acme"] {
+        let used = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "agent_tenant_model_tokens_today{{tenant=\"{tenant}\"}} "
+                ))
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("no token gauge for {tenant}: {metrics}"))?;
+        ensure!(used > 0, "{tenant} used no tokens: {metrics}");
+    }
+    // And a shared page masks it.
+    let (_, token) = create_link(&server, acme, json!({})).await?;
+    let page = server.get(&format!("/s/{token}")).await?;
+    ensure!(page.status == 200 && page.text.contains("from acme, pasting"));
+    ensure!(
+        !page.text.contains(ACME_KEY),
+        "the tenant's key is on the shared page"
+    );
+    Ok(())
+}
