@@ -964,6 +964,24 @@ mod tests {
         ));
     }
 
+    /// A record written before sessions had a tenant belongs to the default tenant.
+    #[tokio::test]
+    async fn a_record_without_a_tenant_is_the_default_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sessions")).unwrap();
+        std::fs::write(
+            dir.path().join("sessions/old.json"),
+            r#"{"id":"old","createdAt":1,"updatedAt":2,"workspace":"/w/old"}"#,
+        )
+        .unwrap();
+        let store = FileStorage::open(dir.path()).unwrap();
+        assert_eq!(
+            store.session("old").await.unwrap().unwrap().tenant,
+            "default"
+        );
+        assert_eq!(store.count_tenant_sessions("default").await.unwrap(), 1);
+    }
+
     #[tokio::test]
     async fn files_are_private_whatever_the_umask() {
         use std::os::unix::fs::PermissionsExt;

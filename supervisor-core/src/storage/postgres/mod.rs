@@ -704,6 +704,34 @@ mod tests {
         assert_eq!(ledger(&schema).await.len(), schema::MIGRATIONS.len());
     }
 
+    /// A database from before tenancy (schema version 1) is brought up to date, its sessions
+    /// belonging to the default tenant.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_stored_before_tenancy_are_the_default_tenants() {
+        if skipped() {
+            return;
+        }
+        let schema = new_schema().await;
+        let url = in_schema(&base_url(), &schema);
+        let store = PostgresStorage::open(&url).await.unwrap();
+        let mut other = info("s");
+        other.tenant = "acme".into();
+        store.create_session(other).await.unwrap();
+        drop(store);
+        sql(&schema)
+            .await
+            .batch_execute(
+                "DROP TABLE audit; DROP TABLE share_links; ALTER TABLE sessions DROP COLUMN tenant;
+                 DELETE FROM schema_migrations WHERE version > 1",
+            )
+            .await
+            .unwrap();
+        let store = PostgresStorage::open(&url).await.unwrap();
+        assert_eq!(store.session("s").await.unwrap().unwrap().tenant, "default");
+        assert_eq!(store.count_tenant_sessions("default").await.unwrap(), 1);
+        assert_eq!(ledger(&schema).await.len(), schema::MIGRATIONS.len());
+    }
+
     #[test]
     fn a_contract_names_the_oldest_release_it_works_with() {
         let change = schema::Change::Contract { requires: 4 };
