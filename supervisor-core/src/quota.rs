@@ -406,7 +406,8 @@ impl Quotas {
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for tenant in &tenants {
-                let _ = writeln!(out, "{name}{{tenant=\"{tenant}\"}} {}", value(tenant));
+                let label = label_value(tenant);
+                let _ = writeln!(out, "{name}{{tenant=\"{label}\"}} {}", value(tenant));
             }
         }
         let name = "agent_tenant_refusals_total";
@@ -415,13 +416,24 @@ impl Quotas {
             "# HELP {name} Requests refused by a tenant quota or rate limit.\n# TYPE {name} counter"
         );
         for ((tenant, limit), count) in refusals {
+            let label = label_value(&tenant);
             let _ = writeln!(
                 out,
-                "{name}{{tenant=\"{tenant}\",limit=\"{limit}\"}} {count}"
+                "{name}{{tenant=\"{label}\",limit=\"{limit}\"}} {count}"
             );
         }
         out
     }
+}
+
+/// A tenant name as a Prometheus label value. Names from the configuration and imports are
+/// plain, but a principal's tenant comes from whatever authenticated it (a JWT claim, a proxy
+/// header), so it is escaped rather than trusted not to end the label or the line.
+fn label_value(tenant: &str) -> String {
+    tenant
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -472,6 +484,15 @@ mod tests {
         }
         let refusals = quotas.refusals.lock().unwrap();
         assert_eq!(refusals[&("big".to_owned(), "requestsPerSecond")], 1);
+    }
+
+    #[test]
+    fn tenant_labels_cannot_break_out() {
+        assert_eq!(label_value("acme"), "acme");
+        assert_eq!(
+            label_value("a\"} 1\nforged{x=\"\\"),
+            "a\\\"} 1\\nforged{x=\\\"\\\\"
+        );
     }
 
     #[test]
