@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
 
 pub mod catalogue;
+pub mod tenants;
 
 use crate::isolation::ByteSize;
 pub use catalogue::Catalogue;
@@ -72,6 +73,14 @@ pub struct Config {
     /// How callers prove who they are (`crate::auth`); absent, local mode.
     #[serde(default)]
     pub auth: Option<crate::auth::AuthConfig>,
+    /// `[tenants.<name>]`: quotas, rate limits and provider keys per tenant
+    /// (`config::tenants`).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, tenants::TenantConfig>,
+    /// The tenants' sections resolved, with their keys. Filled by [`load_with_env`]; never
+    /// serialised.
+    #[serde(skip)]
+    pub tenant_limits: tenants::Tenants,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -845,6 +854,7 @@ pub fn load_with_env(
     validate(&config)?;
     crate::isolation::validate(&config.isolation)?;
     config.catalogue = catalogue::resolve(&config, &env)?;
+    config.tenant_limits = tenants::resolve(&config.tenants, &config.catalogue, &env)?;
     Ok(config)
 }
 

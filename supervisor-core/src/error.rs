@@ -104,6 +104,24 @@ pub enum ApiError {
     HostNotAllowed(String),
     #[error("This route takes a JSON body (Content-Type: application/json), not {0}")]
     UnsupportedMediaType(String),
+    /// A tenant quota (`[tenants.<name>]`) would be exceeded; `limit` is its key.
+    #[error("Tenant {tenant} has reached its {limit} quota ({used} of {max})")]
+    QuotaExceeded {
+        tenant: String,
+        limit: &'static str,
+        used: u64,
+        max: u64,
+        retry_after_secs: u64,
+    },
+    #[error("Tenant {tenant} is over its rate of {limit} requests per second (requestsPerSecond)")]
+    RateLimited {
+        tenant: String,
+        limit: u32,
+        retry_after_secs: u64,
+    },
+    /// A share link that does not exist, was revoked or has expired: all three look the same.
+    #[error("No such share link")]
+    ShareLinkNotFound,
     #[error("Storage failed: {0}")]
     Storage(StorageError),
     #[error("Internal error: {0}")]
@@ -206,7 +224,10 @@ impl ApiError {
             Self::WorkerUnavailable { .. }
             | Self::Draining
             | Self::Storage(StorageError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::QuotaExceeded { .. } | Self::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::ShareLinkNotFound => StatusCode::NOT_FOUND,
             Self::SessionStorageFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
             Self::WorkerCrashed { .. }
@@ -246,6 +267,9 @@ impl ApiError {
             Self::SessionBusy(_) => "SESSION_BUSY",
             Self::WorkerUnavailable { .. } => "WORKER_UNAVAILABLE",
             Self::Overloaded { .. } => "SERVER_OVERLOADED",
+            Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::ShareLinkNotFound => "SHARE_LINK_NOT_FOUND",
             Self::SessionStorageFull { .. } => "SESSION_STORAGE_FULL",
             Self::Draining => "SERVER_DRAINING",
             Self::WorkerCrashed { .. } => "WORKER_CRASHED",
@@ -297,6 +321,9 @@ impl ApiError {
             Self::SessionBusy(_) => "Agent is already executing a task".into(),
             Self::WorkerUnavailable { .. } => "Worker unavailable".into(),
             Self::Overloaded { .. } => "Server overloaded".into(),
+            Self::QuotaExceeded { .. } => "Quota exceeded".into(),
+            Self::RateLimited { .. } => "Rate limited".into(),
+            Self::ShareLinkNotFound => "Not found".into(),
             Self::SessionStorageFull { .. } => "Session storage full".into(),
             Self::Draining => "Server draining".into(),
             Self::WorkerCrashed { .. } => "Worker crashed".into(),
@@ -343,6 +370,23 @@ impl ApiError {
             Self::OriginNotAllowed(origin) => details["origin"] = json!(origin),
             Self::HostNotAllowed(host) => details["host"] = json!(host),
             Self::UnsupportedMediaType(ty) => details["contentType"] = json!(ty),
+            Self::QuotaExceeded {
+                tenant,
+                limit,
+                used,
+                max,
+                ..
+            } => {
+                details["tenant"] = json!(tenant);
+                details["limit"] = json!(limit);
+                details["used"] = json!(used);
+                details["max"] = json!(max);
+            }
+            Self::RateLimited { tenant, limit, .. } => {
+                details["tenant"] = json!(tenant);
+                details["limit"] = json!("requestsPerSecond");
+                details["max"] = json!(limit);
+            }
             Self::NotFound { method, path } | Self::MethodNotAllowed { method, path } => {
                 details["method"] = json!(method);
                 details["path"] = json!(path);
@@ -393,6 +437,12 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Overloaded {
+                retry_after_secs, ..
+            }
+            | Self::QuotaExceeded {
+                retry_after_secs, ..
+            }
+            | Self::RateLimited {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             Self::Draining => Some(5),

@@ -36,6 +36,8 @@ pub enum ImportError {
     },
     #[error("could not start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Tenant(#[from] crate::principal::InvalidTenant),
 }
 
 /// Why an upstream store could not be read.
@@ -86,14 +88,16 @@ struct Upstream {
     events: Vec<String>,
 }
 
-/// Imports everything found at `from` into the store `config` names.
+/// Imports everything found at `from` into the store `config` names, as sessions of `tenant`.
 ///
 /// # Errors
-/// Memory as the target, an unreadable source, or a storage failure.
-pub fn run(config: &Config, from: &Path) -> Result<ImportReport, ImportError> {
+/// Memory as the target, a tenant name that cannot be one, an unreadable source, or a storage
+/// failure.
+pub fn run(config: &Config, from: &Path, tenant: &str) -> Result<ImportReport, ImportError> {
     if config.server.storage.kind == StorageKind::Memory {
         return Err(ImportError::MemoryTarget);
     }
+    crate::principal::check_tenant_name(tenant)?;
     let sessions = read_source(from)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,7 +118,7 @@ pub fn run(config: &Config, from: &Path) -> Result<ImportReport, ImportError> {
         // transaction; one at a time, a large store takes a minute instead of seconds.
         let mut report = ImportReport::default();
         let mut imports = futures::stream::iter(sessions)
-            .map(|session| import_one(&storage, &root, from, session))
+            .map(|session| import_one(&storage, &root, from, tenant, session))
             .buffer_unordered(IMPORT_CONCURRENCY);
         while let Some(one) = imports.next().await {
             report.add(one?);
@@ -141,6 +145,7 @@ async fn import_one(
     storage: &SharedStorage,
     root: &Path,
     from: &Path,
+    tenant: &str,
     upstream: Upstream,
 ) -> Result<ImportReport, ImportError> {
     let mut report = ImportReport::default();
@@ -197,6 +202,7 @@ async fn import_one(
         updated_at: number("updatedAt"),
         workspace: workspace.to_string_lossy().into_owned(),
         metadata: Some(metadata),
+        tenant: tenant.to_owned(),
     };
     let updated_at = info.updated_at;
     storage.create_session(info).await?;

@@ -18,7 +18,8 @@
 //! - `metrics`: `GET /metrics`.
 //! - [`principal`]: who a request acts for (tenant, user, role); [`auth`]: how it is
 //!   established (tokens, OIDC, a trusted proxy, the login cookie, local mode), the browser
-//!   guard, and the one rule of who may use a session.
+//!   guard, and the one rule of who may use a session; `quota`: each tenant's quotas and
+//!   request rate; [`audit`]: the audit log.
 //! - [`isolation`]: the isolation level in force: its configuration, probes, per-session host
 //!   ids, disk quotas, cgroups, jail specs, audit check and report.
 //! - `webui`: the web UI on non-API paths (a configured directory, or the built-in one);
@@ -29,6 +30,7 @@
 mod admission;
 mod agio;
 mod api;
+pub mod audit;
 pub mod auth;
 mod bus;
 pub mod config;
@@ -44,6 +46,7 @@ mod metrics;
 mod ops;
 pub mod principal;
 mod provision;
+mod quota;
 pub mod server;
 mod sessions;
 mod share;

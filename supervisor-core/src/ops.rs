@@ -8,7 +8,9 @@ use nix::unistd::{SysconfVar, sysconf};
 use serde_json::{Value, json};
 use shared::ids::{SessionId, now_ms};
 
+use crate::audit;
 use crate::error::ApiError;
+use crate::principal::Principal;
 use crate::state::AppState;
 
 /// Every live worker: session, pid, state, uptime, memory, CPU time, events published and the
@@ -76,10 +78,48 @@ pub async fn sessions(state: &AppState) -> Result<Vec<Value>, ApiError> {
 ///
 /// # Errors
 /// Unknown session, a run in progress, or a worker that cannot start.
-pub async fn restart(state: &Arc<AppState>, session_id: &SessionId) -> Result<Value, ApiError> {
-    let session = state.session(session_id).await?;
-    let worker = state.restart_worker(&session).await?;
-    Ok(json!({"success": true, "sessionId": session.id, "pid": worker.pid}))
+pub async fn restart(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    session_id: &SessionId,
+) -> Result<Value, ApiError> {
+    let restarted = async {
+        let session = state.session(session_id).await?;
+        let worker = state.restart_worker(&session).await?;
+        Ok(json!({"success": true, "sessionId": session.id, "pid": worker.pid}))
+    }
+    .await;
+    audited(
+        state,
+        principal,
+        audit::Action::WorkerRestart,
+        session_id,
+        &restarted,
+    )
+    .await;
+    restarted
+}
+
+async fn audited(
+    state: &AppState,
+    principal: &Principal,
+    action: audit::Action,
+    session_id: &SessionId,
+    result: &Result<Value, ApiError>,
+) {
+    let (outcome, detail) = match result {
+        Ok(_) => (audit::Outcome::Ok, None),
+        Err(e) => (audit::Outcome::Failed, Some(e.to_string())),
+    };
+    audit::record(
+        &*state.storage,
+        Some(principal),
+        action,
+        session_id,
+        outcome,
+        detail.as_deref(),
+    )
+    .await;
 }
 
 /// Stops one session's worker (a running run ends as an error); the next query starts a new one.
@@ -87,12 +127,50 @@ pub async fn restart(state: &Arc<AppState>, session_id: &SessionId) -> Result<Va
 ///
 /// # Errors
 /// Unknown session.
-pub async fn stop(state: &AppState, session_id: &SessionId) -> Result<Value, ApiError> {
-    let session = state.session(session_id).await?;
-    let had_worker = session.activity.has_worker();
-    session.stop_worker().await;
-    Ok(json!({"success": true, "sessionId": session.id, "stopped": had_worker}))
+pub async fn stop(
+    state: &AppState,
+    principal: &Principal,
+    session_id: &SessionId,
+) -> Result<Value, ApiError> {
+    let stopped = async {
+        let session = state.session(session_id).await?;
+        let had_worker = session.activity.has_worker();
+        session.stop_worker().await;
+        Ok(json!({"success": true, "sessionId": session.id, "stopped": had_worker}))
+    }
+    .await;
+    audited(
+        state,
+        principal,
+        audit::Action::WorkerStop,
+        session_id,
+        &stopped,
+    )
+    .await;
+    stopped
 }
+
+/// The audit log, newest first: up to `limit` entries (at most [`AUDIT_PAGE_MAX`]) with an id
+/// below `before`, and the cursor of the next page (`null` on the last).
+///
+/// # Errors
+/// Storage failure.
+pub async fn audit(
+    state: &AppState,
+    before: Option<u64>,
+    limit: Option<usize>,
+) -> Result<Value, ApiError> {
+    let limit = limit.unwrap_or(AUDIT_PAGE_DEFAULT).clamp(1, AUDIT_PAGE_MAX);
+    let mut entries = state.storage.audit_page(before, limit + 1).await?;
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let next = entries.last().filter(|_| more).map(|e| e.id);
+    Ok(json!({"success": true, "entries": entries, "nextBefore": next}))
+}
+
+/// The largest page of the audit log.
+pub const AUDIT_PAGE_MAX: usize = 500;
+const AUDIT_PAGE_DEFAULT: usize = 100;
 
 /// Refuses new runs (running ones finish), or takes them again.
 pub fn set_draining(state: &AppState, draining: bool) -> Value {

@@ -194,7 +194,7 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
         storage.clone(),
         webui.clone(),
         gateway.clone(),
-        config.catalogue.secrets(),
+        shared_page_secrets(&config),
     )?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&addr)
@@ -412,4 +412,16 @@ async fn stop_workers(state: &AppState) {
     let sessions = state.sessions.all();
     let cause = || Some(crate::workers::StopCause::ServerShutdown);
     futures::future::join_all(sessions.iter().map(|s| s.stop_worker_for(cause()))).await;
+}
+
+/// Every key a shared page must not show: the models' and the tenants' own.
+fn shared_page_secrets(config: &Config) -> Vec<String> {
+    let mut secrets = config.catalogue.secrets();
+    for key in config.tenant_limits.secrets() {
+        let key = key.expose();
+        if key.len() >= 8 && !secrets.iter().any(|s| s == key) {
+            secrets.push(key.to_owned());
+        }
+    }
+    secrets
 }

@@ -13,12 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::agio::Agio;
+use crate::audit;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::isolation::Isolation;
 use crate::principal::Principal;
 use crate::provision::Provisioner;
+use crate::quota::Quotas;
 use crate::sessions::{RunOutcome, Session, Sessions};
 use crate::share::Sharing;
 use crate::storage::{SessionInfo, SharedStorage};
@@ -41,6 +43,8 @@ pub struct AppState {
     pub agio: Option<Arc<Agio>>,
     /// Whether a run may start now; drain mode.
     pub admission: Admission,
+    /// The tenants' quotas and request rates.
+    pub quotas: Quotas,
     /// The web UI served on non-API paths.
     pub webui: Arc<WebUi>,
     /// Where shared sessions are uploaded, if anywhere.
@@ -100,6 +104,7 @@ impl AppState {
             stored_bytes_limit: config.server.session_limits.stored_bytes.0,
         });
         let admission = Admission::new(config.server.workers.clone(), isolation.clone());
+        let quotas = Quotas::new(config.tenant_limits.clone());
         Self {
             config,
             workspace_root,
@@ -110,6 +115,7 @@ impl AppState {
             gateway,
             agio,
             admission,
+            quotas,
             webui,
             sharing,
             started: Instant::now(),
@@ -168,17 +174,18 @@ impl AppState {
         Ok(session)
     }
 
-    /// Starts a run of `session` once admission lets it (see `admission`): the slot is held
-    /// until its worker is live.
+    /// Starts a run of `session` once its tenant's quotas (`quota`) and admission (see
+    /// `admission`) let it: both hold their place until the run is under way.
     ///
     /// # Errors
-    /// Refused by admission, or the session could not start it.
+    /// Refused by a quota or by admission, or the session could not start it.
     pub async fn start_run(
         &self,
         session: &Arc<Session>,
         input: &Value,
         stream: bool,
     ) -> Result<oneshot::Receiver<RunOutcome>, ApiError> {
+        let _permit = self.quotas.admit_run(&self.sessions, session).await?;
         let _slot = self.admission.admit(&self.sessions, session).await?;
         Ok(session.start_run(input, stream).await?)
     }
@@ -200,15 +207,47 @@ impl AppState {
         Ok(session.ensure_worker().await?)
     }
 
-    /// Creates a session: its own workspace directory, its stored record, its host uid and
-    /// disk quota, its live entry. Nothing is left behind if a step fails.
+    /// Creates a session of `principal`'s tenant: its own workspace directory, its stored
+    /// record, its host uid and disk quota, its live entry. Nothing is left behind if a step
+    /// fails. Audited.
     ///
     /// # Errors
-    /// The directory, the record, the uid or the quota could not be had.
+    /// The tenant's `sessions` quota is reached; the directory, the record, the uid or the
+    /// quota could not be had.
     pub async fn create_session(
         &self,
+        principal: &Principal,
         extra_metadata: Map<String, Value>,
     ) -> Result<(Arc<Session>, SessionInfo), ApiError> {
+        let created = self
+            .create_session_unaudited(principal, extra_metadata)
+            .await;
+        let (target, outcome, detail) = match &created {
+            Ok((session, _)) => (session.id.to_string(), audit::Outcome::Ok, None),
+            Err(e @ ApiError::QuotaExceeded { .. }) => {
+                (String::new(), audit::Outcome::Denied, Some(e.to_string()))
+            }
+            Err(e) => (String::new(), audit::Outcome::Failed, Some(e.to_string())),
+        };
+        audit::record(
+            &*self.storage,
+            Some(principal),
+            audit::Action::SessionCreate,
+            &target,
+            outcome,
+            detail.as_deref(),
+        )
+        .await;
+        created
+    }
+
+    async fn create_session_unaudited(
+        &self,
+        principal: &Principal,
+        extra_metadata: Map<String, Value>,
+    ) -> Result<(Arc<Session>, SessionInfo), ApiError> {
+        let tenant = principal.tenant.clone();
+        let _slot = self.quotas.session_slot(&self.storage, &tenant).await?;
         let now = now_ms();
         let mut metadata = Map::new();
         metadata.insert(
@@ -231,6 +270,7 @@ impl AppState {
             updated_at: now,
             workspace: workspace.to_string_lossy().into_owned(),
             metadata: Some(metadata),
+            tenant: tenant.clone(),
         };
         let info = match self.storage.create_session(info).await {
             Ok(info) => info,
@@ -247,17 +287,40 @@ impl AppState {
             let _ = std::fs::remove_dir_all(&workspace);
             return Err(e.into());
         }
-        let session = self.sessions.create(id, workspace);
+        let session = self.sessions.create(id, workspace, tenant);
         tracing::info!(session_id = %session.id, "session created");
         crate::metrics::METRICS.sessions_created.inc();
         Ok((session, info))
     }
 
-    /// Deletes a session: stops its worker, removes its record and events, then its workspace.
+    /// Deletes a session for `principal`: stops its worker, removes its record, events and
+    /// share links, then its workspace. Audited.
     ///
     /// # Errors
     /// `SessionNotFoundInStorage` when the record was already gone.
-    pub async fn delete_session(&self, session: &Arc<Session>) -> Result<(), ApiError> {
+    pub async fn delete_session(
+        &self,
+        principal: &Principal,
+        session: &Arc<Session>,
+    ) -> Result<(), ApiError> {
+        let deleted = self.delete_session_unaudited(session).await;
+        let (outcome, detail) = match &deleted {
+            Ok(()) => (audit::Outcome::Ok, None),
+            Err(e) => (audit::Outcome::Failed, Some(e.to_string())),
+        };
+        audit::record(
+            &*self.storage,
+            Some(principal),
+            audit::Action::SessionDelete,
+            &session.id,
+            outcome,
+            detail.as_deref(),
+        )
+        .await;
+        deleted
+    }
+
+    async fn delete_session_unaudited(&self, session: &Arc<Session>) -> Result<(), ApiError> {
         self.sessions.remove(&session.id);
         session.close().await;
         if let Some(agio) = &self.agio {

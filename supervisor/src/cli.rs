@@ -29,6 +29,9 @@ pub enum Command {
         /// The upstream store.
         #[arg(long)]
         from: PathBuf,
+        /// The tenant the imported sessions belong to.
+        #[arg(long, default_value = supervisor_core::principal::DEFAULT_TENANT)]
+        tenant: String,
         // Boxed: the serve flags are big next to the other variants.
         #[command(flatten)]
         target: Box<ServeArgs>,
@@ -73,6 +76,15 @@ pub enum CtlAction {
     /// API tokens (`[auth] tokens = true`).
     #[command(subcommand)]
     Tokens(TokensAction),
+    /// The audit log, newest first: who did what to which session, when, and how it ended.
+    Audit {
+        /// Only entries older than this id (the `nextBefore` of the previous page).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Entries per page [default: 100, at most 500].
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,6 +152,7 @@ impl CtlAction {
             }),
             Self::Tokens(TokensAction::List) => Request::TokensList,
             Self::Tokens(TokensAction::Revoke { id }) => Request::TokensRevoke { id },
+            Self::Audit { before, limit } => Request::Audit { before, limit },
         }
     }
 }

@@ -24,8 +24,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Worker(args)) => run_worker(args),
-        Some(Command::Import { from, target }) => {
-            let report = supervisor_core::import::run(&load_config(&target), &from)?;
+        Some(Command::Import {
+            from,
+            tenant,
+            target,
+        }) => {
+            let report = supervisor_core::import::run(&load_config(&target), &from, &tenant)?;
             println!("{report}");
             Ok(())
         }

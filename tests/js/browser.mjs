@@ -3,7 +3,7 @@
 //   node browser.mjs official <baseUrl> <artifactsDir>
 //   node browser.mjs builtin  <baseUrl> <artifactsDir>
 //   node browser.mjs builtin-states <baseUrl> <artifactsDir> <serverPid>   (kills the server)
-//   node browser.mjs replay   <htmlFile> <artifactsDir> <name> <text>...
+//   node browser.mjs replay   <htmlFile or share link URL> <artifactsDir> <name> <text>...
 //   node browser.mjs interrupted <baseUrl> <artifactsDir> <serverPid>
 //   node browser.mjs workspace <pageUrl> <artifactsDir> <name>
 //   node browser.mjs cross-origin <baseUrl> <artifactsDir>
@@ -455,10 +455,14 @@ async function replay() {
   const [name, ...texts] = rest;
   const { page, close } = await launch();
   const requests = [];
-  page.on('request', (request) => { if (request.url().startsWith('http')) requests.push(request.url()); });
+  // A share link (`/s/<token>`) is served by the server; a downloaded page is a file.
+  const url = /^https?:/.test(target) ? target : pathToFileURL(target).href + '?replay=1';
+  page.on('request', (request) => {
+    if (request.url().startsWith('http') && request.url() !== url) requests.push(request.url());
+  });
   const errors = [];
   page.on('pageerror', (error) => errors.push(String(error)));
-  await page.goto(pathToFileURL(target).href + '?replay=1');
+  await page.goto(url);
   for (const text of texts) await page.getByText(text).first().waitFor();
   await shot(page, name);
   const report = { found: texts, requests, pageErrors: errors };

@@ -243,7 +243,10 @@ async fn search(
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
     let workspace = workspace_of(&state, &principal, &params).await?;
-    let query = params.get("q").ok_or(ApiError::SearchQueryRequired)?.to_owned();
+    let query = params
+        .get("q")
+        .ok_or(ApiError::SearchQueryRequired)?
+        .to_owned();
     let kind = params.get("type").unwrap_or("all").to_owned();
     blocking(move || {
         let session_dir = SessionDir::open(&workspace)?;

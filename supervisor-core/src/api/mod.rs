@@ -14,9 +14,11 @@ mod runs;
 mod sessions;
 mod settings;
 mod share;
+mod share_links;
 mod socketio;
 mod sse;
 mod system;
+mod tenancy;
 
 use std::sync::Arc;
 
@@ -221,6 +223,23 @@ fn table() -> Table {
     .route("/api/v1/auth/logout", &["POST"], Public, post(auth::logout))
     .route("/api/v1/auth/me", &["GET"], Member, get(auth::me))
     .route("/api/v1/auth/ticket", &["POST"], Member, post(auth::ticket))
+    .route("/api/v1/usage", &["GET"], Member, get(tenancy::usage))
+    .route("/api/v1/audit", &["GET"], Admin, get(tenancy::audit))
+    .route("/api/v1/shares", &["GET"], Member, get(share_links::list))
+    .route(
+        "/api/v1/shares/create",
+        &["POST"],
+        Member,
+        post(share_links::create),
+    )
+    .route(
+        "/api/v1/shares/revoke",
+        &["POST"],
+        Member,
+        post(share_links::revoke),
+    )
+    // Public: the unguessable token in the path is the credential.
+    .route("/s/{token}", &["GET"], Public, get(share_links::open))
     .route("/metrics", &["GET"], Admin, get(system::metrics));
     probe::routes(files::routes(table))
 }
@@ -239,6 +258,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Each checks what it serves itself: the web UI is public, workspace files are not.
         .fallback(files::workspace_static)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            tenancy::rate_limit,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(http_span))
         .with_state(state.clone());

@@ -149,6 +149,7 @@ fn oneshot_metadata(body: &Map<String, Value>) -> Result<Map<String, Value>, Api
 /// Failures have the query family's shape, like [`query`]'s.
 pub(super) async fn oneshot(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     body: Result<JsonObject, ApiError>,
 ) -> Result<Response, Response> {
     let failed = |e: ApiError| QueryError(e).into_response();
@@ -156,7 +157,10 @@ pub(super) async fn oneshot(
     check_exclusive(&state).map_err(failed)?;
     let input = query_input(&body).map_err(failed)?;
     let metadata = oneshot_metadata(&body).map_err(failed)?;
-    let (session, _) = state.create_session(metadata).await.map_err(failed)?;
+    let (session, _) = state
+        .create_session(&principal, metadata)
+        .await
+        .map_err(failed)?;
     match run_to_end(&state, &session, &input).await {
         Ok(result) => {
             let id = serde_json::to_string(&session.id).unwrap_or_default();
@@ -174,12 +178,13 @@ pub(super) async fn oneshot(
 
 pub(super) async fn oneshot_stream(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     check_exclusive(&state)?;
     let input = query_input(&body)?;
     let metadata = oneshot_metadata(&body)?;
-    let (session, _) = state.create_session(metadata).await?;
+    let (session, _) = state.create_session(&principal, metadata).await?;
     let created =
         json!({"type": "session_created", "sessionId": session.id, "timestamp": now_ms()});
     let first = futures::stream::once(async move { sse::data_frame(&created.to_string()) });

@@ -182,6 +182,7 @@ pub(super) fn check_exclusive(state: &AppState) -> Result<(), ApiError> {
 
 pub(super) async fn create(
     State(state): State<Arc<AppState>>,
+    principal: Principal,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     check_exclusive(&state)?;
@@ -195,7 +196,7 @@ pub(super) async fn create(
             Some(_) => return Err(ApiError::InvalidRequest(format!("{key} must be an object"))),
         }
     }
-    let (session, info) = state.create_session(extra).await?;
+    let (session, info) = state.create_session(&principal, extra).await?;
     let body = json!({"sessionId": session.id, "session": state.shown(info), "events": []});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -434,7 +435,7 @@ pub(super) async fn delete(
     let session = state
         .session_for(&principal, &session_id(&params, Some(&body))?)
         .await?;
-    state.delete_session(&session).await?;
+    state.delete_session(&principal, &session).await?;
     Ok(Json(json!({"success": true})))
 }
 

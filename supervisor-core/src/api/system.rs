@@ -110,21 +110,23 @@ pub(super) async fn workers(State(state): State<Arc<AppState>>) -> Json<Value> {
 /// Replaces a session's worker (history and followers kept).
 pub(super) async fn restart(
     State(state): State<Arc<AppState>>,
+    principal: crate::principal::Principal,
     params: super::body::Params,
     super::body::JsonObject(body): super::body::JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let id = super::body::session_id(&params, Some(&body))?;
-    Ok(Json(crate::ops::restart(&state, &id).await?))
+    Ok(Json(crate::ops::restart(&state, &principal, &id).await?))
 }
 
 /// Stops a session's worker; its next query starts a new one.
 pub(super) async fn stop(
     State(state): State<Arc<AppState>>,
+    principal: crate::principal::Principal,
     params: super::body::Params,
     super::body::JsonObject(body): super::body::JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let id = super::body::session_id(&params, Some(&body))?;
-    Ok(Json(crate::ops::stop(&state, &id).await?))
+    Ok(Json(crate::ops::stop(&state, &principal, &id).await?))
 }
 
 /// `GET /metrics`: the counters, and the gauges of the present gathered here.
@@ -143,7 +145,8 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let lag = session.bus.max_follower_lag();
         gauges.follower_lags.push((session.id.to_string(), lag));
     }
-    let body = crate::metrics::render(&gauges);
+    let mut body = crate::metrics::render(&gauges);
+    body.push_str(&state.quotas.render_metrics(&state.sessions));
     (
         [(
             header::CONTENT_TYPE,

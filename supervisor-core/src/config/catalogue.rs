@@ -183,7 +183,7 @@ pub struct ModelSettings {
 }
 
 /// One callable model.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ModelEntry {
     pub provider: String,
     pub id: String,
@@ -299,6 +299,11 @@ impl Catalogue {
             }
         }
         secrets
+    }
+
+    /// The providers of the configured models.
+    pub fn listed_providers(&self) -> impl Iterator<Item = &str> {
+        self.models.iter().map(|m| m.provider.as_str())
     }
 
     /// The model a session's stored `metadata.modelConfig` selects: its `provider` and `id`

@@ -110,6 +110,13 @@ pub fn render(answer: &Value) -> Rendered {
             "running",
         ];
         Rendered::Done(table(sessions, &columns))
+    } else if let Some(entries) = answer["entries"].as_array() {
+        let columns = ["id", "at", "tenant", "user", "action", "target", "outcome"];
+        let mut text = table(entries, &columns);
+        if let Some(next) = answer["nextBefore"].as_u64() {
+            text += &format!("more: --before {next}\n");
+        }
+        Rendered::Done(text)
     } else if answer["success"] == false {
         Rendered::Refused(format!(
             "error: {} ({})\n",

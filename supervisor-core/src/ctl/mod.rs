@@ -47,6 +47,22 @@ pub enum Request {
     TokensRevoke {
         id: String,
     },
+    /// The audit log, newest first, a page at a time.
+    Audit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
+}
+
+/// Who a control-socket request acts as: whoever can open the socket operates the server.
+fn operator() -> crate::principal::Principal {
+    crate::principal::Principal {
+        tenant: crate::principal::DEFAULT_TENANT.to_owned(),
+        user: "ctl".to_owned(),
+        role: crate::principal::Role::Admin,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,15 +157,16 @@ async fn run(state: &Arc<AppState>, request: Request) -> Result<Value, ApiError>
         }
         Request::Workers => json!({"success": true, "workers": crate::ops::workers(state).await}),
         Request::Restart { session_id } => {
-            crate::ops::restart(state, &SessionId::parse(&session_id)?).await?
+            crate::ops::restart(state, &operator(), &SessionId::parse(&session_id)?).await?
         }
         Request::Stop { session_id } => {
-            crate::ops::stop(state, &SessionId::parse(&session_id)?).await?
+            crate::ops::stop(state, &operator(), &SessionId::parse(&session_id)?).await?
         }
         Request::Drain => crate::ops::set_draining(state, true),
         Request::Resume => crate::ops::set_draining(state, false),
         Request::TokensCreate(new) => crate::ops::create_token(state, new).await?,
         Request::TokensList => crate::ops::list_tokens(state).await?,
         Request::TokensRevoke { id } => crate::ops::revoke_token(state, &id).await?,
+        Request::Audit { before, limit } => crate::ops::audit(state, before, limit).await?,
     })
 }

@@ -47,6 +47,8 @@ pub enum GatewayError {
 
 pub struct Gateway {
     catalogue: Catalogue,
+    /// The tenants' own provider keys, used for their sessions' calls instead of the server's.
+    tenants: crate::config::tenants::Tenants,
     http: reqwest::Client,
     agio: Option<Arc<Agio>>,
 }
@@ -125,6 +127,7 @@ impl Gateway {
             .map_err(GatewayError::Client)?;
         Ok(Self {
             catalogue: config.catalogue.clone(),
+            tenants: config.tenant_limits.clone(),
             http,
             agio,
         })
@@ -136,19 +139,23 @@ impl Gateway {
 
     /// Serves one model request of `session_id`'s worker in its own task; cancelling `cancel`
     /// (the worker's `ModelCancel`, or the worker going away) stops it and drops the provider
-    /// connection.
+    /// connection. The call uses `tenant`'s own key for the provider if it has one, and its
+    /// tokens count against `tenant`'s daily budget.
     pub fn start(
         self: &Arc<Self>,
         session_id: &SessionId,
+        tenant: &str,
         request: ModelRequest,
         outbox: mpsc::Sender<ToWorker>,
         cancel: CancellationToken,
     ) -> JoinHandle<()> {
         let gateway = self.clone();
         let session_id = session_id.clone();
+        let tenant = tenant.to_owned();
         let span = tracing::info_span!(
             "model_call",
             session_id = %session_id,
+            tenant = %tenant,
             request_id = %request.id,
             run_id = %request.run_id,
             provider = %request.model.provider,
@@ -163,8 +170,16 @@ impl Gateway {
                     id: request.id.clone(),
                     outbox,
                 };
-                let outcome = gateway.call(&request, &replies, &cancel).await;
+                let outcome = gateway
+                    .call(&request, Some(&tenant), &replies, &cancel)
+                    .await;
                 record(&outcome);
+                if let Outcome::Done(Finished {
+                    usage: Some(usage), ..
+                }) = &outcome
+                {
+                    crate::quota::TOKENS.add(&tenant, usage.total_tokens, shared::ids::now_ms());
+                }
                 if let (Some(agio), Outcome::Done(done)) = (&gateway.agio, &outcome) {
                     let usage = done.usage.as_ref();
                     agio.model_finished(
@@ -181,10 +196,12 @@ impl Gateway {
         )
     }
 
-    /// One call, run to its outcome; deltas and progress go to `replies` on the way.
+    /// One call, run to its outcome; deltas and progress go to `replies` on the way. With a
+    /// `tenant` that has its own key for the model's provider, that key is sent.
     async fn call(
         &self,
         request: &ModelRequest,
+        tenant: Option<&str>,
         replies: &Replies,
         cancel: &CancellationToken,
     ) -> Outcome {
@@ -232,6 +249,18 @@ impl Gateway {
         if let Some(problem) = &entry.unusable {
             return failed(ModelErrorKind::Config, None, problem.clone());
         }
+        let tenant_key = tenant.and_then(|t| self.tenants.key(t, &entry.provider));
+        let keyed;
+        let entry: &crate::config::catalogue::ModelEntry = match tenant_key {
+            Some(key) => {
+                keyed = crate::config::catalogue::ModelEntry {
+                    api_key: Some(key.clone()),
+                    ..(**entry).clone()
+                };
+                &keyed
+            }
+            None => entry,
+        };
         match entry.adapter {
             Adapter::Echo => echo::respond(request, &params, replies, cancel).await,
             Adapter::OpenAi { .. } | Adapter::Anthropic => {
@@ -270,7 +299,7 @@ impl Gateway {
                 id: request.id.clone(),
                 outbox,
             };
-            let outcome = self.call(&request, &replies, &cancel).await;
+            let outcome = self.call(&request, None, &replies, &cancel).await;
             finish(&replies, outcome).await;
         };
         let collect = async {

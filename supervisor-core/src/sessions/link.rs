@@ -14,6 +14,10 @@ impl SessionLink for Session {
         &self.id
     }
 
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
     fn workspace(&self) -> &Path {
         &self.workspace
     }

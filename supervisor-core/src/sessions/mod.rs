@@ -62,8 +62,8 @@ impl Sessions {
     }
 
     /// A new session, empty and live at once.
-    pub fn create(&self, id: SessionId, workspace: PathBuf) -> Arc<Session> {
-        let session = Arc::new(Session::new(id, workspace, 0, self.ctx.clone()));
+    pub fn create(&self, id: SessionId, workspace: PathBuf, tenant: String) -> Arc<Session> {
+        let session = Arc::new(Session::new(id, workspace, tenant, 0, self.ctx.clone()));
         self.map().insert(session.id.clone(), session.clone());
         session
     }
@@ -90,6 +90,33 @@ impl Sessions {
             .values()
             .filter(|s| s.activity.has_worker())
             .count()
+    }
+
+    /// `tenant`'s live sessions with a worker, and those running a query.
+    pub fn tenant_activity(&self, tenant: &str) -> (usize, usize) {
+        self.map()
+            .values()
+            .filter(|s| s.tenant == tenant)
+            .fold((0, 0), |(workers, runs), s| {
+                (
+                    workers + usize::from(s.activity.has_worker()),
+                    runs + usize::from(s.activity.is_running()),
+                )
+            })
+    }
+
+    /// `tenant`'s session whose idle worker was used least recently, other than `except`.
+    pub fn least_recent_idle_of(&self, tenant: &str, except: &SessionId) -> Option<Arc<Session>> {
+        self.map()
+            .values()
+            .filter(|s| {
+                s.tenant == tenant
+                    && s.id != *except
+                    && s.activity.has_worker()
+                    && !s.activity.is_running()
+            })
+            .min_by_key(|s| s.activity.last_active_ms())
+            .cloned()
     }
 
     /// The session whose idle worker was used least recently, other than `except`.
@@ -122,6 +149,7 @@ impl Sessions {
         let restored = Arc::new(Session::new(
             id.clone(),
             PathBuf::from(info.workspace),
+            info.tenant,
             last_seq,
             self.ctx.clone(),
         ));

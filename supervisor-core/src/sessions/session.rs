@@ -76,6 +76,8 @@ pub(super) struct Inner {
 pub struct Session {
     pub id: SessionId,
     pub workspace: PathBuf,
+    /// The tenant owning it (its record's); quotas and model usage are counted against it.
+    pub tenant: String,
     pub bus: Bus,
     /// What all sessions share: storage, workers, AGIO, the exclusive slot.
     pub(super) ctx: Arc<Context>,
@@ -130,10 +132,17 @@ impl Activity {
 
 impl Session {
     /// A live session whose log ends at `last_seq`, without a worker yet.
-    pub(super) fn new(id: SessionId, workspace: PathBuf, last_seq: u64, ctx: Arc<Context>) -> Self {
+    pub(super) fn new(
+        id: SessionId,
+        workspace: PathBuf,
+        tenant: String,
+        last_seq: u64,
+        ctx: Arc<Context>,
+    ) -> Self {
         Self {
             id,
             workspace,
+            tenant,
             bus: Bus::new(last_seq),
             ctx,
             publisher: tokio::sync::Mutex::new(Numbering::after(last_seq)),

@@ -8,6 +8,7 @@
 //! injected data (a user may paste one into the chat).
 
 mod images;
+pub mod links;
 mod slug;
 
 use std::collections::HashMap;
@@ -508,6 +509,7 @@ mod tests {
             created_at: 1,
             updated_at: 2,
             workspace: "/srv/ws/s".into(),
+            tenant: "default".into(),
             metadata: serde_json::from_value(json!({
                 "name": "n", "tags": ["t"], "runtimeSettings": {"k": 1},
                 "modelConfig": {"id": "m", "provider": "p", "apiKey": "x", "baseURL": "http://in"},

@@ -7,6 +7,10 @@
 //! <dir>/events/<id>.live     the live run's streamed text, one record per line like the log
 //! <dir>/sessions/<id>.uid    the session's host uid (root mode), replaced atomically
 //! <dir>/tokens.json          every API token record (hashes, never secrets), replaced atomically
+//! <dir>/share-links.json     every share link, replaced atomically (there are few)
+//! <dir>/audit.log            the audit log, one JSON entry per line, appended; at
+//!                            `AUDIT_KEEP` lines it becomes `audit.old.log` (the previous
+//!                            one is dropped) and a new one begins
 //! ```
 //!
 //! Only an index (id, `createdAt`, `updatedAt`) is kept in memory, built when the directory is
@@ -32,9 +36,10 @@ use std::time::UNIX_EPOCH;
 
 use serde_json::{Map, Value};
 
+use super::audit::AUDIT_KEEP;
 use super::{
-    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
-    check_metadata, recency_key,
+    AuditEntry, PageCursor, SessionInfo, ShareLink, Storage, StorageDescriptor, StorageError,
+    StoredEvent, TokenRecord, check_metadata, recency_key,
 };
 use crate::data_dir;
 
@@ -54,12 +59,18 @@ struct State {
     logs: HashMap<String, Log>,
     /// Open live-text files, the same way.
     live: HashMap<String, Log>,
+    /// Every share link (the file holds the same).
+    share_links: Vec<ShareLink>,
+    /// The last audit entry's id, and how many lines `audit.log` has.
+    audit_last_id: u64,
+    audit_lines: u64,
 }
 
 /// What listings need of a session without reading its record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Keys {
     created_at: u64,
+    tenant: String,
     /// Kept here rather than in the record: an event bumps it without a record rewrite.
     updated_at: u64,
 }
@@ -70,6 +81,7 @@ impl State {
             info.id.clone(),
             Keys {
                 created_at: info.created_at,
+                tenant: info.tenant.clone(),
                 updated_at: info.updated_at,
             },
         );
@@ -112,6 +124,12 @@ impl FileStorage {
                     tracing::error!(path = %path.display(), error = %e, "unreadable session record skipped")
                 }
             }
+        }
+        state.share_links = read_share_links(&dir.join(SHARE_LINKS))?;
+        for name in [AUDIT_OLD, AUDIT] {
+            let (last_id, lines) = scan_audit(&dir.join(name))?;
+            state.audit_last_id = state.audit_last_id.max(last_id);
+            state.audit_lines = lines;
         }
         tracing::info!(dir = %dir.display(), sessions = state.sessions.len(), "file storage opened");
         Ok(Self {
@@ -346,6 +364,65 @@ fn replace_file(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<(), StorageErro
     std::fs::rename(tmp, path).map_err(|e| StorageError::io(path, e))
 }
 
+const SHARE_LINKS: &str = "share-links.json";
+const AUDIT: &str = "audit.log";
+const AUDIT_OLD: &str = "audit.old.log";
+
+impl FileStorage {
+    fn write_share_links(&self, links: &[ShareLink]) -> Result<(), StorageError> {
+        let path = self.dir.join(SHARE_LINKS);
+        let bytes = serde_json::to_vec(links).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        replace_file(&path, &path.with_extension("json.tmp"), &bytes)
+    }
+}
+
+fn read_share_links(path: &Path) -> Result<Vec<ShareLink>, StorageError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StorageError::io(path, e)),
+    }
+}
+
+/// The audit entries of one file, oldest first, one at a time; a torn or damaged line is
+/// skipped.
+fn each_audit_entry(path: &Path, mut each: impl FnMut(AuditEntry)) -> Result<(), StorageError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StorageError::io(path, e)),
+    };
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(|e| StorageError::io(path, e))?;
+        if let Ok(entry) = serde_json::from_slice::<AuditEntry>(&line) {
+            each(entry);
+        }
+    }
+    Ok(())
+}
+
+/// The last id and the line count of an audit file. A torn last line (a crash during an append)
+/// is ended, so the next entry starts on a line of its own.
+fn scan_audit(path: &Path) -> Result<(u64, u64), StorageError> {
+    let (mut last_id, mut lines) = (0, 0);
+    each_audit_entry(path, |entry| {
+        last_id = entry.id;
+        lines += 1;
+    })?;
+    if let Ok(bytes) = std::fs::read(path)
+        && bytes.last().is_some_and(|b| *b != b'\n')
+    {
+        let mut file = data_dir::file_options()
+            .append(true)
+            .open(path)
+            .map_err(|e| StorageError::io(path, e))?;
+        file.write_all(b"\n")
+            .map_err(|e| StorageError::io(path, e))?;
+    }
+    Ok((last_id, lines))
+}
+
 fn modified_ms(path: &Path) -> Option<u64> {
     let modified = std::fs::metadata(path).ok()?.modified().ok()?;
     Some(modified.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
@@ -468,6 +545,10 @@ impl Storage for FileStorage {
         state.by_creation.remove(&(keys.created_at, id.to_owned()));
         state.logs.remove(id);
         state.live.remove(id);
+        if state.share_links.iter().any(|l| l.session_id == id) {
+            state.share_links.retain(|l| l.session_id != id);
+            self.write_share_links(&state.share_links)?;
+        }
         // The record goes first: without it the session does not exist, whatever is left.
         let record = self.record_path(id);
         std::fs::remove_file(&record).map_err(|e| StorageError::io(&record, e))?;
@@ -667,6 +748,118 @@ impl Storage for FileStorage {
         self.write_tokens(&tokens)?;
         Ok(true)
     }
+    async fn count_tenant_sessions(&self, tenant: &str) -> Result<usize, StorageError> {
+        Ok(self
+            .state()
+            .sessions
+            .values()
+            .filter(|k| k.tenant == tenant)
+            .count())
+    }
+
+    async fn create_share_link(&self, link: ShareLink) -> Result<(), StorageError> {
+        let mut state = self.state();
+        if !state.sessions.contains_key(&link.session_id) {
+            return Err(StorageError::NotFound(link.session_id));
+        }
+        if state
+            .share_links
+            .iter()
+            .any(|l| l.id == link.id || l.token_hash == link.token_hash)
+        {
+            return Err(StorageError::AlreadyExists(link.id));
+        }
+        let mut links = state.share_links.clone();
+        links.push(link);
+        self.write_share_links(&links)?;
+        state.share_links = links;
+        Ok(())
+    }
+
+    async fn share_link_by_hash(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<ShareLink>, StorageError> {
+        Ok(self
+            .state()
+            .share_links
+            .iter()
+            .find(|l| l.token_hash == token_hash)
+            .cloned())
+    }
+
+    async fn share_links(&self, tenant: &str) -> Result<Vec<ShareLink>, StorageError> {
+        let mut links: Vec<ShareLink> = self
+            .state()
+            .share_links
+            .iter()
+            .filter(|l| l.tenant == tenant)
+            .cloned()
+            .collect();
+        links.sort_unstable_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        Ok(links)
+    }
+
+    async fn revoke_share_link(&self, tenant: &str, id: &str) -> Result<bool, StorageError> {
+        let mut state = self.state();
+        let Some(at) = state
+            .share_links
+            .iter()
+            .position(|l| l.id == id && l.tenant == tenant)
+        else {
+            return Ok(false);
+        };
+        let mut links = state.share_links.clone();
+        links.remove(at);
+        self.write_share_links(&links)?;
+        state.share_links = links;
+        Ok(true)
+    }
+
+    async fn append_audit(&self, mut entry: AuditEntry) -> Result<u64, StorageError> {
+        let mut state = self.state();
+        let path = self.dir.join(AUDIT);
+        if state.audit_lines >= AUDIT_KEEP {
+            let old = self.dir.join(AUDIT_OLD);
+            std::fs::rename(&path, &old).map_err(|e| StorageError::io(&old, e))?;
+            state.audit_lines = 0;
+        }
+        entry.id = state.audit_last_id + 1;
+        let mut line =
+            serde_json::to_vec(&entry).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        line.push(b'\n');
+        let mut file = data_dir::file_options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| StorageError::io(&path, e))?;
+        file.write_all(&line)
+            .map_err(|e| StorageError::io(&path, e))?;
+        state.audit_last_id = entry.id;
+        state.audit_lines += 1;
+        Ok(entry.id)
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        // Under the lock, so a rotation cannot move entries between the two reads.
+        let _state = self.state();
+        let mut newest = std::collections::VecDeque::with_capacity(limit.min(1024));
+        for name in [AUDIT_OLD, AUDIT] {
+            each_audit_entry(&self.dir.join(name), |entry| {
+                if limit > 0 && before.is_none_or(|b| entry.id < b) {
+                    if newest.len() == limit {
+                        newest.pop_front();
+                    }
+                    newest.push_back(entry);
+                }
+            })?;
+        }
+        Ok(newest.into_iter().rev().collect())
+    }
 }
 
 #[cfg(test)]
@@ -685,6 +878,7 @@ mod tests {
             updated_at: 1,
             workspace: "/w".into(),
             metadata: None,
+            tenant: "default".into(),
         };
         store.create_session(info).await.unwrap();
         store
@@ -736,6 +930,7 @@ mod tests {
             updated_at: 1,
             workspace: "/w".into(),
             metadata: None,
+            tenant: "default".into(),
         };
         store.create_session(info).await.unwrap();
         store
@@ -768,6 +963,7 @@ mod tests {
             updated_at: 1,
             workspace: "/w".into(),
             metadata: None,
+            tenant: "default".into(),
         };
         store.create_session(info).await.unwrap();
         drop(store);
@@ -799,6 +995,7 @@ mod tests {
                 updated_at: n,
                 workspace: "/w".into(),
                 metadata: None,
+                tenant: "default".into(),
             };
             store.create_session(info).await.unwrap();
         }
@@ -818,6 +1015,24 @@ mod tests {
         ));
     }
 
+    /// A record written before sessions had a tenant belongs to the default tenant.
+    #[tokio::test]
+    async fn a_record_without_a_tenant_is_the_default_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sessions")).unwrap();
+        std::fs::write(
+            dir.path().join("sessions/old.json"),
+            r#"{"id":"old","createdAt":1,"updatedAt":2,"workspace":"/w/old"}"#,
+        )
+        .unwrap();
+        let store = FileStorage::open(dir.path()).unwrap();
+        assert_eq!(
+            store.session("old").await.unwrap().unwrap().tenant,
+            "default"
+        );
+        assert_eq!(store.count_tenant_sessions("default").await.unwrap(), 1);
+    }
+
     #[tokio::test]
     async fn files_are_private_whatever_the_umask() {
         use std::os::unix::fs::PermissionsExt;
@@ -830,6 +1045,7 @@ mod tests {
             updated_at: 1,
             workspace: "/w".into(),
             metadata: None,
+            tenant: "default".into(),
         };
         store.create_session(info).await.unwrap();
         store
@@ -851,6 +1067,7 @@ mod tests {
             updated_at: 1,
             workspace: "/w".into(),
             metadata: None,
+            tenant: "default".into(),
         };
         store.create_session(other).await.unwrap();
         store

@@ -1,13 +1,14 @@
 //! The default backend: everything in process memory, gone when the process ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::{Map, Value};
 
+use super::audit::AUDIT_KEEP;
 use super::{
-    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
-    check_metadata, recency_key,
+    AuditEntry, PageCursor, SessionInfo, ShareLink, Storage, StorageDescriptor, StorageError,
+    StoredEvent, TokenRecord, check_metadata, recency_key,
 };
 
 #[derive(Default)]
@@ -16,6 +17,14 @@ pub struct MemoryStorage {
     sessions: Mutex<HashMap<String, Entry>>,
     /// API tokens, oldest first.
     tokens: Mutex<Vec<TokenRecord>>,
+    audit: Mutex<Audit>,
+}
+
+#[derive(Default)]
+struct Audit {
+    /// The newest entries, oldest first.
+    entries: VecDeque<AuditEntry>,
+    last_id: u64,
 }
 
 struct Entry {
@@ -24,6 +33,8 @@ struct Entry {
     reserved: u64,
     live_text: Vec<StoredEvent>,
     host_id: Option<u32>,
+    /// Its share links, so they go with it.
+    share_links: Vec<ShareLink>,
 }
 
 impl MemoryStorage {
@@ -62,6 +73,7 @@ impl Storage for MemoryStorage {
                 reserved: 0,
                 live_text: Vec::new(),
                 host_id: None,
+                share_links: Vec::new(),
             },
         );
         Ok(info)
@@ -279,5 +291,95 @@ impl Storage for MemoryStorage {
             }
             None => false,
         })
+    }
+
+    async fn count_tenant_sessions(&self, tenant: &str) -> Result<usize, StorageError> {
+        Ok(self
+            .map()
+            .values()
+            .filter(|e| e.info.tenant == tenant)
+            .count())
+    }
+
+    async fn create_share_link(&self, link: ShareLink) -> Result<(), StorageError> {
+        let mut map = self.map();
+        if map
+            .values()
+            .flat_map(|e| &e.share_links)
+            .any(|l| l.id == link.id || l.token_hash == link.token_hash)
+        {
+            return Err(StorageError::AlreadyExists(link.id));
+        }
+        let entry = map
+            .get_mut(&link.session_id)
+            .ok_or_else(|| StorageError::NotFound(link.session_id.clone()))?;
+        entry.share_links.push(link);
+        Ok(())
+    }
+
+    async fn share_link_by_hash(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<ShareLink>, StorageError> {
+        Ok(self
+            .map()
+            .values()
+            .flat_map(|e| &e.share_links)
+            .find(|l| l.token_hash == token_hash)
+            .cloned())
+    }
+
+    async fn share_links(&self, tenant: &str) -> Result<Vec<ShareLink>, StorageError> {
+        let mut links: Vec<ShareLink> = self
+            .map()
+            .values()
+            .flat_map(|e| &e.share_links)
+            .filter(|l| l.tenant == tenant)
+            .cloned()
+            .collect();
+        links.sort_unstable_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        Ok(links)
+    }
+
+    async fn revoke_share_link(&self, tenant: &str, id: &str) -> Result<bool, StorageError> {
+        let mut map = self.map();
+        for entry in map.values_mut() {
+            if let Some(at) = entry
+                .share_links
+                .iter()
+                .position(|l| l.id == id && l.tenant == tenant)
+            {
+                entry.share_links.remove(at);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn append_audit(&self, mut entry: AuditEntry) -> Result<u64, StorageError> {
+        let mut audit = self.audit.lock().unwrap_or_else(PoisonError::into_inner);
+        audit.last_id += 1;
+        entry.id = audit.last_id;
+        audit.entries.push_back(entry);
+        while audit.entries.len() as u64 > AUDIT_KEEP {
+            audit.entries.pop_front();
+        }
+        Ok(audit.last_id)
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        let audit = self.audit.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(audit
+            .entries
+            .iter()
+            .rev()
+            .filter(|e| before.is_none_or(|b| e.id < b))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 }

@@ -11,10 +11,12 @@
 //! and a full listing by recency takes the order once ([`Storage::ids_by_recency`], ids only)
 //! and then fetches the records a page at a time ([`Storage::sessions_by_ids`]).
 
+pub mod audit;
 mod file;
 pub mod limits;
 mod memory;
 mod postgres;
+pub mod share_links;
 mod sqlite;
 mod tokens;
 
@@ -24,10 +26,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use audit::AuditEntry;
 pub use file::FileStorage;
 pub use limits::{TooLarge, check_metadata};
 pub use memory::MemoryStorage;
 pub use postgres::PostgresStorage;
+pub use share_links::ShareLink;
 pub use sqlite::SqliteStorage;
 pub use tokens::{MAX_TOKEN_NAME, TokenRecord};
 
@@ -43,14 +47,20 @@ pub struct SessionInfo {
     pub workspace: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+    /// The tenant the session belongs to, set once from the principal that made it (or
+    /// `import --tenant`). Records stored before tenancy existed read as the default tenant.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+}
+
+fn default_tenant() -> String {
+    crate::principal::DEFAULT_TENANT.to_owned()
 }
 
 impl SessionInfo {
-    /// The tenant the session belongs to, which decides who may use it
-    /// (`crate::auth::may_access`). Sessions are not yet stored with a tenant, so every one
-    /// belongs to the default tenant.
+    /// The tenant owning the session, which decides who may use it (`crate::auth::may_access`).
     pub fn tenant(&self) -> &str {
-        crate::principal::DEFAULT_TENANT
+        &self.tenant
     }
 }
 
@@ -285,6 +295,36 @@ pub trait Storage: Send + Sync {
     /// Marks token `id` revoked at `now` (an earlier revocation stands); `false` when there is
     /// no such token.
     async fn revoke_token(&self, id: &str, now: u64) -> Result<bool, StorageError>;
+    /// How many sessions `tenant` has (its `sessions` quota counts them).
+    async fn count_tenant_sessions(&self, tenant: &str) -> Result<usize, StorageError>;
+
+    /// Stores a share link of an existing session; it goes with the session.
+    ///
+    /// # Errors
+    /// `NotFound` when the session does not exist; `AlreadyExists` for a taken id or hash.
+    async fn create_share_link(&self, link: ShareLink) -> Result<(), StorageError>;
+
+    /// The link whose token hashes to `token_hash`, expired or not.
+    async fn share_link_by_hash(&self, token_hash: &str)
+    -> Result<Option<ShareLink>, StorageError>;
+
+    /// Every link of `tenant`'s sessions, newest first.
+    async fn share_links(&self, tenant: &str) -> Result<Vec<ShareLink>, StorageError>;
+
+    /// Removes link `id` if it belongs to `tenant`; `false` if there is no such link there.
+    async fn revoke_share_link(&self, tenant: &str, id: &str) -> Result<bool, StorageError>;
+
+    /// Appends an entry (its fields already [`AuditEntry::bounded`]), giving it the next id;
+    /// entries older than the newest [`audit::AUDIT_KEEP`] may be dropped.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64, StorageError>;
+
+    /// Up to `limit` entries with an id below `before` (from the newest without one), newest
+    /// first.
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError>;
 }
 
 /// Storage as the rest of the supervisor holds it.
@@ -303,6 +343,7 @@ mod conformance {
             updated_at: t,
             workspace: format!("/w/{id}"),
             metadata: None,
+            tenant: crate::principal::DEFAULT_TENANT.into(),
         }
     }
 
@@ -575,6 +616,134 @@ mod conformance {
         );
     }
 
+    async fn tenants(store: &dyn Storage) {
+        let mut other = info("t1", 1);
+        other.tenant = "acme".into();
+        store.create_session(other.clone()).await.unwrap();
+        store.create_session(info("t2", 2)).await.unwrap();
+        assert_eq!(store.session("t1").await.unwrap().unwrap(), other);
+        assert_eq!(store.session("t1").await.unwrap().unwrap().tenant(), "acme");
+        assert_eq!(
+            store.sessions_page(None, 10).await.unwrap()[1].tenant,
+            "acme"
+        );
+        assert_eq!(
+            store.sessions_by_ids(&["t1".into()]).await.unwrap()[0].tenant,
+            "acme"
+        );
+        let mut patch = Map::new();
+        patch.insert("name".into(), json!("renamed"));
+        assert_eq!(
+            store.merge_metadata("t1", patch, 5).await.unwrap().tenant,
+            "acme",
+            "a metadata merge keeps the tenant"
+        );
+        assert_eq!(store.count_tenant_sessions("acme").await.unwrap(), 1);
+        assert_eq!(store.count_tenant_sessions("default").await.unwrap(), 1);
+        assert_eq!(store.count_tenant_sessions("nobody").await.unwrap(), 0);
+        store.delete_session("t1").await.unwrap();
+        assert_eq!(store.count_tenant_sessions("acme").await.unwrap(), 0);
+    }
+
+    fn link(id: &str, session: &str, tenant: &str, at: u64) -> ShareLink {
+        ShareLink {
+            id: id.into(),
+            token_hash: format!("hash-{id}"),
+            session_id: session.into(),
+            tenant: tenant.into(),
+            created_by: "u".into(),
+            created_at: at,
+            expires_at: at.is_multiple_of(2).then_some(at + 1000),
+        }
+    }
+
+    async fn share_links(store: &dyn Storage) {
+        let mut theirs = info("b1", 1);
+        theirs.tenant = "b".into();
+        store.create_session(info("a1", 1)).await.unwrap();
+        store.create_session(theirs).await.unwrap();
+        store
+            .create_share_link(link("l1", "a1", "default", 10))
+            .await
+            .unwrap();
+        store
+            .create_share_link(link("l2", "a1", "default", 11))
+            .await
+            .unwrap();
+        store
+            .create_share_link(link("l3", "b1", "b", 12))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store
+                .create_share_link(link("l4", "gone", "default", 13))
+                .await,
+            Err(StorageError::NotFound(_))
+        ));
+        assert_eq!(
+            store.share_link_by_hash("hash-l2").await.unwrap(),
+            Some(link("l2", "a1", "default", 11))
+        );
+        assert!(store.share_link_by_hash("hash-l4").await.unwrap().is_none());
+        let listed: Vec<String> = store
+            .share_links("default")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(listed, ["l2", "l1"], "the tenant's own, newest first");
+        assert!(
+            !store.revoke_share_link("default", "l3").await.unwrap(),
+            "another tenant's link cannot be revoked"
+        );
+        assert!(store.share_link_by_hash("hash-l3").await.unwrap().is_some());
+        assert!(store.revoke_share_link("default", "l1").await.unwrap());
+        assert!(!store.revoke_share_link("default", "l1").await.unwrap());
+        assert!(store.share_link_by_hash("hash-l1").await.unwrap().is_none());
+        store.delete_session("a1").await.unwrap();
+        assert!(
+            store.share_link_by_hash("hash-l2").await.unwrap().is_none(),
+            "a deleted session's links go with it"
+        );
+        assert!(store.share_links("default").await.unwrap().is_empty());
+        assert_eq!(store.share_links("b").await.unwrap().len(), 1);
+    }
+
+    fn entry(n: u64) -> AuditEntry {
+        AuditEntry {
+            id: 0,
+            at: n,
+            tenant: "default".into(),
+            user: "local".into(),
+            role: "admin".into(),
+            action: "session.create".into(),
+            target: format!("s{n}"),
+            outcome: "ok".into(),
+            detail: n.is_multiple_of(2).then(|| format!("d{n}")),
+        }
+    }
+
+    async fn audit(store: &dyn Storage) {
+        assert!(store.audit_page(None, 10).await.unwrap().is_empty());
+        let mut ids = Vec::new();
+        for n in 1..=5 {
+            ids.push(store.append_audit(entry(n)).await.unwrap());
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let page = store.audit_page(None, 2).await.unwrap();
+        let targets: Vec<&str> = page.iter().map(|e| e.target.as_str()).collect();
+        assert_eq!(targets, ["s5", "s4"]);
+        assert_eq!(page[1].detail.as_deref(), Some("d4"));
+        assert_eq!(page[0].id, ids[4]);
+        let rest = store.audit_page(Some(page[1].id), 10).await.unwrap();
+        let targets: Vec<&str> = rest.iter().map(|e| e.target.as_str()).collect();
+        assert_eq!(targets, ["s3", "s2", "s1"]);
+        let mut expected = entry(1);
+        expected.id = ids[0];
+        assert_eq!(rest[2], expected);
+    }
+
     async fn concurrent_writers(store: Arc<dyn Storage>) {
         let sessions = 8u64;
         let per_session = 50u64;
@@ -806,8 +975,28 @@ mod conformance {
                     store.reserve_seq("r", 50).await.unwrap();
                     store.append_live_text("r", 7, live(7)).await.unwrap();
                     store.set_host_id("r", 200_123).await.unwrap();
+                    let mut owned = info("o", 6);
+                    owned.tenant = "acme".into();
+                    store.create_session(owned).await.unwrap();
+                    store
+                        .create_share_link(link("k", "o", "acme", 7))
+                        .await
+                        .unwrap();
+                    store.append_audit(entry(1)).await.unwrap();
+                    store.append_audit(entry(2)).await.unwrap();
                 }
                 let store: Arc<dyn Storage> = ($open)(dir.path());
+                assert_eq!(store.session("o").await.unwrap().unwrap().tenant, "acme");
+                assert_eq!(store.count_tenant_sessions("acme").await.unwrap(), 1);
+                assert_eq!(
+                    store.share_link_by_hash("hash-k").await.unwrap(),
+                    Some(link("k", "o", "acme", 7))
+                );
+                let audited = store.audit_page(None, 10).await.unwrap();
+                assert_eq!(audited.len(), 2);
+                let next = store.append_audit(entry(3)).await.unwrap();
+                assert!(next > audited[0].id, "ids keep increasing after a reopen");
+                store.delete_session("o").await.unwrap();
                 assert_eq!(
                     ids(&store.sessions_page(None, 10).await.unwrap()),
                     ["r"],
@@ -925,6 +1114,36 @@ mod conformance {
                     let dir = tempfile::tempdir().unwrap();
                     let store: Arc<dyn Storage> = ($open)(dir.path());
                     super::tokens(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn tenants() {
+                    if skipped() {
+                        return;
+                    }
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::tenants(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn share_links() {
+                    if skipped() {
+                        return;
+                    }
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::share_links(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn audit() {
+                    if skipped() {
+                        return;
+                    }
+                    let dir = tempfile::tempdir().unwrap();
+                    let store: Arc<dyn Storage> = ($open)(dir.path());
+                    super::audit(&*store).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,9 +18,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use super::audit::AUDIT_KEEP;
 use super::{
-    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
-    check_metadata,
+    AuditEntry, PageCursor, SessionInfo, ShareLink, Storage, StorageDescriptor, StorageError,
+    StoredEvent, TokenRecord, check_metadata,
 };
 use crate::data_dir;
 
@@ -73,9 +74,41 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL,
         revokedAt INTEGER
     );",
+    // 6 (tenancy): the tenant owning each session; sessions stored before it belong to the
+    // default tenant.
+    "ALTER TABLE sessions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX IF NOT EXISTS idx_sessions_tenant ON sessions(tenant);",
+    // 7 (tenancy): share links (`/s/<token>`), by the hash of their token; they go with their
+    // session.
+    "CREATE TABLE IF NOT EXISTS shareLinks (
+        id TEXT PRIMARY KEY,
+        tokenHash TEXT NOT NULL UNIQUE,
+        sessionId TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        tenant TEXT NOT NULL,
+        createdBy TEXT NOT NULL,
+        createdAt INTEGER NOT NULL,
+        expiresAt INTEGER
+    );
+    CREATE INDEX IF NOT EXISTS idx_shareLinks_tenant ON shareLinks(tenant, createdAt DESC);
+    CREATE INDEX IF NOT EXISTS idx_shareLinks_session ON shareLinks(sessionId);",
+    // 8 (tenancy): the audit log. AUTOINCREMENT: ids are never reused once old entries are
+    // dropped, so they stay a paging cursor.
+    "CREATE TABLE IF NOT EXISTS audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        user TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT
+    );",
 ];
 
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+/// A write run as it is, answering a number.
+type RunWrite = Box<dyn FnOnce(&Connection) -> Result<u64, StorageError> + Send>;
 
 enum Write {
     Create(SessionInfo, Reply<SessionInfo>),
@@ -120,6 +153,9 @@ enum Write {
         now: u64,
         reply: Reply<bool>,
     },
+    /// A rare write with no variant of its own (share links, audit entries), answering a
+    /// number (a count or an id).
+    Run(RunWrite, Reply<u64>),
 }
 
 pub struct SqliteStorage {
@@ -282,6 +318,7 @@ enum Outcome {
     Info(Reply<SessionInfo>, Result<SessionInfo, StorageError>),
     Bool(Reply<bool>, Result<bool, StorageError>),
     Unit(Reply<()>, Result<(), StorageError>),
+    Number(Reply<u64>, Result<u64, StorageError>),
 }
 
 impl Outcome {
@@ -290,6 +327,7 @@ impl Outcome {
             Self::Info(_, r) => r.is_err(),
             Self::Bool(_, r) => r.is_err(),
             Self::Unit(_, r) => r.is_err(),
+            Self::Number(_, r) => r.is_err(),
         }
     }
 
@@ -308,6 +346,7 @@ impl Outcome {
             Self::Info(reply, r) => send(reply, r, committed),
             Self::Bool(reply, r) => send(reply, r, committed),
             Self::Unit(reply, r) => send(reply, r, committed),
+            Self::Number(reply, r) => send(reply, r, committed),
         }
     }
 }
@@ -315,6 +354,7 @@ impl Outcome {
 fn apply(conn: &Connection, write: Write) -> Outcome {
     match write {
         Write::Create(info, reply) => Outcome::Info(reply, create(conn, info)),
+        Write::Run(run, reply) => Outcome::Number(reply, run(conn)),
         Write::Merge {
             id,
             patch,
@@ -431,8 +471,8 @@ fn create(conn: &Connection, info: SessionInfo) -> Result<SessionInfo, StorageEr
         .map(|m| Value::Object(m.clone()).to_string());
     let inserted = conn
         .execute(
-            "INSERT OR IGNORE INTO sessions (id, createdAt, updatedAt, workspace, metadata) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![info.id, info.created_at as i64, info.updated_at as i64, info.workspace, metadata],
+            "INSERT OR IGNORE INTO sessions (id, createdAt, updatedAt, workspace, metadata, tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![info.id, info.created_at as i64, info.updated_at as i64, info.workspace, metadata, info.tenant],
         )
         .map_err(StorageError::sqlite)?;
     if inserted == 0 {
@@ -532,12 +572,13 @@ fn row_to_info(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionInfo> {
         updated_at: row.get::<_, i64>(2)? as u64,
         workspace: row.get(3)?,
         metadata: metadata.and_then(|m| serde_json::from_str::<Map<String, Value>>(&m).ok()),
+        tenant: row.get(5)?,
     })
 }
 
 fn load(conn: &Connection, id: &str) -> Result<Option<SessionInfo>, StorageError> {
     conn.prepare_cached(
-        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions WHERE id = ?1",
+        "SELECT id, createdAt, updatedAt, workspace, metadata, tenant FROM sessions WHERE id = ?1",
     )
     .and_then(|mut statement| statement.query_row([id], row_to_info).optional())
     .map_err(StorageError::sqlite)
@@ -573,7 +614,7 @@ impl Storage for SqliteStorage {
             let rows = match &after {
                 Some(cursor) => conn
                     .prepare_cached(
-                        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions
+                        "SELECT id, createdAt, updatedAt, workspace, metadata, tenant FROM sessions
                          WHERE (createdAt, id) < (?1, ?2)
                          ORDER BY createdAt DESC, id DESC LIMIT ?3",
                     )
@@ -587,7 +628,7 @@ impl Storage for SqliteStorage {
                     }),
                 None => conn
                     .prepare_cached(
-                        "SELECT id, createdAt, updatedAt, workspace, metadata FROM sessions
+                        "SELECT id, createdAt, updatedAt, workspace, metadata, tenant FROM sessions
                          ORDER BY createdAt DESC, id DESC LIMIT ?1",
                     )
                     .and_then(|mut statement| {
@@ -815,6 +856,20 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn count_tenant_sessions(&self, tenant: &str) -> Result<usize, StorageError> {
+        let tenant = tenant.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM sessions WHERE tenant = ?1",
+                [tenant],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as usize)
+            .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
         self.read(|conn| {
             let mut statement = conn
@@ -835,6 +890,158 @@ impl Storage for SqliteStorage {
         self.write(|reply| Write::RevokeToken { id, now, reply })
             .await
     }
+    async fn create_share_link(&self, link: ShareLink) -> Result<(), StorageError> {
+        let run = move |conn: &Connection| {
+            let exists: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?1)",
+                    [&link.session_id],
+                    |r| r.get(0),
+                )
+                .map_err(StorageError::sqlite)?;
+            if !exists {
+                return Err(StorageError::NotFound(link.session_id));
+            }
+            let inserted = conn
+                .execute(
+                    "INSERT OR IGNORE INTO shareLinks (id, tokenHash, sessionId, tenant, createdBy, createdAt, expiresAt)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        link.id,
+                        link.token_hash,
+                        link.session_id,
+                        link.tenant,
+                        link.created_by,
+                        link.created_at as i64,
+                        link.expires_at.map(|at| at as i64)
+                    ],
+                )
+                .map_err(StorageError::sqlite)?;
+            if inserted == 0 {
+                return Err(StorageError::AlreadyExists(link.id));
+            }
+            Ok(0)
+        };
+        self.write(|reply| Write::Run(Box::new(run), reply))
+            .await
+            .map(drop)
+    }
+
+    async fn share_link_by_hash(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<ShareLink>, StorageError> {
+        let hash = token_hash.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("{SHARE_LINK_COLUMNS} WHERE tokenHash = ?1"))
+                .and_then(|mut statement| statement.query_row([hash], row_to_link).optional())
+                .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn share_links(&self, tenant: &str) -> Result<Vec<ShareLink>, StorageError> {
+        let tenant = tenant.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "{SHARE_LINK_COLUMNS} WHERE tenant = ?1 ORDER BY createdAt DESC, id DESC"
+            ))
+            .and_then(|mut statement| {
+                statement
+                    .query_map([tenant], row_to_link)?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+
+    async fn revoke_share_link(&self, tenant: &str, id: &str) -> Result<bool, StorageError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let run = move |conn: &Connection| {
+            conn.execute(
+                "DELETE FROM shareLinks WHERE id = ?1 AND tenant = ?2",
+                params![id, tenant],
+            )
+            .map(|n| n as u64)
+            .map_err(StorageError::sqlite)
+        };
+        Ok(self.write(|reply| Write::Run(Box::new(run), reply)).await? > 0)
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64, StorageError> {
+        let run = move |conn: &Connection| {
+            conn.execute(
+                "INSERT INTO audit (at, tenant, user, role, action, target, outcome, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    entry.at as i64,
+                    entry.tenant,
+                    entry.user,
+                    entry.role,
+                    entry.action,
+                    entry.target,
+                    entry.outcome,
+                    entry.detail
+                ],
+            )
+            .map_err(StorageError::sqlite)?;
+            let id = conn.last_insert_rowid();
+            conn.execute("DELETE FROM audit WHERE id <= ?1", [id - AUDIT_KEEP as i64])
+                .map_err(StorageError::sqlite)?;
+            Ok(id as u64)
+        };
+        self.write(|reply| Write::Run(Box::new(run), reply)).await
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id, at, tenant, user, role, action, target, outcome, detail FROM audit
+                 WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_map(params![before, limit], |row| {
+                        Ok(AuditEntry {
+                            id: row.get::<_, i64>(0)? as u64,
+                            at: row.get::<_, i64>(1)? as u64,
+                            tenant: row.get(2)?,
+                            user: row.get(3)?,
+                            role: row.get(4)?,
+                            action: row.get(5)?,
+                            target: row.get(6)?,
+                            outcome: row.get(7)?,
+                            detail: row.get(8)?,
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(StorageError::sqlite)
+        })
+        .await
+    }
+}
+
+const SHARE_LINK_COLUMNS: &str =
+    "SELECT id, tokenHash, sessionId, tenant, createdBy, createdAt, expiresAt FROM shareLinks";
+
+fn row_to_link(row: &rusqlite::Row<'_>) -> rusqlite::Result<ShareLink> {
+    Ok(ShareLink {
+        id: row.get(0)?,
+        token_hash: row.get(1)?,
+        session_id: row.get(2)?,
+        tenant: row.get(3)?,
+        created_by: row.get(4)?,
+        created_at: row.get::<_, i64>(5)? as u64,
+        expires_at: row.get::<_, Option<i64>>(6)?.map(|at| at as u64),
+    })
 }
 
 #[cfg(test)]
@@ -871,7 +1078,12 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(SCHEMA_VERSION, 5);
+        assert_eq!(SCHEMA_VERSION, 8);
+        assert_eq!(
+            store_tenant(&path, "old"),
+            "default",
+            "a session stored before tenancy belongs to the default tenant"
+        );
         let indexed: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_master WHERE name = 'idx_sessions_createdAt'",
@@ -897,6 +1109,15 @@ mod tests {
         );
     }
 
+    fn store_tenant(path: &Path, id: &str) -> String {
+        Connection::open(path)
+            .unwrap()
+            .query_row("SELECT tenant FROM sessions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    }
+
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &Path) -> u32 {
@@ -917,6 +1138,7 @@ mod tests {
             updated_at: 1,
             workspace: "/w".into(),
             metadata: None,
+            tenant: "default".into(),
         };
         store.create_session(info).await.unwrap();
         store

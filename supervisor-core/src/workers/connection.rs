@@ -204,6 +204,7 @@ impl<S: SessionLink> Connection<S> {
                 let id = request.id.clone();
                 let task = self.ctx.gateway.start(
                     self.session.id(),
+                    self.session.tenant(),
                     *request,
                     self.handle.outbox.clone(),
                     cancel.clone(),

@@ -94,6 +94,9 @@ impl AgentDefaults {
 pub trait SessionLink: Send + Sync + 'static {
     fn id(&self) -> &SessionId;
 
+    /// The tenant owning the session: its model calls use the tenant's keys and budget.
+    fn tenant(&self) -> &str;
+
     /// The session's workspace on the host.
     fn workspace(&self) -> &Path;
 

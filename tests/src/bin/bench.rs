@@ -579,6 +579,7 @@ async fn appends_per_second(
             updated_at: 0,
             workspace: "/w".into(),
             metadata: None,
+            tenant: "default".into(),
         };
         store.create_session(info).await?;
     }

@@ -31,8 +31,10 @@ use tokio_postgres::{NoTls, Row};
 
 use self::connect::{ANSWER_TIMEOUT, describe, storage_error};
 use self::writer::{Done, Queued, Write};
+use super::audit::AUDIT_KEEP;
 use super::{
-    PageCursor, SessionInfo, Storage, StorageDescriptor, StorageError, StoredEvent, TokenRecord,
+    AuditEntry, PageCursor, SessionInfo, ShareLink, Storage, StorageDescriptor, StorageError,
+    StoredEvent, TokenRecord,
 };
 
 /// Connections the reads share; with the writer's, a node holds at most one more than this.
@@ -207,7 +209,7 @@ fn metadata_text(metadata: &Map<String, Value>) -> String {
     serde_json::to_string(metadata).unwrap_or_default()
 }
 
-/// A record from a row of `id, created_at, updated_at, workspace, metadata`.
+/// A record from a row of `id, created_at, updated_at, workspace, metadata, tenant`.
 fn info_from_row(row: &Row) -> Result<SessionInfo, StorageError> {
     let read = || -> Result<SessionInfo, tokio_postgres::Error> {
         let metadata: Option<String> = row.try_get(4)?;
@@ -217,6 +219,7 @@ fn info_from_row(row: &Row) -> Result<SessionInfo, StorageError> {
             updated_at: row.try_get::<_, i64>(2)? as u64,
             workspace: row.try_get(3)?,
             metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
+            tenant: row.try_get(5)?,
         })
     };
     read().map_err(|e| StorageError::Corrupt(format!("a session row: {}", describe(&e))))
@@ -246,8 +249,7 @@ impl Storage for PostgresStorage {
     }
 
     async fn session(&self, id: &str) -> Result<Option<SessionInfo>, StorageError> {
-        const SQL: &str =
-            "SELECT id, created_at, updated_at, workspace, metadata FROM sessions WHERE id = $1";
+        const SQL: &str = "SELECT id, created_at, updated_at, workspace, metadata, tenant FROM sessions WHERE id = $1";
         let rows = self.read(SQL, &[&id]).await?;
         rows.first().map(info_from_row).transpose()
     }
@@ -260,14 +262,14 @@ impl Storage for PostgresStorage {
         let limit = bound(limit as u64);
         let rows = match after {
             Some(cursor) => {
-                const SQL: &str = "SELECT id, created_at, updated_at, workspace, metadata
+                const SQL: &str = "SELECT id, created_at, updated_at, workspace, metadata, tenant
                     FROM sessions WHERE (created_at, id) < ($1, $2)
                     ORDER BY created_at DESC, id DESC LIMIT $3";
                 let created = bound(cursor.created_at);
                 self.read(SQL, &[&created, &cursor.id, &limit]).await?
             }
             None => {
-                const SQL: &str = "SELECT id, created_at, updated_at, workspace, metadata
+                const SQL: &str = "SELECT id, created_at, updated_at, workspace, metadata, tenant
                     FROM sessions ORDER BY created_at DESC, id DESC LIMIT $1";
                 self.read(SQL, &[&limit]).await?
             }
@@ -286,7 +288,7 @@ impl Storage for PostgresStorage {
     }
 
     async fn sessions_by_ids(&self, ids: &[String]) -> Result<Vec<SessionInfo>, StorageError> {
-        const SQL: &str = "SELECT id, created_at, updated_at, workspace, metadata
+        const SQL: &str = "SELECT id, created_at, updated_at, workspace, metadata, tenant
             FROM sessions WHERE id = ANY($1)";
         let found: std::collections::HashMap<String, SessionInfo> = self
             .read(SQL, &[&ids])
@@ -483,6 +485,166 @@ impl Storage for PostgresStorage {
         let now = i64::try_from(now).unwrap_or(i64::MAX);
         Ok(self.execute(SQL, &[&id, &now]).await? > 0)
     }
+    async fn count_tenant_sessions(&self, tenant: &str) -> Result<usize, StorageError> {
+        let rows = self
+            .read(
+                "SELECT count(*) FROM sessions WHERE tenant = $1",
+                &[&tenant],
+            )
+            .await?;
+        let count: i64 = rows
+            .first()
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(|e| storage_error(&e))?
+            .unwrap_or_default();
+        Ok(usize::try_from(count).unwrap_or_default())
+    }
+
+    // Share links and audit entries are written on a pooled connection, in a transaction of
+    // their own, rather than through the writer: they are rare, and nothing orders them
+    // against a session's events.
+
+    async fn create_share_link(&self, link: ShareLink) -> Result<(), StorageError> {
+        const SQL: &str = "INSERT INTO share_links
+                (id, token_hash, session_id, tenant, created_by, created_at, expires_at)
+            SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3)
+            ON CONFLICT DO NOTHING RETURNING 1";
+        let created = int(link.created_at)?;
+        let expires = link.expires_at.map(int).transpose()?;
+        let rows = self
+            .read(
+                SQL,
+                &[
+                    &link.id,
+                    &link.token_hash,
+                    &link.session_id,
+                    &link.tenant,
+                    &link.created_by,
+                    &created,
+                    &expires,
+                ],
+            )
+            .await?;
+        if !rows.is_empty() {
+            return Ok(());
+        }
+        let exists = self
+            .read("SELECT 1 FROM sessions WHERE id = $1", &[&link.session_id])
+            .await?;
+        if exists.is_empty() {
+            Err(StorageError::NotFound(link.session_id))
+        } else {
+            Err(StorageError::AlreadyExists(link.id))
+        }
+    }
+
+    async fn share_link_by_hash(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<ShareLink>, StorageError> {
+        const SQL: &str = "SELECT id, token_hash, session_id, tenant, created_by, created_at,
+            expires_at FROM share_links WHERE token_hash = $1";
+        let rows = self.read(SQL, &[&token_hash]).await?;
+        rows.first().map(link_from_row).transpose()
+    }
+
+    async fn share_links(&self, tenant: &str) -> Result<Vec<ShareLink>, StorageError> {
+        const SQL: &str = "SELECT id, token_hash, session_id, tenant, created_by, created_at,
+            expires_at FROM share_links WHERE tenant = $1 ORDER BY created_at DESC, id DESC";
+        self.read(SQL, &[&tenant])
+            .await?
+            .iter()
+            .map(link_from_row)
+            .collect()
+    }
+
+    async fn revoke_share_link(&self, tenant: &str, id: &str) -> Result<bool, StorageError> {
+        const SQL: &str = "DELETE FROM share_links WHERE id = $1 AND tenant = $2 RETURNING 1";
+        Ok(!self.read(SQL, &[&id, &tenant]).await?.is_empty())
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64, StorageError> {
+        // Older entries past the newest AUDIT_KEEP go in the same statement.
+        const SQL: &str = "WITH added AS (
+                INSERT INTO audit (at, tenant, user_name, role, action, target, outcome, detail)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id
+            ), pruned AS (
+                DELETE FROM audit WHERE id <= (SELECT id FROM added) - $9
+            )
+            SELECT id FROM added";
+        let at = int(entry.at)?;
+        let keep = int(AUDIT_KEEP)?;
+        let rows = self
+            .read(
+                SQL,
+                &[
+                    &at,
+                    &entry.tenant,
+                    &entry.user,
+                    &entry.role,
+                    &entry.action,
+                    &entry.target,
+                    &entry.outcome,
+                    &entry.detail,
+                    &keep,
+                ],
+            )
+            .await?;
+        let id: i64 = rows
+            .first()
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(|e| storage_error(&e))?
+            .ok_or_else(|| StorageError::Corrupt("an audit insert returned no id".into()))?;
+        Ok(id as u64)
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        const SQL: &str = "SELECT id, at, tenant, user_name, role, action, target, outcome, detail
+            FROM audit WHERE id < $1 ORDER BY id DESC LIMIT $2";
+        let before = before.map_or(i64::MAX, bound);
+        let limit = bound(limit as u64);
+        self.read(SQL, &[&before, &limit])
+            .await?
+            .iter()
+            .map(|row| {
+                let read = || -> Result<AuditEntry, tokio_postgres::Error> {
+                    Ok(AuditEntry {
+                        id: row.try_get::<_, i64>(0)? as u64,
+                        at: row.try_get::<_, i64>(1)? as u64,
+                        tenant: row.try_get(2)?,
+                        user: row.try_get(3)?,
+                        role: row.try_get(4)?,
+                        action: row.try_get(5)?,
+                        target: row.try_get(6)?,
+                        outcome: row.try_get(7)?,
+                        detail: row.try_get(8)?,
+                    })
+                };
+                read().map_err(|e| storage_error(&e))
+            })
+            .collect()
+    }
+}
+
+fn link_from_row(row: &Row) -> Result<ShareLink, StorageError> {
+    let read = || -> Result<ShareLink, tokio_postgres::Error> {
+        Ok(ShareLink {
+            id: row.try_get(0)?,
+            token_hash: row.try_get(1)?,
+            session_id: row.try_get(2)?,
+            tenant: row.try_get(3)?,
+            created_by: row.try_get(4)?,
+            created_at: row.try_get::<_, i64>(5)? as u64,
+            expires_at: row.try_get::<_, Option<i64>>(6)?.map(|at| at as u64),
+        })
+    };
+    read().map_err(|e| StorageError::Corrupt(format!("a share link row: {}", describe(&e))))
 }
 
 #[cfg(test)]
@@ -497,6 +659,7 @@ mod tests {
             updated_at: 1,
             workspace: format!("/w/{id}"),
             metadata: None,
+            tenant: "default".into(),
         }
     }
 
@@ -615,6 +778,34 @@ mod tests {
             .unwrap();
         let store = PostgresStorage::open(&url).await.unwrap();
         assert!(store.session("s").await.unwrap().is_some());
+        assert_eq!(ledger(&schema).await.len(), schema::MIGRATIONS.len());
+    }
+
+    /// A database from before tenancy (schema version 1) is brought up to date, its sessions
+    /// belonging to the default tenant.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_stored_before_tenancy_are_the_default_tenants() {
+        if skipped() {
+            return;
+        }
+        let schema = new_schema().await;
+        let url = in_schema(&base_url(), &schema);
+        let store = PostgresStorage::open(&url).await.unwrap();
+        let mut other = info("s");
+        other.tenant = "acme".into();
+        store.create_session(other).await.unwrap();
+        drop(store);
+        sql(&schema)
+            .await
+            .batch_execute(
+                "DROP TABLE audit; DROP TABLE share_links; ALTER TABLE sessions DROP COLUMN tenant;
+                 DELETE FROM schema_migrations WHERE version > 1",
+            )
+            .await
+            .unwrap();
+        let store = PostgresStorage::open(&url).await.unwrap();
+        assert_eq!(store.session("s").await.unwrap().unwrap().tenant, "default");
+        assert_eq!(store.count_tenant_sessions("default").await.unwrap(), 1);
         assert_eq!(ledger(&schema).await.len(), schema::MIGRATIONS.len());
     }
 

@@ -118,6 +118,54 @@ CREATE TABLE IF NOT EXISTS api_tokens (
 );
 "#,
     },
+    Migration {
+        version: 3,
+        name: "tenancy: the tenant of each session",
+        change: Change::Expand,
+        // Existing sessions, and rows written by a node that predates tenancy, belong to the
+        // default tenant.
+        sql: r#"
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS tenant TEXT NOT NULL DEFAULT 'default';
+CREATE INDEX IF NOT EXISTS sessions_by_tenant ON sessions (tenant);
+"#,
+    },
+    Migration {
+        version: 4,
+        name: "tenancy: share links",
+        change: Change::Expand,
+        // By the SHA-256 of their token; they go with their session.
+        sql: r#"
+CREATE TABLE IF NOT EXISTS share_links (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    token_hash TEXT COLLATE "C" NOT NULL UNIQUE,
+    session_id TEXT COLLATE "C" NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    tenant TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT
+);
+CREATE INDEX IF NOT EXISTS share_links_by_tenant ON share_links (tenant, created_at DESC);
+CREATE INDEX IF NOT EXISTS share_links_by_session ON share_links (session_id);
+"#,
+    },
+    Migration {
+        version: 5,
+        name: "tenancy: the audit log",
+        change: Change::Expand,
+        sql: r#"
+CREATE TABLE IF NOT EXISTS audit (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at BIGINT NOT NULL,
+    tenant TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT
+);
+"#,
+    },
 ];
 
 /// The newest schema version this release knows.

@@ -108,8 +108,8 @@ impl Statements {
         let (xid, create, delete, append, reserve) = tokio::try_join!(
             client.prepare("SELECT pg_current_xact_id()::text::bigint"),
             client.prepare(
-                "INSERT INTO sessions (id, created_at, updated_at, workspace, metadata)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING 1",
+                "INSERT INTO sessions (id, created_at, updated_at, workspace, metadata, tenant)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING 1",
             ),
             client.prepare("DELETE FROM sessions WHERE id = $1 RETURNING 1"),
             // (stored, the session exists): out of order when it exists but was not stored.
@@ -143,7 +143,7 @@ impl Statements {
             client.prepare("DELETE FROM live_text WHERE session_id = $1 AND seq <= $2"),
             client.prepare("UPDATE sessions SET host_uid = $2 WHERE id = $1 RETURNING 1"),
             client.prepare(
-                "SELECT id, created_at, updated_at, workspace, metadata FROM sessions
+                "SELECT id, created_at, updated_at, workspace, metadata, tenant FROM sessions
                  WHERE id = $1 FOR UPDATE",
             ),
             client.prepare("UPDATE sessions SET metadata = $2, updated_at = $3 WHERE id = $1"),
@@ -477,7 +477,14 @@ async fn stage(conn: &Conn, batch: &[Queued]) -> Result<Staged, tokio_postgres::
                     client
                         .query(
                             &st.create,
-                            &[&info.id, &created, &updated, &info.workspace, &metadata],
+                            &[
+                                &info.id,
+                                &created,
+                                &updated,
+                                &info.workspace,
+                                &metadata,
+                                &info.tenant,
+                            ],
                         )
                         .await
                 })),
