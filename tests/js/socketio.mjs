@@ -142,7 +142,10 @@ async function closed() {
   });
   const deleted = await fetch(`${base}/api/v1/sessions/delete`, {
     method: 'POST',
-    headers: { 'Content-Type': 'application/json' },
+    headers: {
+      'Content-Type': 'application/json',
+      ...(process.env.E2E_TOKEN ? { Authorization: `Bearer ${process.env.E2E_TOKEN}` } : {}),
+    },
     body: JSON.stringify({ sessionId }),
   });
   report.deleteStatus = deleted.status;

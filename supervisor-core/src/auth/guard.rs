@@ -80,7 +80,7 @@ impl Guard {
 
     fn host_allowed(&self, host: &str) -> bool {
         let name = host_name(host).to_ascii_lowercase();
-        if self.hosts.iter().any(|h| *h == name)
+        if self.hosts.contains(&name)
             || self
                 .workspace
                 .as_ref()
