@@ -12,6 +12,10 @@ use crate::isolation::Isolation;
 use crate::metrics::METRICS;
 use crate::sessions::{Session, Sessions};
 
+/// How long a run waits for a deleted session's worker to leave before it is refused: its
+/// teardown kills it at once, so this is only ever reached by a worker that will not die.
+const DYING_WORKER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The admission policy and its state.
 pub struct Admission {
     policy: WorkerPolicy,
@@ -96,7 +100,10 @@ impl Admission {
         loop {
             let committed = {
                 let _one_at_a_time = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-                let committed = sessions.live_workers() + self.starting.load(Ordering::Acquire);
+                // A deleted session's worker counts until its processes are gone.
+                let committed = sessions.live_workers()
+                    + sessions.teardowns().dying_workers()
+                    + self.starting.load(Ordering::Acquire);
                 if committed < cap {
                     self.starting.fetch_add(1, Ordering::AcqRel);
                     return Ok(Slot {
@@ -106,6 +113,14 @@ impl Admission {
                 committed
             };
             let Some(victim) = sessions.least_recent_idle(&session.id) else {
+                // A deleted session's worker is on its way out: its slot frees in milliseconds.
+                if sessions
+                    .teardowns()
+                    .wait_for_dying_worker(DYING_WORKER_WAIT)
+                    .await
+                {
+                    continue;
+                }
                 METRICS.admissions_refused.inc();
                 let reason = if cap == by_memory && by_memory <= by_pids && by_memory < policy.max {
                     format!(

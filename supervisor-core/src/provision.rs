@@ -120,21 +120,29 @@ impl Provisioner {
         }
     }
 
-    /// A deleted session's quota (an image is unmounted, so its directory is left empty) and
-    /// host uid. Failures are logged by the disk quota; nothing here can stop a deletion.
-    pub async fn release(&self, session: &SessionId, workspace: &Path) {
-        let ids = self.isolation.host_ids();
-        let project = ids.and_then(|ids| ids.get(session));
+    /// A deleted session's quota (an image is unmounted, so its directory is left empty). Its
+    /// host uid is kept: the caller gives it back once the workspace is gone. Failures are
+    /// logged by the disk quota; nothing here can stop a deletion.
+    pub async fn release_quota(&self, session: &SessionId, workspace: &Path) {
+        let project = self.isolation.host_ids().and_then(|ids| ids.get(session));
         let isolation = self.isolation.clone();
         let (id, dir) = (session.clone(), workspace.to_owned());
         let _ =
             tokio::task::spawn_blocking(move || isolation.disk().release(&id, &dir, project)).await;
-        if let Some(ids) = ids {
-            ids.release(session);
+    }
+
+    /// At start: the uids of sessions deleted before the last stop whose files may remain are
+    /// taken again until their teardown gives them back.
+    pub fn hold_host_ids(&self, held: impl IntoIterator<Item = (SessionId, u32)>) {
+        if let Some(ids) = self.isolation.host_ids() {
+            for problem in ids.load(held) {
+                tracing::warn!(%problem, "held host uids of deleted sessions");
+            }
         }
     }
 
-    /// Gives back the uid of a session whose creation failed before anything used it.
+    /// Gives back the uid of a session whose creation failed before anything used it, or whose
+    /// teardown has finished.
     pub fn release_host_id(&self, session: &SessionId) {
         if let Some(ids) = self.isolation.host_ids() {
             ids.release(session);

@@ -22,6 +22,8 @@ use crate::workers::Spawner;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// How long aborted runs get to close themselves before their workers are stopped.
 const ABORT_WAIT: Duration = Duration::from_secs(4);
+/// How long a stopping server waits for deleted sessions' teardowns.
+const TEARDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -217,6 +219,9 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
         sharing,
         auth,
     }));
+    // What a previous server deleted but did not finish tearing down: uids held again before
+    // any session can be created, the rest in the background.
+    state.sessions.resume_teardowns();
     tracing::info!(%local, workspace = %state.workspace_root.display(), provider = %model.provider, model = %model.id, isolation = level, webui = if state.webui.is_directory() { "directory" } else { "built-in" }, "serving");
     // The one line on stdout: scripts and tests read the address from it (port 0 picks one).
     println!("supervisor listening on http://{local}");
@@ -237,6 +242,9 @@ async fn serve(mut config: Config) -> Result<(), ServeError> {
     stop.cancelled().await;
     finish_runs(&state).await;
     stop_workers(&state).await;
+    // Deleted sessions' teardowns finish before the cgroups and the image pool go; what does
+    // not finish in time is in their journal for the next start.
+    state.sessions.teardowns().finish(TEARDOWN_DEADLINE).await;
     // Streams that would follow forever (the follow endpoint) end now.
     state.shutdown.cancel();
     if let Some(agio) = &state.agio {

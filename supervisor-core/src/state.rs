@@ -19,13 +19,16 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::isolation::Isolation;
 use crate::principal::Principal;
-use crate::provision::Provisioner;
+use crate::provision::{ProvisionError, Provisioner};
 use crate::quota::Quotas;
-use crate::sessions::{RunOutcome, Session, Sessions};
+use crate::sessions::{Releases, RunOutcome, Session, Sessions, Teardowns};
 use crate::share::Sharing;
 use crate::storage::{SessionInfo, SharedStorage};
 use crate::webui::WebUi;
 use crate::workers::{AgentDefaults, Spawner, WorkerHandle};
+
+/// How long a new session waits for a deleted session's host uid when every other one is taken.
+const UID_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct AppState {
     pub config: Config,
@@ -95,14 +98,22 @@ impl AppState {
             agent: AgentDefaults::from_config(&config),
             limits: config.server.session_limits.clone(),
         };
-        let sessions = Sessions::new(crate::sessions::Context {
-            storage: storage.clone(),
-            workers: Arc::new(workers),
-            agio: agio.clone(),
-            exclusive: Default::default(),
-            exclusive_mode: config.server.exclusive,
-            stored_bytes_limit: config.server.session_limits.stored_bytes.0,
-        });
+        let sessions = Sessions::new(
+            crate::sessions::Context {
+                storage: storage.clone(),
+                workers: Arc::new(workers),
+                agio: agio.clone(),
+                exclusive: Default::default(),
+                exclusive_mode: config.server.exclusive,
+                stored_bytes_limit: config.server.session_limits.stored_bytes.0,
+            },
+            Teardowns::new(&workspace_root),
+            Releases {
+                storage: storage.clone(),
+                provisioner: provisioner.clone(),
+                delay: isolation.test_teardown_delay(),
+            },
+        );
         let admission = Admission::new(config.server.workers.clone(), isolation.clone());
         let quotas = Quotas::new(config.tenant_limits.clone());
         Self {
@@ -281,7 +292,14 @@ impl AppState {
             }
         };
         // Its host uid and disk quota exist before anything can be written into it.
-        if let Err(e) = self.provisioner.attach(&id, &workspace).await {
+        let mut attached = self.provisioner.attach(&id, &workspace).await;
+        // Every uid taken: a deleted session's comes back once its teardown has finished.
+        while matches!(attached, Err(ProvisionError::HostId { .. }))
+            && self.sessions.teardowns().wait_for_one(UID_WAIT).await
+        {
+            attached = self.provisioner.attach(&id, &workspace).await;
+        }
+        if let Err(e) = attached {
             let _ = self.storage.delete_session(&id).await;
             self.provisioner.release_host_id(&id);
             let _ = std::fs::remove_dir_all(&workspace);
@@ -293,11 +311,14 @@ impl AppState {
         Ok((session, info))
     }
 
-    /// Deletes a session for `principal`: stops its worker, removes its record, events and
-    /// share links, then its workspace. Audited.
+    /// Deletes a session for `principal`, audited: it answers once the session is gone from the
+    /// table and from storage (with its events and share links). Its worker, quota, workspace
+    /// and host uid are released in the background (see `sessions::teardown`), journalled first
+    /// so that a crash half-way does not lose them.
     ///
     /// # Errors
-    /// `SessionNotFoundInStorage` when the record was already gone.
+    /// `SessionNotFoundInStorage` when the record was already gone; storage failed (the
+    /// session's worker is stopped, its record and workspace stay).
     pub async fn delete_session(
         &self,
         principal: &Principal,
@@ -321,18 +342,35 @@ impl AppState {
     }
 
     async fn delete_session_unaudited(&self, session: &Arc<Session>) -> Result<(), ApiError> {
-        self.sessions.remove(&session.id);
-        session.close().await;
+        let first = self.sessions.retire(session);
         if let Some(agio) = &self.agio {
             agio.close(&session.id);
         }
         self.sessions.exclusive().release(&session.id);
-        let existed = self.storage.delete_session(&session.id).await?;
-        // The quota goes first: an image is unmounted, so the directory below is empty.
-        self.provisioner
-            .release(&session.id, &session.workspace)
-            .await;
-        remove_workspace(&session.id, session.workspace.clone()).await;
+        if !first {
+            // Another delete is tearing it down.
+            return Err(ApiError::SessionNotFoundInStorage(session.id.to_string()));
+        }
+        let host_uid = self
+            .isolation
+            .host_ids()
+            .and_then(|ids| ids.get(&session.id));
+        if let Err(e) = self
+            .sessions
+            .teardowns()
+            .note(&session.id, &session.workspace, host_uid)
+        {
+            tracing::warn!(session_id = %session.id, error = %e, "could not journal the teardown; a crash before it ends leaves the workspace");
+        }
+        let existed = match self.storage.delete_session(&session.id).await {
+            Ok(existed) => existed,
+            Err(e) => {
+                // The record stays, so do its workspace and uid; the next request restores it.
+                self.sessions.tear_down(session.clone(), false);
+                return Err(e.into());
+            }
+        };
+        self.sessions.tear_down(session.clone(), true);
         tracing::info!(session_id = %session.id, "session deleted");
         if existed {
             Ok(())
@@ -357,27 +395,6 @@ impl AppState {
             value["displayName"] = json!(name);
         }
         value
-    }
-}
-
-/// Removes a session's workspace on a blocking thread: the tree may be of any shape and size,
-/// and nothing of it may block the runtime (see `workspace::remove`). A failure is logged; what
-/// could not be removed stays on disk.
-async fn remove_workspace(session_id: &SessionId, workspace: PathBuf) {
-    let removal = tokio::task::spawn_blocking(move || crate::workspace::remove(&workspace)).await;
-    match removal {
-        Ok(Ok(removed)) => tracing::debug!(
-            %session_id,
-            files = removed.files,
-            directories = removed.directories,
-            "workspace removed"
-        ),
-        Ok(Err(e)) => {
-            tracing::warn!(%session_id, error = %e, "could not remove the workspace");
-        }
-        Err(e) => {
-            tracing::warn!(%session_id, error = %e, "the workspace removal did not finish");
-        }
     }
 }
 

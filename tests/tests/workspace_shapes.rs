@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, ensure};
-use e2e::{Server, ServerOpts, pid_alive};
+use e2e::{LONG, Server, ServerOpts, pid_alive, wait_until};
 use nix::fcntl::{OFlag, open, openat};
 use nix::sys::stat::{Mode, mkdirat};
 use serde_json::json;
@@ -244,10 +244,11 @@ impl Setup {
             Ok(())
         })
         .await?;
-        ensure!(
-            std::fs::symlink_metadata(self.workspace()).is_err(),
-            "the workspace is still there"
-        );
+        // Removed in the background, after the delete has answered.
+        wait_until(LONG, "the workspace is removed", async || {
+            std::fs::symlink_metadata(self.workspace()).is_err()
+        })
+        .await?;
         ensure!(pid_alive(self.server.pid()), "the server died");
         self.server
             .get(&format!("/api/v1/sessions/details?sessionId={}", self.sid))

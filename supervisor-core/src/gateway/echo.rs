@@ -10,11 +10,12 @@ use shared::directives::{numbered, words};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use shared::protocol::{Delta, ModelErrorKind, ModelFailure, ModelReply, ModelRequest, Usage};
 use tokio_util::sync::CancellationToken;
 
-use super::{Finished, Outcome, Replies};
+use super::{Finished, Outcome, RawParams, Replies};
 
 const SLOW_TOKEN_DELAY: Duration = Duration::from_millis(50);
 const TOOL_ARGUMENT_FRAGMENT: usize = 7;
@@ -39,12 +40,16 @@ enum Plan {
 
 pub(super) async fn respond(
     request: &ModelRequest,
-    params: &Map<String, Value>,
+    params: &RawParams<'_>,
     replies: &Replies,
     cancel: &CancellationToken,
 ) -> Outcome {
     let started = Instant::now();
-    let Some(messages) = params.get("messages").and_then(Value::as_array) else {
+    // Each message stays raw text until it is looked at: only the last one, usually.
+    let Some(messages) = params
+        .get("messages")
+        .and_then(|m| serde_json::from_str::<Vec<&RawValue>>(m.get()).ok())
+    else {
         return failure(
             ModelErrorKind::BadRequest,
             Some(400),
@@ -53,15 +58,26 @@ pub(super) async fn respond(
     };
     let tools: Vec<String> = params
         .get("tools")
-        .and_then(Value::as_array)
+        .and_then(|t| serde_json::from_str::<Vec<ToolDefinition>>(t.get()).ok())
         .map(|tools| {
             tools
-                .iter()
-                .filter_map(|t| t["function"]["name"].as_str().map(str::to_owned))
+                .into_iter()
+                .filter_map(|t| t.function.and_then(|f| f.name))
                 .collect()
         })
         .unwrap_or_default();
-    let (deltas, delay, finish_reason) = match plan(messages, &tools) {
+    let parse = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap_or_default();
+    let last = messages.last().map(|m| parse(m));
+    let earlier_users = || {
+        let mut users: Vec<Value> = messages
+            .iter()
+            .map(|m| parse(m))
+            .filter(|m| m["role"] == "user")
+            .collect();
+        users.pop();
+        users
+    };
+    let (deltas, delay, finish_reason) = match plan(last.as_ref(), earlier_users, &tools) {
         // Echo is not HTTP: nothing to retry.
         Plan::Fail500 => {
             return failure(ModelErrorKind::Server, Some(500), "scripted failure");
@@ -173,13 +189,30 @@ fn fragments(text: &str, size: usize) -> Vec<String> {
     chars.chunks(size).map(|c| c.iter().collect()).collect()
 }
 
-fn plan(messages: &[Value], tools: &[String]) -> Plan {
+/// A tool definition, as far as the echo model reads it: only its name.
+#[derive(serde::Deserialize)]
+struct ToolDefinition {
+    function: Option<ToolFunction>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolFunction {
+    name: Option<String>,
+}
+
+/// The answer to the conversation whose last message is `last`; `earlier_users` gives the user
+/// messages before it, parsed only when a directive asks for them.
+fn plan(
+    last: Option<&Value>,
+    earlier_users: impl FnOnce() -> Vec<Value>,
+    tools: &[String],
+) -> Plan {
     let instant = |tokens| Plan::Text {
         reasoning: Vec::new(),
         tokens,
         delay: Duration::ZERO,
     };
-    let Some(last) = messages.last() else {
+    let Some(last) = last else {
         return instant(words("echo: "));
     };
     if last["role"] == "tool" {
@@ -223,15 +256,7 @@ fn plan(messages: &[Value], tools: &[String]) -> Plan {
             Plan::ToolCall { name, arguments }
         }
         "RECALL" if rest.is_empty() => {
-            let users: Vec<Value> = messages
-                .iter()
-                .filter(|m| m["role"] == "user")
-                .cloned()
-                .collect();
-            let earlier: Vec<String> = users[..users.len().saturating_sub(1)]
-                .iter()
-                .map(text_of)
-                .collect();
+            let earlier: Vec<String> = earlier_users().iter().map(text_of).collect();
             let answer = if earlier.is_empty() {
                 "(nothing)".to_owned()
             } else {
@@ -248,6 +273,20 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The plan for a whole conversation, as `respond` makes it from the raw messages.
+    fn plan_of(messages: &[Value], tools: &[String]) -> Plan {
+        let earlier_users = || {
+            let mut users: Vec<Value> = messages
+                .iter()
+                .filter(|m| m["role"] == "user")
+                .cloned()
+                .collect();
+            users.pop();
+            users
+        };
+        plan(messages.last(), earlier_users, tools)
+    }
+
     fn user(text: &str) -> Value {
         json!({"role": "user", "content": text})
     }
@@ -263,27 +302,27 @@ mod tests {
     #[test]
     fn echoes_word_by_word() {
         assert_eq!(
-            plan(&[user("  hello  world ")], &[]),
+            plan_of(&[user("  hello  world ")], &[]),
             text_plan(&["echo:", " hello", " ", " world"])
         );
-        assert_eq!(plan(&[user("hi")], &[]), text_plan(&["echo:", " hi"]));
+        assert_eq!(plan_of(&[user("hi")], &[]), text_plan(&["echo:", " hi"]));
     }
 
     #[test]
     fn directives() {
-        assert_eq!(plan(&[user("FAIL500")], &[]), Plan::Fail500);
+        assert_eq!(plan_of(&[user("FAIL500")], &[]), Plan::Fail500);
         assert_eq!(
-            plan(&[user("FLOOD 3")], &[]),
+            plan_of(&[user("FLOOD 3")], &[]),
             text_plan(&["w0", " w1", " w2"])
         );
-        match plan(&[user("SLOW 2")], &[]) {
+        match plan_of(&[user("SLOW 2")], &[]) {
             Plan::Text { tokens, delay, .. } => {
                 assert_eq!(tokens, ["t0", " t1"]);
                 assert_eq!(delay, SLOW_TOKEN_DELAY);
             }
             other => panic!("{other:?}"),
         }
-        let tool = plan(
+        let tool = plan_of(
             &[user("TOOL read {\"path\":\"a.txt\"}")],
             &["list_directory".into(), "read_file".into()],
         );
@@ -294,7 +333,7 @@ mod tests {
                 arguments: "{\"path\":\"a.txt\"}".into()
             }
         );
-        let tool = plan(&[user("TOOL nothing")], &[]);
+        let tool = plan_of(&[user("TOOL nothing")], &[]);
         assert_eq!(
             tool,
             Plan::ToolCall {
@@ -302,7 +341,7 @@ mod tests {
                 arguments: "{}".into()
             }
         );
-        match plan(&[user("THINK a b")], &[]) {
+        match plan_of(&[user("THINK a b")], &[]) {
             Plan::Text {
                 reasoning, tokens, ..
             } => {
@@ -320,7 +359,7 @@ mod tests {
             json!({"role": "tool", "tool_call_id": "c", "content": "Error: nope"}),
         ];
         assert_eq!(
-            plan(&messages, &[]),
+            plan_of(&messages, &[]),
             text_plan(&["tool", " said:", " Error:", " nope"])
         );
     }
@@ -333,11 +372,11 @@ mod tests {
             user("beta"),
             user("RECALL"),
         ];
-        match plan(&messages, &[]) {
+        match plan_of(&messages, &[]) {
             Plan::Text { tokens, .. } => assert_eq!(tokens.concat(), "recall: alpha | beta"),
             other => panic!("{other:?}"),
         }
-        match plan(&[user("RECALL")], &[]) {
+        match plan_of(&[user("RECALL")], &[]) {
             Plan::Text { tokens, .. } => assert_eq!(tokens.concat(), "recall: (nothing)"),
             other => panic!("{other:?}"),
         }

@@ -33,6 +33,10 @@ use crate::agio::Agio;
 use crate::config::Config;
 use crate::config::catalogue::{Adapter, Catalogue};
 
+/// A worker's request parameters, top level only: each value is its JSON text, validated but not
+/// parsed.
+pub(crate) type RawParams<'a> = std::collections::HashMap<String, &'a serde_json::value::RawValue>;
+
 /// Request fields a worker may never set: they would let it choose where the supervisor sends
 /// its keys (agent.md §4.1).
 const FORBIDDEN_PARAMS: [&str; 6] = [
@@ -218,17 +222,20 @@ impl Gateway {
                 ),
             );
         };
-        let params: Map<String, Value> = match serde_json::from_str(&request.params) {
-            Ok(Value::Object(params)) => params,
-            _ => {
-                return failed(
-                    ModelErrorKind::BadRequest,
-                    None,
-                    "the request parameters must be a JSON object",
-                );
-            }
+        // Only the top level is parsed here: the messages, which grow with the conversation,
+        // are checked for being valid JSON but stay raw text (a tree of them cost most of the
+        // supervisor's work per call). Keys are decoded, so an escaped forbidden key is caught.
+        let Ok(params) = serde_json::from_str::<RawParams<'_>>(&request.params) else {
+            return failed(
+                ModelErrorKind::BadRequest,
+                None,
+                "the request parameters must be a JSON object",
+            );
         };
-        if !params.get("messages").is_some_and(Value::is_array) {
+        if !params
+            .get("messages")
+            .is_some_and(|m| m.get().starts_with('['))
+        {
             return failed(
                 ModelErrorKind::BadRequest,
                 None,
@@ -264,6 +271,17 @@ impl Gateway {
         match entry.adapter {
             Adapter::Echo => echo::respond(request, &params, replies, cancel).await,
             Adapter::OpenAi { .. } | Adapter::Anthropic => {
+                // A provider's body is rewritten message by message: that needs the tree.
+                let params: Map<String, Value> = match serde_json::from_str(&request.params) {
+                    Ok(Value::Object(params)) => params,
+                    _ => {
+                        return failed(
+                            ModelErrorKind::BadRequest,
+                            None,
+                            "the request parameters must be a JSON object",
+                        );
+                    }
+                };
                 http::HttpCall {
                     http: &self.http,
                     entry,
@@ -347,4 +365,65 @@ async fn finish(replies: &Replies, outcome: Outcome) {
         }
     };
     replies.send(reply).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs one request of `params` (raw JSON text) through the offline model.
+    async fn outcome_of(params: &str) -> Outcome {
+        let config =
+            crate::config::load_with_env(None, &Default::default(), |_| None).expect("config");
+        let gateway = Gateway::new(&config, None).expect("gateway");
+        let request = ModelRequest {
+            id: "mr_1".into(),
+            run_id: String::new(),
+            model: config.catalogue.default_model().selector(),
+            stream: false,
+            params: params.to_owned(),
+        };
+        let (outbox, _inbox) = mpsc::channel(64);
+        let replies = Replies {
+            id: request.id.clone(),
+            outbox,
+        };
+        gateway
+            .call(&request, None, &replies, &CancellationToken::new())
+            .await
+    }
+
+    fn refused(outcome: &Outcome) -> Option<&str> {
+        match outcome {
+            Outcome::Failed(f) if f.kind == ModelErrorKind::BadRequest => Some(&f.message),
+            _ => None,
+        }
+    }
+
+    /// The top level is all the gateway parses now: a forbidden field is still caught when
+    /// its name is escaped, and malformed JSON anywhere, however deep, is still refused.
+    #[tokio::test]
+    async fn a_hostile_request_is_refused_without_a_full_parse() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ok = outcome_of(r#"{"messages":[{"role":"user","content":"hi"}]}"#).await;
+        assert!(matches!(ok, Outcome::Done(_)), "control: {ok:?}");
+        let escaped = outcome_of(
+            r#"{"messages":[{"role":"user","content":"hi"}],"base\u0055RL":"http://evil"}"#,
+        )
+        .await;
+        assert!(
+            refused(&escaped).is_some_and(|m| m.contains("baseURL")),
+            "{escaped:?}"
+        );
+        for bad in [
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":]}"#,
+            r#"{"messages":{"role":"user"}}"#,
+            r#"{"messages":"[]"}"#,
+            r#"[{"messages":[]}]"#,
+            r#"{"messages":[]} trailing"#,
+        ] {
+            let outcome = outcome_of(bad).await;
+            assert!(refused(&outcome).is_some(), "{bad}: {outcome:?}");
+        }
+    }
 }

@@ -523,7 +523,11 @@ impl SessionGroup {
         if self.torn_down {
             return;
         }
-        for _ in 0..100 {
+        // A killed worker leaves its group within a millisecond or two: look again soon, then
+        // less and less often, for about two seconds in all.
+        let mut pause = Duration::from_millis(1);
+        let mut waited = Duration::ZERO;
+        while waited < Duration::from_secs(2) {
             let mut empty = true;
             for dir in &self.dirs {
                 if self.v2 {
@@ -534,7 +538,9 @@ impl SessionGroup {
             if empty {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(pause).await;
+            waited += pause;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
         self.remove_dirs();
     }

@@ -159,6 +159,9 @@ pub struct TestHooks {
     /// Skip the user-namespace probe, so root mode falls back to `strict` without a user
     /// namespace (the path taken where user namespaces are disabled).
     pub no_user_namespace: bool,
+    /// Milliseconds a deleted session's teardown waits before it starts, so a test can watch
+    /// (or crash) the server half-way through one.
+    pub teardown_delay_ms: u64,
 }
 
 /// The `isolation` section of the configuration.

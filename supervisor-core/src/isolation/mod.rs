@@ -325,6 +325,18 @@ impl Isolation {
         false
     }
 
+    /// How long a deleted session's teardown waits before it starts (a test hook; zero
+    /// otherwise).
+    #[cfg(feature = "isolation-tests")]
+    pub fn test_teardown_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.config.test.teardown_delay_ms)
+    }
+
+    #[cfg(not(feature = "isolation-tests"))]
+    pub fn test_teardown_delay(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Removes this server's parent cgroups at shutdown (session groups are gone by then).
     pub fn cleanup(&self) {
         if let Some(cgroup) = &self.cgroup {

@@ -11,6 +11,7 @@ mod follow;
 mod link;
 mod publish;
 mod session;
+mod teardown;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use shared::ids::SessionId;
 
 pub use publish::PublishError;
 pub use session::{AbortOutcome, RunError, RunOutcome, Session};
+pub use teardown::{Releases, Teardowns};
 
 use crate::agio::Agio;
 use crate::storage::{SharedStorage, StorageError};
@@ -42,6 +44,9 @@ pub struct Context {
 pub struct Sessions {
     map: Mutex<HashMap<SessionId, Arc<Session>>>,
     ctx: Arc<Context>,
+    /// Deleted sessions still being torn down.
+    teardowns: Arc<Teardowns>,
+    releases: Arc<Releases>,
 }
 
 impl Sessions {
@@ -49,11 +54,28 @@ impl Sessions {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn new(ctx: Context) -> Self {
+    pub fn new(ctx: Context, teardowns: Teardowns, releases: Releases) -> Self {
         Self {
             map: Mutex::default(),
             ctx: Arc::new(ctx),
+            teardowns: Arc::new(teardowns),
+            releases: Arc::new(releases),
         }
+    }
+
+    /// The deleted sessions still being torn down.
+    pub fn teardowns(&self) -> &Teardowns {
+        &self.teardowns
+    }
+
+    /// Takes `session` out of the table and marks it deleted, at once; `false` if another
+    /// delete got there first. No request finds it from here on, not even in storage, and no
+    /// worker starts for it; [`Sessions::tear_down`] does the rest.
+    pub fn retire(&self, session: &Session) -> bool {
+        let first = self.teardowns.claim(&session.id);
+        self.map().remove(&session.id);
+        session.close();
+        first
     }
 
     /// The exclusive-mode slot (see [`ExclusiveSlot`]).
@@ -70,10 +92,6 @@ impl Sessions {
 
     pub fn get(&self, id: &SessionId) -> Option<Arc<Session>> {
         self.map().get(id).cloned()
-    }
-
-    pub fn remove(&self, id: &SessionId) -> Option<Arc<Session>> {
-        self.map().remove(id)
     }
 
     pub fn all(&self) -> Vec<Arc<Session>> {
@@ -142,6 +160,10 @@ impl Sessions {
         if let Some(live) = self.get(id) {
             return Ok(Some(live));
         }
+        // Deleted: its record may still be on its way out of storage.
+        if self.teardowns.is_retiring(id) {
+            return Ok(None);
+        }
         let Some(info) = storage.session(id).await? else {
             return Ok(None);
         };
@@ -158,6 +180,8 @@ impl Sessions {
             let mut map = self.map();
             match map.get(id) {
                 Some(live) => (live.clone(), false),
+                // Deleted while its record was read.
+                None if self.teardowns.is_retiring(id) => return Ok(None),
                 None => {
                     map.insert(id.clone(), restored.clone());
                     (restored, true)

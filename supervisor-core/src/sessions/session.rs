@@ -260,6 +260,11 @@ impl Session {
 
     /// Starts this session's worker and records it; the caller holds the session's lock.
     async fn start_worker(self: &Arc<Self>, inner: &mut Inner) -> Result<WorkerHandle, RunError> {
+        // Checked under the lock the teardown takes to stop the worker: a deleted session's
+        // teardown either finds this worker and stops it, or this start is refused.
+        if self.closed.is_cancelled() {
+            return Err(RunError::Closed(self.id.clone()));
+        }
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let worker = workers::start(&self.ctx.workers, self, generation)
             .await
@@ -462,10 +467,26 @@ impl Session {
         }
     }
 
-    /// Marks the session deleted (no new runs) and stops its worker.
-    pub async fn close(&self) {
+    /// Marks the session deleted: no new run or worker starts. Its worker is stopped by its
+    /// teardown.
+    pub fn close(&self) {
         self.closed.cancel();
-        self.stop_worker().await;
+    }
+
+    /// Stops the worker (if any) and waits, however long it takes, until its process and
+    /// everything in its cgroup is gone: a teardown releases the session's uid after this.
+    pub(super) async fn stop_worker_until_gone(&self, warn_every: Duration) {
+        let worker = self.inner.lock().await.worker.clone();
+        let Some(worker) = worker else {
+            return;
+        };
+        worker.kill();
+        while tokio::time::timeout(warn_every, worker.exited())
+            .await
+            .is_err()
+        {
+            tracing::warn!(session_id = %self.id, pid = worker.pid, "a deleted session's worker is still not gone");
+        }
     }
 }
 

@@ -83,13 +83,165 @@ pub(crate) fn build_messages(
     budget: u64,
 ) -> Vec<Value> {
     let system = json!({"role": "system", "content": system_prompt(settings)});
+    let omitted = omitted_images(history, settings.context.max_images as usize);
     let converter = Converter {
         history,
-        omitted: omitted_images(history, settings.context.max_images as usize),
+        omitted: &omitted,
         reasoning: reasoning_by_message(history),
     };
     let turns = converter.turns();
     fit(system, turns, budget)
+}
+
+/// Converted turns kept between model calls, so that a call converts, counts and serialises only
+/// what changed: the current turn, and an older turn only when the image window has moved over
+/// it. The history only grows, so a turn that a later user message closed never changes
+/// otherwise. A new worker (a start, a restart) begins with an empty cache and rebuilds it from
+/// the history of its `Init` on its first call.
+#[derive(Default)]
+pub(crate) struct TurnCache {
+    turns: Vec<Option<CachedTurn>>,
+}
+
+/// One closed turn, converted.
+struct CachedTurn {
+    /// The events it was made from: `start..end` of the history.
+    start: usize,
+    end: usize,
+    /// Its image parts that were outside the window when it was converted.
+    omitted: Vec<(usize, usize)>,
+    /// Its messages, serialised and joined by commas (empty when it has none).
+    json: String,
+    /// Their estimated tokens.
+    cost: u64,
+}
+
+/// Where each turn starts and ends: a turn is a `user_message` and everything up to the next
+/// one (events before the first form a turn of their own).
+fn turn_ranges(history: &[Event]) -> Vec<(usize, usize)> {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for (index, event) in history.iter().enumerate() {
+        if matches!(event.body, EventBody::UserMessage { .. }) || ranges.is_empty() {
+            ranges.push((index, index + 1));
+        } else if let Some(last) = ranges.last_mut() {
+            last.1 = index + 1;
+        }
+    }
+    ranges
+}
+
+/// The messages of `history[start..end]`. Reasoning is looked up within the turn: an answer's
+/// thinking event comes right before it, in the same run.
+fn convert_turn(
+    history: &[Event],
+    omitted: &HashSet<(usize, usize)>,
+    start: usize,
+    end: usize,
+) -> Vec<Value> {
+    let converter = Converter {
+        history,
+        omitted,
+        reasoning: reasoning_by_message(&history[start..end]),
+    };
+    let mut messages = Vec::new();
+    for (index, event) in history.iter().enumerate().take(end).skip(start) {
+        converter.convert(index, event, &mut messages);
+    }
+    messages
+}
+
+fn join_json(messages: &[Value]) -> String {
+    let mut json = String::new();
+    for message in messages {
+        if !json.is_empty() {
+            json.push(',');
+        }
+        json.push_str(&message.to_string());
+    }
+    json
+}
+
+/// [`build_messages`] as the JSON array text a model request carries, byte for byte what
+/// serialising its result gives, converting only the current turn and the closed turns `cache`
+/// does not hold yet. The budget works exactly as there: costs of closed turns are kept with
+/// them, and only the current turn is ever shortened.
+pub(crate) fn build_messages_json(
+    history: &[Event],
+    settings: &AgentSettings,
+    budget: u64,
+    cache: &mut TurnCache,
+) -> String {
+    let ranges = turn_ranges(history);
+    let Some((&(current_start, current_end), closed)) = ranges.split_last() else {
+        return Value::Array(build_messages(history, settings, budget)).to_string();
+    };
+    let omitted = omitted_images(history, settings.context.max_images as usize);
+    let mut current = convert_turn(history, &omitted, current_start, current_end);
+    if current.is_empty() {
+        // Only an opening turn without a user message can be empty; nothing to save there.
+        return Value::Array(build_messages(history, settings, budget)).to_string();
+    }
+    cache.turns.resize_with(closed.len(), || None);
+    for (slot, &(start, end)) in cache.turns.iter_mut().zip(closed) {
+        let mut within: Vec<(usize, usize)> = omitted
+            .iter()
+            .filter(|(event, _)| (start..end).contains(event))
+            .copied()
+            .collect();
+        within.sort_unstable();
+        let fresh = slot
+            .as_ref()
+            .is_some_and(|t| t.start == start && t.end == end && t.omitted == within);
+        if !fresh {
+            let messages = convert_turn(history, &omitted, start, end);
+            *slot = Some(CachedTurn {
+                start,
+                end,
+                omitted: within,
+                json: join_json(&messages),
+                cost: messages.iter().map(estimate).sum(),
+            });
+        }
+    }
+    let kept: Vec<&CachedTurn> = cache
+        .turns
+        .iter()
+        .flatten()
+        .filter(|t| !t.json.is_empty())
+        .collect();
+    let system = json!({"role": "system", "content": system_prompt(settings)});
+    let current_cost: u64 = current.iter().map(estimate).sum();
+    let mut total = estimate(&system) + kept.iter().map(|t| t.cost).sum::<u64>() + current_cost;
+    // The same trimming as `fit`, over the closed turns and then the current one.
+    let mut dropped = 0;
+    while total > budget && dropped < kept.len() {
+        total -= kept[dropped].cost;
+        dropped += 1;
+    }
+    let mut json = String::from("[");
+    json.push_str(&system.to_string());
+    if dropped > 0 {
+        let note = json!({
+            "role": "user",
+            "content": format!(
+                "[{dropped} earlier conversation turns were omitted to fit the context window]"
+            ),
+        });
+        total += estimate(&note);
+        json.push(',');
+        json.push_str(&note.to_string());
+    }
+    if total > budget {
+        shorten_old_tool_results(&mut current, &mut total, budget);
+    }
+    for turn in &kept[dropped..] {
+        json.push(',');
+        json.push_str(&turn.json);
+    }
+    json.push(',');
+    json.push_str(&join_json(&current));
+    json.push(']');
+    json
 }
 
 /// Reasoning recorded for one answer.
@@ -196,7 +348,7 @@ struct Turn {
 
 struct Converter<'a> {
     history: &'a [Event],
-    omitted: HashSet<(usize, usize)>,
+    omitted: &'a HashSet<(usize, usize)>,
     reasoning: HashMap<&'a str, Reasoning<'a>>,
 }
 
@@ -915,6 +1067,78 @@ mod tests {
             })
             .count();
         assert_eq!(omitted, 1);
+    }
+
+    /// The incremental build gives, after every event of a long generated conversation, exactly
+    /// the request a from-scratch build gives: tool rounds, answers with reasoning, images
+    /// falling out of the window, plans, environment input, and budgets that drop turns and
+    /// shorten tool results.
+    #[test]
+    fn the_incremental_build_matches_a_build_from_scratch() {
+        let mut seed = 7_u64;
+        let mut next = move |n: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) % n
+        };
+        let mut history: Vec<Event> = Vec::new();
+        let mut caches: Vec<(u64, TurnCache)> = [u64::MAX, 4000, 900, 150]
+            .into_iter()
+            .map(|b| (b, TurnCache::default()))
+            .collect();
+        let mut settings = settings();
+        settings.context.max_images = 3;
+        let mut images = 0;
+        for step in 0..400 {
+            let text = "x".repeat(next(300) as usize);
+            let event = match next(9) {
+                0 | 1 => user(json!(format!("q{step} {text}"))),
+                2 => {
+                    images += 1;
+                    user(json!([{"type": "text", "text": "look"}, image(images)]))
+                }
+                3 => {
+                    let id = format!("m{step}");
+                    history.push(Event::new(EventBody::AssistantThinkingMessage {
+                        content: format!("thinking {step}"),
+                        is_complete: true,
+                        thinking_duration_ms: None,
+                        message_id: id.clone(),
+                        signature: (step % 2 == 0).then(|| "sig".to_owned()),
+                        redacted_data: None,
+                    }));
+                    assistant_with_id(&format!("a{step}"), None, Some(&id))
+                }
+                4 => {
+                    let first = format!("c{step}a");
+                    let second = format!("c{step}b");
+                    history.push(assistant("", Some(vec![call(&first), call(&second)])));
+                    history.push(result(&second, json!(format!("second {text}"))));
+                    images += 1;
+                    result(
+                        &first,
+                        json!([{"type": "text", "text": "shot"}, image(images)]),
+                    )
+                }
+                5 => Event::new(EventBody::EnvironmentInput {
+                    content: json!(format!("env {step}")),
+                    description: Some("Files".into()),
+                    metadata: None,
+                }),
+                6 => Event::new(EventBody::PlanUpdate {
+                    session_id: String::new(),
+                    steps: Vec::new(),
+                }),
+                7 => assistant(&format!("answer {text}"), None),
+                _ => result(&format!("c{step}"), json!(text)),
+            };
+            history.push(event);
+            for (budget, cache) in &mut caches {
+                let expected =
+                    Value::Array(build_messages(&history, &settings, *budget)).to_string();
+                let incremental = build_messages_json(&history, &settings, *budget, cache);
+                assert_eq!(incremental, expected, "step {step}, budget {budget}");
+            }
+        }
     }
 
     fn estimate_all(messages: &[Value]) -> u64 {

@@ -78,6 +78,11 @@ pub(crate) struct Agent {
     pub(crate) session_id: String,
     pub(crate) settings: Arc<AgentSettings>,
     pub(crate) history: History,
+    /// The history's turns as model messages, kept between calls (see `memory::TurnCache`).
+    pub(crate) turns: Arc<Mutex<memory::TurnCache>>,
+    /// The tools' definitions as the JSON array each model request carries: they never change
+    /// during a worker's life.
+    pub(crate) tool_definitions: Arc<str>,
     pub(crate) outbox: Outbox,
     pub(crate) models: ModelRoutes,
     /// The session's workspace, which every tool is confined to.
@@ -130,6 +135,8 @@ pub(crate) async fn serve(
         session_id: init.session_id,
         settings: Arc::new(init.agent),
         history: Arc::new(Mutex::new(history)),
+        turns: Arc::default(),
+        tool_definitions: tools::definitions_json(&confinement),
         outbox,
         models: ModelRoutes::default(),
         workspace,

@@ -196,7 +196,12 @@ impl Run {
                         .history
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner);
-                    memory::build_messages(&history, &settings, budget)
+                    let mut turns = self
+                        .agent
+                        .turns
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    memory::build_messages_json(&history, &settings, budget, &mut turns)
                 };
                 match self.call_model(messages).await {
                     ModelOutcome::Completed(response) => break response,
@@ -270,25 +275,34 @@ impl Run {
     }
 
     /// One model request through the supervisor's gateway, forwarding deltas as streaming events.
-    async fn call_model(&mut self, messages: Vec<Value>) -> ModelOutcome {
+    /// `messages` is the JSON array of the conversation (see `memory::build_messages_json`).
+    async fn call_model(&mut self, messages: String) -> ModelOutcome {
         let settings = self.agent.settings.clone();
         let id = prefixed_id("mr_", 8);
         let mut replies = self.agent.models.register(&id);
-        let mut params = json!({"messages": messages, "temperature": settings.temperature});
+        // Written out rather than built as a tree: the messages are already JSON text, and at a
+        // long conversation's end a tree of them was most of the worker's work per call.
+        let tools = &self.agent.tool_definitions;
+        let mut params = String::with_capacity(messages.len() + tools.len() + 96);
+        params.push_str("{\"messages\":");
+        params.push_str(&messages);
+        params.push_str(",\"temperature\":");
+        params.push_str(&Value::from(settings.temperature).to_string());
         if let Some(max_tokens) = settings.context.max_output_tokens {
-            params["max_tokens"] = json!(max_tokens);
+            params.push_str(&format!(",\"max_tokens\":{max_tokens}"));
         }
-        let tools = tools::definitions(&self.agent.confinement);
-        if !tools.is_empty() {
-            params["tools"] = json!(tools);
-            params["tool_choice"] = json!("auto");
+        if tools.as_ref() != "[]" {
+            params.push_str(",\"tools\":");
+            params.push_str(tools);
+            params.push_str(",\"tool_choice\":\"auto\"");
         }
+        params.push('}');
         let request = ModelRequest {
             id: id.clone(),
             run_id: self.run_id.clone(),
             model: settings.model.clone(),
             stream: self.stream,
-            params: params.to_string(),
+            params,
         };
         let mut response = Response {
             message_id: prefixed_id("msg_", 8),
@@ -807,6 +821,8 @@ mod tests {
                 context: ContextSettings::default(),
             }),
             history: Arc::new(Mutex::new(Vec::new())),
+            turns: Arc::default(),
+            tool_definitions: tools::definitions_json(&crate::jail::Confinement::unconfined()),
             outbox: tx,
             models: ModelRoutes::default(),
             workspace: Ok(Arc::new(Workspace::open(tmp.path()).unwrap())),

@@ -101,6 +101,8 @@ pub struct Images {
     next: AtomicU64,
     stopped: AtomicBool,
     refill: Mutex<Option<mpsc::Sender<()>>>,
+    /// The image thread, joined at shutdown so that no image it is making outlives the pool.
+    filler: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Held while a workspace is checked and mounted again: two mounts of one image (through
     /// two loop devices) would corrupt it.
     remount: Mutex<()>,
@@ -227,14 +229,19 @@ impl Images {
             next: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             refill: Mutex::default(),
+            filler: Mutex::default(),
             remount: Mutex::default(),
         });
-        let first = images.pooled().map_err(ImagesUnavailable::FirstImage)?;
+        // A server that cannot use images leaves nothing mounted.
+        let first = images.pooled().map_err(|e| {
+            let _ = detach(&images.pool_dir);
+            ImagesUnavailable::FirstImage(e)
+        })?;
         images.lock_pool().push_back(first);
         let (tx, rx) = mpsc::channel();
         *images.refill.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
         let filler = images.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("disk-images".into())
             .spawn(move || {
                 filler.fill();
@@ -242,7 +249,11 @@ impl Images {
                     filler.fill();
                 }
             })
-            .map_err(ImagesUnavailable::Thread)?;
+            .map_err(|e| {
+                images.shutdown();
+                ImagesUnavailable::Thread(e)
+            })?;
+        *images.filler.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
         Ok(images)
     }
 
@@ -433,14 +444,27 @@ impl Images {
         }
     }
 
-    /// At shutdown: the pool goes. Session mounts stay, for the next start to use.
+    /// At shutdown, or when the server gives up starting: the pool goes, with the image the
+    /// image thread may be making right then, and the pool directory's own mount. Session
+    /// mounts stay, for the next start to use.
     pub fn shutdown(&self) {
         self.stopped.store(true, Ordering::Release);
         *self.refill.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let filler = self
+            .filler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(filler) = filler {
+            let _ = filler.join();
+        }
         for pooled in self.lock_pool().drain(..) {
             let _ = detach(&pooled.mount);
             let _ = std::fs::remove_dir(&pooled.mount);
             let _ = std::fs::remove_file(&pooled.image);
+        }
+        if mount_points().contains(&self.pool_dir) {
+            let _ = detach(&self.pool_dir);
         }
     }
 }

@@ -200,6 +200,11 @@ pub(crate) fn exists(confinement: &Confinement, name: &str) -> bool {
 }
 
 /// Tool definitions in OpenAI `tools` format, as sent to the model.
+/// [`definitions`] as the JSON array text a model request carries.
+pub(crate) fn definitions_json(confinement: &Confinement) -> std::sync::Arc<str> {
+    Value::Array(definitions(confinement)).to_string().into()
+}
+
 pub(crate) fn definitions(confinement: &Confinement) -> Vec<Value> {
     available(confinement)
         .map(|tool| {
