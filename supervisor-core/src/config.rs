@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use shared::protocol::ModelRef;
 
+pub mod auth;
 pub mod catalogue;
 pub mod tenants;
 
@@ -72,7 +73,7 @@ pub struct Config {
     pub isolation: crate::isolation::IsolationConfig,
     /// How callers prove who they are (`crate::auth`); absent, local mode.
     #[serde(default)]
-    pub auth: Option<crate::auth::AuthConfig>,
+    pub auth: Option<auth::AuthConfig>,
     /// `[tenants.<name>]`: quotas, rate limits and provider keys per tenant
     /// (`config::tenants`).
     #[serde(default)]

@@ -13,7 +13,6 @@
 //! What a login, a token's creation or revocation, or a refusal means for the audit log is
 //! reported through [`record`].
 
-pub mod config;
 pub mod guard;
 mod oidc;
 mod proxy;
@@ -30,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use shared::ids::now_ms;
 
-pub use config::AuthConfig;
+pub use crate::config::auth::AuthConfig;
 pub use guard::Guard;
 
 use crate::error::ApiError;

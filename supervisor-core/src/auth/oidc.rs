@@ -17,8 +17,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::config::OidcConfig;
 use super::{AuthError, role_of};
+use crate::config::auth::{OidcConfig, algorithms};
 use crate::principal::Principal;
 
 /// The least time between two fetches of one issuer's keys.
@@ -30,31 +30,6 @@ const LEEWAY_SECS: u64 = 30;
 /// The largest JWKS document read.
 const MAX_JWKS: usize = 256 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The allow-list, parsed: public-key algorithms only.
-///
-/// # Errors
-/// An unknown name, a symmetric (HS*) algorithm, or an empty list.
-pub(super) fn algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
-    if names.is_empty() {
-        return Err("name at least one algorithm, e.g. [\"RS256\"]".into());
-    }
-    names
-        .iter()
-        .map(|name| {
-            let alg: Algorithm = name
-                .parse()
-                .map_err(|_| format!("unknown algorithm {name:?}"))?;
-            match alg {
-                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err(format!(
-                    "{name} is a shared-secret algorithm; an OIDC issuer signs with RS*, PS*, \
-                     ES* or EdDSA"
-                )),
-                other => Ok(other),
-            }
-        })
-        .collect()
-}
 
 pub(super) struct Issuer {
     config: OidcConfig,

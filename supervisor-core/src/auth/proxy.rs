@@ -9,18 +9,12 @@ use axum::http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::config::ProxyConfig;
 use super::{AuthError, role_of};
+use crate::config::auth::{ProxyConfig, parse_cidr};
 use crate::principal::{DEFAULT_TENANT, Principal};
 
 /// The longest header value read.
 const MAX_HEADER: usize = 4096;
-
-/// A CIDR or a single address.
-pub(super) fn parse_cidr(text: &str) -> Result<IpNet, ipnet::AddrParseError> {
-    text.parse::<IpNet>()
-        .or_else(|e| text.parse::<IpAddr>().map(IpNet::from).map_err(|_| e))
-}
 
 pub(super) struct Proxy {
     header: HeaderName,

@@ -1,6 +1,10 @@
 //! The `[auth]` section: which ways in are enabled. Any one of them takes the server out of
-//! local mode, after which every request needs a principal (see `super`).
+//! local mode, after which every request needs a principal (see `crate::auth`).
 
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use jsonwebtoken::Algorithm;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -98,8 +102,7 @@ impl AuthConfig {
                     oidc.jwks_url
                 ));
             }
-            super::oidc::algorithms(&oidc.algorithms)
-                .map_err(|e| format!("auth.oidc[{i}].algorithms: {e}"))?;
+            algorithms(&oidc.algorithms).map_err(|e| format!("auth.oidc[{i}].algorithms: {e}"))?;
         }
         if let Some(proxy) = &self.proxy {
             if proxy.header.is_empty()
@@ -114,10 +117,41 @@ impl AuthConfig {
                 return Err("auth.proxy.trustedProxies must name at least one proxy".into());
             }
             for cidr in &proxy.trusted_proxies {
-                super::proxy::parse_cidr(cidr)
+                parse_cidr(cidr)
                     .map_err(|_| format!("auth.proxy.trustedProxies: {cidr:?} is not a CIDR"))?;
             }
         }
         Ok(())
     }
+}
+
+/// The allow-list, parsed: public-key algorithms only.
+///
+/// # Errors
+/// An unknown name, a symmetric (HS*) algorithm, or an empty list.
+pub(crate) fn algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
+    if names.is_empty() {
+        return Err("name at least one algorithm, e.g. [\"RS256\"]".into());
+    }
+    names
+        .iter()
+        .map(|name| {
+            let alg: Algorithm = name
+                .parse()
+                .map_err(|_| format!("unknown algorithm {name:?}"))?;
+            match alg {
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err(format!(
+                    "{name} is a shared-secret algorithm; an OIDC issuer signs with RS*, PS*, \
+                     ES* or EdDSA"
+                )),
+                other => Ok(other),
+            }
+        })
+        .collect()
+}
+
+/// A CIDR or a single address.
+pub(crate) fn parse_cidr(text: &str) -> Result<IpNet, ipnet::AddrParseError> {
+    text.parse::<IpNet>()
+        .or_else(|e| text.parse::<IpAddr>().map(IpNet::from).map_err(|_| e))
 }
