@@ -552,6 +552,13 @@ mod tests {
         );
         let (status, _) = call(app, Method::POST, "/api/v1/sessions/delete", &delete).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+        // The workspace goes in the background, after the answer.
+        for _ in 0..1000 {
+            if !host.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(!host.exists());
     }
 
