@@ -16,6 +16,14 @@ pub(super) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Our own bound on any one exchange with the server, a little above the statement timeout: it
 /// also covers a server that stopped answering without closing the connection.
 pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(35);
+
+/// What a statement that outlived [`ANSWER_TIMEOUT`] fails with.
+pub(super) fn no_answer() -> StorageError {
+    StorageError::Unavailable(format!(
+        "the database did not answer within {} s",
+        ANSWER_TIMEOUT.as_secs()
+    ))
+}
 /// How long opening a connection may take, unless the URL says (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unacknowledged data older than this breaks a TCP connection (unless the URL says

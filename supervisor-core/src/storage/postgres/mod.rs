@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use self::connect::{ANSWER_TIMEOUT, describe, storage_error};
+use self::connect::{ANSWER_TIMEOUT, describe, no_answer, storage_error};
 use self::writer::{Done, Queued, Write};
 use super::audit::AUDIT_KEEP;
 use super::{
@@ -133,14 +133,7 @@ impl PostgresStorage {
                 .await
                 .map_err(|e| storage_error(&e))
         };
-        tokio::time::timeout(ANSWER_TIMEOUT, run)
-            .await
-            .map_err(|_| {
-                StorageError::Unavailable(format!(
-                    "the database did not answer within {} s",
-                    ANSWER_TIMEOUT.as_secs()
-                ))
-            })?
+        answered(run).await
     }
 
     /// Runs one read on a pooled connection, its statement prepared once per connection.
@@ -160,15 +153,17 @@ impl PostgresStorage {
                 .await
                 .map_err(|e| storage_error(&e))
         };
-        tokio::time::timeout(ANSWER_TIMEOUT, read)
-            .await
-            .map_err(|_| {
-                StorageError::Unavailable(format!(
-                    "the database did not answer within {} s",
-                    ANSWER_TIMEOUT.as_secs()
-                ))
-            })?
+        answered(read).await
     }
+}
+
+/// `work`'s answer, or `Unavailable` once the database has not answered in time.
+async fn answered<T>(
+    work: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    tokio::time::timeout(ANSWER_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(no_answer()))
 }
 
 /// A token row: its record, with the revocation the row holds.

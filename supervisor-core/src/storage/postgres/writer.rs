@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
-use super::connect::{ANSWER_TIMEOUT, describe, ends_connection, storage_error};
+use super::connect::{ANSWER_TIMEOUT, describe, ends_connection, no_answer, storage_error};
 use super::{info_from_row, int, metadata_text};
 use crate::storage::{SessionInfo, StorageError, check_metadata};
 
@@ -283,11 +283,7 @@ async fn settle(config: &Config, conn: Conn, batch: &[Queued]) -> Settled {
             return Settled::Answered(fail_all(batch.len(), &storage_error(&e)), None);
         }
         Err(_) => {
-            let error = StorageError::Unavailable(format!(
-                "the database did not answer within {} s",
-                ANSWER_TIMEOUT.as_secs()
-            ));
-            return Settled::Answered(fail_all(batch.len(), &error), None);
+            return Settled::Answered(fail_all(batch.len(), &no_answer()), None);
         }
     };
     match timeout(ANSWER_TIMEOUT, conn.client.batch_execute("COMMIT")).await {
