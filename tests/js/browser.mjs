@@ -64,8 +64,12 @@ async function launch() {
 
 /** Records API failures and the bodies of query streams the page reads. */
 function watch(page) {
-  const seen = { apiErrors: [], streams: [], pageErrors: [] };
+  const seen = { apiErrors: [], streams: [], pageErrors: [], console: [] };
   page.on('pageerror', (error) => seen.pageErrors.push(String(error)));
+  page.on('console', (message) => {
+    seen.console.push(`${message.type()}: ${message.text().slice(0, 300)}`);
+    if (seen.console.length > 40) seen.console.shift();
+  });
   page.on('response', async (response) => {
     const url = response.url();
     if (url.includes('/api/') && response.status() >= 400) {
@@ -94,6 +98,34 @@ async function streamTypes(seen) {
   });
 }
 
+/**
+ * Waits until the official UI's composer shows its send button again (it has seen the run end).
+ * If it never does, the error carries what the page and the server knew: which events each
+ * query stream delivered, the server's status for the session, and the page's last console
+ * lines, so that a failure on a loaded CI machine can be told apart from a server fault.
+ */
+async function untilOfficialIdle(page, seen, sessionId) {
+  try {
+    await page.waitForFunction((stop) => !document.querySelector(stop), OFFICIAL_STOP);
+  } catch (error) {
+    const pending = new Promise((resolve) => setTimeout(() => resolve('still open'), 2000));
+    const streams = await Promise.all(
+      seen.streams.map((body) => Promise.race([body, pending]).then((text) => {
+        if (typeof text !== 'string' || text === 'still open') return text;
+        return text.split('\n').filter((l) => l.startsWith('data: '))
+          .map((l) => { try { return JSON.parse(l.slice(6)).type; } catch { return 'partial'; } });
+      })),
+    );
+    const status = await page.request
+      .get(`${target}/api/v1/sessions/status?sessionId=${sessionId}`)
+      .then(async (r) => `${r.status()} ${await r.text()}`, (e) => `unreachable: ${e}`);
+    await shot(page, 'official-stuck').catch(() => {});
+    throw new Error(`${error.message}\n${JSON.stringify({
+      status, streams, apiErrors: seen.apiErrors, pageErrors: seen.pageErrors, console: seen.console,
+    }, null, 1)}`);
+  }
+}
+
 const shot = (page, name) => page.screenshot({ path: path.join(artifacts, `${name}.png`) });
 
 const TOKEN = process.env.E2E_TOKEN;
@@ -119,7 +151,7 @@ async function official() {
   await page.getByText(`echo: ${HELLO}`).first().waitFor();
   // The composer's stop button (a small square) gives way to the send button once the UI
   // has seen agent_run_end.
-  await page.waitForFunction((stop) => !document.querySelector(stop), OFFICIAL_STOP);
+  await untilOfficialIdle(page, seen, sessionId);
   await shot(page, 'official-chat');
   const beforeReload = {
     toolChip: await page.getByText('Write File').count(),
