@@ -3,6 +3,8 @@
 cycles (strongly connected components of more than one module) and which modules import `state`.
 
 Usage: scripts/import-graph.py supervisor-core/src
+Exits 1 when there is a cycle: `scripts/test.sh` runs it on every crate, because a layer that
+imports one above it is how the app state leaks downwards.
 Test modules (after `#[cfg(test)]`) are left out: what they import is not a layer's dependency.
 """
 import os,re,sys,itertools
@@ -41,3 +43,4 @@ for v in list(mods):
 print("modules:",len(mods),"cycles:",sccs)
 for m in sorted(mods):
     if 'state' in mods[m]: print("imports state:",m)
+sys.exit(1 if sccs else 0)

@@ -69,6 +69,10 @@ fi
 if cargo tree -p supervisor-core -e normal -i worker >/dev/null 2>&1; then
   echo "supervisor-core depends on the worker crate"; exit 1
 fi
+# No module imports one that imports it back (a lower layer never sees the layers above).
+for crate in supervisor-core worker shared supervisor; do
+  python3 scripts/import-graph.py "$crate/src" || { echo "import cycle in $crate"; exit 1; }
+done
 
 log "build"
 # The end-to-end tests drive the real binary, so it is built before any test runs.

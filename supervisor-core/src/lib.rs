@@ -52,6 +52,7 @@ mod sessions;
 mod share;
 mod state;
 pub mod storage;
+mod token_ledger;
 mod webui;
 
 pub use api::{RouteSpec, route_table};

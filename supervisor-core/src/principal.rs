@@ -7,7 +7,7 @@
 //! operator). A request that reached a handler without one is refused (401): a missing
 //! principal must never turn into a default one.
 
-use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::extract::OptionalFromRequestParts;
 use axum::http::request::Parts;
 
 /// The tenant of sessions made without one (local mode, imports without `--tenant`).
@@ -84,16 +84,6 @@ impl Role {
             Self::Admin => "admin",
             Self::Member => "member",
         }
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Principal {
-    type Rejection = crate::error::ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
-            crate::error::ApiError::Unauthenticated("Authentication required".into())
-        })
     }
 }
 

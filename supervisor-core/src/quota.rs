@@ -7,14 +7,14 @@
 //! - live workers and concurrent runs: counted over the live sessions, plus the starts admitted
 //!   but not yet visible there ([`RunPermit`]), so that racing starts cannot both pass; at its
 //!   live-worker limit a tenant's least recently used idle worker makes room;
-//! - model tokens per UTC day: counted as the gateway's calls finish ([`TOKENS`]); a run
+//! - model tokens per UTC day: counted as the gateway's calls finish (`crate::token_ledger`); a run
 //!   starts only while the tenant is under its budget (a run may end past it);
 //! - requests per second: a GCRA limiter per tenant (`governor`), checked by a middleware.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::num::NonZeroU32;
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use serde_json::{Value, json};
@@ -25,48 +25,12 @@ use crate::error::ApiError;
 use crate::principal::DEFAULT_TENANT;
 use crate::sessions::{Session, Sessions};
 use crate::storage::SharedStorage;
+use crate::token_ledger::{DAY_MS, TOKENS};
 
-const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// When a refused run or worker may be tried again: runs end and workers idle out on their own.
 const RUN_RETRY_SECS: u64 = 5;
 /// When a refused session creation may be tried again: only a deletion makes room.
 const SESSIONS_RETRY_SECS: u64 = 60;
-
-/// Model tokens used per tenant today; the gateway adds to it, quotas and `/usage` read it.
-/// A process-wide static like `metrics::METRICS`: one server per process, and the gateway
-/// records usage without being handed the quota state.
-pub static TOKENS: LazyLock<TokenLedger> = LazyLock::new(TokenLedger::default);
-
-/// Tokens per tenant for the current UTC day.
-#[derive(Default)]
-pub struct TokenLedger {
-    /// Tenant → (day number, tokens that day).
-    used: Mutex<HashMap<String, (u64, u64)>>,
-}
-
-impl TokenLedger {
-    pub fn add(&self, tenant: &str, tokens: u64, now: u64) {
-        let day = now / DAY_MS;
-        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = used.entry(tenant.to_owned()).or_insert((day, 0));
-        if entry.0 != day {
-            *entry = (day, 0);
-        }
-        entry.1 = entry.1.saturating_add(tokens);
-    }
-
-    pub fn today(&self, tenant: &str, now: u64) -> u64 {
-        let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        used.get(tenant)
-            .filter(|(day, _)| *day == now / DAY_MS)
-            .map_or(0, |(_, tokens)| *tokens)
-    }
-
-    fn tenants(&self) -> Vec<String> {
-        let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        used.keys().cloned().collect()
-    }
-}
 
 /// A per-tenant gauge of `/metrics`: its name, help and value for a tenant.
 type Gauge<'a> = (&'static str, &'static str, &'a dyn Fn(&str) -> u64);
@@ -501,18 +465,5 @@ mod tests {
         for _ in 0..1000 {
             quotas.check_rate("default").unwrap();
         }
-    }
-
-    #[test]
-    fn tokens_are_counted_per_tenant_and_day() {
-        let ledger = TokenLedger::default();
-        ledger.add("a", 10, DAY_MS * 5 + 1);
-        ledger.add("a", 5, DAY_MS * 5 + 2);
-        ledger.add("b", 7, DAY_MS * 5 + 3);
-        assert_eq!(ledger.today("a", DAY_MS * 5 + 4), 15);
-        assert_eq!(ledger.today("b", DAY_MS * 5 + 4), 7);
-        assert_eq!(ledger.today("a", DAY_MS * 6), 0, "a new day starts at zero");
-        ledger.add("a", 1, DAY_MS * 6);
-        assert_eq!(ledger.today("a", DAY_MS * 6 + 1), 1);
     }
 }

@@ -55,8 +55,8 @@ pub struct AppState {
     pub started: Instant,
     /// Cancelled when the server has stopped its runs; long-lived streams end on it.
     pub shutdown: CancellationToken,
-    /// Who callers are (`crate::auth`).
-    pub auth: crate::auth::Auth,
+    /// Who callers are (`crate::auth`); shared with the outer layer, which needs nothing else.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// What the state is made of, gathered at start-up.
@@ -131,7 +131,7 @@ impl AppState {
             sharing,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
-            auth,
+            auth: Arc::new(auth),
         }
     }
 

@@ -274,7 +274,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(socketio::layer(state.clone()))
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            state.auth.clone(),
             crate::auth::layer,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), level_header))

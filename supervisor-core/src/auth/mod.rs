@@ -22,7 +22,8 @@ pub mod tokens;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -34,7 +35,6 @@ pub use guard::Guard;
 
 use crate::error::ApiError;
 use crate::principal::{Principal, Role};
-use crate::state::AppState;
 use crate::storage::{SharedStorage, StorageError};
 
 /// The login cookie: the credential itself, HttpOnly and `SameSite=Strict`, so scripts cannot
@@ -277,12 +277,8 @@ fn ticket_of(query: &str) -> Option<String> {
 
 /// The outer layer: the browser guard, then the principal (none in the extensions when the
 /// request carried no credential), then CORS on the way out for a configured origin.
-pub async fn layer(
-    State(state): State<Arc<AppState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let cors = match state.auth.guard.check(request.uri(), request.headers()) {
+pub async fn layer(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+    let cors = match auth.guard.check(request.uri(), request.headers()) {
         Ok(cors) => cors,
         Err(e) => {
             record(&Event::Denied {
@@ -300,8 +296,7 @@ pub async fn layer(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let resolved = state
-        .auth
+    let resolved = auth
         .resolve(
             request.method(),
             request.uri().path(),
@@ -325,6 +320,20 @@ pub async fn layer(
         }
     }
     guard::with_cors(next.run(request).await, cors)
+}
+
+/// A handler's principal, put in the request by [`layer`]. A request that reached a handler
+/// without one is refused (401): a missing principal never turns into a default one.
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthenticated(AuthError::Missing.to_string()))
+    }
 }
 
 /// The route layer: a principal for every route that is not public, and the admin role for the

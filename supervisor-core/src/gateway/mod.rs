@@ -182,7 +182,11 @@ impl Gateway {
                     usage: Some(usage), ..
                 }) = &outcome
                 {
-                    crate::quota::TOKENS.add(&tenant, usage.total_tokens, shared::ids::now_ms());
+                    crate::token_ledger::TOKENS.add(
+                        &tenant,
+                        usage.total_tokens,
+                        shared::ids::now_ms(),
+                    );
                 }
                 if let (Some(agio), Outcome::Done(done)) = (&gateway.agio, &outcome) {
                     let usage = done.usage.as_ref();
