@@ -18,7 +18,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-// In a folder of its own: a file directly in src/bin would be a binary of its own.
+// In a folder of their own: a file directly in src/bin would be a binary of its own.
+#[path = "bench/auth.rs"]
+mod auth;
 #[path = "bench/costs.rs"]
 mod costs;
 
@@ -128,10 +130,11 @@ async fn main() -> Result<()> {
             "durable" => durable_figures(&binary, &client).await?,
             "restart" => restart_with_stored_sessions(&binary, &client, 10_000).await?,
             "postgres" => postgres_figures(&binary, &client).await?,
+            "auth" => auth::figures(&binary).await?,
             other => match costs::section(&binary, other).await? {
                 Some(figures) => figures,
                 None => bail!(
-                    "--only takes basic, levels, fleet, soak, durable, restart, postgres, {}",
+                    "--only takes basic, levels, fleet, soak, durable, restart, postgres, auth, {}",
                     costs::SECTIONS
                 ),
             },
@@ -150,6 +153,7 @@ async fn main() -> Result<()> {
     let restart = restart_with_stored_sessions(&binary, &client, 10_000).await?;
     let postgres = postgres_figures(&binary, &client).await?;
     let costs = costs::all(&binary).await?;
+    let auth = auth::figures(&binary).await?;
 
     let mut report = json!({
         "sqlite_query_warm_session_ms": durable["sqlite_query_ms"],
@@ -163,6 +167,7 @@ async fn main() -> Result<()> {
         "fleet": fleet,
         "soak": soak,
         "costs": costs,
+        "auth": auth,
     });
     if let (Some(report), Value::Object(basic)) = (report.as_object_mut(), basic) {
         report.extend(basic);
